@@ -1,0 +1,17 @@
+"""Data: built-in corpora, text and token-file sources, deterministic samplers."""
+
+from keel.data.corpora import BUILTIN_CORPORA, load_builtin, pydoc_topics, stdlib_source
+from keel.data.sampler import RandomWindowSampler, sequential_windows
+from keel.data.sources import TokenSplits, load_tokens, unigram_cross_entropy
+
+__all__ = [
+    "BUILTIN_CORPORA",
+    "RandomWindowSampler",
+    "TokenSplits",
+    "load_builtin",
+    "load_tokens",
+    "pydoc_topics",
+    "sequential_windows",
+    "stdlib_source",
+    "unigram_cross_entropy",
+]
