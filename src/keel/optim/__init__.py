@@ -1,0 +1,32 @@
+"""Optimizers: a registry over torch's update rules and keel's own (Lion, AdEMAMix, SOAP), and param-group helpers.
+
+`create(name, model_or_params, lr, **hparams)` builds any registered optimizer; `names()` lists them;
+`from_config(spec, model)` and `check_config(spec)` serve the trainer's `optimizer:` config section.
+"""
+
+from keel.optim import builtin as _builtin  # noqa: F401  (registers torch's optimizers)
+from keel.optim.muon import MuonWithAdamW
+from keel.optim.param_groups import (
+    NO_DECAY_DEFAULT,
+    build_param_groups,
+    freeze,
+    layer_depths,
+    parameter_categories,
+)
+from keel.optim.registry import OptimizerSpec, check_config, create, from_config, get, names, register
+
+__all__ = [
+    "NO_DECAY_DEFAULT",
+    "MuonWithAdamW",
+    "OptimizerSpec",
+    "build_param_groups",
+    "check_config",
+    "create",
+    "freeze",
+    "from_config",
+    "get",
+    "layer_depths",
+    "names",
+    "parameter_categories",
+    "register",
+]

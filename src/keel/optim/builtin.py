@@ -1,0 +1,210 @@
+"""Registry records for the optimizers torch already implements (used as they are, not rewritten).
+
+Defaults are torch's, except the default LRs, which are the usual starting points named in `docs/optimizers.md`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from keel.optim.muon import MuonWithAdamW, muon_split
+from keel.optim.registry import (
+    Hparam,
+    OptimizerSpec,
+    betas,
+    boolean,
+    nonnegative,
+    one_of,
+    optional,
+    positive,
+    positive_int,
+    register,
+    unit_interval,
+)
+
+_WD = Hparam(0.0, nonnegative, "weight decay (coupled: added to the gradient)")
+_FUSED = Hparam(None, optional(boolean), "torch's fused kernel (null: torch decides)")
+_FOREACH = Hparam(None, optional(boolean), "torch's multi-tensor path (null: torch decides)")
+
+
+def _sgd(momentum: float, nesterov: bool):
+    def build(groups, lr, **kw):
+        kw.setdefault("momentum", momentum)
+        return torch.optim.SGD(groups, lr=lr, nesterov=nesterov, **kw)
+
+    return build
+
+
+register(
+    OptimizerSpec(
+        "sgd",
+        "plain stochastic gradient descent: p <- p - lr g",
+        "Robbins & Monro 1951; torch.optim.SGD",
+        lr=0.1,
+        hparams={"weight_decay": _WD, "foreach": _FOREACH, "fused": _FUSED},
+        build=_sgd(0.0, False),
+    )
+)
+register(
+    OptimizerSpec(
+        "momentum",
+        "heavy-ball momentum: v <- mu v + g; p <- p - lr v",
+        "Polyak 1964; torch.optim.SGD(momentum=mu)",
+        lr=0.01,
+        hparams={
+            "momentum": Hparam(0.9, unit_interval, "momentum coefficient mu"),
+            "dampening": Hparam(0.0, unit_interval, "v <- mu v + (1 - dampening) g"),
+            "weight_decay": _WD,
+            "foreach": _FOREACH,
+            "fused": _FUSED,
+        },
+        build=_sgd(0.9, False),
+    )
+)
+register(
+    OptimizerSpec(
+        "nesterov",
+        "Nesterov momentum: v <- mu v + g; p <- p - lr (g + mu v)",
+        "Nesterov 1983, Sutskever et al. 2013; torch.optim.SGD(nesterov=True)",
+        lr=0.01,
+        hparams={
+            "momentum": Hparam(0.9, unit_interval, "momentum coefficient mu"),
+            "weight_decay": _WD,
+            "foreach": _FOREACH,
+            "fused": _FUSED,
+        },
+        build=_sgd(0.9, True),
+    )
+)
+register(
+    OptimizerSpec(
+        "rmsprop",
+        "RMSProp: v <- a v + (1 - a) g^2; p <- p - lr g / (sqrt(v) + eps)",
+        "Tieleman & Hinton 2012; torch.optim.RMSprop (eps outside the square root)",
+        lr=1e-3,
+        hparams={
+            "alpha": Hparam(0.99, unit_interval, "decay of the squared-gradient average"),
+            "eps": Hparam(1e-8, nonnegative, "added to sqrt(v) (torch's placement)"),
+            "momentum": Hparam(0.0, unit_interval, "momentum on the scaled update"),
+            "centered": Hparam(False, boolean, "divide by the variance estimate sqrt(v - m^2)"),
+            "weight_decay": _WD,
+            "foreach": _FOREACH,
+        },
+        build=lambda groups, lr, **kw: torch.optim.RMSprop(groups, lr=lr, **kw),
+    )
+)
+_ADAM_HPARAMS = {
+    "betas": Hparam((0.9, 0.999), betas(2), "decay of the first and second moment averages"),
+    "eps": Hparam(1e-8, nonnegative, "added to sqrt(v_hat)"),
+    "weight_decay": _WD,
+    "amsgrad": Hparam(False, boolean, "use the running maximum of v (Reddi et al. 2018)"),
+    "foreach": _FOREACH,
+    "fused": _FUSED,
+}
+register(
+    OptimizerSpec(
+        "adam",
+        "Adam: bias-corrected first and second moment averages; p <- p - lr m_hat / (sqrt(v_hat) + eps)",
+        "Kingma & Ba 2015; torch.optim.Adam",
+        lr=1e-3,
+        hparams=_ADAM_HPARAMS,
+        build=lambda groups, lr, **kw: torch.optim.Adam(groups, lr=lr, **kw),
+    )
+)
+register(
+    OptimizerSpec(
+        "adamw",
+        "AdamW: Adam with decoupled weight decay p <- p (1 - lr wd) before the Adam step",
+        "Loshchilov & Hutter 2019; torch.optim.AdamW",
+        lr=1e-3,
+        hparams=_ADAM_HPARAMS | {"weight_decay": Hparam(0.01, nonnegative, "decoupled weight decay")},
+        build=lambda groups, lr, **kw: torch.optim.AdamW(groups, lr=lr, **kw),
+    )
+)
+register(
+    OptimizerSpec(
+        "nadam",
+        "NAdam: Adam with Nesterov momentum (momentum_decay schedule); NAdamW with decoupled_weight_decay",
+        "Dozat 2016; torch.optim.NAdam",
+        lr=2e-3,
+        hparams={
+            "betas": Hparam((0.9, 0.999), betas(2), "decay of the first and second moment averages"),
+            "eps": Hparam(1e-8, nonnegative, "added to sqrt(v_hat)"),
+            "weight_decay": _WD,
+            "momentum_decay": Hparam(4e-3, nonnegative, "psi in mu_t = beta1 (1 - 0.5 * 0.96^(t psi))"),
+            "decoupled_weight_decay": Hparam(False, boolean, "true: NAdamW, p <- p (1 - lr wd)"),
+            "foreach": _FOREACH,
+        },
+        build=lambda groups, lr, **kw: torch.optim.NAdam(groups, lr=lr, **kw),
+    )
+)
+register(
+    OptimizerSpec(
+        "radam",
+        "RAdam: Adam with the variance of the adaptive LR rectified (SGD with momentum while it is large)",
+        "Liu et al. 2020; torch.optim.RAdam",
+        lr=1e-3,
+        hparams={
+            "betas": Hparam((0.9, 0.999), betas(2), "decay of the first and second moment averages"),
+            "eps": Hparam(1e-8, nonnegative, "added to sqrt(v_hat)"),
+            "weight_decay": _WD,
+            "decoupled_weight_decay": Hparam(False, boolean, "true: p <- p (1 - lr wd)"),
+            "foreach": _FOREACH,
+        },
+        build=lambda groups, lr, **kw: torch.optim.RAdam(groups, lr=lr, **kw),
+    )
+)
+
+
+def _adafactor_eps(value):
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and (value[0] is None or nonnegative(value[0]) is None)
+        and nonnegative(value[1]) is None
+    )
+    return None if ok else "a list [eps1 or null, eps2], each >= 0"
+
+
+register(
+    OptimizerSpec(
+        "adafactor",
+        "Adafactor: factored second moments (row and column averages), relative step clipping by d",
+        "Shazeer & Stern 2018; torch.optim.Adafactor (no first moment)",
+        lr=1e-2,
+        hparams={
+            "beta2_decay": Hparam(-0.8, lambda v: None if isinstance(v, (int, float)) and v <= 0 else "a number <= 0",
+                                  "beta2_t = 1 - t^beta2_decay"),
+            "eps": Hparam((None, 1e-3), _adafactor_eps, "(eps1 added to g^2, eps2 lower bound of the RMS of p)"),
+            "d": Hparam(1.0, positive, "clipping threshold of the update RMS"),
+            "weight_decay": Hparam(0.0, nonnegative, "decoupled weight decay"),
+            "foreach": _FOREACH,
+        },
+        build=lambda groups, lr, **kw: torch.optim.Adafactor(groups, lr=lr, **kw),
+    )
+)
+register(
+    OptimizerSpec(
+        "muon",
+        "Muon (Newton-Schulz orthogonalised Nesterov momentum) on hidden 2-D weights, AdamW on embeddings, "
+        "head, biases and norms",
+        "Jordan et al. 2024; torch.optim.Muon + torch.optim.AdamW",
+        lr=0.02,
+        hparams={
+            "weight_decay": Hparam(0.01, nonnegative, "Muon's decoupled weight decay"),
+            "momentum": Hparam(0.95, unit_interval, "Muon momentum"),
+            "nesterov": Hparam(True, boolean, "Nesterov momentum for Muon"),
+            "ns_steps": Hparam(5, positive_int, "Newton-Schulz iterations"),
+            "adjust_lr_fn": Hparam(
+                None, one_of(None, "original", "match_rms_adamw"),
+                "Muon LR shape scaling: original sqrt(max(1, rows/cols)); match_rms_adamw 0.2 sqrt(max(rows, cols))",
+            ),
+            "adam_lr": Hparam(3e-4, nonnegative, "LR of the AdamW groups (they follow the schedule in proportion)"),
+            "adam_betas": Hparam((0.9, 0.95), betas(2), "AdamW betas"),
+            "adam_eps": Hparam(1e-8, nonnegative, "AdamW eps"),
+            "adam_weight_decay": Hparam(0.01, nonnegative, "AdamW decoupled weight decay"),
+        },
+        build=lambda groups, lr, **kw: MuonWithAdamW(groups, lr=lr, **kw),
+        group_split=muon_split,
+    )
+)

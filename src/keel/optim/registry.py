@@ -1,0 +1,282 @@
+"""The optimizer registry: name -> (description, defaults, builder), and `create`, `from_config`, `check_config`.
+
+Each record names the optimizer's hyperparameters with their defaults and a check; `check_config` validates a
+config dict without a model, `create` builds param groups from a model (no weight decay on biases, norms and
+embeddings; LR multipliers; layer-wise LR decay; freezing) and constructs the optimizer.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from keel.errors import KeelError
+from keel.optim.param_groups import NO_DECAY_DEFAULT, build_param_groups
+
+__all__ = ["GROUP_OPTIONS", "OptimizerSpec", "check_config", "create", "from_config", "get", "names", "register"]
+
+
+# --- hyperparameter checks: each returns None if the value is allowed, else a description of what is allowed ---
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def nonnegative(value: Any) -> str | None:
+    return None if _number(value) and value >= 0 else "a finite number >= 0"
+
+
+def positive(value: Any) -> str | None:
+    return None if _number(value) and value > 0 else "a finite number > 0"
+
+
+def unit_interval(value: Any) -> str | None:
+    return None if _number(value) and 0 <= value < 1 else "a number in [0, 1)"
+
+
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
+def positive_int(value: Any) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "an integer >= 1"
+
+
+def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def check_optional(value: Any) -> str | None:
+        return None if value is None else (None if check(value) is None else f"null or {check(value)}")
+
+    return check_optional
+
+
+def betas(n: int) -> Callable[[Any], str | None]:
+    def check_betas(value: Any) -> str | None:
+        ok = isinstance(value, (list, tuple)) and len(value) == n and all(unit_interval(b) is None for b in value)
+        return None if ok else f"a list of {n} numbers, each in [0, 1)"
+
+    return check_betas
+
+
+def one_of(*choices: Any) -> Callable[[Any], str | None]:
+    def check_choice(value: Any) -> str | None:
+        return None if value in choices else "one of " + ", ".join(map(repr, choices))
+
+    return check_choice
+
+
+def any_value(value: Any) -> str | None:
+    return None
+
+
+# --- options that shape the param groups; every optimizer accepts them when given an nn.Module ---
+
+GROUP_OPTIONS: dict[str, tuple[Any, Callable[[Any], str | None], str]] = {
+    "no_decay": (
+        list(NO_DECAY_DEFAULT),
+        lambda v: None
+        if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+        else "a list of categories (bias, norm, embedding, 1d) or name patterns",
+        "parameters that get weight_decay 0: categories bias, norm, embedding, 1d, or name patterns",
+    ),
+    "lr_scales": (
+        {},
+        lambda v: None
+        if isinstance(v, Mapping) and all(isinstance(k, str) and positive(x) is None for k, x in v.items())
+        else "a mapping of name pattern -> LR multiplier > 0",
+        "{name pattern: LR multiplier}; the last matching pattern wins",
+    ),
+    "layer_lr_decay": (
+        None,
+        lambda v: None if v is None or (_number(v) and 0 < v <= 1) else "null or a number in (0, 1]",
+        "LR multiplier d ** (num_blocks + 1 - depth): the head at full LR, each block below d times smaller",
+    ),
+    "freeze": (
+        [],
+        lambda v: None
+        if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+        else "a list of name patterns",
+        "name patterns of parameters to freeze (requires_grad = False)",
+    ),
+    "freeze_depth": (
+        0,
+        lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "an integer >= 0",
+        "freeze every parameter of depth < k (1: the embeddings; 3: embeddings and blocks 0, 1)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Hparam:
+    """One hyperparameter: its default, the check of its value, and a one-line description."""
+
+    default: Any
+    check: Callable[[Any], str | None]
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A registry record: the name, one line of what, the paper or source, the default LR and the hyperparameters.
+
+    `build(groups, lr, **hparams)` constructs the optimizer from torch param groups. `group_split`, if set,
+    labels each parameter (e.g. Muon's "muon" / "adamw") so that groups are built per label. `groups_from`, if
+    set, turns the labelled groups into the optimizer's groups (per-label LRs and settings).
+    """
+
+    name: str
+    description: str
+    source: str
+    lr: float
+    hparams: dict[str, Hparam]
+    build: Callable[..., torch.optim.Optimizer]
+    group_split: Callable[[nn.Module], Callable[[str, torch.Tensor], str]] | None = None
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {"lr": self.lr} | {k: h.default for k, h in self.hparams.items()}
+
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add an optimizer record to the registry (its name must be new)."""
+    if spec.name in _REGISTRY:
+        raise KeelError(f"optimizer {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _closest(word: str, allowed: Iterable[str]) -> str:
+    allowed = list(allowed)
+    close = difflib.get_close_matches(word, allowed, n=1)
+    return f"; did you mean {close[0]!r}? " if close else "; "
+
+
+def get(name: str, *, key: str = "optimizer") -> OptimizerSpec:
+    """The registry record for `name`; a KeelError naming the valid ones otherwise."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        hint = _closest(name, _REGISTRY) if isinstance(name, str) else "; "
+        raise KeelError(f"{key}.name: {name!r} is not an optimizer{hint}allowed: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def names() -> dict[str, str]:
+    """Every registered optimizer: name -> one line with its description, source and defaults."""
+    out = {}
+    for spec in _REGISTRY.values():
+        defaults = ", ".join(f"{k}={_show(v)}" for k, v in spec.defaults.items())
+        out[spec.name] = f"{spec.description} ({spec.source}); defaults: {defaults}"
+    return out
+
+
+def _show(value: Any) -> str:
+    return "(" + ", ".join(map(str, value)) + ")" if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_config(spec: Mapping[str, Any], key: str = "optimizer") -> dict[str, Any]:
+    """Validate an optimizer config dict without a model; returns it with every default filled in.
+
+    `{"name": "adamw", "lr": 6e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}`. Unknown names and hyperparameters
+    and out-of-range values raise KeelError naming the key, the value and what is allowed.
+    """
+    if not isinstance(spec, Mapping):
+        raise KeelError(f"{key}: {spec!r} is not a mapping; expected e.g. {{name: adamw, lr: 0.001}}")
+    if "name" not in spec:
+        raise KeelError(f"{key}.name: missing; allowed: {', '.join(_REGISTRY)}")
+    record = get(spec["name"], key=key)
+    hparams = {k: v for k, v in spec.items() if k != "name"}
+    return {"name": record.name} | _check_hparams(record, hparams, key)
+
+
+def _check_hparams(record: OptimizerSpec, hparams: Mapping[str, Any], key: str) -> dict[str, Any]:
+    allowed = ["lr", *record.hparams, *GROUP_OPTIONS]
+    out = dict(record.defaults) | {k: v[0] for k, v in GROUP_OPTIONS.items()}
+    for name, value in hparams.items():
+        if name not in allowed:
+            raise KeelError(
+                f"{key}.{name}: not a hyperparameter of {record.name!r}{_closest(str(name), allowed)}"
+                f"allowed: {', '.join(allowed)}"
+            )
+        if name == "lr":
+            problem = nonnegative(value)
+        elif name in GROUP_OPTIONS:
+            problem = GROUP_OPTIONS[name][1](value)
+        else:
+            problem = record.hparams[name].check(value)
+        if problem is not None:
+            raise KeelError(f"{key}.{name}: {value!r} is not allowed for {record.name!r}; allowed: {problem}")
+        out[name] = tuple(value) if isinstance(value, list) and name not in GROUP_OPTIONS else value
+    return out
+
+
+def create(
+    name: str,
+    model_or_params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
+    lr: float | None = None,
+    *,
+    key: str = "optimizer",
+    **hparams: Any,
+) -> torch.optim.Optimizer:
+    """Build the optimizer `name` for a model (param groups built by keel) or for params / param groups.
+
+    Given an `nn.Module`, biases, norm weights and embeddings get no weight decay (`no_decay`), and `lr_scales`,
+    `layer_lr_decay`, `freeze`, `freeze_depth` shape the groups (see `keel.optim.param_groups`). Every group
+    carries `lr_scale` (1.0 unless set), so `keel.schedules.set_lr` keeps the multipliers. Given parameters or
+    group dicts, they are passed to the optimizer unchanged (group options are then an error).
+
+    >>> opt = create("adamw", nn.Linear(4, 2), lr=1e-3, weight_decay=0.1)
+    """
+    record = get(name, key=key)
+    if lr is not None:
+        hparams["lr"] = lr
+    settings = _check_hparams(record, hparams, key)
+    group_settings = {k: settings.pop(k) for k in GROUP_OPTIONS}
+    lr = settings.pop("lr")
+    if isinstance(model_or_params, nn.Module):
+        split = record.group_split(model_or_params) if record.group_split is not None else None
+        groups = build_param_groups(
+            model_or_params,
+            weight_decay=settings.get("weight_decay", 0.0),
+            no_decay=group_settings["no_decay"],
+            lr_scales=group_settings["lr_scales"],
+            layer_lr_decay=group_settings["layer_lr_decay"],
+            freeze_patterns=group_settings["freeze"],
+            freeze_depth=group_settings["freeze_depth"],
+            split=split,
+        )
+    else:
+        given = {k for k in GROUP_OPTIONS if k in hparams}
+        if given:
+            raise KeelError(
+                f"{key}: {', '.join(sorted(given))} need a model (nn.Module), not a list of parameters"
+            )
+        groups = list(model_or_params)
+        if not groups:
+            raise KeelError(f"{key}: got an empty list of parameters")
+        if isinstance(groups[0], dict):
+            groups = [dict(g) for g in groups]
+            for g in groups:
+                g.setdefault("lr_scale", 1.0)
+        else:
+            groups = [{"params": groups, "lr_scale": 1.0}]
+    for g in groups:
+        if "lr" not in g:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+    return record.build(groups, lr=lr, **settings)
+
+
+def from_config(spec: Mapping[str, Any], model: nn.Module, key: str = "optimizer") -> torch.optim.Optimizer:
+    """Build the optimizer a config dict describes for `model`: `{"name": "adamw", "lr": 6e-4, ...}`."""
+    checked = check_config(spec, key=key)
+    given = {k: v for k, v in spec.items() if k != "name"}
+    return create(checked["name"], model, key=key, **given)

@@ -1,0 +1,195 @@
+"""The optimizer registry, config checks and parameter-group helpers."""
+
+import pytest
+import torch
+from torch import nn
+
+import keel.optim as ko
+from keel.errors import KeelError
+
+REQUIRED_NAMES = "sgd momentum nesterov rmsprop adam adamw nadam radam adafactor muon".split()
+
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(self.norm(x)))
+
+
+class TinyLM(nn.Module):
+    """Embedding, three blocks, final norm and a head tied to the embedding."""
+
+    def __init__(self, vocab=11, width=8, depth=3, tied=False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.norm_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm_f(x))
+
+
+def loss_of(model):
+    idx = torch.arange(11) % 7
+    return nn.functional.cross_entropy(model(idx), (idx + 1) % 11)
+
+
+def decay_of(optimizer):
+    return {n: g["weight_decay"] for g in optimizer.param_groups for n in g["param_names"]}
+
+
+def scale_of(optimizer):
+    return {n: g["lr_scale"] for g in optimizer.param_groups for n in g["param_names"]}
+
+
+def test_registry_has_every_required_name_with_a_description():
+    listed = ko.names()
+    for name in REQUIRED_NAMES:
+        assert name in listed and "defaults:" in listed[name]
+
+
+@pytest.mark.parametrize("name", REQUIRED_NAMES)
+def test_every_optimizer_builds_for_a_model_and_steps(name):
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = ko.create(name, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_of(model).backward()
+    opt.step()
+    assert all(g["lr"] == pytest.approx(ko.get(name).lr * g["lr_scale"]) for g in opt.param_groups)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_adamw_groups_exempt_biases_norms_and_embeddings_from_weight_decay():
+    opt = ko.create("adamw", TinyLM(), lr=1e-3, weight_decay=0.1)
+    decay = decay_of(opt)
+    assert decay["embed.weight"] == 0.0
+    assert decay["blocks.0.norm.weight"] == 0.0 and decay["blocks.0.norm.bias"] == 0.0
+    assert decay["blocks.0.fc.bias"] == 0.0 and decay["norm_f.weight"] == 0.0
+    assert decay["blocks.0.fc.weight"] == 0.1 and decay["head.weight"] == 0.1
+    assert all(g["lr_scale"] == 1.0 for g in opt.param_groups)
+
+
+def test_no_decay_is_configurable():
+    decay = decay_of(ko.create("adamw", TinyLM(), weight_decay=0.1, no_decay=[]))
+    assert set(decay.values()) == {0.1}
+    decay = decay_of(ko.create("adamw", TinyLM(), weight_decay=0.1, no_decay=["bias", "head"]))
+    assert decay["embed.weight"] == 0.1 and decay["head.weight"] == 0.0 and decay["blocks.1.fc.bias"] == 0.0
+
+
+def test_tied_head_counts_as_embedding():
+    decay = decay_of(ko.create("adamw", TinyLM(tied=True), weight_decay=0.1))
+    assert "head.weight" not in decay and decay["embed.weight"] == 0.0
+
+
+def test_plain_parameter_list_is_one_group_with_lr_scale():
+    model = nn.Linear(3, 2)
+    opt = ko.create("adam", model.parameters(), lr=0.5)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr_scale"] == 1.0
+    with pytest.raises(KeelError, match="need a model"):
+        ko.create("adam", model.parameters(), freeze=["weight"])
+
+
+def test_lr_scales_and_layer_decay_multiply():
+    model = TinyLM(depth=3)
+    scales = scale_of(ko.create("adamw", model, lr=1.0, layer_lr_decay=0.5, lr_scales={"embed": 0.1}))
+    assert scales["head.weight"] == 1.0 and scales["norm_f.weight"] == 1.0
+    assert scales["blocks.2.fc.weight"] == 0.5
+    assert scales["blocks.0.fc.weight"] == 0.125
+    assert scales["embed.weight"] == pytest.approx(0.1 * 0.0625)
+    opt = ko.create("adamw", TinyLM(), lr=2.0, lr_scales={"blocks.1.*": 0.25})
+    lrs = {n: g["lr"] for g in opt.param_groups for n in g["param_names"]}
+    assert lrs["blocks.1.norm.bias"] == 0.5 and lrs["blocks.0.fc.weight"] == 2.0
+
+
+def test_freeze_by_pattern_and_by_depth():
+    model = TinyLM(depth=3)
+    opt = ko.create("adamw", model, freeze_depth=2)
+    names = {n for g in opt.param_groups for n in g["param_names"]}
+    assert not any(n.startswith(("embed", "blocks.0.")) for n in names)
+    assert not model.embed.weight.requires_grad and not model.blocks[0].fc.weight.requires_grad
+    assert model.blocks[1].fc.weight.requires_grad
+    model = TinyLM()
+    ko.create("sgd", model, freeze=["blocks.2.*", "head"])
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"blocks.2.norm.weight", "blocks.2.norm.bias", "blocks.2.fc.weight", "blocks.2.fc.bias", "head.weight"}
+    with pytest.raises(KeelError, match="matches no parameter"):
+        ko.create("sgd", TinyLM(), freeze=["decoder"])
+
+
+def test_layer_depths_from_names():
+    depths, blocks = ko.layer_depths(["wte.weight", "h.0.w", "h.1.w", "ln_f.weight", "lm_head.weight"])
+    assert blocks == 2
+    assert depths == {"wte.weight": 0, "h.0.w": 1, "h.1.w": 2, "ln_f.weight": 3, "lm_head.weight": 3}
+
+
+def test_check_config_fills_defaults_and_validates():
+    spec = {"name": "adamw", "lr": 6e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}
+    checked = ko.check_config(spec)
+    assert checked["betas"] == (0.9, 0.95) and checked["eps"] == 1e-8 and checked["no_decay"] == ["bias", "norm", "embedding"]
+    opt = ko.from_config(spec, TinyLM())
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "adamww"}, r"optimizer\.name: 'adamww' is not an optimizer; did you mean 'adamw'\? allowed: sgd"),
+        ({"name": "adamw", "beta": [0.9, 0.9]}, r"optimizer\.beta: .*did you mean 'betas'\? allowed: lr, betas"),
+        ({"name": "adamw", "betas": [0.9]}, r"optimizer\.betas: \[0\.9\] .*a list of 2 numbers"),
+        ({"name": "adamw", "lr": -1}, r"optimizer\.lr: -1"),
+        ({"name": "sgd", "momentum": 0.9}, r"optimizer\.momentum: not a hyperparameter of 'sgd'"),
+        ({"name": "adamw", "layer_lr_decay": 2}, r"optimizer\.layer_lr_decay: 2 "),
+        ({"lr": 1e-3}, r"optimizer\.name: missing"),
+        ("adamw", r"optimizer: 'adamw' is not a mapping"),
+    ],
+)
+def test_check_config_errors_name_the_key_and_the_allowed(spec, message):
+    with pytest.raises(KeelError, match=message):
+        ko.check_config(spec)
+
+
+def test_error_key_prefix_is_configurable():
+    with pytest.raises(KeelError, match=r"^opt2\.name"):
+        ko.check_config({"name": "adan"}, key="opt2")
+
+
+def test_muon_hybrid_splits_hidden_matrices_from_the_rest():
+    model = TinyLM()
+    opt = ko.create("muon", model, lr=0.02, adam_lr=3e-4)
+    kinds = {n: g["kind"] for g in opt.param_groups for n in g["param_names"]}
+    assert {n for n, k in kinds.items() if k == "muon"} == {f"blocks.{i}.fc.weight" for i in range(3)}
+    for g in opt.param_groups:
+        expected = 0.02 if g["kind"] == "muon" else 3e-4
+        assert g["lr"] == pytest.approx(expected)
+        assert g["lr_scale"] == pytest.approx(expected / 0.02)
+
+
+def test_muon_hybrid_matches_torch_muon_and_adamw_run_separately():
+    torch.manual_seed(0)
+    model = TinyLM()
+    twin = TinyLM()
+    twin.load_state_dict(model.state_dict())
+    opt = ko.create("muon", model, lr=0.02, weight_decay=0.1, adam_lr=1e-3, adam_weight_decay=0.0, no_decay=[])
+    hidden = [twin.blocks[i].fc.weight for i in range(3)]
+    rest = [p for p in twin.parameters() if all(p is not h for h in hidden)]
+    muon = torch.optim.Muon(hidden, lr=0.02, weight_decay=0.1)
+    adamw = torch.optim.AdamW(rest, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    for _ in range(5):
+        for m, opts in ((model, [opt]), (twin, [muon, adamw])):
+            loss_of(m).backward()
+            for o in opts:
+                o.step()
+                o.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
