@@ -1,0 +1,262 @@
+"""The typed run config: documented fields with defaults, loaded from YAML plus ``key=value`` overrides.
+
+Validation is pydantic's; every failure becomes one ``KeelError`` naming the dotted key, the value given and
+what is allowed, raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
+from keel.data.corpora import BUILTIN_CORPORA
+from keel.errors import KeelError
+from keel.grad.config import ClipConfig
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Block):
+    """Where the tokens come from and how batches are drawn."""
+
+    source: str = Field(
+        "pydoc",
+        description="'pydoc' (CPython's reference topics), 'stdlib' (the standard library's source), a text "
+        "file, a folder of text files, a .bin uint16 token file, or a folder with train.bin and val.bin.",
+    )
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the tokens kept for validation.")
+    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch.")
+    vocab_size: int | None = Field(
+        None, ge=2, description="Vocabulary size of a token file (default: largest id + 1); text is bytes (256)."
+    )
+    eval_tokens: int = Field(65536, ge=1, description="Validation tokens per evaluation (from the split's start).")
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, value: str) -> str:
+        if value not in BUILTIN_CORPORA and not Path(value).expanduser().exists():
+            raise ValueError(
+                f"'{value}' does not exist; allowed: {', '.join(BUILTIN_CORPORA)}, a text file, a folder of "
+                "text files, a .bin uint16 token file, or a folder with train.bin and val.bin"
+            )
+        return value
+
+
+class ModelConfig(_Block):
+    """The decoder-only GPT."""
+
+    n_layer: int = Field(4, ge=1, description="Transformer blocks (depth).")
+    n_head: int = Field(4, ge=1, description="Attention heads; must divide n_embd.")
+    n_embd: int = Field(128, ge=1, description="Width of the residual stream.")
+    block_size: int = Field(128, ge=2, description="Context length in tokens.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
+    bias: bool = Field(True, description="Biases in linear layers and layer norms.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_head: {self.n_head} does not divide model.n_embd: {self.n_embd}; "
+                "allowed: a divisor of n_embd"
+            )
+        return self
+
+
+class SampleConfig(_Block):
+    """The short text generated at each evaluation."""
+
+    prompt: str = Field("The ", description="Fixed prompt the sample continues.")
+    tokens: int = Field(64, ge=0, description="Tokens to generate (0 turns samples off).")
+    temperature: float = Field(0.8, gt=0.0, description="Sampling temperature.")
+    top_k: int | None = Field(40, ge=1, description="Sample among the k most likely tokens (null: all).")
+
+
+class TrainConfig(_Block):
+    """A whole training run. Lengths given as time units accept steps, '2%' of the run, '3ep' or '2Mtok'."""
+
+    seed: int = Field(1337, description="Seed for initialisation, dropout and batch sampling.")
+    max_steps: int = Field(800, ge=1, description="Optimizer updates in the run.")
+    out_dir: str | None = Field(None, description="Run directory (default: runs/<date>-<time>).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer update.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast dtype for forward passes; weights and optimizer state stay fp32."
+    )
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1},
+        description="Optimizer: name and hyperparameters (see `keel.optim.names()`); no weight decay on "
+        "biases, norms and embeddings.",
+    )
+    schedule: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "cosine", "warmup": 50, "min_lr": 2e-4},
+        description="Learning-rate schedule: name and parameters (see docs/schedules.md); its peak LR is "
+        "optimizer.lr unless the schedule sets lr.",
+    )
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    polyak: PolyakConfig = Field(default_factory=PolyakConfig)
+    swa: SWAConfig = Field(default_factory=SWAConfig)
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    eval_interval: int = Field(100, ge=1, description="Evaluate every this many steps (and always at the end).")
+    log_interval: int = Field(1, ge=1, description="Write a metrics record every this many steps.")
+    checkpoint_interval: int = Field(100, ge=1, description="Checkpoint every this many steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError(f"'{value}' is not a device; allowed: auto, cpu, cuda, cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        from keel.optim import check_config
+        from keel.schedules import from_config
+
+        optimizer = check_config(self.optimizer, key="optimizer")
+        from_config(
+            self.schedule,
+            base_lr=float(optimizer["lr"]),
+            total_steps=self.max_steps,
+            steps_per_epoch=None,
+            tokens_per_step=self.tokens_per_step,
+            key="schedule",
+        )
+        if self.tensorboard:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError as error:
+                raise KeelError(
+                    "tensorboard: true needs the tensorboard package (pip install tensorboard); "
+                    "allowed without it: false"
+                ) from error
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.data.batch_size * self.model.block_size * self.grad_accum
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["model.n_layer=6", "optimizer.lr=1e-3"]`` -> nested dict; values parsed as YAML scalars or lists."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise KeelError(f"override '{item}' is not key=value; allowed: dotted.key=value, e.g. model.n_layer=6")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as error:
+            raise KeelError(f"{key}: value '{raw}' is not valid YAML ({error.problem})") from error
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise KeelError(f"{key}: '{part}' was given a value and cannot also hold keys")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins. Free-form blocks (optimizer, schedule) merge key by key too."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise KeelError(f"config file '{path}' does not exist; allowed: a YAML file of config keys")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise KeelError(f"config file '{path}' is not valid YAML: {error}".replace("\n", " ")) from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KeelError(f"config file '{path}' holds a {type(data).__name__}; allowed: a mapping of config keys")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated into a ``TrainConfig``."""
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    raw = merge(raw, parse_overrides(overrides or []))
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any], model: type[BaseModel] = TrainConfig) -> Any:
+    """Validate ``raw`` into ``model``; the first problem becomes one ``KeelError``."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise KeelError(_describe(error.errors()[0], model)) from None
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        allowed = _field_names(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
+        return f"unknown key '{key}'{hint} allowed here: {', '.join(allowed)}"
+    message = error["msg"]
+    if error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+        if isinstance(error.get("ctx", {}).get("error"), KeelError) or not key:
+            return message
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{key or 'config'}: {message}{shown}"
+
+
+def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The fully resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    """One line per config key: dotted name, default and description (for ``keel train --help``)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.extend(describe_fields(annotation, f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {prefix}{name} = {default!r}\n      {field.description or ''}")
+    return lines

@@ -1,0 +1,69 @@
+"""``loss.png``: train loss with a mean ± std band over a sliding window, validation loss(es), LR on a second axis,
+steps along the bottom and tokens seen along the top. Events (e.g. skipped steps, rollbacks) are marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _rolling(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    kernel = np.ones(window)
+    counts = np.convolve(np.ones_like(values), kernel, "full")[: len(values)]
+    mean = np.convolve(values, kernel, "full")[: len(values)] / counts
+    sq = np.convolve(values**2, kernel, "full")[: len(values)] / counts
+    return mean, np.sqrt(np.maximum(sq - mean**2, 0.0))
+
+
+def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r and "step" in r]
+    evals = [r for r in records if "val_loss" in r]
+    events = [r for r in records if "event" in r]
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    if train:
+        steps = np.array([r["step"] for r in train], dtype=float)
+        loss = np.array([r["loss"] for r in train], dtype=float)
+        finite = np.isfinite(loss)
+        steps, loss = steps[finite], loss[finite]
+        window = max(1, min(50, len(loss) // 20 or 1))
+        mean, std = _rolling(loss, window)
+        ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.6, label="train loss")
+        ax.plot(steps, mean, color="tab:blue", linewidth=1.4, label=f"train mean ({window}-step window)")
+        ax.fill_between(steps, mean - std, mean + std, color="tab:blue", alpha=0.2, label="± 1 std")
+    colors = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"])
+    for key in sorted({k for r in evals for k in r if k.startswith("val_loss")}):
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        ax.plot(*zip(*points), "o-", color=next(colors, "black"), markersize=3.5, label=key.replace("_", " "))
+    for event in events:
+        ax.axvline(event["step"], color="tab:red", linestyle=":", linewidth=1)
+        ax.annotate(event["event"], (event["step"], 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                    rotation=90, va="top", ha="right", color="tab:red")
+    ax.set_xlabel("step (optimizer updates)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
+    top.set_xlabel("tokens seen")
+    if train and "lr" in train[0]:
+        lr_ax = ax.twinx()
+        lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray", linewidth=1, label="lr")
+        lr_ax.set_ylabel("learning rate", color="tab:gray")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        handles, labels = ax.get_legend_handles_labels()
+        h2, l2 = lr_ax.get_legend_handles_labels()
+        ax.legend(handles + h2, labels + l2, loc="upper right", fontsize=8)
+    else:
+        ax.legend(loc="upper right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
