@@ -1,5 +1,24 @@
 """Weight averaging and ensembles: EMA, Polyak, SWA, checkpoint averaging, snapshot and model ensembles."""
 
+from keel.averaging.checkpoints import average_checkpoints, average_checkpoints_to_file, resolve_checkpoints
 from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig, make_callbacks
+from keel.averaging.ema import EMA
+from keel.averaging.shadow import ShadowWeights
+from keel.averaging.swa import SWA, Polyak, recompute_batchnorm, swa_learning_rate
 
-__all__ = ["EMAConfig", "PolyakConfig", "SWAConfig", "SnapshotConfig", "make_callbacks"]
+__all__ = [
+    "EMA",
+    "Polyak",
+    "SWA",
+    "ShadowWeights",
+    "recompute_batchnorm",
+    "swa_learning_rate",
+    "average_checkpoints",
+    "average_checkpoints_to_file",
+    "resolve_checkpoints",
+    "EMAConfig",
+    "PolyakConfig",
+    "SWAConfig",
+    "SnapshotConfig",
+    "make_callbacks",
+]

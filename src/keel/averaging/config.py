@@ -123,6 +123,11 @@ class SWAConfig(_AveragingBlock):
     every: Length = Field(
         1, description="Add the weights to the mean every this many steps (the SWA cycle; e.g. '1ep')."
     )
+    include_buffers: bool = Field(
+        False,
+        description="Also average floating-point buffers; by default they follow the model and BatchNorm "
+        "statistics are recomputed (bn_update), as in torch.optim.swa_utils.",
+    )
     bn_update: bool = Field(
         True,
         description="Recompute BatchNorm running statistics of the averaged model with a pass over training data "
