@@ -1,4 +1,4 @@
-"""Typed config for training stability: gradient clipping (top-level key `clip`)."""
+"""Typed config for training stability: keys `clip`, `nonfinite` and `spike`."""
 
 from __future__ import annotations
 
@@ -56,5 +56,61 @@ class ClipConfig(BaseModel):
             raise ValueError(
                 f"clip.calibration_steps: {self.calibration_steps} is larger than clip.window: {self.window}; "
                 "allowed: calibration_steps <= window"
+            )
+        return self
+
+
+class NonFiniteConfig(BaseModel):
+    """Non-finite guard (config key `nonfinite`): a NaN/inf loss or gradient skips the update.
+
+    A skipped update changes nothing: parameters, optimizer state, schedule position, EMA and the step
+    counter stay as they were; the skip is counted (`skipped` in metrics records). Every data-parallel rank
+    takes the same decision.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_consecutive_skips: int = Field(
+        10,
+        ge=1,
+        description=(
+            "Stop the run with an error after this many consecutive skipped updates; the last good checkpoint "
+            "is kept. fp16 loss-scale overflows with a finite loss do not count while the scale is above 1."
+        ),
+    )
+
+
+class SpikeConfig(BaseModel):
+    """Loss-spike rollback (config key `spike`), in the manner of PaLM (Chowdhery et al. 2022, Section 5.1).
+
+    A loss l is a spike when l > m + max(factor * 1.4826 * MAD, min_rise * |m|), with m and MAD the median and
+    median absolute deviation of the last `window` training losses. On a spike the run reloads the newest
+    checkpoint written before it, skips the batches from that checkpoint up to and including the spiking
+    one (plus `skip_batches` more), and multiplies the learning rate by `lr_factor`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Detect spikes and roll back; when false nothing is checked.")
+    window: int = Field(100, ge=1, description="Number of recent training losses in the running statistic.")
+    factor: float = Field(6.0, gt=0, description="Robust z-score above the median that counts as a spike.")
+    min_history: int = Field(20, ge=1, description="Losses seen before detection starts.")
+    min_rise: float = Field(
+        0.05, ge=0, description="Smallest rise over the median, relative to |median|, that counts as a spike."
+    )
+    skip_batches: int = Field(
+        0, ge=0, description="Extra batches skipped after the spiking one (PaLM skipped about 200-500 in all)."
+    )
+    lr_factor: float = Field(
+        1.0, gt=0, le=1, description="Multiply the learning rate by this after each rollback (1.0: unchanged)."
+    )
+    max_rollbacks: int = Field(5, ge=1, description="Stop the run with an error after this many rollbacks.")
+
+    @model_validator(mode="after")
+    def _history_fits_window(self) -> "SpikeConfig":
+        if self.min_history > self.window:
+            raise ValueError(
+                f"spike.min_history: {self.min_history} is larger than spike.window: {self.window}; "
+                "allowed: min_history <= window"
             )
         return self
