@@ -1,0 +1,189 @@
+"""``keel schedule [SPEC ...] --steps N [--lr LR] [--at STEPS] [--out PNG]``: preview learning-rate schedules.
+
+Prints the learning rate of each schedule at chosen steps and draws them overlaid on one plot,
+without training anything. A SPEC is one of:
+
+* ``NAME,KEY=VALUE,...`` such as ``cosine,warmup=100,min_lr=1e-5`` or ``wsd,warmup=5%,decay=20%``
+  (values are YAML scalars or flow lists: ``multistep,milestones=[300,600]``);
+* a YAML mapping such as ``"{name: join, schedules: [constant, cosine], boundaries: [10%]}"``;
+* a YAML file holding such a mapping, or a run config file (its ``schedule``, ``optimizer.lr``
+  and ``max_steps`` are used unless ``--lr`` / ``--steps`` are given).
+
+With no SPEC the schedule of the default run config is shown. Keys and time units are those of the
+``schedule`` block of the run config (docs/schedules.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from keel.errors import KeelError
+from keel.schedules import from_config, parse_spec
+from keel.timeunits import SYNTAX, resolve_steps
+
+_PLOT_POINTS = 4000  # at most this many steps are drawn per curve (plus every step in --at)
+
+
+@dataclass
+class _Curve:
+    label: str
+    spec: Any
+    lr: float | None
+    steps: int | None
+    tokens_per_step: int | None = None
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "schedule",
+        help="print and plot learning-rate schedules without training",
+        description=__doc__.split("\n", 1)[1].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: keel schedule cosine,warmup=100,min_lr=1e-5 wsd,warmup=5%%,decay=20%% "
+        "--lr 3e-4 --steps 1000 --at 0,100,500,999 --out schedules.png",
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("specs", nargs="*", metavar="SPEC", help="schedule specs (see above); default: the run config's")
+    parser.add_argument("--lr", type=float, help="peak LR for specs that do not set lr (default: 1.0, or the run config's)")
+    parser.add_argument("--steps", type=int, help="run length in optimizer steps (default: the run config's max_steps)")
+    parser.add_argument("--at", help=f"comma-separated steps to print, each {SYNTAX} (default: a spread over the run)")
+    parser.add_argument("--out", default="schedule.png", help="PNG to write (default: schedule.png)")
+    parser.add_argument("--no-plot", action="store_true", help="print the table only")
+    parser.add_argument("--log", action="store_true", help="logarithmic LR axis")
+    parser.add_argument("--steps-per-epoch", type=int, help="for lengths in epochs ('3ep')")
+    parser.add_argument("--tokens-per-step", type=int, help="for lengths in tokens ('2Mtok')")
+    parser.add_argument("--title", help="plot title")
+
+
+def _curves(args: argparse.Namespace) -> list[_Curve]:
+    if not args.specs:
+        return [_from_run_config(None, "default run config")]
+    curves = []
+    for text in args.specs:
+        path = Path(text)
+        if path.suffix.lower() in (".yaml", ".yml", ".json") and path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as error:
+                raise KeelError(f"schedule spec file '{text}' is not valid YAML ({str(error).splitlines()[0]})") from None
+            if isinstance(data, dict) and "name" in data:
+                curves.append(_Curve(path.name, data, None, None))
+            else:
+                curves.append(_from_run_config(path, path.name))
+        else:
+            curves.append(_Curve(text, parse_spec(text), None, None))
+    return curves
+
+
+def _from_run_config(path: Path | None, label: str) -> _Curve:
+    from keel.config import load_config
+
+    config = load_config(path)
+    return _Curve(label, config.schedule, float(config.optimizer["lr"]), config.max_steps, config.tokens_per_step)
+
+
+def _default_at(total: int) -> list[int]:
+    points = {0, 1, total // 100, total // 20, total // 10, total // 4, total // 2, 3 * total // 4}
+    points |= {9 * total // 10, total - 1, total}
+    return sorted(p for p in points if 0 <= p <= total)
+
+
+def _format(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.lr is not None and args.lr <= 0:
+        raise KeelError(f"--lr: {args.lr!r} is not allowed; must be > 0")
+    if args.steps is not None and args.steps < 1:
+        raise KeelError(f"--steps: {args.steps!r} is not allowed; must be >= 1")
+    if not args.no_plot and not Path(args.out).resolve().parent.is_dir():
+        raise KeelError(f"--out: the directory of '{args.out}' does not exist")
+    curves = _curves(args)
+    for curve in curves:
+        if args.lr is not None:
+            curve.lr = args.lr
+        if args.steps is not None:
+            curve.steps = args.steps
+        if curve.lr is None:
+            curve.lr = 1.0
+    if any(c.steps is None for c in curves):
+        raise KeelError("--steps: missing; give the run length in optimizer steps, e.g. --steps 1000")
+    total = max(c.steps for c in curves)
+
+    schedules = []
+    for i, curve in enumerate(curves):
+        key = "schedule" if len(curves) == 1 else f"schedule[{i + 1}]"
+        schedules.append(
+            from_config(
+                curve.spec,
+                base_lr=curve.lr,
+                total_steps=curve.steps,
+                steps_per_epoch=args.steps_per_epoch,
+                tokens_per_step=args.tokens_per_step or curve.tokens_per_step,
+                key=key,
+            )
+        )
+
+    if args.at:
+        at = [
+            resolve_steps(
+                part.strip(),
+                name="--at",
+                total_steps=total,
+                steps_per_epoch=args.steps_per_epoch,
+                tokens_per_step=args.tokens_per_step,
+            )
+            for part in args.at.split(",")
+            if part.strip()
+        ]
+    else:
+        at = _default_at(total)
+
+    table = [[str(step), *(_format(s(step)) for s in schedules)] for step in at]
+    header = ["step", *(c.label for c in curves)]
+    widths = [max(len(row[j]) for row in [header, *table]) for j in range(len(header))]
+    for row in [header, *table]:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)).rstrip())
+
+    if not args.no_plot:
+        _plot(curves, schedules, total, at, args)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _plot(curves: list[_Curve], schedules: list, total: int, at: list[int], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stride = max(1, total // _PLOT_POINTS)
+    steps = sorted(set(range(0, total + 1, stride)) | {total} | {s for s in at if s <= total})
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for curve, schedule in zip(curves, schedules):
+        label = curve.label + (" (before any reduction)" if hasattr(schedule, "observe") else "")
+        line = axes.plot(steps, [schedule(s) for s in steps], label=label, linewidth=1.6)[0]
+        marks = [s for s in at if s <= total]
+        axes.plot(marks, [schedule(s) for s in marks], "o", markersize=3.5, color=line.get_color())
+    if args.log:
+        axes.set_yscale("log")
+    axes.set_xlabel("step (optimizer updates applied)")
+    axes.set_ylabel("learning rate")
+    axes.set_xlim(0, total)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    if args.title:
+        axes.set_title(args.title)
+    figure.tight_layout()
+    figure.savefig(args.out)
+    plt.close(figure)
