@@ -1,0 +1,281 @@
+"""Trainer adapters for the averaging units: a few lines each around `EMA`, `Polyak`, `SWA` and snapshots.
+
+Each averaging callback updates its unit after applied optimizer steps (`on_step_end`, never called for skipped
+steps), evaluates the averaged weights swapped into the model (`val_loss_<name>`), writes them into every
+checkpoint as `<name>.safetensors` and keeps its state (update count, shadow) for an exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
+from keel.averaging.ema import EMA
+from keel.averaging.safetensors_io import SafetensorsReader, write_safetensors
+from keel.averaging.shadow import ShadowWeights, model_tensors
+from keel.averaging.swa import SWA, Polyak, swa_learning_rate
+from keel.errors import KeelError
+from keel.schedules import set_lr
+from keel.timeunits import resolve_steps
+from keel.train.callbacks import Callback
+from keel.train.checkpoint import step_dir_name
+
+
+def _steps(trainer, value, key: str) -> int:
+    return resolve_steps(value, name=key, **trainer.lengths)
+
+
+class AveragingCallback(Callback):
+    """Shared adapter: when to update, evaluating swapped in, saving, and resuming the shadow."""
+
+    def __init__(self, name: str, config: EMAConfig | PolyakConfig | SWAConfig) -> None:
+        self.name = name
+        self.config = config
+        self.unit: ShadowWeights | None = None
+        self._pending: dict[str, Any] | None = None
+        self.start = 0
+        self.every = 1
+        self._trainer = None
+
+    def make_unit(self, trainer) -> ShadowWeights:
+        raise NotImplementedError
+
+    # ---- run ---------------------------------------------------------------------------------------------------
+    def on_run_start(self, trainer) -> None:
+        self.start = _steps(trainer, self.config.start, f"{self.name}.start")
+        self.every = _steps(trainer, self.config.every, f"{self.name}.every")
+        if self.every < 1:
+            raise KeelError(f"{self.name}.every: {self.config.every!r} resolves to 0 steps; allowed: >= 1 step")
+        self._trainer = trainer
+        self.unit = self.make_unit(trainer)
+        if self._pending is not None:
+            self._restore(trainer, self._pending)
+            self._pending = None
+
+    def on_step_end(self, trainer) -> None:
+        step = trainer.state.step - 1  # the update just applied (keel's step: 0 for the first update)
+        if step >= self.start and (step - self.start) % self.every == 0:
+            self.unit.update()
+
+    def on_eval(self, trainer, metrics: dict[str, Any]) -> None:
+        if self.config.evaluate and self.unit.num_updates > 0:
+            self.prepare(trainer)
+            with self.unit.swapped():
+                metrics[f"val_loss_{self.name}"] = trainer.evaluate()
+
+    def prepare(self, trainer) -> None:
+        """Make the average ready to use (SWA recomputes BatchNorm statistics here)."""
+
+    def on_checkpoint(self, trainer, ckpt_dir: Path) -> None:
+        if self.config.save and self.unit.num_updates > 0:
+            self.prepare(trainer)
+            self.unit.export(ckpt_dir / f"{self.name}.safetensors", metadata={"step": str(trainer.state.step)})
+
+    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+        losses = {k: v for k, v in summary.items() if k.startswith("val_loss") and isinstance(v, float)}
+        if "best_weights" not in summary and len(losses) > 1 and all(math.isfinite(v) for v in losses.values()):
+            best = min(losses, key=losses.get)
+            summary["best_weights"] = "raw" if best == "val_loss" else best.removeprefix("val_loss_")
+            if not getattr(trainer, "quiet", False):
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                print(f"final {shown}; best: {summary['best_weights']} weights")
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def _shadow_file(self) -> str | None:
+        """The checkpoint file holding the shadow bit for bit, if this callback writes one."""
+        return f"{self.name}.safetensors" if self.config.save else None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.unit is None:
+            return dict(self._pending or {})
+        if self.unit.num_updates > 0:
+            self.prepare(self._trainer)  # what on_checkpoint writes is then exactly the state
+        state = self.unit.state_dict()
+        file = self._shadow_file()
+        if file is not None and self.unit.num_updates > 0:
+            return {"num_updates": state["num_updates"], "shadow_file": file}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state  # the unit needs the model: restored in on_run_start
+
+    def _restore(self, trainer, state: dict[str, Any]) -> None:
+        if "shadow_file" in state:
+            path = trainer.run_dir / "checkpoints" / step_dir_name(trainer.state.step) / state["shadow_file"]
+            if not path.is_file():
+                raise KeelError(f"{self.name}: resume needs {str(path)!r}, which is missing")
+            with SafetensorsReader(path) as reader:
+                shadow = {name: reader.read(name) for name in reader.tensors}
+            state = {"num_updates": state["num_updates"], "shadow": shadow}
+        self.unit.load_state_dict(state)
+
+
+class EMACallback(AveragingCallback):
+    """`ema` block: exponential moving average; optionally OpenNMT-tf's mode (checkpoints hold the EMA weights)."""
+
+    def __init__(self, config: EMAConfig) -> None:
+        super().__init__("ema", config)
+
+    def make_unit(self, trainer) -> EMA:
+        c = self.config
+        half_life = None
+        if c.half_life is not None:
+            half_life = _steps(trainer, c.half_life, "ema.half_life") / self.every
+            if half_life <= 0:
+                raise KeelError(f"ema.half_life: {c.half_life!r} resolves to 0 steps; allowed: > 0")
+        return EMA(
+            trainer.model, decay=c.decay, dynamic_decay=c.dynamic_decay, warmup_gamma=c.warmup_gamma,
+            warmup_power=c.warmup_power, half_life=half_life, include_buffers=c.include_buffers,
+            device=c.device, dtype=c.dtype,
+        )
+
+    def _shadow_file(self) -> str | None:
+        return "ema.safetensors" if (self.config.save or self.config.checkpoint_weights == "ema") else None
+
+    def on_checkpoint(self, trainer, ckpt_dir: Path) -> None:
+        if self.unit.num_updates == 0:
+            return
+        if self._shadow_file() is not None:
+            self.unit.export(ckpt_dir / "ema.safetensors", metadata={"step": str(trainer.state.step)})
+        if self.config.checkpoint_weights == "ema":
+            # OpenNMT-tf: the checkpoint's weights are the averaged ones; the raw ones stay beside them for resume.
+            raw = {k: v.detach() for k, v in trainer.model.state_dict().items()}
+            write_safetensors(ckpt_dir / "raw.safetensors", raw)
+            averaged = self.unit.averaged_state_dict()
+            write_safetensors(ckpt_dir / "model.safetensors", averaged, dtypes={k: v.dtype for k, v in raw.items()})
+
+    def _restore(self, trainer, state: dict[str, Any]) -> None:
+        super()._restore(trainer, state)
+        if self.config.checkpoint_weights == "ema" and state.get("num_updates", 0) > 0:
+            path = trainer.run_dir / "checkpoints" / step_dir_name(trainer.state.step) / "raw.safetensors"
+            if not path.is_file():
+                raise KeelError(f"ema: resume needs the raw weights {str(path)!r}, which are missing")
+            targets = model_tensors(trainer.model)
+            with SafetensorsReader(path) as reader, torch.no_grad():
+                for name in reader.tensors:
+                    targets[name].copy_(reader.read(name))
+
+
+class PolyakCallback(AveragingCallback):
+    """`polyak` block: the uniform mean of the weights from `start` on."""
+
+    def __init__(self, config: PolyakConfig) -> None:
+        super().__init__("polyak", config)
+
+    def make_unit(self, trainer) -> Polyak:
+        c = self.config
+        return Polyak(trainer.model, include_buffers=c.include_buffers, device=c.device, dtype=c.dtype)
+
+
+class SWACallback(AveragingCallback):
+    """`swa` block: SWA's LR phase from `start`, a uniform mean every `every` steps, BatchNorm recomputed."""
+
+    def __init__(self, config: SWAConfig) -> None:
+        super().__init__("swa", config)
+        self.anneal_steps = 0
+        self._prepared_updates: int | None = None
+
+    def make_unit(self, trainer) -> SWA:
+        c = self.config
+        self.anneal_steps = _steps(trainer, c.anneal_steps, "swa.anneal_steps")
+        return SWA(trainer.model, include_buffers=c.include_buffers, device=c.device, dtype=c.dtype)
+
+    def on_step_start(self, trainer) -> None:
+        if self.config.lr is None:
+            return
+        lr = swa_learning_rate(
+            trainer.state.step, start=self.start, start_lr=trainer.schedule(self.start), swa_lr=self.config.lr,
+            anneal_steps=self.anneal_steps, strategy=self.config.anneal_strategy,
+        )
+        if lr is not None:
+            set_lr(trainer.optimizer, lr)
+
+    def prepare(self, trainer) -> None:
+        # Recompute BatchNorm statistics once per new average; the same weights and batches give the same result,
+        # so a resumed run (which recomputes once more) stays identical to an uninterrupted one.
+        if not self.config.bn_update or self._prepared_updates == self.unit.num_updates:
+            return
+        count = self.config.bn_batches or min(100, trainer.sampler.batches_per_epoch)
+        batches = (trainer.sampler.batch(i)[0] for i in range(count))
+        self.unit.update_batchnorm(batches, forward=lambda model, x: model(x.to(trainer.device)))
+        self._prepared_updates = self.unit.num_updates
+
+
+class SnapshotCallback(Callback):
+    """`snapshot` block: the weights at the end of each cosine-restart cycle, in RUN_DIR/snapshots/ (Huang et al. 2017)."""
+
+    name = "snapshot"
+
+    def __init__(self, config: SnapshotConfig) -> None:
+        self.config = config
+        self.ends: set[int] = set()
+
+    def on_run_start(self, trainer) -> None:
+        total = trainer.config.max_steps
+        if self.config.cycle is not None:
+            offset, period = 0, _steps(trainer, self.config.cycle, "snapshot.cycle")
+            mult = self.config.cycle_mult
+        else:
+            offset, period, mult = _restart_cycle(trainer.schedule)
+        if period < 1:
+            raise KeelError("snapshot.cycle: resolves to 0 steps; allowed: a cycle of at least 1 step")
+        self.ends = set(cycle_ends(offset, period, mult, total))
+
+    def on_step_end(self, trainer) -> None:
+        step = trainer.state.step
+        if step not in self.ends:
+            return
+        folder = trainer.run_dir / "snapshots"
+        folder.mkdir(exist_ok=True)
+        index = sorted(self.ends).index(step)
+        tensors = {k: v.detach() for k, v in trainer.model.state_dict().items()}
+        write_safetensors(folder / f"{step_dir_name(step)}.safetensors", tensors,
+                          metadata={"format": "pt", "keel_snapshot": str(index), "step": str(step)})
+        if self.config.keep is not None:
+            existing = sorted(folder.glob("step_*.safetensors"))
+            for old in existing[: max(0, len(existing) - self.config.keep)]:
+                old.unlink()
+
+
+def cycle_ends(offset: int, period: int, mult: float, total_steps: int) -> list[int]:
+    """Steps (updates applied) at which the cycles of a restart schedule end, up to `total_steps`.
+
+    Cycle i lasts period * mult**i steps and starts where the previous one ended; the first starts at `offset`.
+    """
+    ends, position, i = [], float(offset), 0
+    while True:
+        position += period * mult**i
+        end = int(round(position))
+        if end > total_steps:
+            return ends
+        ends.append(end)
+        i += 1
+
+
+def _restart_cycle(schedule) -> tuple[int, int, float]:
+    """(offset, period, period_mult) of a cosine-restart schedule, looking through warmup wrappers."""
+    offset = 0
+    while getattr(schedule, "name", None) == "warmup":
+        offset += int(schedule.params["steps"])
+        schedule = schedule.params["schedule"]
+    if getattr(schedule, "name", None) != "cosine_restarts":
+        raise KeelError(
+            f"snapshot.cycle: null needs a cosine_restarts schedule, but the schedule is {schedule!r}; "
+            "allowed: schedule.name=cosine_restarts, or set snapshot.cycle"
+        )
+    return offset, int(schedule.params["period"]), float(schedule.params["period_mult"])
+
+
+def make_callbacks(config) -> list[Callback]:
+    """One callback per enabled block of `config` (`ema`, `polyak`, `swa`, `snapshot`)."""
+    callbacks: list[Callback] = []
+    for key, cls in (("ema", EMACallback), ("polyak", PolyakCallback), ("swa", SWACallback),
+                     ("snapshot", SnapshotCallback)):
+        block = getattr(config, key, None)
+        if block is not None and block.enabled:
+            callbacks.append(cls(block))
+    return callbacks

@@ -1,0 +1,93 @@
+"""``keel ensemble MEMBERS...``: score the average of the members' predicted distributions against each member."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from keel.errors import KeelError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "ensemble",
+        help="evaluate an ensemble (snapshots of one run, or independent runs) against its members",
+        description="Evaluate the ensemble whose prediction is the mean of its members' probability distributions, "
+        "on the validation split, beside each member. MEMBERS are .safetensors files, checkpoint directories, run "
+        "directories (their newest checkpoint) or a run's snapshots/ folder (every snapshot in it).",
+    )
+    parser.add_argument("members", nargs="+", metavar="MEMBER", help="weights files, checkpoints, runs, snapshots/")
+    parser.add_argument("--weights", default="raw", metavar="NAME",
+                        help="for checkpoints and runs: raw (model.safetensors) or ema, polyak, swa")
+    parser.add_argument("--config", metavar="FILE", help="run config (default: each member's run config.yaml)")
+    parser.add_argument("--device", default="cpu", help="device (default: cpu)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(run=run)
+
+
+def resolve_members(members: list[str], weights: str) -> list[Path]:
+    """The weights file of each member; a snapshots folder expands to its snapshots, a run to its newest checkpoint."""
+    from keel.averaging.checkpoints import _weights_file
+
+    filename = _weights_file(weights)
+    files: list[Path] = []
+    for raw in members:
+        path = Path(raw)
+        if path.is_file():
+            files.append(path)
+        elif (path / filename).is_file():
+            files.append(path / filename)
+        elif (path / "checkpoints" / "latest").is_file():
+            name = (path / "checkpoints" / "latest").read_text().strip()
+            file = path / "checkpoints" / name / filename
+            if not file.is_file():
+                raise KeelError(f"ensemble: {str(file)!r} does not exist (weights={weights!r})")
+            files.append(file)
+        elif path.is_dir() and sorted(path.glob("step_*.safetensors")):
+            files.extend(sorted(path.glob("step_*.safetensors")))
+        else:
+            raise KeelError(f"ensemble: {raw!r} is not a weights file, checkpoint, run directory or snapshots folder")
+    return files
+
+
+def run(args: argparse.Namespace) -> int:
+    from keel.averaging.ensemble import ensemble_log_probs
+    from keel.averaging.runs import ValidationScorer, find_run_config
+
+    files = resolve_members(args.members, args.weights)
+    scorers: dict[Path, ValidationScorer] = {}
+    reference = None
+    losses, log_probs = [], []
+    for file in files:
+        config_path = Path(args.config) if args.config else find_run_config(file)
+        if config_path is None:
+            raise KeelError(f"--config: none given and no config.yaml found beside {str(file)!r}")
+        if config_path not in scorers:
+            scorer = ValidationScorer.from_config_file(config_path, device=args.device)
+            shared = (scorer.config.data.model_dump(), scorer.config.model.block_size)
+            if reference is not None and shared != reference:
+                raise KeelError(f"ensemble: {str(config_path)!r} has other data or model.block_size than the first "
+                                "member's run; members must be scored on the same validation tokens")
+            reference = shared
+            scorers[config_path] = scorer
+        logp = scorers[config_path].log_probs(file)
+        log_probs.append(logp)
+        losses.append(float(-logp.mean()))
+    ensemble = float(-ensemble_log_probs(log_probs).mean())
+    best = min(losses)
+    result = {"members": [{"weights": str(f), "val_loss": v} for f, v in zip(files, losses)],
+              "ensemble_val_loss": ensemble, "best_member_val_loss": best,
+              "mean_member_val_loss": sum(losses) / len(losses), "gain": best - ensemble,
+              "tokens": int(log_probs[0].numel())}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    width = max(len(str(f)) for f in files)
+    print(f"  {'member':<{width}}  val_loss")
+    for f, v in zip(files, losses):
+        print(f"  {str(f):<{width}}  {v:.4f}")
+    print(f"ensemble of {len(files)}: val_loss {ensemble:.4f}; best member {best:.4f}; "
+          f"mean member {result['mean_member_val_loss']:.4f}; gain over the best member {result['gain']:+.4f} "
+          f"nats/token ({result['tokens']:,} tokens)")
+    return 0
