@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import keel.grad.finite as finite_module
 from keel.grad import all_ranks_agree, grads_are_finite, loss_is_finite
 
 
@@ -63,6 +64,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # spawning two processes that import torch takes 4-15 s on two shared cores
 def test_all_ranks_take_the_same_decision_with_two_gloo_processes():
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
@@ -73,3 +75,39 @@ def test_all_ranks_take_the_same_decision_with_two_gloo_processes():
 
 def test_all_ranks_agree_without_process_group_is_identity():
     assert all_ranks_agree(True) and not all_ranks_agree(False)
+
+
+class FakeProcessGroup:
+    """Stands in for torch.distributed with one other rank whose flag is `other`; all_reduce(MIN) combines them."""
+
+    ReduceOp = dist.ReduceOp
+
+    def __init__(self, other: int):
+        self.other, self.calls = other, 0
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def get_world_size(self):
+        return 2
+
+    def get_backend(self):
+        return "gloo"
+
+    def all_reduce(self, tensor, op):
+        assert op == dist.ReduceOp.MIN and tensor.dtype == torch.int32
+        self.calls += 1
+        tensor.copy_(torch.minimum(tensor, torch.full_like(tensor, self.other)))
+
+
+@pytest.mark.parametrize("local,other,expected", [(True, 1, True), (True, 0, False), (False, 1, False)])
+def test_reduction_path_takes_the_minimum_over_ranks(monkeypatch, local, other, expected):
+    fake = FakeProcessGroup(other)
+    monkeypatch.setattr(finite_module, "dist", fake)
+    grads = params([[1.0, 2.0 if local else float("nan")]])
+    assert grads_are_finite(grads) is expected
+    assert grads_are_finite(grads, sync=False) is local and fake.calls == 1
+    assert loss_is_finite(1.0 if local else float("inf")) is expected

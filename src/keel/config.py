@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
 from keel.data.corpora import BUILTIN_CORPORA
 from keel.errors import KeelError
-from keel.grad.config import ClipConfig
+from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
 
 
 class _Block(BaseModel):
@@ -103,6 +103,8 @@ class TrainConfig(_Block):
         "optimizer.lr unless the schedule sets lr.",
     )
     clip: ClipConfig = Field(default_factory=ClipConfig)
+    nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    spike: SpikeConfig = Field(default_factory=SpikeConfig)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     polyak: PolyakConfig = Field(default_factory=PolyakConfig)
     swa: SWAConfig = Field(default_factory=SWAConfig)

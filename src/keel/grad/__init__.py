@@ -11,7 +11,7 @@ from keel.grad.clip import (
     unitwise_norm,
 )
 from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
-from keel.grad.finite import all_ranks_agree, grads_are_finite, loss_is_finite
+from keel.grad.finite import TrainingUnstableError, all_ranks_agree, grads_are_finite, loss_is_finite
 from keel.grad.spike import LossSpikeDetector
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "LossSpikeDetector",
     "NonFiniteConfig",
     "SpikeConfig",
+    "TrainingUnstableError",
     "adaptive_clip",
     "all_ranks_agree",
     "clip_by_global_norm",

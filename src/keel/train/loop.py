@@ -6,11 +6,12 @@ fixed place in the step (schedule, precision, clipping) or as callbacks (averagi
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from keel.averaging.config import make_callbacks
 from keel.config import TrainConfig, dump_config
 from keel.data import RandomWindowSampler, load_tokens, sequential_windows, unigram_cross_entropy
 from keel.errors import KeelError
-from keel.grad import Clipper
+from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
 from keel.models import GPT, GPTConfig, lm_loss_sum
 from keel.precision import Precision
 from keel.timeunits import resolve_steps
@@ -42,6 +43,8 @@ class TrainState:
     tokens: int = 0
     batch_index: int = 0  # next micro-batch the sampler hands out
     skipped: int = 0  # updates skipped (non-finite loss or gradients)
+    rollbacks: int = 0  # loss-spike rollbacks so far
+    lr_multiplier: float = 1.0  # product of spike.lr_factor over the rollbacks
     elapsed: float = 0.0  # training seconds, summed over resumes
     best_val_loss: float = math.inf
     best_checkpoint: str = ""
@@ -103,6 +106,10 @@ class Trainer:
         warmup_steps = resolve_steps(config.schedule.get("warmup", 0), name="schedule.warmup", **lengths)
         self.precision = Precision(config.precision, self.device)
         self.clipper = Clipper(config.clip, warmup_steps=warmup_steps)
+        spike = config.spike
+        self.spike_detector = LossSpikeDetector(spike.window, spike.factor, spike.min_history, spike.min_rise) \
+            if spike.enabled else None
+        self._skip_streak = 0  # consecutive skipped updates (fp16 overflows with a finite loss excepted)
         self.callbacks = [*make_callbacks(config), *callbacks]
         self.state = TrainState()
         self.lengths = lengths
@@ -113,8 +120,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` updates are applied; return the final metrics and the history."""
-        config, state, model, optimizer = self.config, self.state, self.model, self.optimizer
         metrics_offset = self._restore() if self._resume else None
+        config, state, model, optimizer = self.config, self.state, self.model, self.optimizer
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=metrics_offset)
         if config.tensorboard:
             self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
@@ -124,6 +131,8 @@ class Trainer:
         self._say(f"unigram baseline (validation cross-entropy of token frequencies): {self.unigram_baseline:.4f}")
         for callback in self.callbacks:
             callback.on_run_start(self)
+        if self.spike_detector is not None and not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+            self.save_checkpoint()  # a loss spike can always roll back, even before the first checkpoint
         model.train()
         bar = tqdm(total=config.max_steps, initial=state.step, disable=True if self.quiet else None,
                    dynamic_ncols=True, unit="step")
@@ -131,7 +140,7 @@ class Trainer:
         elapsed_at_start = state.elapsed
 
         while state.step < config.max_steps and not any(cb.should_stop for cb in self.callbacks):
-            lr = self.schedule(state.step)
+            lr = self.schedule(state.step) * state.lr_multiplier
             schedules.set_lr(optimizer, lr)
             for callback in self.callbacks:
                 callback.on_step_start(self)
@@ -151,17 +160,24 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_after_backward(self)
 
-            # Unscale (fp16), clip (the unclipped norm is always measured), step unless the update must be skipped.
+            # Unscale (fp16), clip (the unclipped norm is always measured), then update unless the loss or a gradient
+            # is NaN/inf (all ranks decide alike) or the loss spiked; a skipped update changes no state but counters.
             self.precision.unscale_(optimizer)
             clip = self.clipper(model.parameters(), state.step)
-            applied = self.precision.step(optimizer)
+            loss_value = float(loss_sum)
+            finite = all_ranks_agree(math.isfinite(loss_value) and math.isfinite(clip.norm))
+            spike = finite and self.spike_detector is not None and not all_ranks_agree(
+                not self.spike_detector.update(loss_value))
+            applied = finite and not spike and self.precision.step(optimizer)
             self.precision.update()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss_sum)
-            if not applied:
-                state.skipped += 1
-                self.log({"step": state.step, "event": "skipped", "loss": loss_value, "skipped": state.skipped})
+            if spike:
+                self._roll_back(loss_value, bar)
                 continue
+            if not applied:
+                self._skip_update(loss_value, clip.norm)
+                continue
+            self._skip_streak = 0
 
             state.step += 1
             state.tokens += self.tokens_per_step
@@ -253,6 +269,7 @@ class Trainer:
             "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
             "precision": self.precision.state_dict(),
             "clipper": self.clipper.state_dict(),
+            "spike": self.spike_detector.state_dict() if self.spike_detector is not None else None,
             "rng": _rng_state(self.device),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "metrics_offset": self.metrics.offset(),
@@ -272,9 +289,18 @@ class Trainer:
 
     def _restore(self) -> int | None:
         """Load the newest intact checkpoint; return the metrics-log length to cut back to."""
+        if not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+            self._say("no checkpoint was written before the run stopped; starting it again from step 0")
+            return 0
         found = ckpt.latest_valid(self.run_dir / "checkpoints", report=self._say)
         if found is None:
             raise KeelError(f"--resume: '{self.run_dir}' holds no intact checkpoint to resume from")
+        payload = self._load_checkpoint(found)
+        self._say(f"resumed from {found.name} (step {self.state.step}, {self.state.tokens:,} tokens)")
+        return int(payload["metrics_offset"])
+
+    def _load_checkpoint(self, found: Path) -> dict[str, Any]:
+        """Load weights, optimizer, schedule, precision, clipper, spike detector, callbacks, counters and RNG."""
         weights, payload = ckpt.load_checkpoint(found, device=self.device)
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -282,13 +308,78 @@ class Trainer:
             self.schedule.load_state_dict(payload["schedule"])
         self.precision.load_state_dict(payload["precision"])
         self.clipper.load_state_dict(payload["clipper"])
+        if self.spike_detector is not None and payload.get("spike") is not None:
+            self.spike_detector.load_state_dict(payload["spike"])
         for callback in self.callbacks:
             if callback.name in payload["callbacks"]:
                 callback.load_state_dict(payload["callbacks"][callback.name])
-        self.state = TrainState(**payload["trainer"])
+        for key, value in asdict(TrainState(**payload["trainer"])).items():
+            setattr(self.state, key, value)  # in place: fit() holds a reference to self.state
         _set_rng_state(payload["rng"], self.device)
-        self._say(f"resumed from {found.name} (step {self.state.step}, {self.state.tokens:,} tokens)")
-        return int(payload["metrics_offset"])
+        return payload
+
+    def _skip_update(self, loss_value: float, grad_norm: float) -> None:
+        """Count and log an update skipped for a NaN/inf loss or gradient; stop after too many in a row."""
+        state, limit = self.state, self.config.nonfinite.max_consecutive_skips
+        state.skipped += 1
+        overflow = self.precision.scaler is not None and math.isfinite(loss_value) and self.precision.loss_scale >= 1
+        reason = "fp16_overflow" if overflow else "nonfinite_grad" if math.isfinite(loss_value) else "nonfinite_loss"
+        self._skip_streak += 0 if overflow else 1
+        self.log({"step": state.step, "event": "skipped", "reason": reason, "loss": loss_value,
+                  "unclipped_norm": grad_norm, "skipped": state.skipped})
+        if self._skip_streak >= limit:
+            self._stop(f"training stopped at step {state.step}: {self._skip_streak} consecutive updates skipped "
+                       f"for non-finite loss or gradients (last loss {loss_value}, gradient norm {grad_norm}; "
+                       f"nonfinite.max_consecutive_skips: {limit})")
+
+    def _roll_back(self, loss_value: float, bar) -> None:
+        """Recover from a loss spike as PaLM did: reload the newest checkpoint, skip the batches trained on since
+        then and the spiking one (plus ``spike.skip_batches`` more), and scale the LR by ``spike.lr_factor``."""
+        cfg, old = self.config.spike, replace(self.state)
+        threshold = self.spike_detector.threshold()
+        found = ckpt.latest_valid(self.run_dir / "checkpoints", report=self._say)
+        spike = {"step": old.step, "event": "spike", "spike_loss": loss_value, "threshold": threshold}
+        if old.rollbacks >= cfg.max_rollbacks or found is None:
+            self.log(spike)
+            why = f"spike.max_rollbacks: {cfg.max_rollbacks} reached" if found is not None else "no checkpoint"
+            self._stop(f"training stopped at step {old.step}: loss {loss_value:.4f} spiked above {threshold:.4f} "
+                       f"and cannot roll back ({why})")
+        payload = self._load_checkpoint(found)
+        for callback in self.callbacks:
+            callback.on_run_start(self)  # as on resume: callbacks (EMA, ...) take up the state just reloaded
+        new = self.state
+        skipped_batches = (old.batch_index - new.batch_index) // self.config.grad_accum + cfg.skip_batches
+        new.batch_index = old.batch_index + cfg.skip_batches * self.config.grad_accum
+        new.skipped, new.elapsed, new.rollbacks = old.skipped, old.elapsed, old.rollbacks + 1
+        new.lr_multiplier = old.lr_multiplier * cfg.lr_factor
+        new.best_val_loss, new.best_checkpoint = old.best_val_loss, old.best_checkpoint
+        # The log keeps the trajectory the model follows: records after the checkpoint are cut, but not events.
+        self.metrics.close()
+        path, offset = self.run_dir / "metrics.jsonl", int(payload["metrics_offset"])
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            events = [r for r in map(json.loads, handle.read().splitlines()) if "event" in r]
+        self.metrics = MetricsLog(path, truncate_to=offset)
+        if self.config.tensorboard:
+            self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
+        for record in [*events, spike]:
+            self.log(record)
+        self.log({"step": new.step, "event": "rollback", "from_step": old.step, "checkpoint": found.name,
+                  "batches_skipped": skipped_batches, "lr_multiplier": new.lr_multiplier, "rollbacks": new.rollbacks})
+        self._say(f"loss spike at step {old.step} ({loss_value:.4f} > {threshold:.4f}): rolled back to {found.name}, "
+                  f"skipping {skipped_batches} batches, LR x{new.lr_multiplier:g}", bar)
+        bar.n = new.step
+        bar.refresh()
+
+    def _stop(self, message: str) -> None:
+        """End the run with ``TrainingUnstableError``; nothing is checkpointed, so the last good checkpoint stays."""
+        latest = ckpt.latest_valid(self.run_dir / "checkpoints", report=self._say)
+        self.log({"step": self.state.step, "event": "stopped", "skipped": self.state.skipped})
+        self.metrics.close()
+        plot_run(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png", self.tokens_per_step,
+                 title=str(self.run_dir))
+        where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
+        raise TrainingUnstableError(f"{message}; {where}")
 
     def _finish(self) -> dict[str, Any]:
         self.metrics.close()

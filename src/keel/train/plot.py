@@ -23,7 +23,7 @@ def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in records if "loss" in r and "step" in r]
+    train = [r for r in records if "loss" in r and "step" in r and "event" not in r]
     evals = [r for r in records if "val_loss" in r]
     events = [r for r in records if "event" in r]
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
@@ -41,10 +41,14 @@ def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, ti
     for key in sorted({k for r in evals for k in r if k.startswith("val_loss")}):
         points = [(r["step"], r[key]) for r in evals if key in r]
         ax.plot(*zip(*points), "o-", color=next(colors, "black"), markersize=3.5, label=key.replace("_", " "))
+    event_colors = {"skipped": "tab:orange", "spike": "tab:red", "rollback": "tab:purple", "stopped": "black"}
     for event in events:
-        ax.axvline(event["step"], color="tab:red", linestyle=":", linewidth=1)
+        color = event_colors.get(event["event"], "tab:red")
+        ax.axvline(event["step"], color=color, linestyle=":", linewidth=1)
         ax.annotate(event["event"], (event["step"], 1.0), xycoords=("data", "axes fraction"), fontsize=7,
-                    rotation=90, va="top", ha="right", color="tab:red")
+                    rotation=90, va="top", ha="right", color=color)
+        if np.isfinite(event.get("spike_loss", np.nan)):  # the spiking loss itself, kept out of the train curve
+            ax.plot(event["step"], event["spike_loss"], "x", color=color, markersize=6)
     ax.set_xlabel("step (optimizer updates)")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

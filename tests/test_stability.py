@@ -1,0 +1,179 @@
+"""The trainer's stability features end to end: non-finite guard, loss-spike rollback, bf16 and fp16 runs."""
+
+import math
+
+import pytest
+import torch
+
+from keel.config import load_config
+from keel.grad import TrainingUnstableError
+from keel.train import checkpoint as ckpt
+from keel.train.callbacks import Callback
+from keel.train.loop import Trainer
+from keel.train.metrics import read_metrics
+
+SHORT = ["max_steps=24", "checkpoint_interval=8", "eval_interval=100", "sample.tokens=0", "log_interval=1"]
+
+
+@pytest.fixture
+def make_trainer(tmp_path, tiny_overrides):
+    def make(overrides, callbacks=()):
+        config = load_config(overrides=[*tiny_overrides, *SHORT, *overrides])
+        return Trainer(config, callbacks=list(callbacks), run_dir=tmp_path / "run", quiet=True)
+
+    return make
+
+
+def snapshot(trainer):
+    ema = next((cb for cb in trainer.callbacks if cb.name == "ema"), None)
+    return {
+        "step": trainer.state.step,
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+        "params": [p.detach().clone() for p in trainer.model.parameters()],
+        "optimizer": [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                      for s in trainer.optimizer.state.values()],
+        "ema": [t.clone() for t in ema.unit.state_dict()["shadow"].values()] if ema is not None else None,
+    }
+
+
+def same(a, b):
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class Inject(Callback):
+    """Corrupts chosen update attempts (counted from 0, skipped ones included) and snapshots the state before each."""
+
+    name = "inject"
+
+    def __init__(self, nan_loss=(), inf_grad=(), spike_batches=()):
+        self.nan_loss, self.inf_grad, self.spike_batches = set(nan_loss), set(inf_grad), set(spike_batches)
+        self.attempt, self.snapshots, self.spiked = -1, [], []
+        self._hooked = False
+
+    def on_run_start(self, trainer):
+        if not self._hooked:
+            trainer.model.register_forward_hook(self._forward_hook)
+            self._hooked = True
+        self.trainer = trainer
+
+    def on_step_start(self, trainer):
+        self.attempt += 1
+        self.snapshots.append(snapshot(trainer))
+
+    def _forward_hook(self, module, inputs, output):
+        if not module.training:
+            return None
+        if self.attempt in self.nan_loss:
+            return output * float("nan")
+        batch = self.trainer.state.batch_index - self.trainer.config.grad_accum  # this update's first micro-batch
+        if batch in self.spike_batches:
+            self.spiked.append((self.trainer.state.step, batch))
+            noise = torch.randn(output.shape, generator=torch.Generator().manual_seed(0)).to(output)
+            return output + 40.0 * noise
+        return None
+
+    def on_after_backward(self, trainer):
+        if self.attempt in self.inf_grad:
+            next(trainer.model.parameters()).grad.view(-1)[0] = float("inf")
+
+
+def test_nan_and_inf_skip_the_update_and_change_nothing(make_trainer):
+    inject = Inject(nan_loss={3}, inf_grad={7, 8})
+    trainer = make_trainer(["ema.enabled=true", "ema.decay=0.9"], [inject])
+    summary = trainer.fit()
+    assert summary["step"] == 24 and summary["skipped"] == 3
+    snaps = inject.snapshots
+    assert len(snaps) == 24 + 3
+    for bad in (3, 7, 8):
+        before, after = snaps[bad], snaps[bad + 1]
+        # parameters, optimizer state, EMA, step counter and schedule position (LR) are unchanged
+        assert same(before, after), bad
+    assert not same(snaps[4]["params"], snaps[5]["params"])  # an ordinary update does change them
+
+    records = read_metrics(trainer.run_dir / "metrics.jsonl")
+    skips = [r for r in records if r.get("event") == "skipped"]
+    assert [(r["step"], r["reason"]) for r in skips] == [(3, "nonfinite_loss"), (6, "nonfinite_grad"),
+                                                         (6, "nonfinite_grad")]
+    steps = [r for r in records if "grad_norm" in r]
+    assert [r["step"] for r in steps] == list(range(24))
+    assert all(math.isfinite(r["grad_norm"]) and math.isfinite(r["loss"]) for r in steps)
+    assert steps[-1]["skipped"] == 3 and steps[2]["skipped"] == 0 and steps[3]["skipped"] == 1
+
+
+def test_too_many_consecutive_skips_stop_with_the_last_good_checkpoint(make_trainer):
+    inject = Inject(nan_loss=set(range(10, 100)))
+    trainer = make_trainer(["nonfinite.max_consecutive_skips=4"], [inject])
+    with pytest.raises(TrainingUnstableError, match="4 consecutive updates skipped") as raised:
+        trainer.fit()
+    assert "step_00000008" in str(raised.value)
+    root = trainer.run_dir / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000008"]
+    assert ckpt.verify(root / "step_00000008") is None
+    records = read_metrics(trainer.run_dir / "metrics.jsonl")
+    assert records[-1]["event"] == "stopped" and records[-1]["skipped"] == 4
+    assert (trainer.run_dir / "loss.png").is_file()
+
+
+def test_loss_spike_rolls_back_skips_batches_and_finishes(make_trainer):
+    inject = Inject(spike_batches={13})
+    overrides = ["spike.enabled=true", "spike.min_history=5", "spike.window=20", "spike.lr_factor=0.5",
+                 "checkpoint_interval=5", "keep_last=3", "ema.enabled=true", "ema.decay=0.9"]
+    trainer = make_trainer(overrides, [inject])
+    summary = trainer.fit()
+    assert summary["step"] == 24
+    assert inject.spiked == [(13, 13)]  # the spiking batch was seen once: the rollback skipped past it
+    # attempt 13 spiked; attempt 14 starts again from the checkpoint at step 10: weights, optimizer and EMA as then
+    before, after = inject.snapshots[10], inject.snapshots[14]
+    assert after["step"] == 10 and math.isclose(after["lr"], 0.5 * before["lr"], rel_tol=1e-12)
+    assert all(same(before[k], after[k]) for k in ("params", "optimizer", "ema"))
+    assert trainer.state.rollbacks == 1 and trainer.state.lr_multiplier == 0.5
+
+    records = read_metrics(trainer.run_dir / "metrics.jsonl")
+    spike = next(r for r in records if r.get("event") == "spike")
+    rollback = next(r for r in records if r.get("event") == "rollback")
+    assert spike["step"] == 13 and spike["spike_loss"] > spike["threshold"]
+    assert rollback == {"step": 10, "event": "rollback", "from_step": 13, "checkpoint": "step_00000010",
+                        "batches_skipped": 4, "lr_multiplier": 0.5, "rollbacks": 1}
+    steps = [r for r in records if "grad_norm" in r]
+    assert [r["step"] for r in steps] == list(range(24))  # the abandoned steps 10..12 were cut from the log
+    assert all(r["loss"] < spike["threshold"] for r in steps)
+    schedule = trainer.schedule
+    for r in steps:
+        expected = schedule(r["step"]) * (0.5 if r["step"] >= 10 else 1.0)
+        assert math.isclose(r["lr"], expected, rel_tol=1e-12), r
+    assert (trainer.run_dir / "loss.png").is_file()
+
+
+def test_rollback_limit_stops_the_run(make_trainer):
+    inject = Inject(spike_batches={8, 9, 10, 11, 12, 13, 14})
+    overrides = ["spike.enabled=true", "spike.min_history=5", "spike.window=20", "spike.max_rollbacks=2",
+                 "checkpoint_interval=4"]
+    trainer = make_trainer(overrides, [inject])
+    with pytest.raises(TrainingUnstableError, match="spike.max_rollbacks: 2"):
+        trainer.fit()
+    events = [r["event"] for r in read_metrics(trainer.run_dir / "metrics.jsonl") if "event" in r]
+    assert events == ["spike", "rollback", "spike", "rollback", "spike", "stopped"]
+
+
+def test_bf16_run_trains(make_trainer):
+    trainer = make_trainer(["precision=bf16", "max_steps=30"])
+    summary = trainer.fit()
+    losses = [r["loss"] for r in summary["history"] if "grad_norm" in r]
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_fp16_run_trains_and_checkpoints_the_loss_scale(make_trainer):
+    trainer = make_trainer(["precision=fp16", "max_steps=16"])
+    summary = trainer.fit()
+    losses = [r["loss"] for r in summary["history"] if "grad_norm" in r]
+    assert len(losses) == 16 and losses[-1] < losses[0]
+    _, payload = ckpt.load_checkpoint(ckpt.latest_valid(trainer.run_dir / "checkpoints"))
+    assert payload["precision"]["scaler"] == trainer.precision.scaler.state_dict()
