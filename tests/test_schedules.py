@@ -161,3 +161,101 @@ def test_step_must_be_a_non_negative_integer():
         f(-1)
     with pytest.raises(KeelError, match="not an integer"):
         f(1.5)
+
+
+_C = constant(1.0)
+
+
+@pytest.mark.parametrize(
+    ("build", "needle"),
+    [
+        (lambda: constant(-1.0), "lr: -1.0 is not allowed; must be >= 0"),
+        (lambda: constant(float("inf")), "lr: inf is not finite"),
+        (lambda: constant("x"), "lr: 'x' is not a number"),
+        (lambda: step_decay(0.0, 0.5, 10), "lr: 0.0 is not allowed; must be > 0"),
+        (lambda: step_decay(1.0, 0.0, 10), "rate: 0.0 is not allowed; must be in (0, 1]"),
+        (lambda: step_decay(1.0, 1.5, 10), "rate: 1.5"),
+        (lambda: step_decay(1.0, 0.5, 0), "interval: 0 is not allowed; must be >= 1"),
+        (lambda: step_decay(1.0, 0.5, 2.5), "interval: 2.5 is not a whole number of steps"),
+        (lambda: multistep_decay(1.0, []), "milestones: [] is not allowed"),
+        (lambda: multistep_decay(1.0, [5, 5]), "strictly increasing"),
+        (lambda: multistep_decay(1.0, "5"), "milestones: '5' is not allowed"),
+        (lambda: exponential_decay(1.0, -0.5), "rate: -0.5"),
+        (lambda: linear_decay(1.0, 0), "total_steps: 0 is not allowed; must be >= 1"),
+        (lambda: linear_decay(1.0, 10, end_lr=-1), "end_lr: -1.0 is not allowed"),
+        (lambda: cosine_decay(-1.0, 10), "lr: -1.0 is not allowed; must be > 0"),
+        (lambda: cosine_decay(1.0, 10, min_lr=2.0), "min_lr: 2.0 is above lr (1.0); must be <= lr"),
+        (lambda: cosine_decay(1.0, True), "total_steps: True is not a whole number"),
+        (lambda: sqrt_decay(1.0, 0), "total_steps: 0"),
+        (lambda: polynomial_decay(1.0, 10, power=-1), "power: -1.0 is not allowed; must be > 0"),
+        (lambda: polynomial_decay(1.0, 10, end_lr=3.0), "end_lr: 3.0 is above lr"),
+        (lambda: inverse_sqrt(1.0, 0), "warmup_steps: 0 is not allowed; must be >= 1"),
+        (lambda: noam(2.0, 0, 10), "model_dim: 0 is not allowed"),
+        (lambda: noam(0.0, 4, 10), "scale: 0.0 is not allowed"),
+        (lambda: rsqrt(1.0, 0), "warmup_steps: 0 is not allowed"),
+        (lambda: wsd(1.0, 100, 0), "decay_steps: 0 is not allowed; must be >= 1"),
+        (lambda: wsd(1.0, 100, 60, warmup_steps=50), "warmup_steps (50) + decay_steps (60) = 110 is more than total_steps"),
+        (lambda: wsd(1.0, 100, 10, shape="quadratic"), "shape: 'quadratic' is not allowed; allowed: linear, cosine"),
+        (lambda: wsd(1.0, 100, 10, min_lr=2.0), "min_lr: 2.0 is above lr"),
+        (lambda: cosine_restarts(1.0, 0), "period: 0 is not allowed"),
+        (lambda: cosine_restarts(1.0, 10, period_mult=0.9), "period_mult: 0.9 is not allowed; must be >= 1"),
+        (lambda: cosine_restarts(1.0, 10, decay=1.1), "decay: 1.1 is not allowed"),
+        (lambda: warmup(_C, -1), "steps: -1 is not allowed; must be >= 0"),
+        (lambda: warmup(_C, 10, shape="cubic"), "shape: 'cubic' is not allowed; allowed: linear, exponential"),
+        (lambda: warmup(_C, 10, shape="exponential"), "init_lr: 0.0 is not allowed with shape 'exponential'"),
+        (lambda: warmup(constant(0.0), 10, init_lr=0.1, shape="exponential"), "schedule: starts at 0.0"),
+        (lambda: warmup(0.1, 10), "schedule: 0.1 is not a schedule"),
+        (lambda: warmup(reduce_on_plateau(1.0), 10), "must be the outermost schedule"),
+        (lambda: join([_C, _C], []), "boundaries: [] has 0 entries; 2 schedules need 1"),
+        (lambda: join([_C, _C, _C], [10, 5]), "boundaries: [10, 5] is not allowed; must be strictly increasing"),
+        (lambda: join([], []), "schedules: [] is not allowed"),
+        (lambda: join([_C, _C], [0]), "boundaries[0]: 0 is not allowed; must be >= 1"),
+        (lambda: wrap(_C, step_start=-1), "step_start: -1 is not allowed; must be >= 0"),
+        (lambda: wrap(_C, step_duration=0), "step_duration: 0 is not allowed; must be >= 1"),
+        (lambda: wrap(_C, minimum=-1e-4), "minimum: -0.0001 is not allowed"),
+        (lambda: reduce_on_plateau(1.0, factor=1.0), "factor: 1.0 is not allowed; must be in (0, 1)"),
+        (lambda: reduce_on_plateau(1.0, patience=-1), "patience: -1 is not allowed; must be >= 0"),
+        (lambda: reduce_on_plateau(1.0, threshold=-1), "threshold: -1.0 is not allowed; must be >= 0"),
+        (lambda: reduce_on_plateau(1.0, threshold_mode="pct"), "threshold_mode: 'pct' is not allowed; allowed: rel, abs"),
+        (lambda: reduce_on_plateau(1.0, cooldown=-2), "cooldown: -2 is not allowed"),
+        (lambda: reduce_on_plateau(1.0, mode="lowest"), "mode: 'lowest' is not allowed; allowed: min, max"),
+        (lambda: reduce_on_plateau(0.0), "lr: 0.0 is not allowed; must be > 0"),
+        (lambda: reduce_on_plateau(1.0).observe("bad"), "metric: 'bad' is not a number"),
+        (lambda: reduce_on_plateau(1.0).load_state_dict({}), "reduce_on_plateau state: missing best"),
+    ],
+)
+def test_invalid_parameters_raise_clear_errors(build, needle):
+    with pytest.raises(KeelError) as error:
+        build()
+    assert needle in str(error.value)
+
+
+def test_plateau_scales_a_base_schedule_and_floors_only_after_a_reduction():
+    base = warmup(constant(1.0), 10)
+    f = reduce_on_plateau(base, factor=0.5, patience=0, min_lr=0.2)
+    assert f(0) == 0.0 and f(5) == 0.5  # no floor before any reduction
+    f(20)
+    f.observe(1.0)
+    f.observe(1.0)
+    assert f(20) == 0.5 and f(2) == 0.2
+    assert f.num_reductions == 1
+
+
+def test_plateau_cooldown_and_max_mode():
+    f = reduce_on_plateau(1.0, factor=0.5, patience=0, cooldown=2, mode="max")
+    f.observe(1.0)  # improvement from -inf
+    f.observe(0.5)  # bad -> reduce, cooldown 2
+    assert f(0) == 0.5
+    f.observe(0.5)
+    f.observe(0.5)  # both in cooldown
+    assert f(0) == 0.5
+    f.observe(0.5)
+    assert f(0) == 0.25
+
+
+def test_schedules_accept_numpy_and_tensor_integer_steps():
+    import numpy as np
+
+    f = cosine_decay(1.0, 100)
+    assert f(np.int64(50)) == f(50) == f(torch.tensor(50))
+    assert isinstance(f(np.int64(50)), float)

@@ -52,9 +52,13 @@ def add_parser(subparsers) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("specs", nargs="*", metavar="SPEC", help="schedule specs (see above); default: the run config's")
-    parser.add_argument("--lr", type=float, help="peak LR for specs that do not set lr (default: 1.0, or the run config's)")
-    parser.add_argument("--steps", type=int, help="run length in optimizer steps (default: the run config's max_steps)")
+    parser.add_argument("specs", nargs="*", metavar="SPEC", help="schedule specs (see above); default: the run config")
+    parser.add_argument(
+        "--lr", type=float, help="peak LR for specs that do not set lr (default: 1.0, or the run config's optimizer.lr)"
+    )
+    parser.add_argument(
+        "--steps", type=int, help="run length in optimizer steps (default: the run config's max_steps)"
+    )
     parser.add_argument("--at", help=f"comma-separated steps to print, each {SYNTAX} (default: a spread over the run)")
     parser.add_argument("--out", default="schedule.png", help="PNG to write (default: schedule.png)")
     parser.add_argument("--no-plot", action="store_true", help="print the table only")
@@ -74,7 +78,8 @@ def _curves(args: argparse.Namespace) -> list[_Curve]:
             try:
                 data = yaml.safe_load(path.read_text())
             except yaml.YAMLError as error:
-                raise KeelError(f"schedule spec file '{text}' is not valid YAML ({str(error).splitlines()[0]})") from None
+                first_line = str(error).splitlines()[0]
+                raise KeelError(f"schedule spec file '{text}' is not valid YAML ({first_line})") from None
             if isinstance(data, dict) and "name" in data:
                 curves.append(_Curve(path.name, data, None, None))
             else:
@@ -116,9 +121,12 @@ def run(args: argparse.Namespace) -> int:
             curve.steps = args.steps
         if curve.lr is None:
             curve.lr = 1.0
-    if any(c.steps is None for c in curves):
+    known = [c.steps for c in curves if c.steps is not None]
+    if not known:
         raise KeelError("--steps: missing; give the run length in optimizer steps, e.g. --steps 1000")
-    total = max(c.steps for c in curves)
+    total = max(known)
+    for curve in curves:  # a spec next to a run config gets the run config's length
+        curve.steps = curve.steps or total
 
     schedules = []
     for i, curve in enumerate(curves):

@@ -95,7 +95,9 @@ def check_count(value: Any, arg: str, *, minimum: int = 1) -> int:
     return value
 
 
-def check_range(value: Any, arg: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> float:
+def check_range(
+    value: Any, arg: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> float:
     value = check_real(value, arg)
     if (value < low or (low_open and value == low)) or (value > high or (high_open and value == high)):
         left = "(" if low_open else "["

@@ -116,7 +116,9 @@ def from_config(
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)):
         raise KeelError(f"{key}.lr: the optimizer's learning rate {base_lr!r} is not a number")
     lr = check_lr(base_lr, f"{key}.lr")
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+    if total_steps is not None and (
+        isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+    ):
         raise KeelError(f"{key}: the run length {total_steps!r} is not allowed; must be a whole number of steps >= 1")
     context = _Context(total_steps, steps_per_epoch, tokens_per_step)
     return _build(spec, key, lr, total_steps, context, top=True)
@@ -154,7 +156,9 @@ def _integer(value: Any, name: str) -> int:
     return int(number)
 
 
-def _field_map(name: str, parameters: list[str], fields: dict[str, Any], key: str) -> tuple[dict[str, str], list[str]]:
+def _field_map(
+    name: str, parameters: list[str], fields: dict[str, Any], key: str
+) -> tuple[dict[str, str], list[str]]:
     """Map each function argument to the spec field that sets it; return it and the generic fields used."""
     field_of: dict[str, str] = {}
     for field in fields:
@@ -210,7 +214,9 @@ def _build(
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping):
-        raise KeelError(f"{key}: {spec!r} is not a schedule spec; expected a mapping such as {{name: cosine, warmup: 100}}")
+        raise KeelError(
+            f"{key}: {spec!r} is not a schedule spec; expected a mapping such as {{name: cosine, warmup: 100}}"
+        )
     fields = dict(spec)
     if "name" not in fields:
         raise KeelError(f"{key}.name: missing; every schedule spec needs a name (allowed: {', '.join(SCHEDULES)})")
@@ -236,7 +242,8 @@ def _build(
     if "warmup_shape" in generic:
         warmup_options["shape"] = fields["warmup_shape"]
     if warmup_options and "steps" not in warmup_options:
-        raise KeelError(f"{key}.{next(iter(f for f in generic if f.startswith('warmup_')))}: given without warmup; set warmup too")
+        field = next(f for f in generic if f.startswith("warmup_"))
+        raise KeelError(f"{key}.{field}: given without warmup; set warmup (its length) too")
     rest = None if span is None else span - warmup_options.get("steps", 0)
 
     # Defaults that come from the run rather than from the function.
@@ -258,7 +265,9 @@ def _build(
         if not isinstance(pieces, list) or not pieces:
             raise KeelError(f"{key}.schedules: {pieces!r} is not allowed; must be a non-empty list of schedule specs")
         if "boundaries" not in arguments:
-            raise KeelError(f"{key}.boundaries: missing; join needs {len(pieces) - 1} boundaries (steps where the next schedule starts)")
+            raise KeelError(
+                f"{key}.boundaries: missing; join needs {len(pieces) - 1} boundaries (where each next schedule starts)"
+            )
         boundaries = arguments["boundaries"]
         if len(boundaries) != len(pieces) - 1:
             raise KeelError(
@@ -273,10 +282,15 @@ def _build(
     elif name in ("warmup", "wrap", "plateau") and "schedule" in fields:
         child_span = rest
         if rest is not None and name == "warmup":
-            child_span = _length(arguments.get("steps", 0), rest)
+            if arguments.get("steps", 0) >= rest:
+                raise KeelError(
+                    f"{key}.steps: {fields.get('steps')!r} ({arguments.get('steps', 0)} steps) is at or beyond "
+                    f"the length of this part of the run ({rest} steps); the warmup must end before it does"
+                )
+            child_span = rest - arguments.get("steps", 0)
         elif rest is not None and name == "wrap":
             start, duration = arguments.get("step_start", 0), arguments.get("step_duration", 1)
-            child_span = -(-(rest - start) // duration) if rest > start else None
+            child_span = -(-(rest - start) // max(duration, 1)) if rest > start else None
         arguments["schedule"] = _build(fields["schedule"], f"{key}.schedule", lr, child_span, context)
     elif name in ("warmup", "wrap"):
         raise KeelError(f"{key}.schedule: missing; {name} needs the schedule it applies to, e.g. {{name: cosine}}")
@@ -306,21 +320,20 @@ def _length(start: int, end: int | None) -> int | None:
 
 def _call(function: Callable[..., Any], key: str, field_of: Mapping[str, str], **arguments: Any) -> Any:
     """Call a schedule function, naming the config field in any error it raises."""
+    missing = [
+        p.name
+        for p in inspect.signature(function).parameters.values()
+        if p.default is inspect.Parameter.empty and p.name not in arguments
+    ]
+    if missing:
+        fields = [m[: -len("_steps")] if m.endswith("_steps") and m != "total_steps" else m for m in missing]
+        raise KeelError(f"{key}.{fields[0]}: missing; {function.__name__} needs {', '.join(fields)}")
     try:
         return function(**arguments)
-    except TypeError as error:  # a required argument is missing
-        missing = [p.name for p in inspect.signature(function).parameters.values()
-                   if p.default is inspect.Parameter.empty and p.name not in arguments]
-        if not missing:
-            raise
-        fields = [m[:-6] if m.endswith("_steps") and m != "total_steps" else m for m in missing]
-        raise KeelError(f"{key}.{fields[0]}: missing; {function.__name__} needs {', '.join(fields)}") from None
     except KeelError as error:
         head, separator, rest = str(error).partition(":")
         argument = head.split("[", 1)[0]
         field = field_of.get(argument, argument)
-        if argument == "lr" and "lr" not in field_of:
-            field = "lr"
         raise KeelError(f"{key}.{field}{head[len(argument):]}{separator}{rest}") from None
 
 

@@ -39,6 +39,11 @@ __all__ = [
 ]
 
 
+def _between(high: float, low: float, weight: float) -> float:
+    """``low + (high - low) * weight`` for ``low <= high``; exact at weights 1 and 0, never outside."""
+    return min(max(high * weight + low * (1.0 - weight), low), high)
+
+
 def constant(lr: float) -> Schedule:
     """A constant learning rate: ``lr(t) = lr``.
 
@@ -109,7 +114,7 @@ def linear_decay(lr: float, total_steps: int, end_lr: float = 0.0) -> Schedule:
     end_lr = check_lr(end_lr, "end_lr", allow_zero=True)
     return Schedule(
         "linear_decay",
-        lambda t: lr + (end_lr - lr) * (min(t, total) / total),
+        lambda t: lr + (end_lr - lr) * (t / total) if t < total else end_lr,
         lr=lr,
         total_steps=total,
         end_lr=end_lr,
@@ -129,7 +134,7 @@ def cosine_decay(lr: float, total_steps: int, min_lr: float = 0.0) -> Schedule:
     check_floor(min_lr, "min_lr", lr)
     return Schedule(
         "cosine_decay",
-        lambda t: min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total)),
+        lambda t: _between(lr, min_lr, 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))),
         lr=lr,
         total_steps=total,
         min_lr=min_lr,
@@ -160,7 +165,7 @@ def polynomial_decay(lr: float, total_steps: int, power: float = 1.0, end_lr: fl
     check_floor(end_lr, "end_lr", lr)
     return Schedule(
         "polynomial_decay",
-        lambda t: end_lr + (lr - end_lr) * (1.0 - min(t, total) / total) ** power,
+        lambda t: _between(lr, end_lr, (1.0 - min(t, total) / total) ** power),
         lr=lr,
         total_steps=total,
         power=power,
@@ -271,7 +276,7 @@ def wsd(
         if t < start:
             return lr
         x = min(t - start, d) / d
-        return min_lr + (lr - min_lr) * _cooldown(shape, x)
+        return _between(lr, min_lr, _cooldown(shape, x))
 
     return Schedule(
         "wsd", fn, lr=lr, total_steps=total, decay_steps=d, warmup_steps=w, min_lr=min_lr, shape=shape
@@ -287,7 +292,8 @@ def cosine_restarts(
 ) -> Schedule:
     """Cosine annealing with warm restarts (SGDR; Loshchilov & Hutter 2017).
 
-    Cycle ``i`` (from 0) lasts ``T_i = period * period_mult**i`` steps and peaks at ``lr_i = lr * decay**i``;
+    Cycle ``i`` (from 0) lasts ``T_i = period * period_mult**i`` steps and peaks at
+    ``lr_i = max(lr * decay**i, min_lr)``;
     at position ``t_i`` in its cycle, ``lr(t) = min_lr + (lr_i - min_lr) * (1 + cos(pi * t_i / T_i)) / 2``.
     The LR jumps back to ``lr_i`` at each restart. Same as
     ``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts`` (``T_0=period``, ``T_mult=period_mult``,
@@ -314,8 +320,8 @@ def cosine_restarts(
                 cycle += 1
                 length = period * mult**cycle
             position = t - start
-        peak = lr * decay**cycle
-        return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * position / length))
+        peak = max(lr * decay**cycle, min_lr)
+        return _between(peak, min_lr, 0.5 * (1.0 + math.cos(math.pi * position / length)))
 
     return Schedule(
         "cosine_restarts", fn, lr=lr, period=period, period_mult=mult, decay=decay, min_lr=min_lr

@@ -1,0 +1,62 @@
+"""`keel schedule`: prints LRs at chosen steps, writes a PNG, reads run configs, fails with one line and exit 2."""
+
+import pytest
+
+from keel.cli.main import main
+
+
+def test_table_and_png(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    code = main(["schedule", "cosine,warmup=100,min_lr=1e-5", "wsd,warmup=5%,decay=20%", "--lr", "3e-4",
+                 "--steps", "1000", "--at", "0,100,50%,999,1000", "--out", str(out)])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["step", "cosine,warmup=100,min_lr=1e-5", "wsd,warmup=5%,decay=20%"]
+    rows = {int(line.split()[0]): [float(x) for x in line.split()[1:]] for line in lines[1:6]}
+    assert rows[0] == [0.0, 0.0]
+    assert rows[100] == [3e-4, 3e-4]
+    assert rows[500][1] == 3e-4
+    assert rows[1000] == [1e-5, 0.0]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_run_config_and_run_config_file(tmp_path, capsys):
+    assert main(["schedule", "--no-plot", "--at", "0,100%"]) == 0
+    assert "default run config" in capsys.readouterr().out
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 200\noptimizer: {lr: 0.01}\nschedule: {name: linear, warmup: 20}\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: constant\nlr: 0.5\n")
+    assert main(["schedule", str(config), str(spec), "--no-plot", "--at", "0,20,200"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["step", "run.yaml", "spec.yaml"]
+    assert [float(x) for x in lines[2].split()[1:]] == [0.01, 0.5]
+    assert [float(x) for x in lines[3].split()[1:]] == [0.0, 0.5]
+
+
+def test_nested_yaml_spec_and_log_plot(tmp_path, capsys):
+    out = tmp_path / "j.png"
+    spec = "{name: join, schedules: [constant, {name: exponential, rate: 0.99}], boundaries: [10%]}"
+    assert main(["schedule", spec, "plateau,warmup=10", "--steps", "300", "--log", "--out", str(out)]) == 0
+    assert out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["cosin", "--steps", "10"], "schedule.name: 'cosin' is not a schedule; did you mean 'cosine'?"),
+        (["cosine", "cosine,warmup=20", "--steps", "10"], "schedule[2].warmup: 20 (20 steps) is at or beyond"),
+        (["noam,model_dim=4,warmup=10"], "--steps: missing"),
+        (["cosine", "--steps", "0"], "--steps: 0 is not allowed"),
+        (["cosine", "--steps", "10", "--lr", "-1"], "--lr: -1.0 is not allowed"),
+        (["cosine", "--steps", "10", "--at", "5,x"], "--at: 'x' is not a length"),
+        (["cosine,min_lr", "--steps", "10"], "'min_lr' in 'cosine,min_lr' is not KEY=VALUE"),
+        (["cosine", "--steps", "10", "--out", "no/such/dir/x.png"], "--out: the directory of 'no/such/dir/x.png'"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["schedule", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("keel schedule: error: ")
+    assert needle in err
