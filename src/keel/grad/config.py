@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from keel.errors import KeelError
+
 
 class ClipConfig(BaseModel):
     """Gradient clipping (config key `clip`).
@@ -53,7 +55,7 @@ class ClipConfig(BaseModel):
     @model_validator(mode="after")
     def _calibration_fits_window(self) -> "ClipConfig":
         if self.mode == "percentile" and self.calibration_steps > self.window:
-            raise ValueError(
+            raise KeelError(
                 f"clip.calibration_steps: {self.calibration_steps} is larger than clip.window: {self.window}; "
                 "allowed: calibration_steps <= window"
             )
@@ -109,7 +111,7 @@ class SpikeConfig(BaseModel):
     @model_validator(mode="after")
     def _history_fits_window(self) -> "SpikeConfig":
         if self.min_history > self.window:
-            raise ValueError(
+            raise KeelError(
                 f"spike.min_history: {self.min_history} is larger than spike.window: {self.window}; "
                 "allowed: min_history <= window"
             )
