@@ -33,12 +33,17 @@ def add_parser(subparsers) -> None:
                         "split (needs the run's config.yaml, or --config)")
     parser.add_argument("--config", metavar="FILE", help="run config for --eval (default: the inputs' run)")
     parser.add_argument("--device", default="cpu", help="device for --eval (default: cpu)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads for torch (default: 1; averaging is bound by memory and disk, not compute)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from keel.averaging.checkpoints import average_checkpoints_to_file
 
+    torch.set_num_threads(max(1, args.threads))
     summary = average_checkpoints_to_file(
         args.paths, args.out, last=args.last, best=args.best, metric=args.metric, mode=args.mode,
         weights=args.weights, prefix=args.prefix, dtype=args.dtype,
