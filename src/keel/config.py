@@ -7,6 +7,7 @@ what is allowed, raised before any training starts.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,11 @@ class SampleConfig(_Block):
     top_k: int | None = Field(40, ge=1, description="Sample among the k most likely tokens (null: all).")
 
 
+# The seed articles' baseline recipe: AdamW (0.9, 0.95), decoupled weight decay 0.1, linear warmup then cosine.
+DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}
+DEFAULT_SCHEDULE = {"name": "cosine", "warmup": "5%", "min_lr": 2e-4}
+
+
 class TrainConfig(_Block):
     """A whole training run. Lengths given as time units accept steps, '2%' of the run, '3ep' or '2Mtok'."""
 
@@ -93,12 +99,12 @@ class TrainConfig(_Block):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optimizer: dict[str, Any] = Field(
-        default_factory=lambda: {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1},
+        default_factory=lambda: dict(DEFAULT_OPTIMIZER),
         description="Optimizer: name and hyperparameters (see `keel.optim.names()`); no weight decay on "
         "biases, norms and embeddings.",
     )
     schedule: dict[str, Any] = Field(
-        default_factory=lambda: {"name": "cosine", "warmup": 50, "min_lr": 2e-4},
+        default_factory=lambda: dict(DEFAULT_SCHEDULE),
         description="Learning-rate schedule: name and parameters (see docs/schedules.md); its peak LR is "
         "optimizer.lr unless the schedule sets lr.",
     )
@@ -115,6 +121,15 @@ class TrainConfig(_Block):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
+
+    @field_validator("optimizer", "schedule", mode="before")
+    @classmethod
+    def _complete_default_recipe(cls, value: Any, info) -> Any:
+        # Keys given without a name (or with the default's name) refine the default recipe; another name starts afresh.
+        default = DEFAULT_OPTIMIZER if info.field_name == "optimizer" else DEFAULT_SCHEDULE
+        if isinstance(value, dict) and value.get("name", default["name"]) == default["name"]:
+            return {**default, **value}
+        return value
 
     @field_validator("device")
     @classmethod
@@ -155,6 +170,27 @@ class TrainConfig(_Block):
 # ---------------------------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``3e-4`` as a float as YAML 1.2 does (YAML 1.1 makes it a string)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                 |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["model.n_layer=6", "optimizer.lr=1e-3"]`` -> nested dict; values parsed as YAML scalars or lists."""
     tree: dict[str, Any] = {}
@@ -163,7 +199,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise KeelError(f"override '{item}' is not key=value; allowed: dotted.key=value, e.g. model.n_layer=6")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as error:
             raise KeelError(f"{key}: value '{raw}' is not valid YAML ({error.problem})") from error
         node = tree
@@ -193,7 +229,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise KeelError(f"config file '{path}' does not exist; allowed: a YAML file of config keys")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise KeelError(f"config file '{path}' is not valid YAML: {error}".replace("\n", " ")) from error
     if data is None:
@@ -231,6 +267,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         message = message.removeprefix("Value error, ")
         if isinstance(error.get("ctx", {}).get("error"), KeelError) or not key:
             return message
+        return f"{key}: {message}"
     given = error.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
     return f"{key or 'config'}: {message}{shown}"

@@ -1,0 +1,111 @@
+"""Exact resume: SIGKILL at random steps, resume, and compare weights and every logged loss bitwise."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from keel.config import load_config
+from keel.train import train
+from keel.train.metrics import read_metrics
+
+RESUME = ["max_steps=60", "checkpoint_interval=7", "eval_interval=20", "keep_last=2", "model.dropout=0.1"]
+
+
+def keel_train(*args):
+    return [sys.executable, "-m", "keel.cli.main", "train", *args]
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "grad_norm" in r]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    name = (run / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run / "checkpoints" / name / "model.safetensors"))
+
+
+def assert_bitwise_equal(run_a: Path, run_b: Path):
+    a, b = final_weights(run_a), final_weights(run_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert train_losses(run_a) == train_losses(run_b)
+    val_a = [r["val_loss"] for r in read_metrics(run_a / "metrics.jsonl") if "val_loss" in r]
+    val_b = [r["val_loss"] for r in read_metrics(run_b / "metrics.jsonl") if "val_loss" in r]
+    assert val_a == val_b
+
+
+def kill_when_step_reached(cmd, run: Path, step: int, timeout: float = 60.0) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and any(r.get("step", -1) >= step for r in read_metrics(metrics)):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before step {step}: {proc.stderr.read().decode()}"
+
+
+def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path, tiny_overrides):
+    overrides = tiny_overrides + RESUME
+    reference = tmp_path / "reference"
+    train(load_config(None, overrides + [f"out_dir={reference}"]), quiet=True)
+
+    run = tmp_path / "killed"
+    rng = random.Random(os.getpid())
+    kills = sorted(rng.sample(range(3, 57), 3))
+    kill_when_step_reached(keel_train(*overrides, "--out", str(run), "--quiet"), run, kills[0])
+    for step in kills[1:]:
+        kill_when_step_reached(keel_train("--resume", str(run), "--quiet"), run, step)
+    done = subprocess.run(keel_train("--resume", str(run)), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from step_" in done.stdout
+    assert_bitwise_equal(reference, run)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_overrides):
+    overrides = tiny_overrides + RESUME
+    reference = tmp_path / "reference"
+    train(load_config(None, overrides + [f"out_dir={reference}"]), quiet=True)
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    done = subprocess.run(keel_train("--resume", str(run)), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"checkpoint {newest.name} is unusable: model.safetensors has" in done.stdout
+    assert "falling back to the previous one" in done.stdout
+    assert "resumed from step_00000056" in done.stdout
+    assert_bitwise_equal(reference, run)
+
+
+def test_resume_with_no_intact_checkpoint_is_a_clear_error(tmp_path, tiny_overrides, capsys):
+    from keel.cli.main import main
+
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides + ["max_steps=5", "schedule.warmup=1", "checkpoint_interval=5", f"out_dir={run}"]), quiet=True)
+    for manifest in run.glob("checkpoints/step_*/manifest.json"):
+        manifest.unlink()
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "holds no intact checkpoint" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == before
