@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-per-epoch", type=int, help="for lengths in epochs ('3ep')")
     parser.add_argument("--tokens-per-step", type=int, help="for lengths in tokens ('2Mtok')")
     parser.add_argument("--title", help="plot title")
+    parser.add_argument("--dpi", type=int, default=100, help="plot resolution in dots per inch (default: 100)")
 
 
 def _curves(args: argparse.Namespace) -> list[_Curve]:
@@ -111,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         raise KeelError(f"--lr: {args.lr!r} is not allowed; must be > 0")
     if args.steps is not None and args.steps < 1:
         raise KeelError(f"--steps: {args.steps!r} is not allowed; must be >= 1")
+    if args.dpi < 10:
+        raise KeelError(f"--dpi: {args.dpi!r} is not allowed; must be >= 10")
     if not args.no_plot and not Path(args.out).resolve().parent.is_dir():
         raise KeelError(f"--out: the directory of '{args.out}' does not exist")
     curves = _curves(args)
@@ -177,7 +180,8 @@ def _plot(curves: list[_Curve], schedules: list, total: int, at: list[int], args
 
     stride = max(1, total // _PLOT_POINTS)
     steps = sorted(set(range(0, total + 1, stride)) | {total} | {s for s in at if s <= total})
-    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    # The legend goes under the plot, one line per curve, so that long specs never hide a curve.
+    figure, axes = plt.subplots(figsize=(8, 4.2 + 0.22 * len(curves)), dpi=args.dpi, layout="constrained")
     for curve, schedule in zip(curves, schedules):
         label = curve.label + (" (before any reduction)" if hasattr(schedule, "observe") else "")
         line = axes.plot(steps, [schedule(s) for s in steps], label=label, linewidth=1.6)[0]
@@ -189,9 +193,8 @@ def _plot(curves: list[_Curve], schedules: list, total: int, at: list[int], args
     axes.set_ylabel("learning rate")
     axes.set_xlim(0, total)
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="best")
+    figure.legend(fontsize=8, loc="outside lower center", ncols=1, frameon=False)
     if args.title:
         axes.set_title(args.title)
-    figure.tight_layout()
     figure.savefig(args.out)
     plt.close(figure)
