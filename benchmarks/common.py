@@ -1,0 +1,59 @@
+"""Shared helpers for keel's benchmarks: machine description, interleaved timing, results files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from datetime import date
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": date.today().isoformat(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def ratio_summary(ratios: list[float]) -> dict:
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
+
+
+def write_json(name: str, payload: dict) -> Path:
+    path = HERE / "results" / f"{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def write_section(title: str, body: str) -> None:
+    """Replace (or append) the section ``## title`` of RESULTS.md with ``body``."""
+    path = HERE / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    header = f"## {title}\n"
+    start = text.find(header)
+    if start >= 0:
+        end = text.find("\n## ", start + len(header))
+        text = text[:start] + header + body.rstrip() + "\n" + (text[end:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + header + body.rstrip() + "\n"
+    path.write_text(text)
