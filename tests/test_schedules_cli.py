@@ -60,3 +60,11 @@ def test_errors_are_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("keel schedule: error: ")
     assert needle in err
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["schedule", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "NAME,KEY=VALUE" in out and "--at" in out and "'2%'" in out

@@ -42,9 +42,9 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "schedule",
         help="print and plot learning-rate schedules without training",
-        description=__doc__.split("\n", 1)[1].strip(),
+        description=__doc__.split("\n", 1)[1].strip().replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: keel schedule cosine,warmup=100,min_lr=1e-5 wsd,warmup=5%%,decay=20%% "
+        epilog="example: keel schedule cosine,warmup=100,min_lr=1e-5 wsd,warmup=5%,decay=20% "
         "--lr 3e-4 --steps 1000 --at 0,100,500,999 --out schedules.png",
     )
     add_arguments(parser)
@@ -54,19 +54,23 @@ def add_parser(subparsers) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("specs", nargs="*", metavar="SPEC", help="schedule specs (see above); default: the run config")
     parser.add_argument(
-        "--lr", type=float, help="peak LR for specs that do not set lr (default: 1.0, or the run config's optimizer.lr)"
+        "--lr", type=float, metavar="LR", help="peak LR for specs that do not set lr (default: 1.0, or the run config's optimizer.lr)"
     )
     parser.add_argument(
-        "--steps", type=int, help="run length in optimizer steps (default: the run config's max_steps)"
+        "--steps", type=int, metavar="N", help="run length in optimizer steps (default: the run config's max_steps)"
     )
-    parser.add_argument("--at", help=f"comma-separated steps to print, each {SYNTAX} (default: a spread over the run)")
-    parser.add_argument("--out", default="schedule.png", help="PNG to write (default: schedule.png)")
+    parser.add_argument(
+        "--at",
+        metavar="STEPS",
+        help=f"comma-separated steps to print, each {SYNTAX.replace('%', '%%')} (default: a spread over the run)",
+    )
+    parser.add_argument("--out", metavar="PNG", default="schedule.png", help="PNG to write (default: schedule.png)")
     parser.add_argument("--no-plot", action="store_true", help="print the table only")
     parser.add_argument("--log", action="store_true", help="logarithmic LR axis")
-    parser.add_argument("--steps-per-epoch", type=int, help="for lengths in epochs ('3ep')")
-    parser.add_argument("--tokens-per-step", type=int, help="for lengths in tokens ('2Mtok')")
+    parser.add_argument("--steps-per-epoch", type=int, metavar="N", help="for lengths in epochs ('3ep')")
+    parser.add_argument("--tokens-per-step", type=int, metavar="N", help="for lengths in tokens ('2Mtok')")
     parser.add_argument("--title", help="plot title")
-    parser.add_argument("--dpi", type=int, default=100, help="plot resolution in dots per inch (default: 100)")
+    parser.add_argument("--dpi", type=int, metavar="N", default=100, help="plot resolution in dots per inch (default: 100)")
 
 
 def _curves(args: argparse.Namespace) -> list[_Curve]:
