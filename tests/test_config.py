@@ -96,3 +96,24 @@ def test_help_lists_every_key(capsys):
 def test_config_error_is_keel_error():
     with pytest.raises(KeelError, match="unknown key 'model.depth'"):
         load_config(None, ["model.depth=3"])
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(capsys, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        code, err = run_cli(capsys, "tensorboard=true", "--out", str(tmp_path / "run"))
+        assert code == 2 and "tensorboard: true needs the tensorboard package" in err
+    else:
+        pytest.skip("tensorboard is installed here")
+
+
+def test_console_script_exit_code(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "keel.cli.main", "train", "model.n_layer=0"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "keel train: error: model.n_layer: Input should be greater than or equal to 1 (got 0)"
