@@ -4,7 +4,7 @@ mean[name] = (1/N) sum_i checkpoint_i[name] for floating-point tensors; integer 
 the newest checkpoint (the last one). As in Vaswani et al. 2017 ("Attention is all you need", averaging the last
 5-20 checkpoints) and the averaging scripts of tensor2tensor, fairseq and OpenNMT-tf.
 
-Memory: one fp32 accumulator (one fp32 model) plus one buffer the size of the largest tensor; files are read with
+Memory: one fp32 accumulator (one fp32 model) plus a 1 MB read buffer; files are read with
 `readinto`, never mapped, so no input file is ever resident as a whole.
 """
 
@@ -23,6 +23,7 @@ from keel.averaging.safetensors_io import SafetensorsReader, TensorInfo, read_he
 from keel.errors import KeelError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_CHUNK_BYTES = 1 << 20  # read slice: small enough to stay in cache between the read and the addition
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 PathLike = str | os.PathLike
@@ -174,31 +175,40 @@ def _plan(files: list[Path], prefix: str | None) -> tuple[dict[str, TensorInfo],
 
 
 def _accumulate(files: list[Path], averaged: list[str], newest: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
-    """Sum of the averaged tensors over `files`, divided by len(files): fp32 (fp64 for fp64 inputs)."""
+    """Sum of the averaged tensors over `files`, divided by len(files): fp32 (fp64 for fp64 inputs).
+
+    Tensors are read in slices of _CHUNK_BYTES into one small buffer that stays in cache, added to the accumulator,
+    and the last file's slice is divided right after its addition, so the accumulator is swept once per file.
+    """
     acc = {
         n: torch.empty(newest[n].shape, dtype=torch.float64 if newest[n].dtype == torch.float64 else torch.float32)
         for n in averaged
     }
-    largest = max((newest[n].nbytes for n in averaged), default=0)
-    scratch = torch.empty(0, dtype=torch.uint8)
+    count = len(files)
+    scratch = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
     for index, file in enumerate(files):
+        last = index == count - 1
         with SafetensorsReader(file) as reader:
             for name in sorted(averaged, key=lambda n: reader.tensors[n].begin):  # sequential reads
                 info, target = reader.tensors[name], acc[name]
                 if index == 0 and info.dtype == target.dtype:
-                    reader.read_into(name, target)
+                    reader.read_into(name, target)  # the first file goes straight into the accumulator
+                    if last and count > 1:
+                        target.div_(count)
                     continue
-                if scratch.numel() < largest:
-                    scratch = torch.empty(largest, dtype=torch.uint8)
-                buffer = scratch[: info.nbytes].view(info.dtype).view(info.shape)
-                reader.read_into(name, buffer)
-                if index == 0:
-                    target.copy_(buffer)
-                else:
-                    target.add_(buffer)
-    del scratch
-    for tensor in acc.values():
-        tensor.div_(len(files))
+                flat = target.view(-1)
+                size = torch.empty((), dtype=info.dtype).element_size()
+                per_chunk = _CHUNK_BYTES // size
+                for begin in range(0, flat.numel(), per_chunk):
+                    n = min(per_chunk, flat.numel() - begin)
+                    buffer = reader.read_into(name, scratch[: n * size].view(info.dtype), offset=begin * size)
+                    part = flat[begin : begin + n]
+                    if index == 0:
+                        part.copy_(buffer)
+                    else:
+                        part.add_(buffer)
+                    if last and count > 1:
+                        part.div_(count)
     return acc
 
 

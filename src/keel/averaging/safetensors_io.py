@@ -102,18 +102,21 @@ class SafetensorsReader:
             tensors[name] = info
         return tensors, metadata
 
-    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Read tensor `name` into `out` (contiguous CPU, same dtype and number of elements); returns `out`."""
+    def read_into(self, name: str, out: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Read tensor `name`, from byte `offset` on, into `out` (a contiguous CPU tensor); returns `out`.
+
+        With offset 0 and `out` as large as the tensor this reads it whole; a smaller `out` reads a slice of it.
+        """
         info = self.tensors[name]
-        if info.nbytes == 0:
-            return out
         view = _byte_view(out)
-        if view.numel() != info.nbytes:
+        if offset < 0 or offset + view.numel() > info.nbytes:
             raise KeelError(f"checkpoint {str(self.path)!r}: tensor {name!r} does not fit the given buffer")
-        self._file.seek(info.begin)
+        if view.numel() == 0:
+            return out
+        self._file.seek(info.begin + offset)
         memory = memoryview(view.numpy())
-        done = 0
-        while done < info.nbytes:
+        done, wanted = 0, view.numel()
+        while done < wanted:
             got = self._file.readinto(memory[done:])
             if not got:
                 raise KeelError(f"checkpoint {str(self.path)!r}: tensor {name!r} is truncated")
