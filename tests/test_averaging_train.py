@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from keel.averaging import average_checkpoints, swa_learning_rate
+from keel.averaging import average_checkpoints, resolve_checkpoints, swa_learning_rate
 from keel.averaging.runs import ValidationScorer
 from keel.cli.main import main
 from keel.config import load_config
@@ -173,6 +173,7 @@ def test_resume_is_exact(tmp_path, tiny_overrides, mode):
         assert_same_pairs = load_file(str(final / "model.safetensors")), load_file(str(final / "ema.safetensors"))
         for key, value in assert_same_pairs[0].items():
             assert torch.equal(value, assert_same_pairs[1][key])
+        assert resolve_checkpoints([reference], last=1)[0].name == "raw.safetensors"  # --weights raw: truly raw
 
 
 def test_snapshot_ensemble_with_cosine_restarts(tmp_path, tiny_overrides, capsys):

@@ -80,8 +80,9 @@ def resolve_checkpoints(
 ) -> list[Path]:
     """The weight files named by `inputs`, oldest first.
 
-    Each input is a `.safetensors` file, a keel checkpoint directory (step_XXXXXXXX, whose `model.safetensors` or
-    `<weights>.safetensors` is taken), a run's `checkpoints/` folder, or a run directory (all its checkpoints).
+    Each input is a `.safetensors` file, a keel checkpoint directory (step_XXXXXXXX, whose raw weights
+    `model.safetensors`, or `raw.safetensors` where the checkpoint holds EMA weights, or `<weights>.safetensors` is
+    taken), a run's `checkpoints/` folder, or a run directory (all its checkpoints).
     `last=N` keeps the newest N; `best=k` keeps the k with the best `metric` in the run's metrics.jsonl
     (lowest for mode "min"), in step order.
     """
@@ -110,6 +111,8 @@ def resolve_checkpoints(
             raise KeelError(f"average: {str(raw)!r} holds no checkpoints (no step_*/model.safetensors)")
         for step, step_dir in steps:
             file = step_dir / filename
+            if weights == "raw" and (step_dir / "raw.safetensors").exists():
+                file = step_dir / "raw.safetensors"  # ema.checkpoint_weights=ema: model.safetensors holds the EMA
             if not file.exists():
                 raise KeelError(
                     f"average: {str(step_dir)!r} has no {filename} (weights={weights!r}); "

@@ -137,7 +137,7 @@ class ShadowWeights:
             if count >= _CONVERT_CHUNK_ELEMENTS or i == len(sources) - 1:
                 chunk = shadows[start : i + 1]
                 yield chunk, [
-                    s.detach().to(device=d.device, dtype=d.dtype, non_blocking=True)
+                    s.detach().to(device=d.device, dtype=d.dtype)
                     for s, d in zip(sources[start : i + 1], chunk)
                 ]
                 start, count = i + 1, 0

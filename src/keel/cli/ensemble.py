@@ -30,17 +30,21 @@ def resolve_members(members: list[str], weights: str) -> list[Path]:
     """The weights file of each member; a snapshots folder expands to its snapshots, a run to its newest checkpoint."""
     from keel.averaging.checkpoints import _weights_file
 
-    filename = _weights_file(weights)
+    def weights_file(step_dir: Path) -> Path:
+        if weights == "raw" and (step_dir / "raw.safetensors").is_file():
+            return step_dir / "raw.safetensors"  # ema.checkpoint_weights=ema: model.safetensors holds the EMA
+        return step_dir / _weights_file(weights)
+
     files: list[Path] = []
     for raw in members:
         path = Path(raw)
         if path.is_file():
             files.append(path)
-        elif (path / filename).is_file():
-            files.append(path / filename)
+        elif (path / "model.safetensors").is_file():
+            files.append(weights_file(path))
         elif (path / "checkpoints" / "latest").is_file():
             name = (path / "checkpoints" / "latest").read_text().strip()
-            file = path / "checkpoints" / name / filename
+            file = weights_file(path / "checkpoints" / name)
             if not file.is_file():
                 raise KeelError(f"ensemble: {str(file)!r} does not exist (weights={weights!r})")
             files.append(file)
