@@ -5,6 +5,8 @@
 """
 
 from keel.optim import builtin as _builtin  # noqa: F401  (registers torch's optimizers)
+from keel.optim.ademamix import AdEMAMix
+from keel.optim.lion import Lion
 from keel.optim.muon import MuonWithAdamW
 from keel.optim.param_groups import (
     NO_DECAY_DEFAULT,
@@ -14,9 +16,13 @@ from keel.optim.param_groups import (
     parameter_categories,
 )
 from keel.optim.registry import OptimizerSpec, check_config, create, from_config, get, names, register
+from keel.optim.soap import SOAP
 
 __all__ = [
     "NO_DECAY_DEFAULT",
+    "SOAP",
+    "AdEMAMix",
+    "Lion",
     "MuonWithAdamW",
     "OptimizerSpec",
     "build_param_groups",

@@ -1,13 +1,16 @@
-"""Registry records for the optimizers torch already implements (used as they are, not rewritten).
+"""Registry records: the optimizers torch implements (used as they are, not rewritten) and keel's own.
 
-Defaults are torch's, except the default LRs, which are the usual starting points named in `docs/optimizers.md`.
+torch's defaults are kept, except the default LRs, which are the starting points named in `docs/optimizers.md`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from keel.optim.ademamix import AdEMAMix
+from keel.optim.lion import Lion
 from keel.optim.muon import MuonWithAdamW, muon_split
+from keel.optim.soap import SOAP
 from keel.optim.registry import (
     Hparam,
     OptimizerSpec,
@@ -206,5 +209,65 @@ register(
         },
         build=lambda groups, lr, **kw: MuonWithAdamW(groups, lr=lr, **kw),
         group_split=muon_split,
+    )
+)
+
+
+# --- keel's own implementations ---
+
+_FUSED_KEEL = Hparam(None, optional(boolean), "one compiled pass per tensor (null: when >= 1M elements and a compiler exists)")
+_STEPS = optional(positive_int)
+
+register(
+    OptimizerSpec(
+        "lion",
+        "Lion: p <- p (1 - lr wd) - lr sign(beta1 m + (1 - beta1) g); m <- beta2 m + (1 - beta2) g",
+        "Chen et al. 2023; keel.optim.Lion",
+        lr=1e-4,
+        hparams={
+            "betas": Hparam((0.9, 0.99), betas(2), "interpolation (beta1) and momentum (beta2) decays"),
+            "weight_decay": Hparam(0.0, nonnegative, "decoupled weight decay (the paper uses 3-10x AdamW's)"),
+            "fused": _FUSED_KEEL,
+        },
+        build=lambda groups, lr, **kw: Lion(groups, lr=lr, **kw),
+    )
+)
+register(
+    OptimizerSpec(
+        "ademamix",
+        "AdEMAMix: Adam whose numerator adds alpha times a slow gradient EMA (beta3), with alpha/beta3 warmups",
+        "Pagliardini et al. 2024; keel.optim.AdEMAMix",
+        lr=1e-3,
+        hparams={
+            "betas": Hparam((0.9, 0.999, 0.9999), betas(3), "fast EMA, second moment and slow EMA decays"),
+            "alpha": Hparam(5.0, nonnegative, "weight of the slow EMA"),
+            "eps": Hparam(1e-8, nonnegative, "added to sqrt(v_hat)"),
+            "weight_decay": Hparam(0.0, nonnegative, "decoupled weight decay"),
+            "alpha_warmup": Hparam(None, _STEPS, "steps of linear warmup of alpha (null: none)"),
+            "beta3_warmup": Hparam(None, _STEPS, "steps of half-life-linear warmup of beta3 from beta1 (null: none)"),
+            "t_alpha_beta3": Hparam(None, _STEPS, "pytorch-optimizer's name: sets both warmups"),
+            "fused": _FUSED_KEEL,
+        },
+        build=lambda groups, lr, **kw: AdEMAMix(groups, lr=lr, **kw),
+    )
+)
+register(
+    OptimizerSpec(
+        "soap",
+        "SOAP: Adam in the eigenbasis of Shampoo's preconditioner, refreshed every precondition_frequency steps",
+        "Vyas et al. 2024; keel.optim.SOAP",
+        lr=3e-3,
+        hparams={
+            "betas": Hparam((0.95, 0.95), betas(2), "Adam's decays in the rotated basis"),
+            "shampoo_beta": Hparam(None, optional(unit_interval), "decay of Shampoo's statistics (null: beta2)"),
+            "eps": Hparam(1e-8, nonnegative, "added to sqrt(v)"),
+            "weight_decay": Hparam(0.01, nonnegative, "decoupled weight decay, applied after the update"),
+            "precondition_frequency": Hparam(10, positive_int, "steps between eigenbasis refreshes"),
+            "max_precondition_dim": Hparam(10000, positive_int, "larger dimensions are not rotated"),
+            "merge_dims": Hparam(False, boolean, "merge consecutive dims while their product <= max_precondition_dim"),
+            "precondition_1d": Hparam(False, boolean, "rotate 1-D parameters too"),
+            "correct_bias": Hparam(True, boolean, "Adam's bias correction"),
+        },
+        build=lambda groups, lr, **kw: SOAP(groups, lr=lr, **kw),
     )
 )
