@@ -179,6 +179,20 @@ class SOAP(torch.optim.Optimizer):
         state["exp_avg_sq"] = exp_avg_sq.reshape(state["exp_avg_sq"].shape).contiguous()
         state["exp_avg"] = _rotate(exp_avg, bases, back=False).reshape(state["exp_avg"].shape).contiguous()
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, except that float32 state of bfloat16/float16 parameters stays float32 (exact resume)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if p.dtype not in _LOW_PRECISION or saved_id not in state_dict["state"]:
+                continue
+            for key, value in state_dict["state"][saved_id].items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+                elif isinstance(value, list):
+                    self.state[p][key] = [None if v is None else v.to(device=p.device, copy=True) for v in value]
+
     @torch.no_grad()
     def step(self, closure=None):
         """One SOAP update of every parameter with a gradient (the first call per parameter only initialises)."""
