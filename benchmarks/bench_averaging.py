@@ -272,7 +272,7 @@ def main() -> None:
     shapes = ["nanogpt-char-10.8M"] if args.quick else list(SHAPES)
     results = {"machine": machine(), "ema": [], "checkpoints": []}
     for name in shapes:
-        repeats = 5 if args.quick else (41 if "10.8M" in name else 11)
+        repeats = 5 if args.quick else (101 if "10.8M" in name else 21)
         r = bench_ema(name, SHAPES[name], repeats)
         print(json.dumps(r))
         results["ema"].append(r)

