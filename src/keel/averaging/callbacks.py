@@ -206,7 +206,10 @@ class SWACallback(AveragingCallback):
 
 
 class SnapshotCallback(Callback):
-    """`snapshot` block: the weights at the end of each cosine-restart cycle, in RUN_DIR/snapshots/ (Huang et al. 2017)."""
+    """`snapshot` block: the weights at the end of each cosine-restart cycle, in RUN_DIR/snapshots/.
+
+    Snapshot ensembles, Huang et al. 2017.
+    """
 
     name = "snapshot"
 

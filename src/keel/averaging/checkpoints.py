@@ -98,7 +98,9 @@ def resolve_checkpoints(
             entries.append((path, None, None))
             continue
         if not path.is_dir():
-            raise KeelError(f"average: {str(raw)!r} does not exist; allowed: .safetensors files, checkpoint or run dirs")
+            raise KeelError(
+                f"average: {str(raw)!r} does not exist; allowed: .safetensors files, checkpoint or run directories"
+            )
         match = _STEP_DIR.match(path.name)
         if match and (path / "model.safetensors").exists():
             steps = [(int(match.group(1)), path)]
@@ -158,7 +160,9 @@ def _plan(files: list[Path], prefix: str | None) -> tuple[dict[str, TensorInfo],
     for header, file in zip(headers[:-1], files[:-1]):
         for name in selected:
             if name not in header:
-                raise KeelError(f"checkpoint {str(file)!r}: tensor {name!r} is missing (present in {str(newest_file)!r})")
+                raise KeelError(
+                    f"checkpoint {str(file)!r}: tensor {name!r} is missing (present in {str(newest_file)!r})"
+                )
             a, b = header[name], newest[name]
             if a.shape != b.shape:
                 raise KeelError(
@@ -167,7 +171,8 @@ def _plan(files: list[Path], prefix: str | None) -> tuple[dict[str, TensorInfo],
                 )
             if a.dtype.is_floating_point != b.dtype.is_floating_point:
                 raise KeelError(
-                    f"checkpoint {str(file)!r}: tensor {name!r} has dtype {a.dtype}, but {b.dtype} in {str(newest_file)!r}"
+                    f"checkpoint {str(file)!r}: tensor {name!r} has dtype {a.dtype}, "
+                    f"but {b.dtype} in {str(newest_file)!r}"
                 )
         extra = [n for n in header if (prefix is None or n.startswith(prefix)) and n not in newest]
         if extra:

@@ -1,4 +1,4 @@
-"""``keel average PATHS... --out FILE``: average checkpoints into one weights file (streamed, ~1 fp32 model of memory)."""
+"""``keel average PATHS... --out FILE``: average checkpoints into one weights file, streamed (~1 fp32 model)."""
 
 from __future__ import annotations
 
