@@ -259,3 +259,12 @@ def test_schedules_accept_numpy_and_tensor_integer_steps():
     f = cosine_decay(1.0, 100)
     assert f(np.int64(50)) == f(50) == f(torch.tensor(50))
     assert isinstance(f(np.int64(50)), float)
+
+
+def test_warmup_steps_reads_the_warmup_a_schedule_starts_with():
+    from keel.schedules import from_config, warmup_steps
+
+    assert warmup_steps(from_config({"name": "cosine", "warmup": 10}, base_lr=1e-3, total_steps=100)) == 10
+    assert warmup_steps(from_config({"name": "wsd", "warmup": "5%", "decay": "20%"}, base_lr=1e-3, total_steps=100)) == 5
+    assert warmup_steps(from_config({"name": "noam", "model_dim": 64, "warmup": 40}, base_lr=1.0)) == 40
+    assert warmup_steps(from_config({"name": "constant"}, base_lr=1e-3)) == 0

@@ -14,7 +14,7 @@ config and :func:`set_lr` applies a value to every param group of a torch optimi
         optimizer.step()
 """
 
-from keel.schedules.base import Schedule, set_lr
+from keel.schedules.base import Schedule, set_lr, warmup_steps
 from keel.schedules.combinators import join, warmup, wrap
 from keel.schedules.config import SCHEDULES, from_config, parse_spec
 from keel.schedules.decays import (
@@ -37,6 +37,7 @@ from keel.schedules.plateau import ReduceOnPlateau, reduce_on_plateau
 __all__ = [
     "Schedule",
     "set_lr",
+    "warmup_steps",
     "constant",
     "step_decay",
     "multistep_decay",

@@ -11,7 +11,7 @@ import torch
 
 from keel.errors import KeelError
 
-__all__ = ["Schedule", "set_lr"]
+__all__ = ["Schedule", "set_lr", "warmup_steps"]
 
 
 class Schedule:
@@ -41,6 +41,24 @@ class Schedule:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{self.name}({args})"
+
+
+def warmup_steps(schedule: Callable[[int], float]) -> int:
+    """Length of the warmup a schedule starts with (0 if none): what "after warmup" means for clipping.
+
+    Reads the outermost ``warmup`` combinator, a schedule's own ``warmup_steps`` (wsd, noam, rsqrt,
+    inverse_sqrt), or looks through ``wrap`` (shifted by its ``step_start``) and reduce-on-plateau.
+    """
+    params = getattr(schedule, "params", {})
+    name = getattr(schedule, "name", "")
+    if name == "warmup":
+        return int(params["steps"])
+    if "warmup_steps" in params:
+        return int(params["warmup_steps"])
+    inner = params.get("schedule")
+    if callable(inner):
+        return warmup_steps(inner) + int(params.get("step_start", 0))
+    return 0
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

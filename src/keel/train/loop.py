@@ -28,7 +28,6 @@ from keel.errors import KeelError
 from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
 from keel.models import GPT, GPTConfig, lm_loss_sum
 from keel.precision import Precision
-from keel.timeunits import resolve_steps
 from keel.train import checkpoint as ckpt
 from keel.train.callbacks import Callback
 from keel.train.metrics import MetricsLog, read_metrics
@@ -103,9 +102,8 @@ class Trainer:
                    "tokens_per_step": self.tokens_per_step}
         base_lr = float(optim.check_config(config.optimizer)["lr"])
         self.schedule = schedules.from_config(config.schedule, base_lr=base_lr, **lengths)
-        warmup_steps = resolve_steps(config.schedule.get("warmup", 0), name="schedule.warmup", **lengths)
         self.precision = Precision(config.precision, self.device)
-        self.clipper = Clipper(config.clip, warmup_steps=warmup_steps)
+        self.clipper = Clipper(config.clip, warmup_steps=schedules.warmup_steps(self.schedule))
         spike = config.spike
         self.spike_detector = LossSpikeDetector(spike.window, spike.factor, spike.min_history, spike.min_rise) \
             if spike.enabled else None
@@ -143,7 +141,8 @@ class Trainer:
             lr = self.schedule(state.step) * state.lr_multiplier
             schedules.set_lr(optimizer, lr)
             for callback in self.callbacks:
-                callback.on_step_start(self)
+                callback.on_step_start(self)  # may set the LR itself (e.g. the SWA phase): log what is applied
+            lr = _applied_lr(optimizer, lr)
 
             # Forward and backward over the micro-batches; the summed loss is divided once by the global batch's
             # token count, so accumulation matches one large batch whatever each micro-batch holds.
@@ -423,6 +422,14 @@ class Trainer:
         if self.quiet:
             return
         (bar.write if bar is not None else tqdm.write)(message, file=sys.stdout)
+
+
+def _applied_lr(optimizer: torch.optim.Optimizer, default: float) -> float:
+    """The base LR the optimizer holds now (a group's lr divided by its lr_scale)."""
+    for group in optimizer.param_groups:
+        if group.get("lr_scale", 1.0):
+            return float(group["lr"]) / group.get("lr_scale", 1.0)
+    return default
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
