@@ -139,40 +139,77 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 self._update_foreach(params, grads, states, scalars)
         return loss
 
-    def _step_fused(self, buckets) -> bool:
-        """All buckets in one compiled call; small tensors gathered into flat buffers. False if compiling failed."""
-        entries_p, entries_g = [], []
-        entries_s: list[list[torch.Tensor]] = [[] for _ in self.state_names]
-        rows, scatters = [], []
-        for (_, step, _, _), (group, params, grads, states) in buckets.items():
-            row = self._scalars(group, step)
-            small = [i for i, p in enumerate(params) if p.numel() < SMALL_NUMEL]
-            small_set = set(small)
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load; the fused path's flat buffers are rebuilt from the loaded state at the next step."""
+        super().load_state_dict(state_dict)
+        self._plan = None
+
+    def _build_plan(self, buckets, signature) -> dict:
+        """Which tensors the compiled call sees: large ones as they are, small ones through flat buffers per bucket.
+
+        Small parameters' state lives in the flat buffers (the state dict holds views of them), so only the
+        parameters and gradients are copied in, and the parameters copied back, each step.
+        """
+        big_params, big_states = [], [[] for _ in self.state_names]
+        flats = []  # per bucket with small tensors: (params, param views, grad buffer, grad views, flat tensors)
+        counts = []  # per bucket: (large tensors, whether it has a flat buffer), to repeat its row of scalars
+        for (_, _, dtype, device), (_, params, _, states) in buckets.items():
+            count, small = 0, []
             for i, p in enumerate(params):
-                if i in small_set:
+                if p.numel() < SMALL_NUMEL:
+                    small.append(i)
                     continue
-                entries_p.append(p)
-                entries_g.append(grads[i])
-                for column, state_column in zip(entries_s, states):
+                big_params.append(p)
+                for column, state_column in zip(big_states, states):
                     column.append(state_column[i])
-                rows.append(row)
+                count += 1
             if small:
-                targets = [[params[i] for i in small]] + [[c[i] for i in small] for c in states]
-                flats = [torch.cat([t.reshape(-1) for t in ts]) for ts in targets]
-                entries_p.append(flats[0])
-                entries_g.append(torch.cat([grads[i].reshape(-1) for i in small]))
-                for column, flat in zip(entries_s, flats[1:]):
-                    column.append(flat)
-                rows.append(row)
-                scatters.append((targets, flats))
-        hyper = torch.tensor(rows, dtype=torch.float64, device=entries_p[0].device)
+                sizes = [params[i].numel() for i in small]
+                small_params = [params[i] for i in small]
+                flat_p = torch.empty(sum(sizes), dtype=dtype, device=device)
+                flat_g = torch.empty_like(flat_p)
+                p_views = [v.view_as(t) for v, t in zip(flat_p.split(sizes), small_params)]
+                g_views = [v.view_as(t) for v, t in zip(flat_g.split(sizes), small_params)]
+                flat_states = []
+                for name, state_column in zip(self.state_names, states):
+                    flat_s = torch.cat([state_column[i].reshape(-1) for i in small])
+                    for v, p in zip(flat_s.split(sizes), small_params):
+                        self.state[p][name] = v.view_as(p)
+                    flat_states.append(flat_s)
+                flats.append((small_params, p_views, g_views, flat_p, flat_g, flat_states))
+            counts.append((count, bool(small)))
+        return {"signature": signature, "big_params": big_params, "big_states": big_states, "flats": flats,
+                "counts": counts}
+
+    def _step_fused(self, buckets) -> bool:
+        """All buckets in one compiled call; small tensors through flat buffers. False if compiling failed."""
+        signature = tuple((k[0], k[2], k[3], tuple(map(id, b[1]))) for k, b in buckets.items())
+        plan = getattr(self, "_plan", None)
+        if plan is None or plan["signature"] != signature:
+            plan = self._plan = self._build_plan(buckets, signature)
+        grads = [p.grad for p in plan["big_params"]]
+        params, states = list(plan["big_params"]), [list(column) for column in plan["big_states"]]
+        for small_params, p_views, g_views, flat_p, flat_g, flat_states in plan["flats"]:
+            torch._foreach_copy_(p_views, small_params)
+            torch._foreach_copy_(g_views, [p.grad for p in small_params])
+            params.append(flat_p)
+            grads.append(flat_g)
+            for column, flat_s in zip(states, flat_states):
+                column.append(flat_s)
+        big_rows, flat_rows = [], []
+        for ((_, step, _, _), (group, _, _, _)), (count, has_small) in zip(buckets.items(), plan["counts"]):
+            row = self._scalars(group, step)
+            big_rows += [row] * count
+            flat_rows += [row] if has_small else []
+        hyper = torch.tensor(big_rows + flat_rows, dtype=torch.float64, device=params[0].device)
         cls = type(self)
         if cls._compiled is None:
             cls._compiled = torch.compile(_make_list_update(cls._update_tensor), fullgraph=True, dynamic=False)
         try:
-            cls._compiled(entries_p, entries_g, entries_s, hyper)
+            cls._compiled(params, grads, states, hyper)
         except Exception as error:  # noqa: BLE001  (any compiler failure: fall back to the eager path)
             cls._compile_failed = True
+            self._plan = None
             warnings.warn(
                 f"{cls.__name__}: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
                 "using the eager multi-tensor path from now on",
@@ -180,9 +217,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 stacklevel=3,
             )
             return False
-        for targets, flats in scatters:
-            for tensors, flat in zip(targets, flats):
-                torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+        for small_params, p_views, *_ in plan["flats"]:
+            torch._foreach_copy_(small_params, p_views)
         return True
 
 
