@@ -36,6 +36,8 @@ import torch
 import keel.optim as ko
 
 HERE = Path(__file__).resolve().parent
+START = time.perf_counter()
+STEP_TIME_HEADING = "### step time and bandwidth efficiency (CPU, one thread)"
 BYTES_PER_PARAM = {"adamw": 28, "lion": 20, "ademamix": 36}
 
 
@@ -154,7 +156,7 @@ def bench_elementwise(kind: str, shapes, repeats: int) -> dict:
             "speedup_vs_pytorch_optimizer": ratio_stats(times["pytorch_optimizer"], times["keel"]),
             "time_vs_torch_fused_adamw": ratio_stats(times["keel"], times["torch_fused_adamw"]),
         }
-        print(f"  {name}: eta keel {out[name]['eta']['keel']:.2f}, pytorch-optimizer "
+        print(f"  [{time.perf_counter() - START:.0f}s] {name}: eta keel {out[name]['eta']['keel']:.2f}, pytorch-optimizer "
               f"{out[name]['eta']['pytorch_optimizer']:.2f}, fused AdamW {out[name]['eta']['torch_fused_adamw']:.2f}; "
               f"speedup {out[name]['speedup_vs_pytorch_optimizer']['median']:.2f}x")
         del keel_opt, peer
@@ -216,7 +218,7 @@ def bench_soap(kind: str, config: dict, repeats: int, frequency: int = 10) -> di
         train_seconds, tokens = training_step_seconds(config, batch)
         out["training_step"] = {"batch": batch, "tokens": tokens, "seconds": train_seconds}
         out["amortised_fraction_of_training_step"] = per_step["keel"] / train_seconds
-    print(f"  soap: speedup {out['speedup_vs_pytorch_optimizer']['median']:.2f}x"
+    print(f"  [{time.perf_counter() - START:.0f}s] soap: speedup {out['speedup_vs_pytorch_optimizer']['median']:.2f}x"
           + (f", {out['amortised_fraction_of_training_step']:.2f} of a training step" if kind == "char" else ""))
     return out
 
@@ -224,8 +226,6 @@ def bench_soap(kind: str, config: dict, repeats: int, frequency: int = 10) -> di
 def results_section(data: dict) -> str:
     m = data["machine"]
     lines = [
-        "## optimizers",
-        "",
         f"`python benchmarks/bench_optim.py` — {m['date']}, {m['cpu']}, {m['cores']} cores, {m['threads']} thread, "
         f"load average {m['load_average']}, torch {m['torch']}. float32 parameters; medians of {data['repeats']} "
         "interleaved repeats; ratios are medians of per-repeat ratios [min, max]. eta = (minimum bytes / step time) "
@@ -269,14 +269,23 @@ def results_section(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
+def write_subsection(path: Path, heading: str, body: str) -> None:
+    """Replace (or add) the `heading` subsection of the "## optimizers" section of RESULTS.md, leaving the rest."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find("\n## optimizers\n")
+    if "\n## optimizers\n" not in text:
+        text = text.rstrip("\n") + "\n\n## optimizers\n"
+    section_start = text.find("\n## optimizers\n") + 1
+    section_end = text.find("\n## ", section_start)
+    section_end = len(text) if section_end == -1 else section_end + 1
+    section = text[section_start:section_end]
+    block = f"{heading}\n\n{body.strip()}\n"
+    start = section.find(heading + "\n")
     if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
+        section = section.rstrip("\n") + "\n\n" + block
     else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end != -1 else "")
+        end = section.find("\n### ", start + 1)
+        section = section[:start] + block + ("\n" + section[end + 1 :] if end != -1 else "")
+    text = text[:section_start] + section.rstrip("\n") + "\n" + ("\n" + text[section_end:] if text[section_end:] else "")
     path.write_text(text)
 
 
@@ -304,7 +313,7 @@ def main() -> None:
     if not args.no_write:
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "optim.json").write_text(json.dumps(data, indent=2) + "\n")
-        write_section(HERE / "RESULTS.md", results_section(data))
+        write_subsection(HERE / "RESULTS.md", STEP_TIME_HEADING, results_section(data))
     print(results_section(data))
 
 
