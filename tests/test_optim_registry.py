@@ -195,3 +195,10 @@ def test_muon_hybrid_matches_torch_muon_and_adamw_run_separately():
                 o.zero_grad()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_muon_on_plain_parameters_splits_by_shape():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    opt = ko.create("muon", model.parameters())
+    kinds = {g["kind"]: len(g["params"]) for g in opt.param_groups}
+    assert kinds == {"muon": 2, "adamw": 2}

@@ -63,7 +63,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
     `nesterov`, `ns_steps`, ... or AdamW's `betas`, `eps`). Steps delegate to `torch.optim.Muon` and
     `torch.optim.AdamW`, which operate on this optimizer's own group dicts and state.
 
-    params: group dicts, each with `kind` ("muon" or "adamw"); plain tensors are split by shape (2-D -> Muon).
+    params: group dicts, each with `kind` ("muon" or "adamw"); tensors and groups without a kind are split by
+    shape (2-D -> Muon, the rest -> AdamW), which cannot tell an embedding or output head from a hidden matrix:
+    pass a model to `keel.optim.create("muon", model)` for that.
     """
 
     def __init__(
@@ -82,10 +84,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
     ) -> None:
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
-            groups = [
-                {"params": [p for p in groups if p.ndim == 2], "kind": "muon"},
-                {"params": [p for p in groups if p.ndim != 2], "kind": "adamw"},
-            ]
+            groups = [{"params": groups}]
+        split = []
+        for group in groups:  # groups without a kind: 2-D parameters to Muon, the rest to AdamW
+            if "kind" in group:
+                split.append(group)
+                continue
+            tensors = list(group["params"])
+            for kind, chosen in (("muon", [p for p in tensors if p.ndim == 2]), ("adamw", [p for p in tensors if p.ndim != 2])):
+                split.append(dict(group, params=chosen, kind=kind))
+        groups = split
         built = []
         for group in groups:
             group = dict(group)
