@@ -108,9 +108,8 @@ class AdEMAMix(MultiTensorOptimizer):
 
     @staticmethod
     def _update_foreach(params, grads, states, scalars) -> None:
-        lr, decay, one_minus_beta1, beta2, one_minus_beta2, one_minus_beta3, correction1, sqrt_correction2, alpha, eps = (
-            scalars
-        )
+        lr, decay, one_minus_beta1, beta2, one_minus_beta2 = scalars[:5]
+        one_minus_beta3, correction1, sqrt_correction2, alpha, eps = scalars[5:]
         exp_avgs, exp_avg_sqs, exp_avg_slows = states
         torch._foreach_lerp_(exp_avgs, grads, one_minus_beta1)
         torch._foreach_lerp_(exp_avg_slows, grads, one_minus_beta3)

@@ -215,7 +215,9 @@ register(
 
 # --- keel's own implementations ---
 
-_FUSED_KEEL = Hparam(None, optional(boolean), "one compiled pass per tensor (null: when >= 1M elements and a compiler exists)")
+_FUSED_KEEL = Hparam(
+    None, optional(boolean), "one compiled pass per tensor (null: when >= 1M elements and a compiler exists)"
+)
 _STEPS = optional(positive_int)
 
 register(

@@ -91,8 +91,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 split.append(group)
                 continue
             tensors = list(group["params"])
-            for kind, chosen in (("muon", [p for p in tensors if p.ndim == 2]), ("adamw", [p for p in tensors if p.ndim != 2])):
-                split.append(dict(group, params=chosen, kind=kind))
+            split.append(dict(group, params=[p for p in tensors if p.ndim == 2], kind="muon"))
+            split.append(dict(group, params=[p for p in tensors if p.ndim != 2], kind="adamw"))
         groups = split
         built = []
         for group in groups:
