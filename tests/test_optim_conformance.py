@@ -176,3 +176,26 @@ def test_param_without_gradient_is_untouched_and_late_starters_get_their_own_ste
     opt.step()
     assert opt.state[a]["step"] == 2 and opt.state[b]["step"] == 1
     assert torch.equal(b.detach(), first_update_of_a)  # bias-corrected by its own step count
+
+
+@pytest.mark.parametrize("cls", [ko.Lion, ko.AdEMAMix])
+def test_fused_path_follows_parameters_that_skip_steps(cls, monkeypatch):
+    """The fused path's cached plan is rebuilt when the set of parameters with gradients changes."""
+    monkeypatch.setattr(cls, "_compiled", _make_list_update(cls._update_tensor))
+    shapes = [(300, 300), (7,), (70000,), (4,)]
+    skips = {1: [1], 2: [0, 3], 4: [2]}  # step -> parameters without a gradient
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        params = [torch.randn(s).requires_grad_(True) for s in shapes]
+        opt = cls(params, lr=1e-3, weight_decay=0.1, fused=fused)
+        generator = torch.Generator().manual_seed(1)
+        for step in range(7):
+            for i, p in enumerate(params):
+                p.grad = None if i in skips.get(step, []) else torch.randn(p.shape, generator=generator)
+            opt.step()
+        results.append(([p.detach().clone() for p in params], [opt.state[p]["step"] for p in params]))
+    (eager, eager_steps), (fused_params, fused_steps) = results
+    assert eager_steps == fused_steps == [6, 6, 6, 6]
+    for a, b in zip(eager, fused_params):
+        assert (a - b).abs().max() <= 1e-6

@@ -120,6 +120,18 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plan = getattr(self, "_plan", None)
+        if plan is not None and self.fused is not False:
+            # fused, and the same parameters have gradients as at the last step: no need to bucket again
+            with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if tuple(map(id, with_grad)) == plan["ids"]:
+                for p in with_grad:
+                    self.state[p]["step"] += 1
+                if self._run_plan(plan):
+                    return loss
+                for p in with_grad:
+                    self.state[p]["step"] -= 1
+            self._plan = None
         buckets = self._buckets()
         if not buckets:
             return loss
@@ -150,10 +162,14 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         Small parameters' state lives in the flat buffers (the state dict holds views of them), so only the
         parameters and gradients are copied in, and the parameters copied back, each step.
         """
+        ids = tuple(id(p) for _, params, _, _ in buckets.values() for p in params)
+        order = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        if list(ids) != sorted(ids, key=order.__getitem__):
+            ids = None  # buckets not in group order (split by step): always take the bucketing path
         big_params, big_states = [], [[] for _ in self.state_names]
         flats = []  # per bucket with small tensors: (params, param views, grad buffer, grad views, flat tensors)
         counts = []  # per bucket: (large tensors, whether it has a flat buffer), to repeat its row of scalars
-        for (_, _, dtype, device), (_, params, _, states) in buckets.items():
+        for (_, _, dtype, device), (group, params, _, states) in buckets.items():
             count, small = 0, []
             for i, p in enumerate(params):
                 if p.numel() < SMALL_NUMEL:
@@ -177,9 +193,9 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                         self.state[p][name] = v.view_as(p)
                     flat_states.append(flat_s)
                 flats.append((small_params, p_views, g_views, flat_p, flat_g, flat_states))
-            counts.append((count, bool(small)))
-        return {"signature": signature, "big_params": big_params, "big_states": big_states, "flats": flats,
-                "counts": counts}
+            counts.append((group, params[0], count, bool(small)))
+        return {"signature": signature, "ids": ids, "big_params": big_params, "big_states": big_states,
+                "flats": flats, "counts": counts}
 
     def _step_fused(self, buckets) -> bool:
         """All buckets in one compiled call; small tensors through flat buffers. False if compiling failed."""
@@ -187,6 +203,13 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         plan = getattr(self, "_plan", None)
         if plan is None or plan["signature"] != signature:
             plan = self._plan = self._build_plan(buckets, signature)
+        if not self._run_plan(plan):
+            self._plan = None
+            return False
+        return True
+
+    def _run_plan(self, plan: dict) -> bool:
+        """Copy small tensors in, run the compiled update over everything, copy small parameters out."""
         grads = [p.grad for p in plan["big_params"]]
         params, states = list(plan["big_params"]), [list(column) for column in plan["big_states"]]
         for small_params, p_views, g_views, flat_p, flat_g, flat_states in plan["flats"]:
@@ -197,8 +220,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             for column, flat_s in zip(states, flat_states):
                 column.append(flat_s)
         big_rows, flat_rows = [], []
-        for ((_, step, _, _), (group, _, _, _)), (count, has_small) in zip(buckets.items(), plan["counts"]):
-            row = self._scalars(group, step)
+        for group, first, count, has_small in plan["counts"]:
+            row = self._scalars(group, self.state[first]["step"])
             big_rows += [row] * count
             flat_rows += [row] if has_small else []
         hyper = torch.tensor(big_rows + flat_rows, dtype=torch.float64, device=params[0].device)
@@ -209,12 +232,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             cls._compiled(params, grads, states, hyper)
         except Exception as error:  # noqa: BLE001  (any compiler failure: fall back to the eager path)
             cls._compile_failed = True
-            self._plan = None
             warnings.warn(
                 f"{cls.__name__}: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
                 "using the eager multi-tensor path from now on",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             return False
         for small_params, p_views, *_ in plan["flats"]:
