@@ -92,3 +92,30 @@ def test_unigram_cross_entropy_matches_closed_form():
     val = np.array([0, 1])
     # add-one: p(0) = p(1) = 3/6 over a vocabulary of 2 -> ln 2
     assert unigram_cross_entropy(train, val, 2) == pytest.approx(np.log(2))
+
+
+@pytest.mark.parametrize("kind", ["pydoc", "file", "folder", "bin", "bin_folder"])
+def test_train_token_count_matches_the_loaded_split(tmp_path, kind):
+    from keel.data import train_token_count
+
+    (tmp_path / "a.txt").write_text("hello world " * 97)
+    (tmp_path / "b.md").write_text("more text " * 31)
+    np.arange(999, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    (tmp_path / "nano").mkdir()
+    np.arange(300, dtype=np.uint16).tofile(tmp_path / "nano" / "train.bin")
+    np.arange(30, dtype=np.uint16).tofile(tmp_path / "nano" / "val.bin")
+    source = {"pydoc": "pydoc", "file": str(tmp_path / "a.txt"), "folder": str(tmp_path),
+              "bin": str(tmp_path / "t.bin"), "bin_folder": str(tmp_path / "nano")}[kind]
+    if kind == "folder":
+        (tmp_path / "t.bin").unlink()
+    assert train_token_count(source, 0.13) == len(load_tokens(source, 0.13).train)
+
+
+def test_epoch_units_resolve_in_a_run_config():
+    from keel.config import load_config
+
+    config = load_config(None, ["schedule.warmup=1ep", "max_steps=400"])
+    steps_per_epoch = config.steps_per_epoch(len(load_tokens("pydoc").train))
+    assert steps_per_epoch == len(load_tokens("pydoc").train) // (32 * 128)
+    with pytest.raises(KeelError, match="schedule.warmup"):
+        load_config(None, ["schedule.warmup=200ep", "max_steps=400"])

@@ -25,7 +25,7 @@ def test_initial_loss_is_near_uniform():
 
 def test_loss_sum_ignores_masked_targets():
     logits = torch.randn(1, 4, 5)
-    targets = torch.tensor([[1, 2, -1, -1]])
+    targets = torch.tensor([[1, 2, -100, -100]])
     full = torch.nn.functional.cross_entropy(logits[0, :2], targets[0, :2], reduction="sum")
     assert torch.allclose(lm_loss_sum(logits, targets), full)
 

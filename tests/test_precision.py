@@ -45,7 +45,7 @@ def test_autocast_runs_matmuls_in_low_precision_but_keeps_fp32_weights(mode, dty
     assert all(param.dtype == torch.float32 for param in model.parameters())
 
 
-def test_bf16_run_trains():
+def test_bf16_autocast_updates_lower_the_loss():
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     p = Precision("bf16", torch.device("cpu"))

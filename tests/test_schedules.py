@@ -268,3 +268,26 @@ def test_warmup_steps_reads_the_warmup_a_schedule_starts_with():
     assert warmup_steps(from_config({"name": "wsd", "warmup": "5%", "decay": "20%"}, base_lr=1e-3, total_steps=100)) == 5
     assert warmup_steps(from_config({"name": "noam", "model_dim": 64, "warmup": 40}, base_lr=1.0)) == 40
     assert warmup_steps(from_config({"name": "constant"}, base_lr=1e-3)) == 0
+    plateau = from_config({"name": "plateau", "schedule": {"name": "cosine", "warmup": 10}}, base_lr=1e-3,
+                          total_steps=100)
+    assert warmup_steps(plateau) == 10
+    from keel.schedules import constant, cosine_decay, join, linear_decay, warmup, wrap
+
+    assert warmup_steps(wrap(warmup(constant(1.0), 5), step_start=10, step_duration=3)) == 25
+    assert warmup_steps(join([warmup(constant(1.0), 7), cosine_decay(1.0, 50)], [20])) == 7
+    rising = join([linear_decay(1.0, 10, end_lr=2.0), cosine_decay(2.0, 50)], [10])
+    assert warmup_steps(rising) == 10
+    assert warmup_steps(join([constant(1.0), cosine_decay(1.0, 50)], [10])) == 0
+
+
+def test_set_lr_keeps_the_ratios_of_a_plain_torch_optimizers_groups():
+    import torch
+
+    from keel.schedules import set_lr
+
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 1e-3}], lr=1e-2)
+    set_lr(optimizer, 0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 0.05]
+    set_lr(optimizer, 0.2)  # the ratio is fixed once, not re-derived from the LRs just set
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(0.02)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
 from keel.data.corpora import BUILTIN_CORPORA
+from keel.data.sources import train_token_count
 from keel.errors import KeelError
 from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
 
@@ -81,14 +82,14 @@ class SampleConfig(_Block):
 
 # The seed articles' baseline recipe: AdamW (0.9, 0.95), decoupled weight decay 0.1, linear warmup then cosine.
 DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}
-DEFAULT_SCHEDULE = {"name": "cosine", "warmup": "5%", "min_lr": 2e-4}
+DEFAULT_SCHEDULE = {"name": "cosine", "warmup": "5%"}  # min_lr: a tenth of the peak LR unless given
 
 
 class TrainConfig(_Block):
     """A whole training run. Lengths given as time units accept steps, '2%' of the run, '3ep' or '2Mtok'."""
 
     seed: int = Field(1337, description="Seed for initialisation, dropout and batch sampling.")
-    max_steps: int = Field(800, ge=1, description="Optimizer updates in the run.")
+    max_steps: int = Field(600, ge=1, description="Optimizer updates in the run.")
     out_dir: str | None = Field(None, description="Run directory (default: runs/<date>-<time>).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer update.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -106,7 +107,7 @@ class TrainConfig(_Block):
     schedule: dict[str, Any] = Field(
         default_factory=lambda: dict(DEFAULT_SCHEDULE),
         description="Learning-rate schedule: name and parameters (see docs/schedules.md); its peak LR is "
-        "optimizer.lr unless the schedule sets lr.",
+        "optimizer.lr unless the schedule sets lr; cosine decays to min_lr, by default a tenth of the peak.",
     )
     clip: ClipConfig = Field(default_factory=ClipConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
@@ -122,14 +123,30 @@ class TrainConfig(_Block):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
 
-    @field_validator("optimizer", "schedule", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _complete_default_recipe(cls, value: Any, info) -> Any:
-        # Keys given without a name (or with the default's name) refine the default recipe; another name starts afresh.
-        default = DEFAULT_OPTIMIZER if info.field_name == "optimizer" else DEFAULT_SCHEDULE
-        if isinstance(value, dict) and value.get("name", default["name"]) == default["name"]:
-            return {**default, **value}
-        return value
+    def _complete_default_recipe(cls, raw: Any) -> Any:
+        """Keys given without a name (or with the default's name) refine the default recipe, key by key; another
+        name starts afresh. A cosine schedule with no ``min_lr`` decays to a tenth of its peak LR."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        optimizer = raw.get("optimizer", {})
+        if isinstance(optimizer, dict) and optimizer.get("name", DEFAULT_OPTIMIZER["name"]) == DEFAULT_OPTIMIZER["name"]:
+            raw["optimizer"] = optimizer = {**DEFAULT_OPTIMIZER, **optimizer}
+        schedule = raw.get("schedule", {})
+        if isinstance(schedule, dict) and schedule.get("name", DEFAULT_SCHEDULE["name"]) == DEFAULT_SCHEDULE["name"]:
+            schedule = {**DEFAULT_SCHEDULE, **schedule}
+            if "min_lr" not in schedule:
+                from keel.optim import check_config
+
+                try:
+                    peak = schedule.get("lr", check_config(optimizer)["lr"])
+                    schedule["min_lr"] = float(peak) / 10
+                except (KeelError, TypeError, ValueError):
+                    pass  # the optimizer block is invalid: its own error is reported below
+            raw["schedule"] = schedule
+        return raw
 
     @field_validator("device")
     @classmethod
@@ -148,7 +165,7 @@ class TrainConfig(_Block):
             self.schedule,
             base_lr=float(optimizer["lr"]),
             total_steps=self.max_steps,
-            steps_per_epoch=None,
+            steps_per_epoch=self.steps_per_epoch(train_token_count(self.data.source, self.data.val_fraction)),
             tokens_per_step=self.tokens_per_step,
             key="schedule",
         )
@@ -161,6 +178,10 @@ class TrainConfig(_Block):
                     "allowed without it: false"
                 ) from error
         return self
+
+    def steps_per_epoch(self, train_tokens: int) -> int:
+        """Optimizer steps in one epoch of ``train_tokens`` (whole batches of windows, at least 1)."""
+        return max(1, max(1, train_tokens // (self.data.batch_size * self.model.block_size)) // self.grad_accum)
 
     @property
     def tokens_per_step(self) -> int:

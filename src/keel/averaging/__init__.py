@@ -1,7 +1,8 @@
 """Weight averaging and ensembles: EMA, Polyak, SWA, checkpoint averaging, snapshot and model ensembles."""
 
 from keel.averaging.checkpoints import average_checkpoints, average_checkpoints_to_file, resolve_checkpoints
-from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig, make_callbacks
+from keel.averaging.callbacks import make_callbacks
+from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
 from keel.averaging.ema import EMA
 from keel.averaging.shadow import ShadowWeights
 from keel.averaging.swa import SWA, Polyak, recompute_batchnorm, swa_learning_rate

@@ -1,6 +1,7 @@
 """Typed config blocks for weight averaging in the trainer: `ema`, `polyak`, `swa`, `snapshot`.
 
-Each block is disabled by default; `make_callbacks(config)` turns the enabled ones into trainer callbacks.
+Each block is disabled by default; `keel.averaging.make_callbacks(config)` turns the enabled ones into trainer
+callbacks.
 Lengths (`start`, `every`, `half_life`, ...) accept keel time units: 500 or "500" (steps), "2%" (fraction of
 the run), "3ep" (epochs), "2Mtok" (tokens).
 """
@@ -155,16 +156,3 @@ class SnapshotConfig(BaseModel):
 
 
 __all__ = ["EMAConfig", "PolyakConfig", "SWAConfig", "SnapshotConfig", "Length"]
-
-
-def make_callbacks(config) -> list:
-    """Trainer callbacks for the enabled averaging blocks of a TrainConfig (`ema`, `polyak`, `swa`, `snapshot`)."""
-    blocks = {name: getattr(config, name, None) for name in ("ema", "polyak", "swa", "snapshot")}
-    if not any(block is not None and block.enabled for block in blocks.values()):
-        return []
-    from keel.averaging.callbacks import make_callbacks as _make
-
-    return _make(config)
-
-
-__all__ += ["make_callbacks"]

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from keel.errors import KeelError
+from keel.errors import KeelError, TrainingUnstableError
 
 # Each name is a module keel.cli.<name> with add_parser(subparsers) and run(args) -> int.
 COMMANDS = ("train", "schedule", "average", "ensemble")
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
+    except TrainingUnstableError as error:  # the run diverged: not bad input, so not exit code 2
+        print(f"keel {args.command}: {error}".replace("\n", " "), file=sys.stderr)
+        return 1
     except KeelError as error:
         print(f"keel {args.command}: error: {error}".replace("\n", " "), file=sys.stderr)
         return 2

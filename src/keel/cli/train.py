@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from keel.errors import KeelError
 from keel.config import describe_fields, load_config, merge, parse_overrides, read_yaml, validate
 
 
@@ -30,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     items = list(args.items)
     path = items.pop(0) if items and "=" not in items[0] else None
     if args.resume:
+        if args.out:
+            raise KeelError(f"--out {args.out} with --resume {args.resume}: a resumed run stays in its directory; "
+                            "allowed: one of the two")
         run_dir = Path(args.resume)
         raw = merge(read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {},
                     read_yaml(path) if path else {})

@@ -2,7 +2,7 @@
 
 from keel.data.corpora import BUILTIN_CORPORA, load_builtin, pydoc_topics, stdlib_source
 from keel.data.sampler import RandomWindowSampler, sequential_windows
-from keel.data.sources import TokenSplits, load_tokens, unigram_cross_entropy
+from keel.data.sources import TokenSplits, load_tokens, train_token_count, unigram_cross_entropy
 
 __all__ = [
     "BUILTIN_CORPORA",
@@ -13,5 +13,6 @@ __all__ = [
     "pydoc_topics",
     "sequential_windows",
     "stdlib_source",
+    "train_token_count",
     "unigram_cross_entropy",
 ]

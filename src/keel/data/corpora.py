@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sysconfig
 from pathlib import Path
@@ -39,6 +40,7 @@ def stdlib_source(max_bytes: int | None = None) -> bytes:
     return b"\n".join(parts)
 
 
+@functools.lru_cache(maxsize=2)
 def load_builtin(name: str) -> bytes:
     """The bytes of a built-in corpus by name (``pydoc`` or ``stdlib``)."""
     if name == "pydoc":

@@ -29,7 +29,7 @@ class RandomWindowSampler:
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, index))
-        starts = rng.integers(0, len(self.tokens) - self.block_size - 1, size=self.batch_size)
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)  # start + block + 1 <= len
         windows = torch.from_numpy(np.asarray(self.tokens[starts[:, None] + self._offsets], dtype=np.int64))
         return windows[:, :-1], windows[:, 1:]
 

@@ -28,8 +28,12 @@ class TokenSplits:
     description: str
 
 
+def _val_size(n_tokens: int, val_fraction: float) -> int:
+    return int(round(n_tokens * val_fraction))
+
+
 def _split(tokens: np.ndarray, val_fraction: float, key: str) -> tuple[np.ndarray, np.ndarray]:
-    n_val = int(round(len(tokens) * val_fraction))
+    n_val = _val_size(len(tokens), val_fraction)
     if n_val < 2 or len(tokens) - n_val < 2:
         raise KeelError(
             f"{key}: {len(tokens)} tokens are too few to split with val_fraction={val_fraction}; "
@@ -38,8 +42,12 @@ def _split(tokens: np.ndarray, val_fraction: float, key: str) -> tuple[np.ndarra
     return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
 
 
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+
+
 def _read_text_folder(folder: Path) -> bytes:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    files = _text_files(folder)
     if not files:
         raise KeelError(
             f"data.source: folder '{folder}' holds no text files; allowed suffixes: {', '.join(TEXT_SUFFIXES)}"
@@ -90,8 +98,13 @@ def load_tokens(source: str, val_fraction: float = 0.1, vocab_size: int | None =
     return TokenSplits(train, val, 256, True, f"text '{source}' ({len(tokens):,} bytes)")
 
 
+def _chunks(tokens: np.ndarray, size: int = 1 << 24):
+    for start in range(0, len(tokens), size):
+        yield np.asarray(tokens[start : start + size])
+
+
 def _token_splits(train: np.ndarray, val: np.ndarray, vocab_size: int | None, description: str) -> TokenSplits:
-    largest = int(max(train.max(), val.max()))
+    largest = max(int(chunk.max()) for split in (train, val) for chunk in _chunks(split))
     if vocab_size is None:
         vocab_size = largest + 1
     elif largest >= vocab_size:
@@ -102,12 +115,33 @@ def _token_splits(train: np.ndarray, val: np.ndarray, vocab_size: int | None, de
     return TokenSplits(train, val, vocab_size, False, description)
 
 
+def train_token_count(source: str, val_fraction: float = 0.1) -> int:
+    """Tokens in the train split of ``source`` as ``load_tokens`` makes it, from file sizes where it can
+    (a token file or text is not read), so a config can resolve epochs before any data is loaded."""
+    if source in BUILTIN_CORPORA:
+        n = len(load_builtin(source))
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir() and (path / "train.bin").is_file():
+            return (path / "train.bin").stat().st_size // 2
+        if path.is_file():
+            n = path.stat().st_size // (2 if path.suffix == ".bin" else 1)
+        else:
+            files = _text_files(path)
+            n = sum(p.stat().st_size for p in files) + max(len(files) - 1, 0)  # joined by newlines
+    return n - _val_size(n, val_fraction)
+
+
 def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy in nats of the validation split under the train split's unigram distribution (add-one).
 
     The baseline a language model must beat: what predicting each token from its frequency alone achieves.
     """
-    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    counts = np.ones(vocab_size, dtype=np.float64)  # add-one smoothing
+    for chunk in _chunks(train):  # a memory-mapped token file is counted a slice at a time
+        counts += np.bincount(chunk, minlength=vocab_size)
     log_p = np.log(counts / counts.sum())
-    val_counts = np.bincount(np.asarray(val, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+    val_counts = np.zeros(vocab_size, dtype=np.float64)
+    for chunk in _chunks(val):
+        val_counts += np.bincount(chunk, minlength=vocab_size)
     return float(-(val_counts * log_p).sum() / val_counts.sum())

@@ -5,15 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from keel.errors import KeelError
+from keel.errors import KeelError, TrainingUnstableError  # noqa: F401  (re-exported by keel.grad)
 from keel.grad.clip import Parameters, _grads, _group
-
-
-class TrainingUnstableError(KeelError):
-    """Training stopped because it could not be kept stable (too many skipped updates or loss-spike rollbacks).
-
-    The message says what happened, at which step, and which checkpoint holds the last good state.
-    """
 
 
 def all_ranks_agree(flag: bool | torch.Tensor, device: torch.device | str | None = None) -> bool:

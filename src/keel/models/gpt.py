@@ -128,8 +128,8 @@ class GPT(nn.Module):
         return idx
 
 
-def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
-    """Summed next-token cross-entropy (nats) over the targets that are not ``ignore_index``.
+def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed next-token cross-entropy (nats) over the targets that are not ``ignore_index`` (torch's -100).
 
     Summing and dividing once by the global batch's token count makes gradient accumulation match one large
     batch even when micro-batches hold different numbers of tokens.

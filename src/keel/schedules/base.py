@@ -46,28 +46,43 @@ class Schedule:
 def warmup_steps(schedule: Callable[[int], float]) -> int:
     """Length of the warmup a schedule starts with (0 if none): what "after warmup" means for clipping.
 
-    Reads the outermost ``warmup`` combinator, a schedule's own ``warmup_steps`` (wsd, noam, rsqrt,
-    inverse_sqrt), or looks through ``wrap`` (shifted by its ``step_start``) and reduce-on-plateau.
+    The outermost ``warmup`` combinator's ``steps``; a schedule's own ``warmup_steps`` (wsd, noam, rsqrt,
+    inverse_sqrt); through ``wrap`` as ``step_start + inner * step_duration``; through reduce-on-plateau to its
+    base; for ``join``, the first piece's warmup, or the whole first piece when it ends higher than it starts.
     """
+    base = getattr(schedule, "base", None)
+    if callable(base):  # reduce-on-plateau
+        return warmup_steps(base)
     params = getattr(schedule, "params", {})
     name = getattr(schedule, "name", "")
     if name == "warmup":
         return int(params["steps"])
     if "warmup_steps" in params:
         return int(params["warmup_steps"])
-    inner = params.get("schedule")
-    if callable(inner):
-        return warmup_steps(inner) + int(params.get("step_start", 0))
+    if name == "wrap":
+        return params["step_start"] + warmup_steps(params["schedule"]) * params["step_duration"]
+    if name == "join":
+        first, boundary = params["schedules"][0], params["boundaries"][0]
+        return warmup_steps(first) or (boundary if first(boundary - 1) > first(0) else 0)
     return 0
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every param group's learning rate to ``lr * group.get("lr_scale", 1.0)``.
+    """Set every param group's learning rate to ``lr * group["lr_scale"]``.
 
-    A group whose ``lr`` is a tensor (as used by fused or capturable optimizers) is updated in place.
+    keel's parameter groups carry ``lr_scale`` (per-group LR multipliers, layer-wise decay). Groups of a plain
+    torch optimizer that have none get it once, from their own LRs at the first call: each group's LR divided by
+    the largest (``initial_lr`` where a torch scheduler set it), so their ratios are kept. A group whose ``lr`` is
+    a tensor (as used by fused or capturable optimizers) is updated in place.
     """
-    for group in optimizer.param_groups:
-        value = lr * group.get("lr_scale", 1.0)
+    groups = optimizer.param_groups
+    if any("lr_scale" not in group for group in groups):
+        initial = [float(group.get("initial_lr", group["lr"])) for group in groups]
+        reference = max(initial)
+        for group, value in zip(groups, initial):
+            group.setdefault("lr_scale", value / reference if reference > 0 else 1.0)
+    for group in groups:
+        value = lr * group["lr_scale"]
         if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(value)
         else:

@@ -21,11 +21,11 @@ import torch
 from tqdm import tqdm
 
 from keel import optim, schedules
-from keel.averaging.config import make_callbacks
+from keel.averaging.callbacks import make_callbacks
 from keel.config import TrainConfig, dump_config
 from keel.data import RandomWindowSampler, load_tokens, sequential_windows, unigram_cross_entropy
 from keel.errors import KeelError
-from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
+from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree, count_tokens
 from keel.models import GPT, GPTConfig, lm_loss_sum
 from keel.precision import Precision
 from keel.train import checkpoint as ckpt
@@ -42,6 +42,7 @@ class TrainState:
     tokens: int = 0
     batch_index: int = 0  # next micro-batch the sampler hands out
     skipped: int = 0  # updates skipped (non-finite loss or gradients)
+    skip_streak: int = 0  # consecutive skipped updates (fp16 overflows with a finite loss excepted)
     rollbacks: int = 0  # loss-spike rollbacks so far
     lr_multiplier: float = 1.0  # product of spike.lr_factor over the rollbacks
     elapsed: float = 0.0  # training seconds, summed over resumes
@@ -89,7 +90,7 @@ class Trainer:
             self.data.train, config.model.block_size, config.data.batch_size, config.seed
         )
         self.tokens_per_step = config.tokens_per_step
-        self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // config.grad_accum)
+        self.steps_per_epoch = config.steps_per_epoch(len(self.data.train))
         self.unigram_baseline = unigram_cross_entropy(self.data.train, self.data.val, self.data.vocab_size)
 
         torch.manual_seed(config.seed)
@@ -107,7 +108,6 @@ class Trainer:
         spike = config.spike
         self.spike_detector = LossSpikeDetector(spike.window, spike.factor, spike.min_history, spike.min_rise) \
             if spike.enabled else None
-        self._skip_streak = 0  # consecutive skipped updates (fp16 overflows with a finite loss excepted)
         self.callbacks = [*make_callbacks(config), *callbacks]
         self.state = TrainState()
         self.lengths = lengths
@@ -119,6 +119,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` updates are applied; return the final metrics and the history."""
         metrics_offset = self._restore() if self._resume else None
+        ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))  # once resume succeeded
         config, state, model, optimizer = self.config, self.state, self.model, self.optimizer
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=metrics_offset)
         if config.tensorboard:
@@ -148,7 +149,7 @@ class Trainer:
             # token count, so accumulation matches one large batch whatever each micro-batch holds.
             micro_batches = [self.sampler.batch(state.batch_index + i) for i in range(config.grad_accum)]
             state.batch_index += config.grad_accum
-            n_tokens = sum(int((y != -1).sum()) for _, y in micro_batches)
+            n_tokens = sum(count_tokens(y) for _, y in micro_batches)
             loss_sum = 0.0
             for x, y in micro_batches:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -166,7 +167,7 @@ class Trainer:
             loss_value = float(loss_sum)
             finite = all_ranks_agree(math.isfinite(loss_value) and math.isfinite(clip.norm))
             spike = finite and self.spike_detector is not None and not all_ranks_agree(
-                not self.spike_detector.update(loss_value))
+                not self.spike_detector.is_spike(loss_value))
             applied = finite and not spike and self.precision.step(optimizer)
             self.precision.update()
             optimizer.zero_grad(set_to_none=True)
@@ -176,15 +177,17 @@ class Trainer:
             if not applied:
                 self._skip_update(loss_value, clip.norm)
                 continue
-            self._skip_streak = 0
+            state.skip_streak = 0
+            if self.spike_detector is not None:
+                self.spike_detector.update(loss_value)  # only losses of applied updates enter its window
 
             state.step += 1
-            state.tokens += self.tokens_per_step
+            tokens_before, state.tokens = state.tokens, state.tokens + self.tokens_per_step
             state.elapsed = elapsed_at_start + time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_step_end(self)
             if (state.step - 1) % config.log_interval == 0 or state.step == config.max_steps:
-                self.log({"step": state.step - 1, "tokens": state.tokens, "lr": lr, "loss": loss_value,
+                self.log({"step": state.step - 1, "tokens": tokens_before, "lr": lr, "loss": loss_value,
                           "grad_norm": clip.norm, "clipped": clip.clipped, "skipped": state.skipped,
                           "time": round(state.elapsed, 4)})
             speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
@@ -323,11 +326,11 @@ class Trainer:
         state.skipped += 1
         overflow = self.precision.scaler is not None and math.isfinite(loss_value) and self.precision.loss_scale >= 1
         reason = "fp16_overflow" if overflow else "nonfinite_grad" if math.isfinite(loss_value) else "nonfinite_loss"
-        self._skip_streak += 0 if overflow else 1
+        state.skip_streak += 0 if overflow else 1
         self.log({"step": state.step, "event": "skipped", "reason": reason, "loss": loss_value,
                   "unclipped_norm": grad_norm, "skipped": state.skipped})
-        if self._skip_streak >= limit:
-            self._stop(f"training stopped at step {state.step}: {self._skip_streak} consecutive updates skipped "
+        if state.skip_streak >= limit:
+            self._stop(f"training stopped at step {state.step}: {state.skip_streak} consecutive updates skipped "
                        f"for non-finite loss or gradients (last loss {loss_value}, gradient norm {grad_norm}; "
                        f"nonfinite.max_consecutive_skips: {limit})")
 
@@ -416,7 +419,6 @@ class Trainer:
                 "or another --out"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(config_path, dump_config(self.config))
 
     def _say(self, message: str, bar=None) -> None:
         if self.quiet:
