@@ -10,10 +10,12 @@ import numpy as np
 
 
 def _rolling(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over a window centred on each point (shorter at the ends), so the band does
+    not lag behind the curve."""
     kernel = np.ones(window)
-    counts = np.convolve(np.ones_like(values), kernel, "full")[: len(values)]
-    mean = np.convolve(values, kernel, "full")[: len(values)] / counts
-    sq = np.convolve(values**2, kernel, "full")[: len(values)] / counts
+    counts = np.convolve(np.ones_like(values), kernel, "same")
+    mean = np.convolve(values, kernel, "same") / counts
+    sq = np.convolve(values**2, kernel, "same") / counts
     return mean, np.sqrt(np.maximum(sq - mean**2, 0.0))
 
 
@@ -22,6 +24,7 @@ def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, ti
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     train = [r for r in records if "loss" in r and "step" in r and "event" not in r]
     evals = [r for r in records if "val_loss" in r]
@@ -58,14 +61,14 @@ def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, ti
         lr_ax = ax.twinx()
         lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray", linewidth=1, label="lr")
         lr_ax.set_ylabel("learning rate", color="tab:gray")
-        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        lr_ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1e"))
         handles, labels = ax.get_legend_handles_labels()
         h2, l2 = lr_ax.get_legend_handles_labels()
         ax.legend(handles + h2, labels + l2, loc="upper right", fontsize=8)
     else:
         ax.legend(loc="upper right", fontsize=8)
     if title:
-        ax.set_title(title, fontsize=10)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
