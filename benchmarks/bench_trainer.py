@@ -1,13 +1,13 @@
 """Per-step overhead of keel's trainer against a hand-written bare PyTorch loop doing the same math.
 
 Both run the default workload (the GPT and data of `keel train`), AdamW with the same parameter groups, linear
-warmup then cosine, global-norm clipping at 1.0, on the same batches. Contenders alternate (bare, keel, bare,
-keel, ...) in one process; each turn builds its run, trains `--steps` steps and the per-step time is taken
+warmup then cosine, global-norm clipping at 1.0, on the same batches. Contenders alternate in one process, the
+order flipping each pair (bare keel, keel bare, ...); each turn builds its run, trains `--steps` steps and the per-step time is taken
 from step `--warmup` to the last (setup, evaluation and checkpoints excluded: they are not per-step work).
 Reported: the median of per-pair ratios keel / bare with min and max. Peak memory: each contender alone in a
 fresh subprocess, peak resident set size (ru_maxrss) after the same number of steps.
 
-    python benchmarks/bench_trainer.py [--steps 40] [--repeats 5] [--threads 1]
+    python benchmarks/bench_trainer.py [--steps 40] [--repeats 6] [--threads 1]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-child", choices=["bare", "keel"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -101,8 +101,13 @@ def main() -> None:
     config = load_config(None, ["sample.tokens=0", f"threads={args.threads}"])
     bare_times, keel_times, ratios = [], [], []
     for repeat in range(args.repeats):
-        bare = bare_loop(config, args.steps, args.warmup)
-        ours = keel_loop(config, args.steps, args.warmup)
+        # Alternate which contender goes first (A B, B A, ...) so a drift in machine speed cancels out.
+        if repeat % 2 == 0:
+            bare = bare_loop(config, args.steps, args.warmup)
+            ours = keel_loop(config, args.steps, args.warmup)
+        else:
+            ours = keel_loop(config, args.steps, args.warmup)
+            bare = bare_loop(config, args.steps, args.warmup)
         bare_times.append(bare)
         keel_times.append(ours)
         ratios.append(ours / bare)
