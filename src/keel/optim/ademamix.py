@@ -46,7 +46,8 @@ class AdEMAMix(MultiTensorOptimizer):
 
     `betas` = (beta1, beta2, beta3); `alpha_warmup`, `beta3_warmup` in steps (None: no warmup);
     `t_alpha_beta3` (pytorch-optimizer's name) sets both warmups. State per parameter: `exp_avg` (m1),
-    `exp_avg_sq` (v), `exp_avg_slow` (m2), `step`. `fused`: see `keel.optim.multi_tensor`.
+    `exp_avg_sq` (v), `exp_avg_slow` (m2), all float32 for bfloat16/float16 parameters, and `step`. `fused`: see
+    `keel.optim.multi_tensor`.
     """
 
     state_names = ("exp_avg", "exp_avg_sq", "exp_avg_slow")

@@ -20,7 +20,8 @@ __all__ = ["Lion"]
 class Lion(MultiTensorOptimizer):
     """Lion (Chen et al. 2023): p <- p (1 - lr wd) - lr sign(beta1 m + (1 - beta1) g); m <- beta2 m + (1 - beta2) g.
 
-    State per parameter: `exp_avg` (m) and `step`. `fused`: see `keel.optim.multi_tensor`.
+    State per parameter: `exp_avg` (m; float32 for bfloat16/float16 parameters) and `step`. `fused`: see
+    `keel.optim.multi_tensor`.
     """
 
     state_names = ("exp_avg",)

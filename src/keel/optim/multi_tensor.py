@@ -15,7 +15,9 @@ compiler is on the PATH, and stays eager otherwise, so small models and tests ne
 
 Tensors smaller than `SMALL_NUMEL` (biases, norm gains) are gathered per param group into one flat buffer per
 step and scattered back, so a model's hundred small tensors cost a few copies instead of a hundred kernels.
-bfloat16 and float16 parameters keep their state in their own dtype and are updated in float32 arithmetic.
+bfloat16 and float16 parameters keep their state in float32 (a low-precision EMA with a decay near 1 stalls:
+(1 - beta) g falls below half an ulp of the average), are updated in float32 arithmetic, and are written back
+in their own dtype. The state stays float32 through `state_dict` / `load_state_dict`.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def compiler_available() -> bool:
 class MultiTensorOptimizer(torch.optim.Optimizer):
     """Base class: subclasses name their state tensors, the per-group scalars and the update rule twice.
 
-    - `state_names`: the per-parameter state tensors (zeros at the first step, in the parameter's dtype).
+    - `state_names`: the per-parameter state tensors (zeros at the first step, in the parameter's dtype, or
+      float32 for bfloat16/float16 parameters).
     - `_scalars(group, step) -> list[float]`: the numbers one update needs (step counts from 1).
     - `_update_foreach(params, grads, states, scalars)`: the rule with `torch._foreach_*` ops on lists.
     - `_update_tensor(p, g, states, h)`: the same rule for one tensor, `h` a 1-D tensor of the scalars; this is
@@ -103,7 +106,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 if "step" not in state:
                     state["step"] = 0
                     for name in self.state_names:
-                        state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state[name] = torch.zeros_like(p, dtype=_opmath(p.dtype), memory_format=torch.preserve_format)
                 state["step"] += 1
                 key = (index, state["step"], p.dtype, p.device)
                 bucket = buckets.setdefault(key, (group, [], [], [[] for _ in self.state_names]))
@@ -139,22 +142,32 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             return loss
         for (_, step, dtype, _), (group, params, grads, states) in buckets.items():
             scalars = self._scalars(group, step)
-            if dtype in _LOW_PRECISION:
+            if dtype in _LOW_PRECISION:  # the state is float32 already; the parameters go through float32 copies
                 params32 = [p.float() for p in params]
                 grads32 = [g.float() for g in grads]
-                states32 = [[s.float() for s in column] for column in states]
-                self._update_foreach(params32, grads32, states32, scalars)
+                self._update_foreach(params32, grads32, states, scalars)
                 torch._foreach_copy_(params, params32)
-                for column, column32 in zip(states, states32):
-                    torch._foreach_copy_(column, column32)
             else:
                 self._update_foreach(params, grads, states, scalars)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load; the fused path's flat buffers are rebuilt from the loaded state at the next step."""
+        """torch's load, except that the state of bfloat16/float16 parameters stays (or becomes) float32.
+
+        torch casts floating-point state to its parameter's dtype; keel keeps it in float32 so a resumed run
+        continues exactly. The fused path's flat buffers are rebuilt from the loaded state at the next step.
+        """
         super().load_state_dict(state_dict)
         self._plan = None
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if p.dtype not in _LOW_PRECISION or saved_id not in state_dict["state"]:
+                continue
+            saved = state_dict["state"][saved_id]
+            for name in self.state_names:
+                if isinstance(saved.get(name), torch.Tensor):
+                    self.state[p][name] = saved[name].to(device=p.device, dtype=torch.float32, copy=True)
 
     def _build_plan(self, buckets, signature) -> dict:
         """Which tensors the compiled call sees: large ones as they are, small ones through flat buffers per bucket.
