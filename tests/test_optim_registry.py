@@ -8,6 +8,8 @@ import keel.optim as ko
 from keel.errors import KeelError
 
 REQUIRED_NAMES = "sgd momentum nesterov rmsprop adam adamw nadam radam adafactor muon lion ademamix soap".split()
+requires_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+BUILDABLE = [pytest.param(n, marks=requires_muon) if n == "muon" else n for n in REQUIRED_NAMES]
 
 
 class Block(nn.Module):
@@ -58,7 +60,7 @@ def test_registry_has_every_required_name_with_a_description():
         assert name in listed and "defaults:" in listed[name]
 
 
-@pytest.mark.parametrize("name", REQUIRED_NAMES)
+@pytest.mark.parametrize("name", BUILDABLE)
 def test_every_optimizer_builds_for_a_model_and_steps(name):
     torch.manual_seed(0)
     model = TinyLM()
@@ -167,6 +169,7 @@ def test_error_key_prefix_is_configurable():
         ko.check_config({"name": "adan"}, key="opt2")
 
 
+@requires_muon
 def test_muon_hybrid_splits_hidden_matrices_from_the_rest():
     model = TinyLM()
     opt = ko.create("muon", model, lr=0.02, adam_lr=3e-4)
@@ -178,6 +181,7 @@ def test_muon_hybrid_splits_hidden_matrices_from_the_rest():
         assert g["lr_scale"] == pytest.approx(expected / 0.02)
 
 
+@requires_muon
 def test_muon_hybrid_matches_torch_muon_and_adamw_run_separately():
     torch.manual_seed(0)
     model = TinyLM()
@@ -198,8 +202,25 @@ def test_muon_hybrid_matches_torch_muon_and_adamw_run_separately():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+@requires_muon
 def test_muon_on_plain_parameters_splits_by_shape():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
     opt = ko.create("muon", model.parameters())
     kinds = {g["kind"]: len(g["params"]) for g in opt.param_groups}
     assert kinds == {"muon": 2, "adamw": 2}
+
+
+def test_muon_without_torch_muon_is_an_error_naming_the_torch_version(monkeypatch):
+    """torch.optim.Muon first shipped in torch 2.9; keel's floor is older."""
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    attempts = {
+        "check_config": lambda: ko.check_config({"name": "muon"}),
+        "create": lambda: ko.create("muon", TinyLM()),
+        "class": lambda: ko.MuonWithAdamW(TinyLM().parameters()),
+    }
+    for how, attempt in attempts.items():
+        with pytest.raises(KeelError, match=r"torch >= 2\.9 \(torch\.optim\.Muon\)") as error:
+            attempt()
+        assert how == "class" or str(error.value).startswith("optimizer.name: 'muon' needs torch >= 2.9")
+    assert ko.check_config({"name": "adamw"})["name"] == "adamw"  # the others are unaffected
+    assert "muon" in ko.names()  # still listed, with what it needs when built

@@ -9,7 +9,7 @@ import torch
 
 from keel.optim.ademamix import AdEMAMix
 from keel.optim.lion import Lion
-from keel.optim.muon import MuonWithAdamW, muon_split
+from keel.optim.muon import MuonWithAdamW, muon_missing, muon_split
 from keel.optim.soap import SOAP
 from keel.optim.registry import (
     Hparam,
@@ -209,6 +209,7 @@ register(
         },
         build=lambda groups, lr, **kw: MuonWithAdamW(groups, lr=lr, **kw),
         group_split=muon_split,
+        missing=muon_missing,
     )
 )
 

@@ -5,6 +5,7 @@ Newton-Schulz iterations: B_t = mu B_{t-1} + g_t; O_t = NS_5(g_t + mu B_t) (Nest
 p <- p (1 - lr wd) - lr sqrt(max(1, rows / cols)) O_t. It only applies to hidden matrices: embeddings, the output
 head, biases and norm gains use AdamW, each with its own LR. This is the hybrid the Muon repository recommends
 (`MuonWithAuxAdam`), built here on `torch.optim.Muon` and `torch.optim.AdamW` rather than rewritten.
+`torch.optim.Muon` first shipped in torch 2.9; with an older torch, building it raises a KeelError saying so.
 """
 
 from __future__ import annotations
@@ -12,7 +13,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MuonWithAdamW", "muon_split"]
+from keel.errors import KeelError
+
+__all__ = ["MUON_TORCH_VERSION", "MuonWithAdamW", "muon_missing", "muon_split"]
+
+#: The first torch release with `torch.optim.Muon` (keel's floor is older).
+MUON_TORCH_VERSION = "2.9"
+
+
+def muon_missing() -> str | None:
+    """None if this torch has `torch.optim.Muon`; otherwise a sentence saying which torch version is needed."""
+    if hasattr(torch.optim, "Muon"):
+        return None
+    return (
+        f"needs torch >= {MUON_TORCH_VERSION} (torch.optim.Muon), but this is torch {torch.__version__}; "
+        f"upgrade torch (pip install 'torch>={MUON_TORCH_VERSION}') or choose another optimizer"
+    )
 
 _ADAMW_KEYS = {
     "betas": (0.9, 0.95),
@@ -82,6 +98,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
         adam_eps: float = 1e-8,
         adam_weight_decay: float = 0.01,
     ) -> None:
+        missing = muon_missing()
+        if missing is not None:
+            raise KeelError(f"MuonWithAdamW {missing}")
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]

@@ -126,8 +126,9 @@ class OptimizerSpec:
     """A registry record: the name, one line of what, the paper or source, the default LR and the hyperparameters.
 
     `build(groups, lr, **hparams)` constructs the optimizer from torch param groups. `group_split`, if set,
-    labels each parameter (e.g. Muon's "muon" / "adamw") so that groups are built per label. `groups_from`, if
-    set, turns the labelled groups into the optimizer's groups (per-label LRs and settings).
+    labels each parameter (e.g. Muon's "muon" / "adamw") so that groups are built per label. `missing`, if set,
+    returns None when the optimizer can be built here, else what it needs (e.g. a newer torch); `check_config`
+    and `create` raise a KeelError with it.
     """
 
     name: str
@@ -137,6 +138,7 @@ class OptimizerSpec:
     hparams: dict[str, Hparam]
     build: Callable[..., torch.optim.Optimizer]
     group_split: Callable[[nn.Module], Callable[[str, torch.Tensor], str]] | None = None
+    missing: Callable[[], str | None] | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -170,6 +172,12 @@ def get(name: str, *, key: str = "optimizer") -> OptimizerSpec:
     return _REGISTRY[name]
 
 
+def _require_available(record: OptimizerSpec, key: str) -> None:
+    problem = record.missing() if record.missing is not None else None
+    if problem is not None:
+        raise KeelError(f"{key}.name: {record.name!r} {problem}")
+
+
 def names() -> dict[str, str]:
     """Every registered optimizer: name -> one line with its description, source and defaults."""
     out = {}
@@ -194,6 +202,7 @@ def check_config(spec: Mapping[str, Any], key: str = "optimizer") -> dict[str, A
     if "name" not in spec:
         raise KeelError(f"{key}.name: missing; allowed: {', '.join(_REGISTRY)}")
     record = get(spec["name"], key=key)
+    _require_available(record, key)
     hparams = {k: v for k, v in spec.items() if k != "name"}
     return {"name": record.name} | _check_hparams(record, hparams, key)
 
@@ -237,6 +246,7 @@ def create(
     >>> opt = create("adamw", nn.Linear(4, 2), lr=1e-3, weight_decay=0.1)
     """
     record = get(name, key=key)
+    _require_available(record, key)
     if lr is not None:
         hparams["lr"] = lr
     settings = _check_hparams(record, hparams, key)
