@@ -1,5 +1,7 @@
 """The optimizer registry, config checks and parameter-group helpers."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -224,3 +226,61 @@ def test_muon_without_torch_muon_is_an_error_naming_the_torch_version(monkeypatc
         assert how == "class" or str(error.value).startswith("optimizer.name: 'muon' needs torch >= 2.9")
     assert ko.check_config({"name": "adamw"})["name"] == "adamw"  # the others are unaffected
     assert "muon" in ko.names()  # still listed, with what it needs when built
+
+
+def test_ademamix_warmups_take_time_units_resolved_with_the_run_lengths():
+    """The paper sets both warmups to the run length: "100%" (or epochs, tokens) from a config."""
+    from keel.config import load_config
+
+    config = load_config(None, ["optimizer={name: ademamix, alpha_warmup: 100%, beta3_warmup: 100%}", "max_steps=50"])
+    assert config.optimizer["alpha_warmup"] == "100%"  # checked for syntax only, kept as written
+    opt = ko.from_config(config.optimizer, TinyLM(), lengths={"total_steps": config.max_steps})
+    assert {(g["alpha_warmup"], g["beta3_warmup"]) for g in opt.param_groups} == {(50, 50)}
+
+    lengths = {"total_steps": 1000, "steps_per_epoch": 30, "tokens_per_step": 256}
+    spec = {"name": "ademamix", "alpha_warmup": "2ep", "beta3_warmup": "10ktok"}
+    group = ko.from_config(spec, TinyLM(), lengths=lengths).param_groups[0]
+    assert (group["alpha_warmup"], group["beta3_warmup"]) == (60, 39)  # 10000 / 256 = 39.06
+    group = ko.create("ademamix", TinyLM(), t_alpha_beta3="25%", lengths=lengths).param_groups[0]
+    assert (group["alpha_warmup"], group["beta3_warmup"]) == (250, 250)
+    group = ko.create("ademamix", TinyLM(), alpha_warmup="70", beta3_warmup=80).param_groups[0]
+    assert (group["alpha_warmup"], group["beta3_warmup"]) == (70, 80)  # steps need no lengths
+
+
+@pytest.mark.parametrize(
+    "hparams, lengths, message",
+    [
+        ({"alpha_warmup": "100%"}, None, r"optimizer\.alpha_warmup: '100%' is a fraction of the run, but the run len"),
+        ({"beta3_warmup": "3ep"}, {"total_steps": 9}, r"optimizer\.beta3_warmup: '3ep' is in epochs"),
+        ({"t_alpha_beta3": "0.5%"}, {"total_steps": 50}, r"optimizer\.t_alpha_beta3: '0\.5%' is 0 steps in this run"),
+        ({"alpha_warmup": "1%"}, {"total_step": 50}, r"lengths: total_step not known; allowed: total_steps"),
+    ],
+)
+def test_ademamix_lengths_that_cannot_be_resolved_name_the_key(hparams, lengths, message):
+    with pytest.raises(KeelError, match=message):
+        ko.from_config({"name": "ademamix", **hparams}, TinyLM(), lengths=lengths)
+
+
+@pytest.mark.parametrize("value", ["abc", "0%", "150%", "2 epochs", 0, -5, 2.5, True])
+def test_check_config_validates_the_syntax_of_lengths_without_the_run_length(value):
+    with pytest.raises(KeelError, match=r"optimizer\.alpha_warmup: .* allowed: null or a length of at least 1 step"):
+        ko.check_config({"name": "ademamix", "alpha_warmup": value})
+
+
+def test_trainer_resolves_ademamix_warmups_with_its_run_lengths(tmp_path, tiny_overrides):
+    from keel.config import load_config
+    from keel.train import Callback, train
+
+    class Groups(Callback):
+        name = "groups"
+
+        def on_run_start(self, trainer):
+            self.seen = [(g["alpha_warmup"], g["beta3_warmup"]) for g in trainer.optimizer.param_groups]
+            self.steps_per_epoch = trainer.steps_per_epoch
+
+    overrides = ["optimizer={name: ademamix, alpha_warmup: 100%, beta3_warmup: 1ep}", *tiny_overrides]
+    config = load_config(None, overrides + ["max_steps=20", "eval_interval=20", f"out_dir={tmp_path / 'run'}"])
+    groups = Groups()
+    result = train(config, callbacks=[groups], quiet=True)
+    assert result["step"] == 20 and math.isfinite(result["val_loss"])
+    assert set(groups.seen) == {(20, groups.steps_per_epoch)}

@@ -44,7 +44,8 @@ def beta3_schedule(step: int, beta1: float, beta3: float, warmup: int | None) ->
 class AdEMAMix(MultiTensorOptimizer):
     """AdEMAMix (Pagliardini et al. 2024): Adam whose numerator adds alpha times a slow EMA of the gradient.
 
-    `betas` = (beta1, beta2, beta3); `alpha_warmup`, `beta3_warmup` in steps (None: no warmup);
+    `betas` = (beta1, beta2, beta3); `alpha_warmup`, `beta3_warmup` in steps (None: no warmup; the paper uses
+    the run length, which `keel.optim.create` / `from_config` accept as "100%");
     `t_alpha_beta3` (pytorch-optimizer's name) sets both warmups. State per parameter: `exp_avg` (m1),
     `exp_avg_sq` (v), `exp_avg_slow` (m2), all float32 for bfloat16/float16 parameters, and `step`. `fused`: see
     `keel.optim.multi_tensor`.
@@ -77,6 +78,11 @@ class AdEMAMix(MultiTensorOptimizer):
             alpha_warmup = alpha_warmup if alpha_warmup is not None else t_alpha_beta3
             beta3_warmup = beta3_warmup if beta3_warmup is not None else t_alpha_beta3
         for name, value in (("alpha_warmup", alpha_warmup), ("beta3_warmup", beta3_warmup)):
+            if isinstance(value, str):
+                raise ValueError(
+                    f"{name} must be a number of steps > 0 or None, got {value!r}; "
+                    "keel.optim.create resolves lengths such as '100%' with its `lengths`"
+                )
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be a number of steps > 0 or None, got {value}")
         defaults = {

@@ -16,6 +16,7 @@ from keel.optim.registry import (
     OptimizerSpec,
     betas,
     boolean,
+    length,
     nonnegative,
     one_of,
     optional,
@@ -219,7 +220,8 @@ register(
 _FUSED_KEEL = Hparam(
     None, optional(boolean), "one compiled pass per tensor (null: when >= 1M elements and a compiler exists)"
 )
-_STEPS = optional(positive_int)
+_LENGTH = optional(length)
+_UNITS = "steps, '100%' of the run, '2ep' or '1Mtok'"
 
 register(
     OptimizerSpec(
@@ -246,9 +248,11 @@ register(
             "alpha": Hparam(5.0, nonnegative, "weight of the slow EMA"),
             "eps": Hparam(1e-8, nonnegative, "added to sqrt(v_hat)"),
             "weight_decay": Hparam(0.0, nonnegative, "decoupled weight decay"),
-            "alpha_warmup": Hparam(None, _STEPS, "steps of linear warmup of alpha (null: none)"),
-            "beta3_warmup": Hparam(None, _STEPS, "steps of half-life-linear warmup of beta3 from beta1 (null: none)"),
-            "t_alpha_beta3": Hparam(None, _STEPS, "pytorch-optimizer's name: sets both warmups"),
+            "alpha_warmup": Hparam(None, _LENGTH, f"linear warmup of alpha: {_UNITS} (null: none)", length=True),
+            "beta3_warmup": Hparam(
+                None, _LENGTH, f"half-life-linear warmup of beta3 from beta1: {_UNITS} (null: none)", length=True
+            ),
+            "t_alpha_beta3": Hparam(None, _LENGTH, "pytorch-optimizer's name: sets both warmups", length=True),
             "fused": _FUSED_KEEL,
         },
         build=lambda groups, lr, **kw: AdEMAMix(groups, lr=lr, **kw),

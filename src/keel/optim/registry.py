@@ -2,7 +2,9 @@
 
 Each record names the optimizer's hyperparameters with their defaults and a check; `check_config` validates a
 config dict without a model, `create` builds param groups from a model (no weight decay on biases, norms and
-embeddings; LR multipliers; layer-wise LR decay; freezing) and constructs the optimizer.
+embeddings; LR multipliers; layer-wise LR decay; freezing) and constructs the optimizer. Hyperparameters that are
+lengths (AdEMAMix's warmups) take keel's time units ("500", "100%", "2ep", "1Mtok"; `keel.timeunits`), resolved to
+steps by `create` / `from_config` with the run's `lengths`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,22 @@ from torch import nn
 
 from keel.errors import KeelError
 from keel.optim.param_groups import NO_DECAY_DEFAULT, build_param_groups
+from keel.timeunits import SYNTAX, resolve_steps
 
-__all__ = ["GROUP_OPTIONS", "OptimizerSpec", "check_config", "create", "from_config", "get", "names", "register"]
+__all__ = [
+    "GROUP_OPTIONS",
+    "LENGTH_KEYS",
+    "OptimizerSpec",
+    "check_config",
+    "create",
+    "from_config",
+    "get",
+    "names",
+    "register",
+]
+
+#: What `lengths` may give to resolve length hyperparameters (the arguments of `keel.timeunits.resolve_steps`).
+LENGTH_KEYS = ("total_steps", "steps_per_epoch", "tokens_per_step")
 
 
 # --- hyperparameter checks: each returns None if the value is allowed, else a description of what is allowed ---
@@ -47,6 +63,16 @@ def boolean(value: Any) -> str | None:
 
 def positive_int(value: Any) -> str | None:
     return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "an integer >= 1"
+
+
+def length(value: Any) -> str | None:
+    """A length of at least one step in keel's time units; only its syntax is checked (the run length may be unknown)."""
+    problem = f"a length of at least 1 step: {SYNTAX}"
+    try:  # large stand-ins for the run's lengths: only malformed or zero lengths fail
+        steps = resolve_steps(value, name="", total_steps=10**12, steps_per_epoch=10**12, tokens_per_step=1)
+    except KeelError:
+        return problem
+    return None if steps >= 1 else problem
 
 
 def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
@@ -114,11 +140,15 @@ GROUP_OPTIONS: dict[str, tuple[Any, Callable[[Any], str | None], str]] = {
 
 @dataclass(frozen=True)
 class Hparam:
-    """One hyperparameter: its default, the check of its value, and a one-line description."""
+    """One hyperparameter: its default, the check of its value, and a one-line description.
+
+    `length`: the value is a length in keel's time units, resolved to steps when the optimizer is built.
+    """
 
     default: Any
     check: Callable[[Any], str | None]
     doc: str = ""
+    length: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,12 +258,34 @@ def _check_hparams(record: OptimizerSpec, hparams: Mapping[str, Any], key: str) 
     return out
 
 
+def _resolve_lengths(
+    record: OptimizerSpec, settings: dict[str, Any], key: str, lengths: Mapping[str, Any] | None
+) -> None:
+    """Length hyperparameters (given in steps, "100%", "2ep", "1Mtok") to whole steps, in place."""
+    lengths = dict(lengths or {})
+    unknown = sorted(set(lengths) - set(LENGTH_KEYS))
+    if unknown:
+        raise KeelError(f"lengths: {', '.join(unknown)} not known; allowed: {', '.join(LENGTH_KEYS)}")
+    for name, hparam in record.hparams.items():
+        value = settings.get(name)
+        if not hparam.length or value is None:
+            continue
+        steps = resolve_steps(value, name=f"{key}.{name}", **lengths)
+        if steps < 1:
+            raise KeelError(
+                f"{key}.{name}: {value!r} is {steps} steps in this run "
+                f"({', '.join(f'{k}={v}' for k, v in lengths.items())}); allowed: a length of at least 1 step, or null"
+            )
+        settings[name] = steps
+
+
 def create(
     name: str,
     model_or_params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
     lr: float | None = None,
     *,
     key: str = "optimizer",
+    lengths: Mapping[str, Any] | None = None,
     **hparams: Any,
 ) -> torch.optim.Optimizer:
     """Build the optimizer `name` for a model (param groups built by keel) or for params / param groups.
@@ -243,13 +295,18 @@ def create(
     carries `lr_scale` (1.0 unless set), so `keel.schedules.set_lr` keeps the multipliers. Given parameters or
     group dicts, they are passed to the optimizer unchanged (group options are then an error).
 
+    Length hyperparameters (AdEMAMix's `alpha_warmup`, `beta3_warmup`, `t_alpha_beta3`) may be given in keel's
+    time units; `lengths` (`total_steps`, `steps_per_epoch`, `tokens_per_step`) resolves them to steps.
+
     >>> opt = create("adamw", nn.Linear(4, 2), lr=1e-3, weight_decay=0.1)
+    >>> opt = create("ademamix", nn.Linear(4, 2), alpha_warmup="100%", lengths={"total_steps": 1000})
     """
     record = get(name, key=key)
     _require_available(record, key)
     if lr is not None:
         hparams["lr"] = lr
     settings = _check_hparams(record, hparams, key)
+    _resolve_lengths(record, settings, key, lengths)
     group_settings = {k: settings.pop(k) for k in GROUP_OPTIONS}
     lr = settings.pop("lr")
     if isinstance(model_or_params, nn.Module):
@@ -285,8 +342,17 @@ def create(
     return record.build(groups, lr=lr, **settings)
 
 
-def from_config(spec: Mapping[str, Any], model: nn.Module, key: str = "optimizer") -> torch.optim.Optimizer:
-    """Build the optimizer a config dict describes for `model`: `{"name": "adamw", "lr": 6e-4, ...}`."""
+def from_config(
+    spec: Mapping[str, Any],
+    model: nn.Module,
+    key: str = "optimizer",
+    lengths: Mapping[str, Any] | None = None,
+) -> torch.optim.Optimizer:
+    """Build the optimizer a config dict describes for `model`: `{"name": "adamw", "lr": 6e-4, ...}`.
+
+    `lengths` (`total_steps`, `steps_per_epoch`, `tokens_per_step`; any may be missing or None) resolves length
+    hyperparameters given in time units, e.g. `{"name": "ademamix", "alpha_warmup": "100%"}`.
+    """
     checked = check_config(spec, key=key)
     given = {k: v for k, v in spec.items() if k != "name"}
-    return create(checked["name"], model, key=key, **given)
+    return create(checked["name"], model, key=key, lengths=lengths, **given)

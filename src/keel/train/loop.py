@@ -98,9 +98,9 @@ class Trainer:
         np.random.seed(config.seed % 2**32)
         model_config = GPTConfig(vocab_size=self.data.vocab_size, **config.model.model_dump())
         self.model = GPT(model_config).to(self.device)
-        self.optimizer = optim.from_config(config.optimizer, self.model)
-        lengths = {"total_steps": config.max_steps, "steps_per_epoch": self.steps_per_epoch,
-                   "tokens_per_step": self.tokens_per_step}
+        self.lengths = lengths = {"total_steps": config.max_steps, "steps_per_epoch": self.steps_per_epoch,
+                                  "tokens_per_step": self.tokens_per_step}
+        self.optimizer = optim.from_config(config.optimizer, self.model, lengths=self.lengths)
         base_lr = float(optim.check_config(config.optimizer)["lr"])
         self.schedule = schedules.from_config(config.schedule, base_lr=base_lr, **lengths)
         self.precision = Precision(config.precision, self.device)
@@ -110,7 +110,6 @@ class Trainer:
             if spike.enabled else None
         self.callbacks = [*make_callbacks(config), *callbacks]
         self.state = TrainState()
-        self.lengths = lengths
         self._resume = resume
         self._last_eval: dict[str, Any] = {}
 
