@@ -23,17 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, summary, timed  # noqa: E402
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent
@@ -57,30 +56,6 @@ class ParameterSet(nn.Module):
     def __init__(self, shapes):
         super().__init__()
         self.params = nn.ParameterList(nn.Parameter(torch.randn(s) * 0.02) for s in shapes)
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "load": os.getloadavg(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def bench_ema(name: str, shape: dict, repeats: int) -> dict:
@@ -218,7 +193,7 @@ def write_results(results: dict) -> None:
         "## averaging",
         "",
         f"{m['date']}; {m['cpu']}, {m['cores']} cores, {m['threads']} thread; load average "
-        f"{', '.join(f'{x:.2f}' for x in m['load'])}; torch {m['torch']}. `python benchmarks/bench_averaging.py`.",
+        f"{', '.join(f'{x:.2f}' for x in m['load_average'])}; torch {m['torch']}. `python benchmarks/bench_averaging.py`.",
         "",
         "EMA update, fp32, median (min-max) over interleaved turns. eta = bandwidth floor (one `lerp_` over as many "
         "elements, 12 bytes/parameter) / update time; speedup = torch.optim.swa_utils AveragedModel "

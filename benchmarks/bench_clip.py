@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import time
-from datetime import datetime, timezone
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, summary, timed, write_section  # noqa: E402
 
 from keel.grad import clip_by_global_norm, grads_are_finite
 from keel.models import GPT, GPTConfig
@@ -41,28 +42,6 @@ def parameters_with_grads(shape: str) -> list[torch.nn.Parameter]:
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator)
     return params
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()],
-            "torch": torch.__version__}
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def bench_shape(shape: str, repeats: int) -> dict:
@@ -134,20 +113,6 @@ def main() -> None:
     )
     write_section("clip", body)
     print(body)
-
-
-def write_section(title: str, body: str) -> None:
-    """Replace (or append) the section ``## title`` of RESULTS.md."""
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    header = f"## {title}\n"
-    start = text.find(header)
-    if start >= 0:
-        end = text.find("\n## ", start + len(header))
-        text = text[:start] + header + "\n" + body.rstrip() + "\n" + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + header + "\n" + body.rstrip() + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,18 @@ Writes benchmarks/results/optim.json and the "## optimizers" section of benchmar
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, timed  # noqa: E402
 
 import keel.optim as ko
 
@@ -59,25 +61,6 @@ SHAPES = {
 }
 
 
-def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "torch": torch.__version__,
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-    }
-
-
 def make_params(shapes, seed=0):
     generator = torch.Generator().manual_seed(seed)
     params = []
@@ -86,12 +69,6 @@ def make_params(shapes, seed=0):
         p.grad = torch.randn(shape, generator=generator) * 1e-3
         params.append(p)
     return params
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def interleave(contenders: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:

@@ -6,7 +6,8 @@ import json
 import os
 import platform
 import statistics
-from datetime import date
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -24,18 +25,27 @@ def machine() -> dict:
     except OSError:
         pass
     return {
-        "date": date.today().isoformat(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
+        "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
-def ratio_summary(ratios: list[float]) -> dict:
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
+def summary(values: list[float]) -> dict:
+    """Median, min, max and count of a list of ratios or times."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def timed(fn) -> float:
+    """Wall-clock seconds of one call of ``fn``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def write_json(name: str, payload: dict) -> Path:
@@ -53,7 +63,7 @@ def write_section(title: str, body: str) -> None:
     start = text.find(header)
     if start >= 0:
         end = text.find("\n## ", start + len(header))
-        text = text[:start] + header + body.rstrip() + "\n" + (text[end:] if end >= 0 else "")
+        text = text[:start] + header + "\n" + body.rstrip() + "\n" + (text[end:] if end >= 0 else "")
     else:
-        text = text.rstrip() + "\n\n" + header + body.rstrip() + "\n"
+        text = text.rstrip() + "\n\n" + header + "\n" + body.rstrip() + "\n"
     path.write_text(text)
