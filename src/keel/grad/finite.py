@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from keel.errors import KeelError, TrainingUnstableError  # noqa: F401  (re-exported by keel.grad)
+from keel.errors import TrainingUnstableError  # noqa: F401  (re-exported by keel.grad)
 from keel.grad.clip import Parameters, _grads, _group
 
 

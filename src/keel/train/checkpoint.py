@@ -121,10 +121,6 @@ def verify(ckpt_dir: Path) -> str | None:
     return None
 
 
-def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
-    return json.loads((ckpt_dir / MANIFEST).read_text())
-
-
 def list_checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories under ``root``, oldest first (temporary ones left out)."""
     if not root.is_dir():
