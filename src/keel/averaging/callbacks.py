@@ -191,8 +191,8 @@ class SWACallback(AveragingCallback):
             trainer.state.step, start=self.start, start_lr=trainer.schedule(self.start), swa_lr=self.config.lr,
             anneal_steps=self.anneal_steps, strategy=self.config.anneal_strategy,
         )
-        if lr is not None:
-            set_lr(trainer.optimizer, lr)
+        if lr is not None:  # scaled like the schedule after loss-spike rollbacks
+            set_lr(trainer.optimizer, lr * trainer.state.lr_multiplier)
 
     def prepare(self, trainer) -> None:
         # Recompute BatchNorm statistics once per new average; the same weights and batches give the same result,
