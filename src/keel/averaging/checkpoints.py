@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from keel.averaging.safetensors_io import SafetensorsReader, TensorInfo, read_header, write_safetensors
+from keel.averaging.shadow import as_dtype
 from keel.errors import KeelError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _CHUNK_BYTES = 1 << 20  # read slice: small enough to stay in cache between the read and the addition
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 PathLike = str | os.PathLike
 
@@ -223,9 +223,7 @@ def _accumulate(files: list[Path], averaged: list[str], newest: dict[str, Tensor
 def _output_dtype(info: TensorInfo, dtype: str | None) -> torch.dtype:
     if dtype is None or not info.dtype.is_floating_point:
         return info.dtype
-    if dtype not in _DTYPES:
-        raise KeelError(f"dtype: {dtype!r} is not supported; allowed: {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    return as_dtype(dtype)
 
 
 def _average(inputs, *, weights, prefix, dtype, last=None, best=None, metric="val_loss", mode="min"):

@@ -24,7 +24,8 @@ _DTYPES = {
 _CONVERT_CHUNK_ELEMENTS = 1 << 24  # bound on the temporary used when the shadow's device or dtype differs
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from its name ("float32", "bfloat16", ...); dtypes and None pass through."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
@@ -62,7 +63,7 @@ class ShadowWeights:
         self.num_updates = 0
         self._swapped = False
         self._stash: list[torch.Tensor] | None = None
-        dtype = _as_dtype(dtype)
+        dtype = as_dtype(dtype)
         params = {id(p) for p in model.parameters()}
         self.names: list[str] = []
         self._sources: list[torch.Tensor] = []
@@ -201,7 +202,7 @@ class ShadowWeights:
     def averaged_state_dict(self, dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
         """The averaged weights by name (CPU tensors), optionally cast to `dtype` (floating tensors only)."""
         self._check_not_swapped("averaged_state_dict")
-        dtype = _as_dtype(dtype)
+        dtype = as_dtype(dtype)
         out = {}
         for name, tensor in self.shadow.items():
             tensor = tensor.detach().to("cpu")
