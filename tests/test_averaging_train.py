@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from keel.averaging import average_checkpoints, resolve_checkpoints, swa_learning_rate
-from keel.averaging.runs import ValidationScorer
+from keel.train.scoring import ValidationScorer
 from keel.cli.main import main
 from keel.config import load_config
 from keel.train import Callback, train

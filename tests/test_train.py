@@ -101,14 +101,14 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, tiny_overrides)
 
     trainers = [Trainer(big, quiet=True), Trainer(small, quiet=True)]
     # Make the large batch hold exactly the two micro-batches' windows.
-    micro = trainers[1].sampler
+    micro = trainers[1].task.sampler
 
     class Joined(RandomWindowSampler):
-        def batch(self, index):
+        def batch(self, index, rank=0, world_size=1):
             a, b = micro.batch(2 * index), micro.batch(2 * index + 1)
             return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
 
-    trainers[0].sampler = Joined(micro.tokens, micro.block_size, 8, micro.seed)
+    trainers[0].task.sampler = Joined(micro.tokens, micro.block_size, 8, micro.seed)
     results = [t.fit() for t in trainers]
     for a, b in zip(trainers[0].model.parameters(), trainers[1].model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

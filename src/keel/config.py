@@ -14,11 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
 from keel.data.corpora import BUILTIN_CORPORA
 from keel.data.sources import train_token_count
 from keel.errors import KeelError
 from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
+from keel.techniques import techniques
 
 
 class _Block(BaseModel):
@@ -52,7 +52,7 @@ class DataConfig(_Block):
 
 
 class ModelConfig(_Block):
-    """The decoder-only GPT."""
+    """The language model of task lm: keel's decoder-only GPT, or a Hugging Face causal LM (extra keel[hf])."""
 
     n_layer: int = Field(4, ge=1, description="Transformer blocks (depth).")
     n_head: int = Field(4, ge=1, description="Attention heads; must divide n_embd.")
@@ -60,9 +60,18 @@ class ModelConfig(_Block):
     block_size: int = Field(128, ge=2, description="Context length in tokens.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
     bias: bool = Field(True, description="Biases in linear layers and layer norms.")
+    hf_config: dict[str, Any] | None = Field(
+        None, description="A transformers config of a causal LM to build instead of the GPT (randomly initialised), "
+        "e.g. {model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 2}; vocab_size defaults to the data's.",
+    )
+    hf_pretrained: str | None = Field(
+        None, description="A local directory written by transformers' save_pretrained, loaded instead of the GPT.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
+        if self.hf_config is not None and self.hf_pretrained is not None:
+            raise ValueError("model.hf_config and model.hf_pretrained are both set; allowed: at most one")
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"model.n_head: {self.n_head} does not divide model.n_embd: {self.n_embd}; "
@@ -86,8 +95,31 @@ DEFAULT_SCHEDULE = {"name": "cosine", "warmup": "5%"}  # min_lr: a tenth of the 
 
 
 class TrainConfig(_Block):
-    """A whole training run. Lengths given as time units accept steps, '2%' of the run, '3ep' or '2Mtok'."""
+    """A whole training run. Lengths given as time units accept steps, '2%' of the run, '3ep' or '2Mtok'.
 
+    Besides the fields below, every registered technique (``keel.techniques``) adds its block (``ema``, ``swa``,
+    ``early_stopping``, ...), validated by the technique's own config model.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    task: str = Field(
+        "lm", description="What to train: 'lm' (a language model on data.source), 'digits' (scikit-learn's 8x8 "
+        "digits, a small CNN), or 'package.module:factory' returning a keel Task.",
+    )
+    task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task's factory.")
+    init_from: str | None = Field(
+        None, description="Start from pretrained weights: a keel run directory (its best, else newest, checkpoint), "
+        "a checkpoint directory, a .safetensors file, or a Hugging Face model directory.",
+    )
+    init_from_strict: bool = Field(
+        True, description="Every weight must match by name and shape; false loads what matches (e.g. a new head) "
+        "and reports the rest.",
+    )
+    init_from_exclude: list[str] = Field(
+        default_factory=list, description="Name prefixes of weights not to load from init_from (e.g. [head] for a "
+        "fresh classifier head).",
+    )
     seed: int = Field(1337, description="Seed for initialisation, dropout and batch sampling.")
     max_steps: int = Field(600, ge=1, description="Optimizer updates in the run.")
     out_dir: str | None = Field(None, description="Run directory (default: runs/<date>-<time>).")
@@ -112,16 +144,16 @@ class TrainConfig(_Block):
     clip: ClipConfig = Field(default_factory=ClipConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     spike: SpikeConfig = Field(default_factory=SpikeConfig)
-    ema: EMAConfig = Field(default_factory=EMAConfig)
-    polyak: PolyakConfig = Field(default_factory=PolyakConfig)
-    swa: SWAConfig = Field(default_factory=SWAConfig)
-    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     eval_interval: int = Field(100, ge=1, description="Evaluate every this many steps (and always at the end).")
     log_interval: int = Field(1, ge=1, description="Write a metrics record every this many steps.")
     checkpoint_interval: int = Field(100, ge=1, description="Checkpoint every this many steps (and at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
+    progress_interval: int | str = Field(
+        "30s", description="Without a terminal (CI, nohup, cluster logs), print a progress line every this many "
+        "steps (e.g. 100) or seconds (e.g. '30s').",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -148,6 +180,42 @@ class TrainConfig(_Block):
             raw["schedule"] = schedule
         return raw
 
+    @field_validator("task")
+    @classmethod
+    def _task_syntax(cls, value: str) -> str:
+        from keel.tasks import check_task_name
+
+        return check_task_name(value)
+
+    @field_validator("progress_interval")
+    @classmethod
+    def _progress_syntax(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value >= 1:
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?s", value.strip()) and float(value.strip()[:-1]) > 0:
+            return value.strip()
+        raise ValueError(f"{value!r} is not an interval; allowed: steps (an int >= 1) or seconds ('30s')")
+
+    @model_validator(mode="after")
+    def _technique_blocks(self) -> "TrainConfig":
+        """Validate each technique's block with its registered model; unknown keys are errors."""
+        registry = techniques()
+        extra = self.__pydantic_extra__
+        for key in list(extra):
+            if key not in registry:
+                allowed = [*type(self).model_fields, *registry]
+                close = difflib.get_close_matches(key, allowed, n=1) or _nested_match(key)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise KeelError(f"unknown key '{key}'{hint} allowed here: {', '.join(allowed)}")
+        for key, technique in registry.items():
+            block = extra.get(key)
+            if not isinstance(block, technique.config):
+                try:
+                    extra[key] = technique.config.model_validate({} if block is None else block)
+                except ValidationError as error:
+                    raise KeelError(_describe(error.errors()[0], technique.config, prefix=[key])) from None
+        return self
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -161,14 +229,14 @@ class TrainConfig(_Block):
         from keel.schedules import from_config
 
         optimizer = check_config(self.optimizer, key="optimizer")
-        from_config(
-            self.schedule,
-            base_lr=float(optimizer["lr"]),
-            total_steps=self.max_steps,
-            steps_per_epoch=self.steps_per_epoch(train_token_count(self.data.source, self.data.val_fraction)),
-            tokens_per_step=self.tokens_per_step,
-            key="schedule",
-        )
+        if self.task == "lm":
+            lengths = {"steps_per_epoch": self.steps_per_epoch(train_token_count(self.data.source,
+                                                                                 self.data.val_fraction)),
+                       "tokens_per_step": self.tokens_per_step}
+        else:  # the task's data sizes are known once it is built; the trainer resolves lengths again then
+            lengths = {"steps_per_epoch": 1, "tokens_per_step": 1}
+        from_config(self.schedule, base_lr=float(optimizer["lr"]), total_steps=self.max_steps, key="schedule",
+                    **lengths)
         if self.tensorboard:
             try:
                 import torch.utils.tensorboard  # noqa: F401
@@ -185,7 +253,12 @@ class TrainConfig(_Block):
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step of task lm (full windows)."""
         return self.data.batch_size * self.model.block_size * self.grad_accum
+
+    def technique(self, key: str) -> BaseModel:
+        """The validated block of technique ``key`` (also reachable as ``config.<key>``)."""
+        return self.__pydantic_extra__[key]
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -275,11 +348,25 @@ def validate(raw: dict[str, Any], model: type[BaseModel] = TrainConfig) -> Any:
         raise KeelError(_describe(error.errors()[0], model)) from None
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
-    loc = [str(part) for part in error["loc"]]
+def _nested_match(key: str) -> list[str]:
+    """'lr' -> ['optimizer.lr']: a top-level key that belongs in a block."""
+    blocks = {"optimizer": ["lr", "name", "betas", "weight_decay", "momentum", "eps"],
+              "schedule": ["warmup", "min_lr", "decay"]}
+    for block, keys in blocks.items():
+        if key in keys:
+            return [f"{block}.{key}"]
+    for name, field in TrainConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and key in annotation.model_fields:
+            return [f"{name}.{key}"]
+    return []
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel], prefix: list[str] | None = None) -> str:
+    loc = [*(prefix or []), *(str(part) for part in error["loc"])]
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
-        allowed = _field_names(model, loc[:-1])
+        allowed = _field_names(model, loc[len(prefix or []):-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
         hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
         return f"unknown key '{key}'{hint} allowed here: {', '.join(allowed)}"
@@ -312,6 +399,9 @@ def dump_config(config: TrainConfig) -> str:
 def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
     """One line per config key: dotted name, default and description (for ``keel train --help``)."""
     lines = []
+    if model is TrainConfig:
+        for key, technique in techniques().items():
+            lines.extend(describe_fields(technique.config, f"{key}."))
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -21,8 +21,7 @@ from keel.averaging.swa import SWA, Polyak, swa_learning_rate
 from keel.errors import KeelError
 from keel.schedules import set_lr
 from keel.timeunits import resolve_steps
-from keel.train.callbacks import Callback
-from keel.train.checkpoint import step_dir_name
+from keel.techniques import Callback, register_technique
 
 
 def _steps(trainer, value, key: str) -> int:
@@ -65,7 +64,8 @@ class AveragingCallback(Callback):
         if self.config.evaluate and self.unit.num_updates > 0:
             self.prepare(trainer)
             with self.unit.swapped():
-                metrics[f"val_loss_{self.name}"] = trainer.evaluate()
+                for key, value in trainer.evaluate().items():
+                    metrics[f"{key}_{self.name}"] = value
 
     def prepare(self, trainer) -> None:
         """Make the average ready to use (SWA recomputes BatchNorm statistics here)."""
@@ -105,7 +105,7 @@ class AveragingCallback(Callback):
 
     def _restore(self, trainer, state: dict[str, Any]) -> None:
         if "shadow_file" in state:
-            path = trainer.run_dir / "checkpoints" / step_dir_name(trainer.state.step) / state["shadow_file"]
+            path = trainer.restored_from / state["shadow_file"]
             if not path.is_file():
                 raise KeelError(f"{self.name}: resume needs {str(path)!r}, which is missing")
             with SafetensorsReader(path) as reader:
@@ -151,7 +151,7 @@ class EMACallback(AveragingCallback):
     def _restore(self, trainer, state: dict[str, Any]) -> None:
         super()._restore(trainer, state)
         if self.config.checkpoint_weights == "ema" and state.get("num_updates", 0) > 0:
-            path = trainer.run_dir / "checkpoints" / step_dir_name(trainer.state.step) / "raw.safetensors"
+            path = trainer.restored_from / "raw.safetensors"
             if not path.is_file():
                 raise KeelError(f"ema: resume needs the raw weights {str(path)!r}, which are missing")
             targets = model_tensors(trainer.model)
@@ -199,9 +199,10 @@ class SWACallback(AveragingCallback):
         # so a resumed run (which recomputes once more) stays identical to an uninterrupted one.
         if not self.config.bn_update or self._prepared_updates == self.unit.num_updates:
             return
-        count = self.config.bn_batches or min(100, trainer.sampler.batches_per_epoch)
-        batches = (trainer.sampler.batch(i)[0] for i in range(count))
-        self.unit.update_batchnorm(batches, forward=lambda model, x: model(x.to(trainer.device)))
+        task = trainer.task
+        count = self.config.bn_batches or min(100, task.batches_per_epoch)
+        batches = (task.train_batch(i) for i in range(count))
+        self.unit.update_batchnorm(batches, forward=lambda model, batch: task.loss(model, trainer.to_device(batch)))
         self._prepared_updates = self.unit.num_updates
 
 
@@ -236,7 +237,7 @@ class SnapshotCallback(Callback):
         folder.mkdir(exist_ok=True)
         index = sorted(self.ends).index(step)
         tensors = {k: v.detach() for k, v in trainer.model.state_dict().items()}
-        write_safetensors(folder / f"{step_dir_name(step)}.safetensors", tensors,
+        write_safetensors(folder / f"step_{step:08d}.safetensors", tensors,
                           metadata={"format": "pt", "keel_snapshot": str(index), "step": str(step)})
         if self.config.keep is not None:
             existing = sorted(folder.glob("step_*.safetensors"))
@@ -273,12 +274,11 @@ def _restart_cycle(schedule) -> tuple[int, int, float]:
     return offset, int(schedule.params["period"]), float(schedule.params["period_mult"])
 
 
-def make_callbacks(config) -> list[Callback]:
-    """One callback per enabled block of `config` (`ema`, `polyak`, `swa`, `snapshot`)."""
-    callbacks: list[Callback] = []
-    for key, cls in (("ema", EMACallback), ("polyak", PolyakCallback), ("swa", SWACallback),
-                     ("snapshot", SnapshotCallback)):
-        block = getattr(config, key, None)
-        if block is not None and block.enabled:
-            callbacks.append(cls(block))
-    return callbacks
+def _enabled(cls):
+    return lambda block: cls(block) if block.enabled else None
+
+
+register_technique("ema", EMAConfig, _enabled(EMACallback))
+register_technique("polyak", PolyakConfig, _enabled(PolyakCallback))
+register_technique("swa", SWAConfig, _enabled(SWACallback))
+register_technique("snapshot", SnapshotConfig, _enabled(SnapshotCallback))

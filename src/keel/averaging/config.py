@@ -1,7 +1,6 @@
 """Typed config blocks for weight averaging in the trainer: `ema`, `polyak`, `swa`, `snapshot`.
 
-Each block is disabled by default; `keel.averaging.make_callbacks(config)` turns the enabled ones into trainer
-callbacks.
+Each block is disabled by default; `keel.averaging.callbacks` registers each block with its trainer callback.
 Lengths (`start`, `every`, `half_life`, ...) accept keel time units: 500 or "500" (steps), "2%" (fraction of
 the run), "3ep" (epochs), "2Mtok" (tokens).
 """

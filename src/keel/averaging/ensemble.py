@@ -30,8 +30,12 @@ def target_log_probs(
     device: torch.device | str = "cpu",
     autocast: Callable[[], Any] | None = None,
     ignore_index: int = -1,
+    forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """log p(target) under `model` for every target token of `batches` (model returns logits), as float64."""
+    """log p(target) under `model` for every target of `batches` of ``(inputs, targets)``, as float64.
+
+    ``forward(model, inputs)`` returns the logits (default: ``model(inputs)``); targets below 0 (padding) are
+    left out. Works for sequences (logits ``(batch, time, vocab)``) and classifiers (``(batch, classes)``)."""
     was_training = model.training
     model.eval()
     out = []
@@ -39,9 +43,9 @@ def target_log_probs(
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             with autocast() if autocast is not None else nullcontext():
-                logits = model(x)
+                logits = model(x) if forward is None else forward(model, x)
             logp = F.log_softmax(logits.float(), dim=-1)
-            keep = y != ignore_index
+            keep = (y != ignore_index) & (y >= 0)
             picked = logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
             out.append(picked[keep].double().cpu())
     finally:

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         for path in inputs:
             print(f"  {path}")
         return 0
-    from keel.averaging.runs import scorer_for
+    from keel.train.scoring import scorer_for
 
     scorer = scorer_for([Path(p) for p in inputs], args.config, args.device)
     width = max(len(p) for p in [*inputs, args.out])

@@ -57,7 +57,7 @@ def resolve_members(members: list[str], weights: str) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     from keel.averaging.ensemble import ensemble_log_probs
-    from keel.averaging.runs import ValidationScorer, find_run_config
+    from keel.train.scoring import ValidationScorer, find_run_config
 
     files = resolve_members(args.members, args.weights)
     scorers: dict[Path, ValidationScorer] = {}
@@ -69,10 +69,11 @@ def run(args: argparse.Namespace) -> int:
             raise KeelError(f"--config: none given and no config.yaml found beside {str(file)!r}")
         if config_path not in scorers:
             scorer = ValidationScorer.from_config_file(config_path, device=args.device)
-            shared = (scorer.config.data.model_dump(), scorer.config.model.block_size)
+            shared = (scorer.config.task, scorer.config.task_args, scorer.config.data.model_dump(),
+                      scorer.config.model.block_size)
             if reference is not None and shared != reference:
-                raise KeelError(f"ensemble: {str(config_path)!r} has other data or model.block_size than the first "
-                                "member's run; members must be scored on the same validation tokens")
+                raise KeelError(f"ensemble: {str(config_path)!r} has another task, data or model.block_size than "
+                                "the first member's run; members must be scored on the same validation data")
             reference = shared
             scorers[config_path] = scorer
         logp = scorers[config_path].log_probs(file)

@@ -108,7 +108,6 @@ class GPT(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x))
 
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -118,14 +117,29 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` tokens after ``idx``; a private ``generator`` leaves the global RNG untouched."""
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size :])[:, -1, :] / max(temperature, 1e-6)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = F.softmax(logits.float(), dim=-1)
-            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
-        return idx
+        return sample_tokens(self, idx, max_new_tokens, self.config.block_size, temperature, top_k, generator)
+
+
+@torch.no_grad()
+def sample_tokens(
+    logits_of,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    context: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Autoregressive sampling from any causal LM: ``logits_of(idx)`` returns ``(batch, time, vocab)`` logits;
+    the last ``context`` tokens are fed each time."""
+    for _ in range(max_new_tokens):
+        logits = logits_of(idx[:, -context:])[:, -1, :] / max(temperature, 1e-6)
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits.float(), dim=-1)
+        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return idx
 
 
 def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The trainer: one lean loop that composes keel's units. One optimizer update reads top to bottom in ``fit``.
 
-It owns the loop, the state and the checkpoints; it owns no technique. Techniques come in as units called at a
-fixed place in the step (schedule, precision, clipping) or as callbacks (averaging and the rest).
+It owns the loop, the state and the checkpoints; it owns no technique and does not know what it trains: the model,
+the data and the loss come from a task (``keel.tasks``). Techniques come in as units called at a fixed place in
+the step (schedule, precision, clipping) or as registered callbacks (``keel.techniques``: averaging, early
+stopping and the rest).
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,33 +23,47 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from keel import optim, schedules
-from keel.averaging.callbacks import make_callbacks
+from keel import optim, schedules, tasks
 from keel.config import TrainConfig, dump_config
-from keel.data import RandomWindowSampler, load_tokens, sequential_windows, unigram_cross_entropy
 from keel.errors import KeelError
-from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree, count_tokens
-from keel.models import GPT, GPTConfig, lm_loss_sum
+from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
 from keel.precision import Precision
+from keel.tasks import Task, move_to_device
+from keel.techniques import Callback, check_unique_names, make_callbacks
+from keel.timeunits import resolve_steps
 from keel.train import checkpoint as ckpt
-from keel.train.callbacks import Callback
+from keel.train.init import load_initial_weights
 from keel.train.metrics import MetricsLog, read_metrics
 from keel.train.plot import plot_run
 
 
 @dataclass
-class TrainState:
-    """Counters that define where a run is. ``step`` counts applied optimizer updates (0 before the first)."""
+class Clock:
+    """The trainer's clock: optimizer steps applied, and the examples and tokens those steps actually trained on
+    (summed over ranks). ``advance`` is the one place that moves it."""
 
     step: int = 0
+    examples: int = 0
     tokens: int = 0
+
+    def advance(self, examples: int, tokens: int) -> None:
+        self.step += 1
+        self.examples += examples
+        self.tokens += tokens
+
+
+@dataclass
+class TrainState(Clock):
+    """Counters that define where a run is. ``step`` counts applied optimizer updates (0 before the first)."""
+
     batch_index: int = 0  # next micro-batch the sampler hands out
     skipped: int = 0  # updates skipped (non-finite loss or gradients)
     skip_streak: int = 0  # consecutive skipped updates (fp16 overflows with a finite loss excepted)
     rollbacks: int = 0  # loss-spike rollbacks so far
     lr_multiplier: float = 1.0  # product of spike.lr_factor over the rollbacks
     elapsed: float = 0.0  # training seconds, summed over resumes
-    best_val_loss: float = math.inf
+    best_value: float | None = None  # best value of the tracked evaluation metric (val_loss unless told)
+    best_step: int | None = None
     best_checkpoint: str = ""
 
 
@@ -63,10 +80,11 @@ def default_run_dir() -> Path:
 
 
 class Trainer:
-    """Builds the run from a ``TrainConfig`` and trains it with ``fit()``.
+    """Trains ``task`` (default: the one ``config.task`` names) with the recipe of a ``TrainConfig``; ``fit()``.
 
     ``resume=True`` continues the run in ``run_dir`` from its newest intact checkpoint; on CPU the result is
-    bitwise identical to a run that was never interrupted.
+    bitwise identical to a run that was never interrupted. Everything that can fail on bad input (the task, the
+    model, the first batch, ``init_from``, the recipe) is checked here, before anything is written.
     """
 
     def __init__(
@@ -76,57 +94,71 @@ class Trainer:
         run_dir: str | Path | None = None,
         resume: bool = False,
         quiet: bool = False,
+        task: Task | None = None,
     ):
         self.config = config
         self.quiet = quiet
+        self.rank, self.world_size = 0, 1
         self.device = resolve_device(config.device)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.run_dir = Path(run_dir or config.out_dir or default_run_dir())
         self._check_run_dir(resume)
 
-        self.data = load_tokens(config.data.source, config.data.val_fraction, config.data.vocab_size)
-        self.sampler = RandomWindowSampler(
-            self.data.train, config.model.block_size, config.data.batch_size, config.seed
-        )
-        self.tokens_per_step = config.tokens_per_step
-        self.steps_per_epoch = config.steps_per_epoch(len(self.data.train))
-        self.unigram_baseline = unigram_cross_entropy(self.data.train, self.data.val, self.data.vocab_size)
-
+        self.task = task.bind(config) if task is not None else tasks.from_config(config)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed % 2**32)
-        model_config = GPTConfig(vocab_size=self.data.vocab_size, **config.model.model_dump())
-        self.model = GPT(model_config).to(self.device)
-        self.lengths = lengths = {"total_steps": config.max_steps, "steps_per_epoch": self.steps_per_epoch,
-                                  "tokens_per_step": self.tokens_per_step}
+        self.model = tasks.check_model(self.task.build_model(), f"task {config.task!r}").to(self.device)
+        if config.init_from is not None and not resume:
+            self._say(load_initial_weights(self.model, config.init_from, strict=config.init_from_strict,
+                                           exclude=config.init_from_exclude))
+        self.steps_per_epoch = max(1, self.task.batches_per_epoch // config.grad_accum)
+        self.tokens_per_step = self.task.tokens_per_batch * config.grad_accum  # nominal: for time units
+        self.lengths = {"total_steps": config.max_steps, "steps_per_epoch": self.steps_per_epoch,
+                        "tokens_per_step": self.tokens_per_step}
         self.optimizer = optim.from_config(config.optimizer, self.model, lengths=self.lengths)
         base_lr = float(optim.check_config(config.optimizer)["lr"])
-        self.schedule = schedules.from_config(config.schedule, base_lr=base_lr, **lengths)
+        self.schedule = schedules.from_config(config.schedule, base_lr=base_lr, key="schedule", **self.lengths)
         self.precision = Precision(config.precision, self.device)
         self.clipper = Clipper(config.clip, warmup_steps=schedules.warmup_steps(self.schedule))
         spike = config.spike
         self.spike_detector = LossSpikeDetector(spike.window, spike.factor, spike.min_history, spike.min_rise) \
             if spike.enabled else None
         self.callbacks = [*make_callbacks(config), *callbacks]
+        check_unique_names(self.callbacks)
         self.state = TrainState()
+        self.restored_from: Path | None = None
         self._resume = resume
         self._last_eval: dict[str, Any] = {}
+        self._best = ("val_loss", "min", False)  # metric, mode, keep its checkpoint (track_best)
+        self._check_first_batch()
+
+    def resolve_length(self, value: int | str, name: str) -> int:
+        """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run."""
+        return resolve_steps(value, name=name, **self.lengths)
+
+    def track_best(self, metric: str, mode: str) -> None:
+        """Track the best evaluation by ``metric`` (``min`` or ``max``) instead of val_loss, and checkpoint each
+        evaluation that improves it, so ``load_best_weights`` can restore it (early stopping asks for this)."""
+        self._best = (metric, mode, True)
 
     # ------------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, Any]:
-        """Train until ``max_steps`` updates are applied; return the final metrics and the history."""
+        """Train until ``max_steps`` updates are applied (or a callback stops the run); return the summary."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_offset = self._restore() if self._resume else None
         ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))  # once resume succeeded
-        config, state, model, optimizer = self.config, self.state, self.model, self.optimizer
+        config, state, model, optimizer, task = self.config, self.state, self.model, self.optimizer, self.task
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=metrics_offset)
         if config.tensorboard:
             self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
-        self._say(f"data: {self.data.description}; train {len(self.data.train):,} / val {len(self.data.val):,} "
-                  f"tokens; model: {sum(p.numel() for p in model.parameters()):,} parameters; "
-                  f"{self.tokens_per_step:,} tokens per step; run directory: {self.run_dir}")
-        self._say(f"unigram baseline (validation cross-entropy of token frequencies): {self.unigram_baseline:.4f}")
+        for line in task.describe():
+            self._say(line)
+        self._say(f"task: {config.task}; model: {sum(p.numel() for p in model.parameters()):,} parameters; "
+                  f"{self.tokens_per_step:,} {'tokens' if config.task == 'lm' else 'examples'} per step; "
+                  f"run directory: {self.run_dir}")
         for callback in self.callbacks:
             callback.on_run_start(self)
         if self.spike_detector is not None and not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
@@ -134,6 +166,7 @@ class Trainer:
         model.train()
         bar = tqdm(total=config.max_steps, initial=state.step, disable=True if self.quiet else None,
                    dynamic_ncols=True, unit="step")
+        progress = _Progress(config.progress_interval, enabled=bar.disable and not self.quiet)
         started, tokens_at_start = time.perf_counter(), state.tokens
         elapsed_at_start = state.elapsed
 
@@ -145,15 +178,16 @@ class Trainer:
             lr = _applied_lr(optimizer, lr)
 
             # Forward and backward over the micro-batches; the summed loss is divided once by the global batch's
-            # token count, so accumulation matches one large batch whatever each micro-batch holds.
-            micro_batches = [self.sampler.batch(state.batch_index + i) for i in range(config.grad_accum)]
+            # count (tokens or examples), so accumulation matches one large batch whatever each micro-batch holds.
+            micro_batches = [self._batch(state.batch_index + i) for i in range(config.grad_accum)]
             state.batch_index += config.grad_accum
-            n_tokens = sum(count_tokens(y) for _, y in micro_batches)
+            n_targets = sum(task.count(b) for b in micro_batches)
+            n_examples = sum(task.examples(b) for b in micro_batches)
             loss_sum = 0.0
-            for x, y in micro_batches:
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            for batch in micro_batches:
+                batch = move_to_device(batch, self.device)
                 with self.precision.autocast():
-                    loss = lm_loss_sum(model(x), y) / n_tokens
+                    loss = task.loss(model, batch) / n_targets
                 self.precision.scale(loss).backward()
                 loss_sum += loss.detach()
             for callback in self.callbacks:
@@ -180,8 +214,8 @@ class Trainer:
             if self.spike_detector is not None:
                 self.spike_detector.update(loss_value)  # only losses of applied updates enter its window
 
-            state.step += 1
-            tokens_before, state.tokens = state.tokens, state.tokens + self.tokens_per_step
+            tokens_before = state.tokens
+            state.advance(n_examples, n_targets)
             state.elapsed = elapsed_at_start + time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_step_end(self)
@@ -192,78 +226,123 @@ class Trainer:
             speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
             bar.update(1)
+            progress.maybe_print(state, config.max_steps, loss_value, lr, speed, state.elapsed - elapsed_at_start)
 
             last = state.step == config.max_steps or any(cb.should_stop for cb in self.callbacks)
+            improved = False
             if state.step % config.eval_interval == 0 or last:
-                self._evaluate_and_report(bar)
-            if state.step % config.checkpoint_interval == 0 or last:
+                improved = self._evaluate_and_report(bar)
+            last = last or any(cb.should_stop for cb in self.callbacks)  # e.g. early stopping, decided at eval
+            if state.step % config.checkpoint_interval == 0 or last or (improved and self._best[2]):
                 self.save_checkpoint()
         bar.close()
         return self._finish()
 
+    def _batch(self, index: int) -> Any:
+        batch = self.task.train_batch(index, self.rank, self.world_size)
+        for callback in self.callbacks:
+            batch = callback.on_batch(self, batch)
+        return batch
+
+    def _check_first_batch(self) -> None:
+        """One forward pass of the first training batch in eval mode, without gradients and with every RNG put
+        back: a batch of the wrong shape or dtype, or a loss that is not a scalar, fails here as bad input."""
+        batch = self.task.train_batch(0, self.rank, self.world_size)
+        rng = _rng_state(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            count = self.task.count(batch)
+            with torch.no_grad(), self.precision.autocast():
+                loss = tasks.check_loss(self.task.loss(self.model, move_to_device(batch, self.device)),
+                                        f"task {self.config.task!r}")
+        except KeelError:
+            raise
+        except Exception as error:  # the user's model or data: any failure here is a mismatch of the two
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise KeelError(f"task {self.config.task!r}: the first training batch fails in the model or loss "
+                            f"({type(error).__name__}: {first}); allowed: batches the model accepts "
+                            f"(got {_describe_batch(batch)})") from None
+        finally:
+            self.model.train(was_training)
+            _set_rng_state(rng, self.device)
+        if not isinstance(count, int) or count < 1:
+            raise KeelError(f"task {self.config.task!r}: the first batch counts {count!r} loss terms; allowed: an "
+                            "int >= 1")
+        del loss
+
     # ------------------------------------------------------------------------------------------ pieces
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module | None = None) -> float:
-        """Mean validation cross-entropy (nats/token) over the fixed validation windows."""
+    def evaluate(self, model: torch.nn.Module | None = None, split: str = "val") -> dict[str, float]:
+        """Metrics over the task's fixed evaluation batches: ``val_loss`` (and e.g. ``val_accuracy``) for the
+        validation split, ``train_eval_loss`` ... for the fixed training slice. Each is a sum over the batches
+        divided by the summed count, so it does not depend on how the batches are cut."""
         model = model or self.model
         was_training = model.training
         model.eval()
-        total, count = torch.zeros((), dtype=torch.float64), 0
-        for x, y in sequential_windows(self.data.val, self.config.model.block_size, self.config.data.batch_size,
-                                       self.config.data.eval_tokens):
-            x, y = x.to(self.device), y.to(self.device)
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for batch in self.task.eval_batches(split, self.rank, self.world_size):
+            count += self.task.count(batch)
+            batch = move_to_device(batch, self.device)
             with self.precision.autocast():
-                total += lm_loss_sum(model(x), y).double().cpu()
-            count += y.numel()
+                for key, value in self.task.eval_sums(model, batch).items():
+                    sums[key] = sums.get(key, 0) + value.detach().double().cpu()
         model.train(was_training)
-        return float(total / count)
+        prefix = "val_" if split == "val" else "train_eval_"
+        return {f"{prefix}{key}": float(value / max(count, 1)) for key, value in sums.items()}
 
     def sample(self) -> str:
-        """A short continuation of the fixed prompt, drawn with a private generator (training RNG untouched)."""
-        cfg = self.config.sample
-        if cfg.tokens == 0:
-            return ""
+        """The task's sample (a language model's continuation), drawn with a private generator."""
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        if self.data.is_bytes:
-            prompt = list(cfg.prompt.encode("utf-8")) or [10]
-        else:
-            prompt = [0]
-        idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        self.model.eval()
-        with self.precision.autocast():
-            out = self.model.generate(idx, cfg.tokens, cfg.temperature, cfg.top_k, generator=generator)[0].tolist()
-        self.model.train()
-        if self.data.is_bytes:
-            return bytes(out).decode("utf-8", errors="replace")
-        return " ".join(map(str, out))
+        return self.task.sample(self.model, generator, self.precision.autocast)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to ``metrics.jsonl`` (and TensorBoard when enabled)."""
         self.metrics.write(record)
 
-    def _evaluate_and_report(self, bar) -> None:
+    def say(self, message: str) -> None:
+        """Print a line for the user (nothing when quiet), without breaking the progress bar."""
+        self._say(message)
+
+    def to_device(self, batch: Any) -> Any:
+        return move_to_device(batch, self.device)
+
+    def _evaluate_and_report(self, bar) -> bool:
+        """Evaluate, log and print; True when the tracked metric improved."""
         state = self.state
-        record: dict[str, Any] = {"step": state.step, "tokens": state.tokens, "val_loss": self.evaluate()}
+        record: dict[str, Any] = {"step": state.step, "tokens": state.tokens, **self.evaluate(),
+                                  **self.evaluate(split="train")}
         for callback in self.callbacks:
             callback.on_eval(self, record)
         self.log(record)
         self._last_eval = record
         if hasattr(self.schedule, "observe"):
             self.schedule.observe(record["val_loss"])
-        extras = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_loss_"))
-        self._say(f"step {state.step}/{self.config.max_steps} | val_loss {record['val_loss']:.4f}{extras}", bar)
+        shown = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k not in ("step", "tokens"))
+        self._say(f"step {state.step}/{self.config.max_steps}{shown}", bar)
         text = self.sample()
         if text:
             self._say(f"  sample: {text!r}", bar)
+        return self._improves_best(record)
+
+    def _improves_best(self, record: dict[str, Any]) -> bool:
+        """Whether ``record`` beats the best checkpointed evaluation by the tracked metric."""
+        metric, mode, _ = self._best
+        value, best = record.get(metric), self.state.best_value
+        if value is None or not math.isfinite(value):
+            return False
+        return best is None or (value < best if mode == "min" else value > best)
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of everything the run needs to continue exactly, then prune old ones."""
         state = self.state
         name = ckpt.step_dir_name(state.step)
-        val = self._last_eval.get("val_loss") if self._last_eval.get("step") == state.step else None
-        if val is not None and val < state.best_val_loss:
-            state.best_val_loss, state.best_checkpoint = val, name
+        evaluated = self._last_eval if self._last_eval.get("step") == state.step else {}
+        if self._improves_best(evaluated):
+            state.best_value, state.best_step, state.best_checkpoint = evaluated[self._best[0]], state.step, name
+        val = evaluated.get("val_loss")
         payload = {
             "trainer": asdict(state),
             "optimizer": self.optimizer.state_dict(),
@@ -288,6 +367,15 @@ class Trainer:
         ckpt.prune(root, self.config.keep_last, protect={state.best_checkpoint})
         return path
 
+    def load_best_weights(self) -> None:
+        """Put the best checkpoint's weights (by the tracked metric) into the model, if it is not already them."""
+        state = self.state
+        if not state.best_checkpoint or state.best_step == state.step:
+            return
+        weights, _ = ckpt.load_checkpoint(self.run_dir / "checkpoints" / state.best_checkpoint, device=self.device)
+        self.model.load_state_dict(weights)
+        self._say(f"restored the best weights, from {state.best_checkpoint} (step {state.best_step})")
+
     def _restore(self) -> int | None:
         """Load the newest intact checkpoint; return the metrics-log length to cut back to."""
         if not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
@@ -311,10 +399,13 @@ class Trainer:
         self.clipper.load_state_dict(payload["clipper"])
         if self.spike_detector is not None and payload.get("spike") is not None:
             self.spike_detector.load_state_dict(payload["spike"])
+        self.restored_from = found
         for callback in self.callbacks:
             if callback.name in payload["callbacks"]:
                 callback.load_state_dict(payload["callbacks"][callback.name])
-        for key, value in asdict(TrainState(**payload["trainer"])).items():
+        known = {f.name for f in fields(TrainState)}
+        restored = TrainState(**{k: v for k, v in payload["trainer"].items() if k in known})
+        for key, value in asdict(restored).items():
             setattr(self.state, key, value)  # in place: fit() holds a reference to self.state
         _set_rng_state(payload["rng"], self.device)
         return payload
@@ -353,7 +444,7 @@ class Trainer:
         new.batch_index = old.batch_index + cfg.skip_batches * self.config.grad_accum
         new.skipped, new.elapsed, new.rollbacks = old.skipped, old.elapsed, old.rollbacks + 1
         new.lr_multiplier = old.lr_multiplier * cfg.lr_factor
-        new.best_val_loss, new.best_checkpoint = old.best_val_loss, old.best_checkpoint
+        new.best_value, new.best_step, new.best_checkpoint = old.best_value, old.best_step, old.best_checkpoint
         # The log keeps the trajectory the model follows: records after the checkpoint are cut, but not events.
         self.metrics.close()
         path, offset = self.run_dir / "metrics.jsonl", int(payload["metrics_offset"])
@@ -390,21 +481,28 @@ class Trainer:
         evals = [r for r in history if "val_loss" in r]
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir),
+            "task": self.config.task,
             "step": self.state.step,
+            "examples": self.state.examples,
             "tokens": self.state.tokens,
             "skipped": self.state.skipped,
             "train_loss": float(np.mean(train_losses[-20:])) if train_losses else math.nan,
-            "unigram_baseline": self.unigram_baseline,
+            **self.task.reference_metrics(),
             "time": self.state.elapsed,
-            **{k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("val_loss")},
+            **{k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "tokens", "kind")},
         }
         for callback in self.callbacks:
             callback.on_run_end(self, summary)
+        ckpt.save_weights(self.model.state_dict(), self.run_dir / "model.safetensors")
         summary["history"] = history
-        self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f} vs unigram baseline "
-                  f"{self.unigram_baseline:.4f} after {self.state.step} steps ({self.state.tokens:,} tokens, "
-                  f"{self.state.elapsed:.1f} s, {self.state.skipped} skipped)")
-        self._say(f"wrote {self.run_dir}/config.yaml, metrics.jsonl, loss.png, checkpoints/")
+        reference = "".join(f" vs {k.replace('_', ' ')} {v:.4f}" for k, v in self.task.reference_metrics().items())
+        accuracy = f", val_accuracy {summary['val_accuracy']:.4f}" if "val_accuracy" in summary else ""
+        best = f"; best step {summary['best_step']}" if "best_step" in summary else ""
+        self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f}{reference}{accuracy} after "
+                  f"{self.state.step} steps ({self.state.examples:,} examples, {self.state.tokens:,} "
+                  f"{'tokens' if self.config.task == 'lm' else 'targets'}, {self.state.elapsed:.1f} s, "
+                  f"{self.state.skipped} skipped){best}")
+        self._say(f"wrote {self.run_dir}/config.yaml, metrics.jsonl, loss.png, model.safetensors, checkpoints/")
         return summary
 
     def _check_run_dir(self, resume: bool) -> None:
@@ -417,12 +515,53 @@ class Trainer:
                 f"out_dir: '{self.run_dir}' already holds a run; allowed: --resume {self.run_dir} to continue it, "
                 "or another --out"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _say(self, message: str, bar=None) -> None:
         if self.quiet:
             return
         (bar.write if bar is not None else tqdm.write)(message, file=sys.stdout)
+
+
+class _Progress:
+    """Plain progress lines for logs without a terminal (CI, nohup, cluster jobs): every N steps or seconds."""
+
+    def __init__(self, interval: int | str, enabled: bool):
+        self.enabled = enabled
+        self.seconds = float(interval[:-1]) if isinstance(interval, str) else None
+        self.steps = interval if isinstance(interval, int) else None
+        self._last = time.perf_counter()
+
+    def maybe_print(self, state: TrainState, max_steps: int, loss: float, lr: float, speed: float,
+                    elapsed: float) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        due = state.step % self.steps == 0 if self.steps else now - self._last >= self.seconds
+        if not due and state.step != 1:
+            return
+        self._last = now
+        rate = state.step / max(elapsed, 1e-9)
+        eta = (max_steps - state.step) / rate if state.step else math.nan
+        print(f"step {state.step}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {speed:,.0f} tok/s | "
+              f"ETA {_duration(eta)}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _describe_batch(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"tensor {tuple(batch.shape)} {str(batch.dtype).removeprefix('torch.')}"
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k}: {_describe_batch(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(_describe_batch(v) for v in batch) + ")"
+    return type(batch).__name__
 
 
 def _applied_lr(optimizer: torch.optim.Optimizer, default: float) -> float:
@@ -462,6 +601,28 @@ def train(
     run_dir: str | Path | None = None,
     resume: bool = False,
     quiet: bool = False,
+    *,
+    task: Task | None = None,
+    model: torch.nn.Module | None = None,
+    train_data: Any = None,
+    val_data: Any = None,
+    loss_fn: Any = None,
 ) -> dict[str, Any]:
-    """Train from a config in-process; return the final metrics (``val_loss``, ``train_loss``, ...) and ``history``."""
-    return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet).fit()
+    """Train in-process; return the final metrics (``val_loss``, ``train_loss``, ...) and ``history``.
+
+    What is trained: ``task`` (a ``keel.tasks.Task``), or plain PyTorch objects — ``model`` with ``train_data``
+    (a map-style dataset of ``(input, target)`` pairs, or a function ``index -> batch``), ``val_data`` and
+    ``loss_fn(outputs, targets)`` (default cross-entropy) — or else the task ``config.task`` names.
+    """
+    if model is not None:
+        if task is not None:
+            raise KeelError("train: both task and model were given; allowed: one of the two")
+        if train_data is None:
+            raise KeelError("train: model was given without train_data; allowed: model with train_data "
+                            "(a map-style dataset or a function index -> batch)")
+        task = tasks.PlainTask(model, train_data, val_data, loss_fn)
+    elif train_data is not None or val_data is not None or loss_fn is not None:
+        raise KeelError("train: train_data, val_data and loss_fn go with model=; allowed: model=... too, or a task")
+    if task is not None and config.task == "lm":
+        config = config.model_copy(update={"task": "python"})
+    return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task).fit()

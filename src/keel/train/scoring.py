@@ -1,4 +1,8 @@
-"""Scoring weight files of keel runs on their validation split: find the run config, build the model, load weights."""
+"""Scoring weight files of keel runs on their validation split: find the run config, rebuild its task, load weights.
+
+``keel average --eval`` and ``keel ensemble`` use this; they know nothing of the model or data: the run's
+``config.yaml`` names the task, and the task builds the model and hands out the validation batches.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ import torch
 from keel.averaging.ensemble import target_log_probs
 from keel.averaging.safetensors_io import SafetensorsReader
 from keel.errors import KeelError
-
 
 def find_run_config(path: str | Path) -> Path | None:
     """The config.yaml of the run a weights file or directory belongs to (searched up to three levels up)."""
@@ -29,21 +32,21 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 @dataclass
 class ValidationScorer:
-    """A run config's model and fixed validation windows, to score weight files on (one model in memory)."""
+    """A run config's task, its model (one in memory) and fixed validation batches, to score weight files on."""
 
     config: object
     device: torch.device
 
     def __post_init__(self) -> None:
-        from keel.data import load_tokens, sequential_windows
+        from keel import tasks
         from keel.precision import Precision
 
-        c = self.config
-        self.data = load_tokens(c.data.source, c.data.val_fraction, c.data.vocab_size)
-        self.batches = list(
-            sequential_windows(self.data.val, c.model.block_size, c.data.batch_size, c.data.eval_tokens)
-        )
-        self.precision = Precision(c.precision, self.device)
+        self.task = tasks.from_config(self.config)
+        self.batches = list(self.task.eval_batches("val"))
+        if not self.batches:
+            raise KeelError(f"task {self.config.task!r}: the validation split is empty; nothing to score on")
+        self.precision = Precision(self.config.precision, self.device)
+        self._model: torch.nn.Module | None = None
 
     @classmethod
     def from_config_file(cls, path: str | Path, device: str = "cpu") -> ValidationScorer:
@@ -53,23 +56,26 @@ class ValidationScorer:
 
     def model(self, weights: dict[str, torch.Tensor] | str | Path) -> torch.nn.Module:
         """The run's model with `weights` (a state dict or a safetensors file) loaded."""
-        from keel.models import GPT, GPTConfig
-
         if not isinstance(weights, dict):
             weights = load_weights(weights)
-        model = GPT(GPTConfig(vocab_size=self.data.vocab_size, **self.config.model.model_dump()))
+        if self._model is None:
+            torch.manual_seed(0)  # the weights are replaced: any initialisation will do, a fixed one is cheaper
+            self._model = self.task.build_model().to(self.device)
         try:
-            model.load_state_dict(weights)
+            self._model.load_state_dict(weights)
         except RuntimeError as error:
             first = str(error).strip().splitlines()
             raise KeelError(f"weights do not fit the run's model: {' '.join(first[:3])}") from None
-        return model.to(self.device)
+        return self._model
 
     def log_probs(self, weights: dict[str, torch.Tensor] | str | Path) -> torch.Tensor:
-        return target_log_probs(self.model(weights), self.batches, device=self.device, autocast=self.precision.autocast)
+        """log p(target) of every validation target under `weights` (the task's ``target_log_probs``)."""
+        model = self.model(weights)
+        return target_log_probs(model, self.batches, device=self.device, autocast=self.precision.autocast,
+                                forward=self.task.logits)
 
     def loss(self, weights: dict[str, torch.Tensor] | str | Path) -> float:
-        """Mean validation cross-entropy (nats per token) of `weights`."""
+        """Mean validation cross-entropy (nats per target) of `weights`."""
         return float(-self.log_probs(weights).mean())
 
 

@@ -1,0 +1,151 @@
+"""The task: the one owner of everything model- and data-specific, so the trainer need not know what it trains.
+
+A task builds the model, hands out training batches by index (deterministic and resumable: batch ``i`` depends
+only on the seed and ``i``), counts what a batch's loss sums over, computes that summed loss, and names the
+batches its evaluations run on. The trainer, checkpoint averaging (``keel average --eval``) and ensembles
+(``keel ensemble``) go through this interface alone.
+
+The loss is a sum plus a count, both known per micro-batch, so gradient accumulation and data parallelism divide
+once by the global count and match one large batch exactly (a mean per micro-batch would weight short ones more).
+
+Composer's ``ComposerModel`` and Lightning's ``LightningModule`` likewise put forward, loss and metrics on one
+object; keel keeps it to the few methods the loop calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from keel.errors import KeelError
+
+if TYPE_CHECKING:
+    from keel.config import TrainConfig
+
+__all__ = ["Task", "batch_examples", "move_to_device"]
+
+
+class Task:
+    """Base class of keel's tasks; subclass it, or wrap plain PyTorch objects with ``keel.tasks.PlainTask``.
+
+    Methods a task must provide: ``build_model``, ``train_batch``, ``count``, ``loss``, ``eval_batches`` and the
+    ``batches_per_epoch`` attribute. The rest have defaults.
+    """
+
+    name: str = "task"
+    batches_per_epoch: int = 1
+    #: Targets a full training micro-batch holds (tokens for a language model, examples otherwise): the nominal
+    #: count that time units in tokens ('2Mtok') resolve with. The clock counts what batches actually hold.
+    tokens_per_batch: int = 1
+    #: Number of classes (or vocabulary entries) of a classifier's output, for the expected initial loss ln(C).
+    num_classes: int | None = None
+
+    def bind(self, config: TrainConfig) -> Task:
+        """Take the run's settings (batch size, seed, data options) before use; returns the task itself."""
+        return self
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_batch(self, index: int, rank: int = 0, world_size: int = 1) -> Any:
+        """Micro-batch ``index`` of the training data (this rank's share of it), on the CPU."""
+        raise NotImplementedError
+
+    def count(self, batch: Any) -> int:
+        """How many terms ``loss`` sums over for ``batch`` (tokens that are not padding, or examples)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The loss of ``model`` on ``batch``, summed (not averaged) over its ``count(batch)`` terms."""
+        raise NotImplementedError
+
+    def eval_batches(self, split: str, rank: int = 0, world_size: int = 1) -> Iterable[Any]:
+        """The fixed batches of an evaluation: ``"val"`` (validation data) or ``"train"`` (a fixed slice of the
+        training data, so over- and underfitting show side by side)."""
+        raise NotImplementedError
+
+    def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Summed metrics of one evaluation batch; each is divided by the summed ``count``. ``loss`` is required;
+        a classifier adds ``accuracy`` (the number of correct predictions)."""
+        return {"loss": self.loss(model, batch)}
+
+    def logits(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """The model's logits for ``inputs`` (scoring and ensembles use them): ``model(inputs)``, or its
+        ``.logits`` for models that return an output object (Hugging Face)."""
+        out = model(inputs)
+        return out if isinstance(out, torch.Tensor) else out.logits
+
+    def examples(self, batch: Any) -> int:
+        """Examples (sequences, images) in ``batch``: the leading dimension of its first tensor."""
+        return batch_examples(batch)
+
+    def sample(self, model: nn.Module, generator: torch.Generator, autocast) -> str:
+        """A short sample to print at each evaluation (a language model's continuation); empty for none."""
+        return ""
+
+    def describe(self) -> list[str]:
+        """Lines printed when a run starts: the data and what a trivial model would score."""
+        return []
+
+    def reference_metrics(self) -> dict[str, float]:
+        """Baselines to report beside the final metrics (e.g. ``unigram_baseline``)."""
+        return {}
+
+
+def batch_examples(batch: Any) -> int:
+    for tensor in _tensors(batch):
+        return int(tensor.shape[0]) if tensor.dim() else 1
+    raise KeelError(f"batch: a {type(batch).__name__} holds no tensor; allowed: a tensor or a tuple, list or dict "
+                    "of tensors")
+
+
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, (tuple, list)):
+        for value in batch:
+            yield from _tensors(value)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, or tuples, lists and dicts of them) on ``device``; other values pass through."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def check_loss(value: Any, where: str) -> torch.Tensor:
+    """The loss a task returned, checked to be a scalar floating-point tensor that carries a gradient."""
+    if not isinstance(value, torch.Tensor):
+        raise KeelError(f"{where}: the loss is a {type(value).__name__}; allowed: a scalar torch.Tensor")
+    if value.dim() != 0:
+        raise KeelError(f"{where}: the loss has shape {tuple(value.shape)}; allowed: a scalar (shape ()) — reduce "
+                        "it with .sum() or .mean()")
+    if not value.is_floating_point():
+        raise KeelError(f"{where}: the loss has dtype {value.dtype}; allowed: a floating-point scalar")
+    return value
+
+
+def check_model(model: Any, where: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise KeelError(f"{where}: built a {type(model).__name__}; allowed: a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise KeelError(f"{where}: the model has no trainable parameters (none with requires_grad=True); allowed: "
+                        "a model with at least one trainable parameter")
+    return model
+
+
+def expected_initial_loss(task: Task) -> float | None:
+    """ln(C) for a task with C classes: the cross-entropy of a uniform prediction at initialisation."""
+    return math.log(task.num_classes) if task.num_classes else None
