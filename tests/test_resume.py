@@ -47,8 +47,8 @@ def assert_bitwise_equal(run_a: Path, run_b: Path):
     assert val_a == val_b
 
 
-def kill_when_step_reached(cmd, run: Path, step: int, timeout: float = 60.0) -> None:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def kill_when_step_reached(cmd, run: Path, step: int, timeout: float = 60.0, env=None) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + timeout
     try:

@@ -69,7 +69,8 @@ def split_inputs_targets(batch: Any, key: str) -> tuple[Any, Any]:
 class PlainTask(Task):
     """A task from plain PyTorch objects.
 
-    ``model``: the ``nn.Module`` to train. ``train_data`` / ``val_data``: map-style datasets of
+    ``model``: the ``nn.Module`` to train, or a function returning it (called after the run's seed is set, so
+    the initialisation follows ``seed``; a module built beforehand keeps the initialisation it has). ``train_data`` / ``val_data``: map-style datasets of
     ``(input, target)`` examples, or functions ``index -> (inputs, targets)`` returning whole batches
     (deterministic in ``index``). ``loss_fn(outputs, targets)``: a scalar averaged over the batch (default:
     cross-entropy). ``eval_examples`` caps the examples of each evaluation (``None``: the whole validation set,
@@ -80,7 +81,7 @@ class PlainTask(Task):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Callable[[], nn.Module],
         train_data: Any,
         val_data: Any = None,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
@@ -88,7 +89,9 @@ class PlainTask(Task):
         num_classes: int | None = None,
         eval_batches: int = 8,
     ):
-        self.model = check_model(model, "model")
+        if not isinstance(model, nn.Module) and not callable(model):
+            raise KeelError(f"model: a {type(model).__name__}; allowed: a torch.nn.Module or a function returning one")
+        self.model = model
         self.train_data, self.val_data = train_data, val_data
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.eval_examples = eval_examples
@@ -110,7 +113,8 @@ class PlainTask(Task):
         return DatasetBatches(data, self.batch_size, seed, key)
 
     def build_model(self) -> nn.Module:
-        return self.model
+        model = self.model if isinstance(self.model, nn.Module) else self.model()
+        return check_model(model, "model")
 
     def train_batch(self, index: int, rank: int = 0, world_size: int = 1) -> Any:
         if isinstance(self._train, DatasetBatches):

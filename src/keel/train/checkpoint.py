@@ -58,8 +58,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Weights as safetensors (contiguous CPU copies; shared storage is not an issue for a state dict)."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    """Weights as safetensors. Tied weights (one storage under two names, e.g. a language model's embedding and
+    output layer) are written once per name, so the file loads back into the same module with every key."""
+    out, seen = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous().cpu()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone() if key in seen else tensor
+        seen.add(key)
+    save_file(out, str(path))
 
 
 def write_checkpoint(

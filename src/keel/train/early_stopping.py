@@ -70,7 +70,7 @@ class EarlyStoppingCallback(Callback):
         self.unit = EarlyStopping(config.mode, config.patience, config.min_delta)
 
     def on_run_start(self, trainer) -> None:
-        trainer.track_best(self.config.metric, self.config.mode)
+        trainer.track_best(self.config.metric, self.config.mode, self.config.min_delta)
 
     def on_eval(self, trainer, metrics: dict[str, Any]) -> None:
         if self.config.metric not in metrics:

@@ -58,7 +58,10 @@ def load_initial_weights(model: nn.Module, path: str | Path, strict: bool = True
         raise KeelError(f"init_from: '{file}' is not a readable safetensors file ({error})") from None
     own = model.state_dict()
     excluded = sorted(k for k in own if any(k.startswith(prefix) for prefix in exclude))
-    missing = sorted(k for k in own if k not in weights and k not in excluded)
+    storage = {k: (v.untyped_storage().data_ptr(), v.storage_offset()) for k, v in own.items()}
+    loaded_storage = {storage[k] for k in own if k in weights}
+    # a tied weight (one storage under two names) is loaded through its twin: save_pretrained writes it once
+    missing = sorted(k for k in own if k not in weights and k not in excluded and storage[k] not in loaded_storage)
     unexpected = sorted(k for k in weights if k not in own and not any(k.startswith(p) for p in exclude))
     mismatched = sorted(k for k in own if k in weights and k not in excluded and weights[k].shape != own[k].shape)
     problems = []

@@ -131,17 +131,18 @@ class Trainer:
         self.restored_from: Path | None = None
         self._resume = resume
         self._last_eval: dict[str, Any] = {}
-        self._best = ("val_loss", "min", False)  # metric, mode, keep its checkpoint (track_best)
+        self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
         self._check_first_batch()
 
     def resolve_length(self, value: int | str, name: str) -> int:
         """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run."""
         return resolve_steps(value, name=name, **self.lengths)
 
-    def track_best(self, metric: str, mode: str) -> None:
-        """Track the best evaluation by ``metric`` (``min`` or ``max``) instead of val_loss, and checkpoint each
-        evaluation that improves it, so ``load_best_weights`` can restore it (early stopping asks for this)."""
-        self._best = (metric, mode, True)
+    def track_best(self, metric: str, mode: str, min_delta: float = 0.0) -> None:
+        """Track the best evaluation by ``metric`` (``min`` or ``max``, improving by more than ``min_delta``)
+        instead of val_loss, and checkpoint each evaluation that improves it, so ``load_best_weights`` can restore
+        it (early stopping asks for this)."""
+        self._best = (metric, mode, min_delta, True)
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -233,7 +234,7 @@ class Trainer:
             if state.step % config.eval_interval == 0 or last:
                 improved = self._evaluate_and_report(bar)
             last = last or any(cb.should_stop for cb in self.callbacks)  # e.g. early stopping, decided at eval
-            if state.step % config.checkpoint_interval == 0 or last or (improved and self._best[2]):
+            if state.step % config.checkpoint_interval == 0 or last or (improved and self._best[3]):
                 self.save_checkpoint()
         bar.close()
         return self._finish()
@@ -329,11 +330,11 @@ class Trainer:
 
     def _improves_best(self, record: dict[str, Any]) -> bool:
         """Whether ``record`` beats the best checkpointed evaluation by the tracked metric."""
-        metric, mode, _ = self._best
+        metric, mode, min_delta, _ = self._best
         value, best = record.get(metric), self.state.best_value
         if value is None or not math.isfinite(value):
             return False
-        return best is None or (value < best if mode == "min" else value > best)
+        return best is None or (value < best - min_delta if mode == "min" else value > best + min_delta)
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of everything the run needs to continue exactly, then prune old ones."""
