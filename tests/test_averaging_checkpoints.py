@@ -215,3 +215,55 @@ def test_streaming_peak_memory_stays_near_one_fp32_model(tmp_path):
     assert peak_growth < 1.25 * model_bytes, f"peak grew by {peak_growth / model_bytes:.2f} fp32 models"
     averaged = load_file(str(tmp_path / "out.safetensors"))
     torch.testing.assert_close(averaged["layer3.weight"], load_file(paths[0])["layer3.weight"] + 2.0)
+
+
+def _raw_safetensors(header, data=b""):
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded + data
+
+
+F32_ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x01\x02\x03",
+        (10**9).to_bytes(8, "little") + b"{}",
+        _raw_safetensors(b"{not json"),
+        _raw_safetensors(b"\xff\xfe"),
+        _raw_safetensors([]),
+        _raw_safetensors(None),
+        _raw_safetensors(7),
+        _raw_safetensors({"w": 3}, bytes(8)),
+        _raw_safetensors({"w": []}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, dtype="F99")}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, dtype=["F32"])}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, dtype=None)}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, shape="2")}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, shape=[-2])}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, shape=[2.0])}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, data_offsets=[0])}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, data_offsets="0,8")}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, data_offsets=[8, 0])}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, data_offsets=[0, 16])}, bytes(8)),
+        _raw_safetensors({"w": {"dtype": "F32", "shape": [2]}}, bytes(8)),
+        _raw_safetensors({"a": F32_ENTRY, "b": F32_ENTRY}, bytes(16)),
+        _raw_safetensors({"w": F32_ENTRY}, bytes(12)),
+        _raw_safetensors({"__metadata__": [], "w": F32_ENTRY}, bytes(8)),
+        _raw_safetensors({"__metadata__": {"k": 1}, "w": F32_ENTRY}, bytes(8)),
+    ],
+)
+def test_malformed_safetensors_headers_are_keel_errors(tmp_path, raw):
+    """Every malformed header is a KeelError (never a TypeError, KeyError, AttributeError or ValueError of json)."""
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(raw)
+    with pytest.raises(KeelError, match="bad.safetensors") as caught:
+        read_header(path)
+    assert type(caught.value) is KeelError
+
+
+def test_a_well_formed_file_with_no_tensors_is_read(tmp_path):
+    write_safetensors(tmp_path / "empty.safetensors", {}, metadata={"k": "v"})
+    assert read_header(tmp_path / "empty.safetensors") == ({}, {"k": "v"})
