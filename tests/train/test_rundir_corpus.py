@@ -201,7 +201,8 @@ CORRUPTIONS = {
     "manifest step true": manifest_edit(set_in(["step"], True)),
     "manifest step of another checkpoint": manifest_edit(set_in(["step"], 30)),
     "manifest meta a list": manifest_edit(set_in(["meta"], [])),
-    "manifest names a path outside": manifest_edit(set_in(["files", "../model.safetensors"], {"bytes": 1, "sha256": "0" * 64})),
+    "manifest names a path outside": manifest_edit(
+        set_in(["files", "../model.safetensors"], {"bytes": 1, "sha256": "0" * 64})),
     "manifest does not list state.pt": both(delete("state.pt"), manifest_edit(drop(["files", "state.pt"]))),
     "manifest does not list model.safetensors": both(delete("model.safetensors"), rehash),
     # missing and extra files
@@ -212,7 +213,8 @@ CORRUPTIONS = {
     "an unlisted directory": add_dir("extra"),
     # contents that hash correctly (manifest rewritten) but cannot be loaded
     "state: a pickled object (weights_only refuses it)": replace_rehashed(
-        "state.pt", lambda c: torch_bytes({"trainer": argparse.Namespace(step=20), "optimizer": {}, "metrics_offset": 0})),
+        "state.pt",
+        lambda c: torch_bytes({"trainer": argparse.Namespace(step=20), "optimizer": {}, "metrics_offset": 0})),
     "state: not a zip": replace_rehashed("state.pt", lambda c: b"PK\x03\x04 not really a zip file" * 4),
     "state: a list, not a dict": replace_rehashed("state.pt", lambda c: torch_bytes([1, 2, 3])),
     "state: a dict lacking required keys": replace_rehashed("state.pt", lambda c: torch_bytes({"trainer": {}})),
@@ -238,7 +240,8 @@ CORRUPTIONS = {
     "ema: entry a number": replace_rehashed("ema.safetensors", lambda c: safetensors_header({"w": 3}, bytes(8))),
     "ema: overlapping tensors": replace_rehashed(
         "ema.safetensors", lambda c: safetensors_header({"a": F32, "b": F32}, bytes(16))),
-    "ema: a gap after the tensors": replace_rehashed("ema.safetensors", lambda c: safetensors_header({"w": F32}, bytes(12))),
+    "ema: a gap after the tensors": replace_rehashed(
+        "ema.safetensors", lambda c: safetensors_header({"w": F32}, bytes(12))),
     "ema: header is null": replace_rehashed("ema.safetensors", lambda c: safetensors_header(None)),
 }
 
@@ -340,7 +343,8 @@ STRAYS = {
     "a write in progress": stray_copy(".tmp-step_00000030"),
     "a replaced one set aside": stray_copy(".old-step_00000030"),
     "a file named like a checkpoint": stray_file("step_00000030"),
-    "no manifest (the write did not finish)": both(stray_copy("step_00000030"), lambda r: (r / "step_00000030" / "manifest.json").unlink()),
+    "no manifest (the write did not finish)": both(
+        stray_copy("step_00000030"), lambda r: (r / "step_00000030" / "manifest.json").unlink()),
     "a manifest that is a directory": both(
         stray_copy("step_00000040"),
         lambda r: (r / "step_00000040" / "manifest.json").unlink(),

@@ -463,6 +463,8 @@ class RunLock:
             ...  # train
     """
 
+    unreadable_grace_s = 1.0  # how long an unreadable LOCK is given to show its JSON before it counts as stale
+
     def __init__(self, run_dir: Path, report: Report = print) -> None:
         self.path = Path(run_dir) / LOCK
         self.report = report
@@ -513,10 +515,9 @@ class RunLock:
             return None  # released meanwhile: try again
         try:
             holder = _read_holder(fd)
-            for _ in range(20):  # a lock just created may not hold its JSON yet
-                if holder is not None:
-                    break
-                time.sleep(0.05)
+            deadline = time.monotonic() + self.unreadable_grace_s
+            while holder is None and time.monotonic() < deadline:  # a lock just created may not hold its JSON yet
+                time.sleep(0.02)
                 holder = _read_holder(fd)
             free = _flock(fd, blocking=False)
             pid, host = (holder or {}).get("pid"), (holder or {}).get("host")
@@ -625,7 +626,7 @@ def check_new_run_dir(path: Path) -> None:
             elif folder.exists():
                 found.append(name)
     except OSError as error:
-        raise KeelError(f"out_dir: cannot look into '{path}' ({_describe(error)})") from None
+        raise KeelError(f"out_dir: cannot use '{path}' as a run directory ({_describe(error)})") from None
     if found:
         raise KeelError(
             f"out_dir: '{path}' already holds (part of) a run: {', '.join(found)}; allowed: --resume {path} to "
@@ -653,12 +654,15 @@ def prepare_run_dir(path: Path, resume: bool) -> Path:
         else:
             check_new_run_dir(path)
             path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".keel-write-probe-", dir=path)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".keel-write-probe-", dir=path)
+        except OSError as error:
+            raise KeelError(f"{option}: cannot write in '{path}' ({_describe(error)})") from None
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        where = f" ('{error.filename}')" if error.filename and Path(error.filename) != path else ""
-        raise KeelError(f"{option}: cannot use '{path}' as a run directory: {_describe(error)}{where}") from None
+        where = f" at '{error.filename}'" if error.filename and Path(error.filename) != path else ""
+        raise KeelError(f"{option}: cannot use '{path}' as a run directory ({_describe(error)}){where}") from None
     return path
 
 
