@@ -1,6 +1,7 @@
 """Checkpoint averaging: the arithmetic mean, integer copies, input resolution, errors, the streaming memory bound."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from keel.averaging import average_checkpoints, average_checkpoints_to_file, res
 from keel.averaging.safetensors_io import SafetensorsReader, read_header, write_safetensors
 from keel.cli.main import main
 from keel.errors import KeelError
+from keel.train.rundir import write_checkpoint
 
 
 def make_checkpoints(folder, n=4, dtype=torch.float32, seed=0):
@@ -102,15 +104,17 @@ def fake_run(root, steps, val_losses, ema=False):
     g = torch.Generator().manual_seed(1)
     states = {}
     for step in steps:
-        folder = root / "checkpoints" / f"step_{step:08d}"
-        folder.mkdir(parents=True)
         state = {"w": torch.randn(4, 4, generator=g), "n": torch.tensor(step)}
-        save_file(state, str(folder / "model.safetensors"))
-        if ema:
-            save_file({"w": state["w"] * 0.5, "n": state["n"]}, str(folder / "ema.safetensors"))
-        (folder / "manifest.json").write_text("{}")
+
+        def extra(folder, state=state):
+            if ema:
+                save_file({"w": state["w"] * 0.5, "n": state["n"]}, str(folder / "ema.safetensors"))
+
+        write_checkpoint(root / "checkpoints", step, state, {}, {}, extra)
         states[step] = state
     (root / "checkpoints" / ".tmp-step_99999999").mkdir()  # an unfinished write is ignored
+    (root / "checkpoints" / "step_00000099").mkdir()  # no manifest: absent
+    shutil.copytree(root / "checkpoints" / f"step_{steps[-1]:08d}", root / "checkpoints" / "step_00000099.bak")
     with open(root / "metrics.jsonl", "w") as f:
         for step, loss in zip(steps, val_losses):
             f.write(json.dumps({"step": step, "loss": 9.0}) + "\n")
