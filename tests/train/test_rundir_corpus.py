@@ -22,10 +22,10 @@ def write_real_checkpoint(root: Path, step: int, seed: int) -> Path:
     """A real checkpoint: a tiny nn.Linear's weights, a dict payload, and an EMA file written by `extra`."""
     torch.manual_seed(seed)
     model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randn(4, 3)).sum().backward()
-    optimizer.step()
-    payload = {"trainer": {"step": step, "tokens": 64 * step}, "optimizer": optimizer.state_dict(),
+    moments = {i: {"step": torch.tensor(float(step)), "exp_avg": torch.randn_like(p)}
+               for i, p in enumerate(model.parameters())}
+    payload = {"trainer": {"step": step, "tokens": 64 * step},
+               "optimizer": {"state": moments, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
                "metrics_offset": 100 * step, "rng": torch.get_rng_state()}
 
     def extra(folder: Path) -> None:

@@ -395,32 +395,28 @@ def load_latest(
     """
     device = _check_device(device)
     required = tuple(required)
-    loaded: list[Any] = []
-
-    def attempt(ckpt: Path) -> None:
-        loaded[:] = _load(ckpt, device, required)
-
-    found = _newest(Path(root), attempt, report)
-    return None if found is None else (found, *loaded)
+    found = _newest(Path(root), lambda ckpt: _load(ckpt, device, required), report)
+    return None if found is None else (found[0], *found[1])
 
 
 def newest_intact(root: Path, report: Report = print) -> Path | None:
     """The newest checkpoint under ``root`` that ``verify`` passes, reporting each newer one as ``load_latest`` does."""
-    return _newest(Path(root), _check, report)
+    found = _newest(Path(root), _check, report)
+    return None if found is None else found[0]
 
 
-def _newest(root: Path, check: Callable[[Path], Any], report: Report) -> Path | None:
+def _newest(root: Path, attempt: Callable[[Path], Any], report: Report) -> tuple[Path, Any] | None:
+    """The newest checkpoint on which ``attempt`` succeeds, with its result; one line per newer one that failed."""
     corrupt: list[tuple[Path, str]] = []
     found = None
     for ckpt in reversed(list_checkpoints(root)):
         try:
-            check(ckpt)
+            found = (ckpt, attempt(ckpt))
         except Exception as error:  # noqa: BLE001 (any failure to load makes the checkpoint unusable)
             corrupt.append((ckpt, _one_line(error)))
             continue
-        found = ckpt
         break
-    using = f"using {found.name}" if found is not None else "no older intact checkpoint"
+    using = f"using {found[0].name}" if found is not None else "no older intact checkpoint"
     for ckpt, reason in corrupt:
         report(f"checkpoint {ckpt.name} is corrupt ({reason}); {using}")
     return found
@@ -681,7 +677,8 @@ def read_run_config(run_dir: Path, report: Report = print) -> str | None:
     found = _newest(run_dir / CHECKPOINTS, _check, report=lambda message: None)
     if found is None:
         return None
-    text = _read_manifest(found).get("meta", {}).get(CONFIG_META_KEY)
+    found, manifest = found
+    text = manifest.get("meta", {}).get(CONFIG_META_KEY)
     if not isinstance(text, str):
         report(f"{CONFIG} is missing from '{run_dir}', and checkpoint {found.name} stores no config")
         return None
