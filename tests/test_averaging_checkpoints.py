@@ -1,6 +1,7 @@
 """Checkpoint averaging: the arithmetic mean, integer copies, input resolution, errors, the streaming memory bound."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from keel.averaging import average_checkpoints, average_checkpoints_to_file, res
 from keel.averaging.safetensors_io import SafetensorsReader, read_header, write_safetensors
 from keel.cli.main import main
 from keel.errors import KeelError
+from keel.train.rundir import write_checkpoint
 
 
 def make_checkpoints(folder, n=4, dtype=torch.float32, seed=0):
@@ -102,15 +104,17 @@ def fake_run(root, steps, val_losses, ema=False):
     g = torch.Generator().manual_seed(1)
     states = {}
     for step in steps:
-        folder = root / "checkpoints" / f"step_{step:08d}"
-        folder.mkdir(parents=True)
         state = {"w": torch.randn(4, 4, generator=g), "n": torch.tensor(step)}
-        save_file(state, str(folder / "model.safetensors"))
-        if ema:
-            save_file({"w": state["w"] * 0.5, "n": state["n"]}, str(folder / "ema.safetensors"))
-        (folder / "manifest.json").write_text("{}")
+
+        def extra(folder, state=state):
+            if ema:
+                save_file({"w": state["w"] * 0.5, "n": state["n"]}, str(folder / "ema.safetensors"))
+
+        write_checkpoint(root / "checkpoints", step, state, {}, {}, extra)
         states[step] = state
     (root / "checkpoints" / ".tmp-step_99999999").mkdir()  # an unfinished write is ignored
+    (root / "checkpoints" / "step_00000099").mkdir()  # no manifest: absent
+    shutil.copytree(root / "checkpoints" / f"step_{steps[-1]:08d}", root / "checkpoints" / "step_00000099.bak")
     with open(root / "metrics.jsonl", "w") as f:
         for step, loss in zip(steps, val_losses):
             f.write(json.dumps({"step": step, "loss": 9.0}) + "\n")
@@ -215,3 +219,55 @@ def test_streaming_peak_memory_stays_near_one_fp32_model(tmp_path):
     assert peak_growth < 1.25 * model_bytes, f"peak grew by {peak_growth / model_bytes:.2f} fp32 models"
     averaged = load_file(str(tmp_path / "out.safetensors"))
     torch.testing.assert_close(averaged["layer3.weight"], load_file(paths[0])["layer3.weight"] + 2.0)
+
+
+def _raw_safetensors(header, data=b""):
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded + data
+
+
+F32_ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x01\x02\x03",
+        (10**9).to_bytes(8, "little") + b"{}",
+        _raw_safetensors(b"{not json"),
+        _raw_safetensors(b"\xff\xfe"),
+        _raw_safetensors([]),
+        _raw_safetensors(None),
+        _raw_safetensors(7),
+        _raw_safetensors({"w": 3}, bytes(8)),
+        _raw_safetensors({"w": []}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, dtype="F99")}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, dtype=["F32"])}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, dtype=None)}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, shape="2")}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, shape=[-2])}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, shape=[2.0])}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, data_offsets=[0])}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, data_offsets="0,8")}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, data_offsets=[8, 0])}, bytes(8)),
+        _raw_safetensors({"w": dict(F32_ENTRY, data_offsets=[0, 16])}, bytes(8)),
+        _raw_safetensors({"w": {"dtype": "F32", "shape": [2]}}, bytes(8)),
+        _raw_safetensors({"a": F32_ENTRY, "b": F32_ENTRY}, bytes(16)),
+        _raw_safetensors({"w": F32_ENTRY}, bytes(12)),
+        _raw_safetensors({"__metadata__": [], "w": F32_ENTRY}, bytes(8)),
+        _raw_safetensors({"__metadata__": {"k": 1}, "w": F32_ENTRY}, bytes(8)),
+    ],
+)
+def test_malformed_safetensors_headers_are_keel_errors(tmp_path, raw):
+    """Every malformed header is a KeelError (never a TypeError, KeyError, AttributeError or ValueError of json)."""
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(raw)
+    with pytest.raises(KeelError, match="bad.safetensors") as caught:
+        read_header(path)
+    assert type(caught.value) is KeelError
+
+
+def test_a_well_formed_file_with_no_tensors_is_read(tmp_path):
+    write_safetensors(tmp_path / "empty.safetensors", {}, metadata={"k": "v"})
+    assert read_header(tmp_path / "empty.safetensors") == ({}, {"k": "v"})

@@ -138,8 +138,8 @@ def test_loss_spike_rolls_back_skips_batches_and_finishes(make_trainer):
     spike = next(r for r in records if r.get("event") == "spike")
     rollback = next(r for r in records if r.get("event") == "rollback")
     assert spike["step"] == 13 and spike["spike_loss"] > spike["threshold"]
-    assert rollback == {"step": 10, "event": "rollback", "from_step": 13, "checkpoint": "step_00000010",
-                        "batches_skipped": 4, "lr_multiplier": 0.5, "rollbacks": 1}
+    assert rollback == {"kind": "event", "step": 10, "event": "rollback", "from_step": 13,
+                        "checkpoint": "step_00000010", "batches_skipped": 4, "lr_multiplier": 0.5, "rollbacks": 1}
     steps = [r for r in records if "grad_norm" in r]
     assert [r["step"] for r in steps] == list(range(24))  # the abandoned steps 10..12 were cut from the log
     assert all(r["loss"] < spike["threshold"] for r in steps)

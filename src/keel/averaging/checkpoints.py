@@ -22,8 +22,9 @@ import torch
 from keel.averaging.safetensors_io import SafetensorsReader, TensorInfo, read_header, write_safetensors
 from keel.averaging.shadow import as_dtype
 from keel.errors import KeelError
+from keel.train import rundir
+from keel.train.metrics import read_metrics
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _CHUNK_BYTES = 1 << 20  # read slice: small enough to stay in cache between the read and the addition
 
 PathLike = str | os.PathLike
@@ -38,34 +39,21 @@ def _weights_file(weights: str) -> str:
 
 
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
-    """The complete checkpoint directories step_XXXXXXXX under `folder` (manifest.json written), oldest first."""
-    found = []
-    for child in folder.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / "model.safetensors").exists() and (child / "manifest.json").exists():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    """The checkpoints under `folder` (named exactly step_XXXXXXXX, manifest written), oldest first."""
+    return [(rundir.checkpoint_step(path.name), path) for path in rundir.list_checkpoints(folder)]
 
 
 def _read_metrics(run_dir: Path, metric: str) -> dict[int, float]:
-    """step -> the last value of `metric` logged at that step in run_dir/metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
+    """step -> the last finite value of `metric` logged at that step in run_dir/metrics.jsonl."""
+    path = run_dir / rundir.METRICS
     if not path.exists():
         raise KeelError(f"best: {str(path)!r} does not exist; best-k needs the run's metrics.jsonl")
     values: dict[int, float] = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line being written when the run stopped
-            if metric in record and "step" in record and record[metric] is not None:
-                value = float(record[metric])
-                if math.isfinite(value):
-                    values[int(record["step"])] = value
+    for record in read_metrics(path):
+        value = record.get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and "step" in record:
+            if math.isfinite(value):
+                values[int(record["step"])] = float(value)
     return values
 
 
@@ -101,16 +89,19 @@ def resolve_checkpoints(
             raise KeelError(
                 f"average: {str(raw)!r} does not exist; allowed: .safetensors files, checkpoint or run directories"
             )
-        match = _STEP_DIR.match(path.name)
-        if match and (path / "model.safetensors").exists():
-            steps = [(int(match.group(1)), path)]
+        step = rundir.checkpoint_step(path.name)
+        if step is not None and (path / "model.safetensors").exists():
+            steps = [(step, path)]
             run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
         elif (path / "checkpoints").is_dir():
             steps, run_dir = _step_dirs(path / "checkpoints"), path
         else:
             steps, run_dir = _step_dirs(path), (path.parent if path.name == "checkpoints" else None)
         if not steps:
-            raise KeelError(f"average: {str(raw)!r} holds no checkpoints (no step_*/model.safetensors)")
+            raise KeelError(
+                f"average: {str(raw)!r} holds no checkpoints (no step_XXXXXXXX/ with model.safetensors and "
+                "manifest.json)"
+            )
         for step, step_dir in steps:
             file = step_dir / filename
             if weights == "raw" and (step_dir / "raw.safetensors").exists():
@@ -141,13 +132,28 @@ def resolve_checkpoints(
             )
         scored.sort(key=lambda s: (s[0] if mode == "min" else -s[0], s[1]))
         chosen = sorted(scored[:best], key=lambda s: s[1])
-        return [file for _, _, file in chosen]
-    files = [file for file, _, _ in entries]
-    if last is not None:
-        if last < 1:
-            raise KeelError(f"last: {last!r} is not positive")
-        files = files[-last:]
+        files = [file for _, _, file in chosen]
+    else:
+        files = [file for file, _, _ in entries]
+        if last is not None:
+            if last < 1:
+                raise KeelError(f"last: {last!r} is not positive")
+            files = files[-last:]
+    checkpoint_files = {file for file, step, _ in entries if step is not None}
+    for file in files:
+        if file in checkpoint_files:
+            _check_intact(file)
     return files
+
+
+def _check_intact(file: Path) -> None:
+    """Refuse a weights file of a checkpoint that is incomplete or corrupt (manifest, file list, size, sha256)."""
+    problem = rundir.verify(file.parent, files=[file.name])
+    if problem is not None:
+        raise KeelError(
+            f"average: checkpoint {str(file.parent)!r} is corrupt ({problem}); allowed: intact checkpoints "
+            "(name the others explicitly, or choose --last/--best to leave it out)"
+        )
 
 
 def _plan(files: list[Path], prefix: str | None) -> tuple[dict[str, TensorInfo], list[str], list[str]]:

@@ -73,34 +73,64 @@ class SafetensorsReader:
             raise
 
     def _read_header(self) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        """Parse and check the header: every malformed header is a KeelError, never a TypeError or KeyError.
+
+        Checked as the safetensors library does: known dtypes, byte ranges that match dtype and shape, and ranges
+        that tile the data section exactly (no gap, no overlap, nothing past the end of the file).
+        """
         size = os.fstat(self._file.fileno()).st_size
         head = self._file.read(8)
         if len(head) != 8:
-            raise KeelError(f"checkpoint {str(self.path)!r}: not a safetensors file (shorter than 8 bytes)")
+            raise self._malformed("shorter than 8 bytes")
         (length,) = struct.unpack("<Q", head)
         if length > min(_MAX_HEADER, size - 8):
-            raise KeelError(f"checkpoint {str(self.path)!r}: not a safetensors file (header length {length})")
+            raise self._malformed(f"header length {length}")
         try:
             header = json.loads(self._file.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise KeelError(f"checkpoint {str(self.path)!r}: not a safetensors file (bad header)") from None
+            raise self._malformed("bad header") from None
+        if not isinstance(header, dict):
+            raise self._malformed("the header is not a JSON object")
         data_start = 8 + length
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise self._malformed("__metadata__ is not a mapping of strings to strings")
         tensors = {}
         for name, entry in header.items():
-            code = entry.get("dtype")
-            if code not in DTYPES:
-                raise KeelError(
-                    f"checkpoint {str(self.path)!r}: tensor {name!r} has dtype {code!r}; "
-                    f"allowed: {', '.join(DTYPES)}"
-                )
-            begin, end = entry["data_offsets"]
-            info = TensorInfo(DTYPES[code], tuple(entry["shape"]), data_start + begin, data_start + end)
-            expected = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
-            if info.nbytes != expected or info.end > size:
-                raise KeelError(f"checkpoint {str(self.path)!r}: tensor {name!r} is truncated or malformed")
-            tensors[name] = info
+            tensors[name] = self._tensor_info(name, entry, data_start, size)
+        covered = data_start
+        for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+            if info.begin != covered:
+                raise self._malformed("tensor byte ranges overlap or leave gaps")
+            covered = info.end
+        if covered != size:
+            raise self._malformed(f"the tensors cover {covered - data_start} of the {size - data_start} data bytes")
         return tensors, metadata
+
+    def _tensor_info(self, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+        if not isinstance(entry, dict):
+            raise self._malformed(f"tensor {name!r} is not described by a JSON object")
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(code, str) or code not in DTYPES:
+            raise KeelError(
+                f"checkpoint {str(self.path)!r}: tensor {name!r} has dtype {code!r}; allowed: {', '.join(DTYPES)}"
+            )
+        if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+            raise self._malformed(f"tensor {name!r} has shape {shape!r}; allowed: a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise self._malformed(f"tensor {name!r} has data_offsets {offsets!r}; allowed: [begin, end]")
+        begin, end = offsets
+        info = TensorInfo(DTYPES[code], tuple(shape), data_start + begin, data_start + end)
+        expected = _numel(info.shape) * torch.empty((), dtype=info.dtype).element_size()
+        if begin > end or info.nbytes != expected or info.end > size:
+            raise KeelError(f"checkpoint {str(self.path)!r}: tensor {name!r} is truncated or malformed")
+        return info
+
+    def _malformed(self, why: str) -> KeelError:
+        return KeelError(f"checkpoint {str(self.path)!r}: not a safetensors file ({why})")
 
     def read_into(self, name: str, out: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Read tensor `name`, from byte `offset` on, into `out` (a contiguous CPU tensor); returns `out`.
@@ -191,6 +221,10 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_contiguous() or tensor.device.type != "cpu":
         raise KeelError("safetensors I/O needs a contiguous CPU tensor")
     return tensor.reshape(-1).view(torch.uint8)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _numel(shape: tuple[int, ...]) -> int:

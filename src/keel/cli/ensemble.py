@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from keel.errors import KeelError
@@ -27,13 +28,18 @@ def add_parser(subparsers) -> None:
 
 
 def resolve_members(members: list[str], weights: str) -> list[Path]:
-    """The weights file of each member; a snapshots folder expands to its snapshots, a run to its newest checkpoint."""
+    """The weights file of each member; a snapshots folder expands to its snapshots, a run to its newest intact
+    checkpoint (newer corrupt ones are reported on stderr and passed over)."""
     from keel.averaging.checkpoints import _weights_file
+    from keel.train import rundir
 
     def weights_file(step_dir: Path) -> Path:
         if weights == "raw" and (step_dir / "raw.safetensors").is_file():
             return step_dir / "raw.safetensors"  # ema.checkpoint_weights=ema: model.safetensors holds the EMA
         return step_dir / _weights_file(weights)
+
+    def report(message: str) -> None:
+        print(message, file=sys.stderr)
 
     files: list[Path] = []
     for raw in members:
@@ -42,14 +48,16 @@ def resolve_members(members: list[str], weights: str) -> list[Path]:
             files.append(path)
         elif (path / "model.safetensors").is_file():
             files.append(weights_file(path))
-        elif (path / "checkpoints" / "latest").is_file():
-            name = (path / "checkpoints" / "latest").read_text().strip()
-            file = weights_file(path / "checkpoints" / name)
+        elif rundir.list_checkpoints(path / rundir.CHECKPOINTS):
+            newest = rundir.newest_intact(path / rundir.CHECKPOINTS, report=report)
+            if newest is None:
+                raise KeelError(f"ensemble: {raw!r} holds no intact checkpoint")
+            file = weights_file(newest)
             if not file.is_file():
                 raise KeelError(f"ensemble: {str(file)!r} does not exist (weights={weights!r})")
             files.append(file)
-        elif path.is_dir() and sorted(path.glob("step_*.safetensors")):
-            files.extend(sorted(path.glob("step_*.safetensors")))
+        elif rundir.list_snapshots(path):
+            files.extend(rundir.list_snapshots(path))
         else:
             raise KeelError(f"ensemble: {raw!r} is not a weights file, checkpoint, run directory or snapshots folder")
     return files

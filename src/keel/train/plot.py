@@ -28,7 +28,7 @@ def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, ti
 
     train = [r for r in records if "loss" in r and "step" in r and "event" not in r]
     evals = [r for r in records if "val_loss" in r]
-    events = [r for r in records if "event" in r]
+    events = [r for r in records if "event" in r and "step" in r]
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
     if train:
         steps = np.array([r["step"] for r in train], dtype=float)

@@ -1,0 +1,218 @@
+"""The run directory: names, starting and resuming, the stored config, checkpoint writes that fail, and the commands
+(average, ensemble) that read runs through the same listing."""
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from keel.averaging import resolve_checkpoints
+from keel.cli.ensemble import resolve_members
+from keel.errors import KeelError
+from keel.train import checkpoint, rundir
+
+
+def tiny_checkpoint(root, step, config=None, extra=None):
+    weights = {"w": torch.full((2, 2), float(step))}
+    meta = {"step": step} if config is None else {"step": step, rundir.CONFIG_META_KEY: config}
+    return rundir.write_checkpoint(root, step, weights, {"step": step, "metrics_offset": 0}, meta, extra)
+
+
+def test_names():
+    assert rundir.step_dir_name(120) == "step_00000120"
+    assert rundir.checkpoint_step("step_00000120") == 120
+    assert rundir.checkpoint_step("checkpoints/step_00000120") == 120
+    for stray in ("step_120", "step_000001200", "step_00000120.bak", "step_0000012x", "Step_00000120", ""):
+        assert rundir.checkpoint_step(stray) is None, stray
+
+
+def test_the_old_checkpoint_names_still_work(tmp_path):
+    """checkpoint.py delegates; its list_checkpoints also shows directories without a manifest (trainer's wording)."""
+    root = tmp_path / "checkpoints"
+    tiny_checkpoint(root, 5)
+    (root / "step_00000009").mkdir()
+    (root / "step_9").mkdir()
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step_00000005", "step_00000009"]
+    assert [p.name for p in rundir.list_checkpoints(root)] == ["step_00000005"]
+    messages = []
+    assert checkpoint.latest_valid(root, report=messages.append).name == "step_00000005"
+    assert messages == ["checkpoint step_00000009 is unusable: no manifest.json (the write did not finish); "
+                        "falling back to the previous one"]
+    weights, state = checkpoint.load_checkpoint(root / "step_00000005")
+    assert state["step"] == 5 and torch.equal(weights["w"], torch.full((2, 2), 5.0))
+    assert (root / "latest").read_text() == "step_00000005\n"
+
+
+def test_rewriting_a_step_replaces_it_whole(tmp_path):
+    root = tmp_path / "checkpoints"
+    tiny_checkpoint(root, 5, extra=lambda folder: (folder / "old.safetensors").write_bytes(b""))
+    tiny_checkpoint(root, 5)
+    assert sorted(p.name for p in (root / "step_00000005").iterdir()) == ["manifest.json", "model.safetensors",
+                                                                         "state.pt"]
+    assert rundir.verify(root / "step_00000005") is None
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000005"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_failed_write_is_one_line_and_leaves_older_checkpoints(tmp_path, code):
+    root = tmp_path / "checkpoints"
+    tiny_checkpoint(root, 5)
+
+    def fail(folder):
+        raise OSError(code, os.strerror(code))
+
+    with pytest.raises(KeelError) as caught:
+        tiny_checkpoint(root, 10, extra=fail)
+    message = str(caught.value)
+    assert "\n" not in message and os.strerror(code) in message and "step_00000010" in message
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000005"]  # no .tmp-step_00000010 left
+    assert rundir.verify(root / "step_00000005") is None
+    assert (root / "latest").read_text() == "step_00000005\n"
+
+
+def test_any_other_failure_also_removes_the_temporary_directory(tmp_path):
+    root = tmp_path / "checkpoints"
+
+    def fail(folder):
+        raise RuntimeError("a callback broke")
+
+    with pytest.raises(RuntimeError, match="a callback broke"):
+        tiny_checkpoint(root, 10, extra=fail)
+    assert list(root.iterdir()) == []
+
+
+def test_verify_checks_only_the_named_files_contents(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "checkpoints", 5)
+    (ckpt / "state.pt").write_bytes(b"garbage")
+    assert rundir.verify(ckpt, files=["model.safetensors"]) is None
+    assert "state.pt has 7 bytes" in rundir.verify(ckpt)
+    assert "ema.safetensors is not listed" in rundir.verify(ckpt, files=["ema.safetensors"])
+    with pytest.raises(KeelError, match="corrupt: state.pt has 7 bytes"):
+        rundir.load_checkpoint(ckpt)
+    assert rundir.read_manifest(ckpt)["step"] == 5
+
+
+# ------------------------------------------------------------------------------------------ new runs and resuming
+
+
+@pytest.mark.parametrize(
+    "part, shown",
+    [
+        ("metrics.jsonl", "metrics.jsonl"),
+        ("config.yaml", "config.yaml"),
+        ("LOCK", "LOCK"),
+        ("loss.png", "loss.png"),
+        ("checkpoints/step_00000005/model.safetensors", "checkpoints/ (1 entry)"),
+        ("checkpoints/.tmp-step_00000005/x", "checkpoints/ (1 entry)"),
+        ("snapshots/step_00000005.safetensors", "snapshots/ (1 entry)"),
+        ("tensorboard/events", "tensorboard/ (1 entry)"),
+    ],
+)
+def test_a_new_run_is_refused_where_another_run_left_anything(tmp_path, part, shown):
+    (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / part).write_text("")
+    message = f"already holds \\(part of\\) a run: {shown.replace('(', '[(]').replace(')', '[)]')}; " \
+              f"allowed: --resume {tmp_path} to continue it, or another --out"
+    with pytest.raises(KeelError, match=message):
+        rundir.check_new_run_dir(tmp_path)
+    with pytest.raises(KeelError, match="already holds"):
+        rundir.prepare_run_dir(tmp_path, resume=False)
+
+
+def test_a_new_run_may_use_a_missing_empty_or_unrelated_directory(tmp_path):
+    rundir.check_new_run_dir(tmp_path / "missing")
+    (tmp_path / "checkpoints").mkdir()  # empty: nothing of a run in it
+    (tmp_path / "notes.txt").write_text("mine")
+    rundir.check_new_run_dir(tmp_path)
+    assert rundir.prepare_run_dir(tmp_path / "a" / "b", resume=False).is_dir()
+
+
+def test_out_at_a_file_under_a_file_or_too_long_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    cases = {
+        tmp_path / "file": "is a file",
+        tmp_path / "file" / "run": "Not a directory",
+        tmp_path / ("x" * 300): "File name too long",
+        tmp_path / ("y" * 300) / "run": "File name too long",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(KeelError, match=reason) as caught:
+            rundir.prepare_run_dir(path, resume=False)
+        assert "\n" not in str(caught.value) and str(caught.value).startswith("out_dir: ")
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    with pytest.raises(KeelError, match="--resume: .* does not exist"):
+        rundir.prepare_run_dir(tmp_path / "missing", resume=True)
+    with pytest.raises(KeelError, match="not a keel run directory"):
+        rundir.prepare_run_dir(tmp_path, resume=True)
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert rundir.prepare_run_dir(tmp_path, resume=True) == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # the write probe left nothing
+
+
+def test_read_run_config_prefers_config_yaml_then_the_newest_intact_checkpoint(tmp_path):
+    root = tmp_path / rundir.CHECKPOINTS
+    messages = []
+    assert rundir.read_run_config(tmp_path, report=messages.append) is None
+    tiny_checkpoint(root, 5, config="max_steps: 5\n")
+    tiny_checkpoint(root, 10, config="max_steps: 10\n")
+    assert rundir.read_run_config(tmp_path, report=messages.append) == "max_steps: 10\n"
+    assert messages == [f"config.yaml is missing from '{tmp_path}'; using the config stored in checkpoint "
+                        "step_00000010"]
+    (root / "step_00000010" / "state.pt").write_bytes(b"")
+    assert rundir.read_run_config(tmp_path, report=messages.append) == "max_steps: 5\n"
+    (tmp_path / "config.yaml").write_text("max_steps: 99\n")
+    assert rundir.read_run_config(tmp_path, report=pytest.fail) == "max_steps: 99\n"
+
+
+def test_read_run_config_of_a_checkpoint_without_one(tmp_path):
+    tiny_checkpoint(tmp_path / rundir.CHECKPOINTS, 5)
+    messages = []
+    assert rundir.read_run_config(tmp_path, report=messages.append) is None
+    assert "stores no config" in messages[0]
+
+
+# ------------------------------------------------------------------------------------------ readers of runs
+
+
+def fake_run(run, steps):
+    for step in steps:
+        tiny_checkpoint(run / "checkpoints", step)
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in steps:
+            f.write(json.dumps({"step": step, "val_loss": 1.0 / step}) + "\n")
+
+
+def test_average_reads_only_listed_checkpoints_and_refuses_corrupt_ones(tmp_path):
+    run = tmp_path / "run"
+    fake_run(run, [10, 20, 30])
+    (run / "checkpoints" / "step_00000030.bak").mkdir()
+    (run / "checkpoints" / "step_00000040").mkdir()  # no manifest: absent
+    assert [f.parent.name for f in resolve_checkpoints([run])] == ["step_00000010", "step_00000020", "step_00000030"]
+    (run / "checkpoints" / "step_00000030" / "model.safetensors").write_bytes(b"\x00" * 8)
+    with pytest.raises(KeelError, match="step_00000030' is corrupt .*model.safetensors has 8 bytes"):
+        resolve_checkpoints([run], last=2)
+    with pytest.raises(KeelError, match="is corrupt"):
+        resolve_checkpoints([run], best=2)  # the best two by val_loss include step 30
+    with pytest.raises(KeelError, match="is corrupt"):
+        resolve_checkpoints([run / "checkpoints" / "step_00000030"])
+    assert [f.parent.name for f in resolve_checkpoints([run / "checkpoints" / "step_00000010"])] == ["step_00000010"]
+
+
+def test_ensemble_takes_a_runs_newest_intact_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    fake_run(run, [10, 20])
+    assert resolve_members([str(run)], "raw") == [run / "checkpoints" / "step_00000020" / "model.safetensors"]
+    (run / "checkpoints" / "step_00000020" / "state.pt").write_bytes(b"")
+    assert resolve_members([str(run)], "raw") == [run / "checkpoints" / "step_00000010" / "model.safetensors"]
+    assert "checkpoint step_00000020 is corrupt" in capsys.readouterr().err
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    for name in ("step_00000010.safetensors", "step_00000020.safetensors", "step_00000030.safetensors.tmp-1",
+                 "step_30.safetensors"):
+        (snapshots / name).write_bytes(b"")
+    assert [p.name for p in resolve_members([str(snapshots)], "raw")] == ["step_00000010.safetensors",
+                                                                           "step_00000020.safetensors"]
