@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keel.averaging import average_checkpoints, average_checkpoints_to_file, resolve_checkpoints
-from keel.averaging.safetensors_io import SafetensorsReader, read_header, write_safetensors
+from keel.safetensors_io import SafetensorsReader, read_header, write_safetensors
 from keel.cli.main import main
 from keel.errors import KeelError
-from keel.train.rundir import write_checkpoint
+from keel.rundir import write_checkpoint
 
 
 def make_checkpoints(folder, n=4, dtype=torch.float32, seed=0):
@@ -180,7 +180,7 @@ MEMORY_PROBE = textwrap.dedent(
     """
     import sys, torch
     from keel.averaging import average_checkpoints_to_file
-    from keel.averaging.safetensors_io import write_safetensors
+    from keel.safetensors_io import write_safetensors
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -11,7 +11,7 @@ from keel.train.scoring import ValidationScorer
 from keel.cli.main import main
 from keel.config import load_config
 from keel.train import Callback, train
-from keel.train.metrics import read_metrics
+from keel.rundir.metrics import read_metrics
 
 AVERAGES = ["ema.enabled=true", "ema.decay=0.95", "ema.dynamic_decay=true", "polyak.enabled=true",
             "polyak.start=50%", "swa.enabled=true", "swa.start=80", "swa.lr=1e-3", "swa.anneal_steps=10"]

@@ -74,7 +74,7 @@ def test_existing_run_is_never_overwritten(capsys, tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 0}\n')
     code, err = run_cli(capsys, "max_steps=2", "--out", str(run))
-    assert code == 2 and "already holds a run" in err and "--resume" in err
+    assert code == 2 and "already holds (part of) a run: metrics.jsonl" in err and "--resume" in err
     assert (run / "metrics.jsonl").read_text() == '{"step": 0}\n'
 
 

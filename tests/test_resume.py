@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from keel.config import load_config
 from keel.train import train
-from keel.train.metrics import read_metrics
+from keel.rundir.metrics import read_metrics
 
 RESUME = ["max_steps=60", "checkpoint_interval=7", "eval_interval=20", "keep_last=2", "model.dropout=0.1"]
 
@@ -93,8 +93,8 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_overr
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     done = subprocess.run(keel_train("--resume", str(run)), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert f"checkpoint {newest.name} is unusable: model.safetensors has" in done.stdout
-    assert "falling back to the previous one" in done.stdout
+    assert f"checkpoint {newest.name} is corrupt (model.safetensors has" in done.stdout
+    assert "using step_00000056" in done.stdout
     assert "resumed from step_00000056" in done.stdout
     assert_bitwise_equal(reference, run)
 

@@ -7,10 +7,10 @@ import torch
 
 from keel.config import load_config
 from keel.grad import TrainingUnstableError
-from keel.train import checkpoint as ckpt
+from keel import rundir as ckpt
 from keel.train.callbacks import Callback
 from keel.train.loop import Trainer
-from keel.train.metrics import read_metrics
+from keel.rundir.metrics import read_metrics
 
 SHORT = ["max_steps=24", "checkpoint_interval=8", "eval_interval=100", "sample.tokens=0", "log_interval=1"]
 
@@ -175,5 +175,5 @@ def test_fp16_run_trains_and_checkpoints_the_loss_scale(make_trainer):
     summary = trainer.fit()
     losses = [r["loss"] for r in summary["history"] if "grad_norm" in r]
     assert len(losses) == 16 and losses[-1] < losses[0]
-    _, payload = ckpt.load_checkpoint(ckpt.latest_valid(trainer.run_dir / "checkpoints"))
+    _, payload = ckpt.load_checkpoint(ckpt.newest_intact(trainer.run_dir / "checkpoints"))
     assert payload["precision"]["scaler"] == trainer.precision.scaler.state_dict()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from keel.config import load_config
 from keel.train import Callback, train
-from keel.train.metrics import read_metrics
+from keel.rundir.metrics import read_metrics
 
 
 class Recorder(Callback):

@@ -14,7 +14,7 @@ from keel.config import load_config
 from keel.data import IndexSampler
 from keel.tasks import PlainTask
 from keel.train import train
-from keel.train.metrics import read_metrics
+from keel.rundir.metrics import read_metrics
 
 HERE = Path(__file__).parent
 DIGITS = ["task=digits", "threads=1", "max_steps=300", "eval_interval=300", "checkpoint_interval=300"]

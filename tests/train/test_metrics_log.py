@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keel.errors import KeelError
-from keel.train.metrics import MetricsLog, decode_line, encode_record, read_metrics
+from keel.rundir.metrics import MetricsLog, decode_line, encode_record, read_metrics
 
 
 def strict(line):

@@ -11,7 +11,7 @@ import torch
 from keel.averaging import resolve_checkpoints
 from keel.cli.ensemble import resolve_members
 from keel.errors import KeelError
-from keel.train import checkpoint, rundir
+from keel import rundir
 
 
 def tiny_checkpoint(root, step, config=None, extra=None):
@@ -28,19 +28,14 @@ def test_names():
         assert rundir.checkpoint_step(stray) is None, stray
 
 
-def test_the_old_checkpoint_names_still_work(tmp_path):
-    """checkpoint.py delegates; its list_checkpoints also shows directories without a manifest (trainer's wording)."""
+def test_listing_ignores_directories_without_a_manifest(tmp_path):
     root = tmp_path / "checkpoints"
     tiny_checkpoint(root, 5)
     (root / "step_00000009").mkdir()
     (root / "step_9").mkdir()
-    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step_00000005", "step_00000009"]
+    assert [p.name for p in rundir.step_dirs(root)] == ["step_00000005", "step_00000009"]
     assert [p.name for p in rundir.list_checkpoints(root)] == ["step_00000005"]
-    messages = []
-    assert checkpoint.latest_valid(root, report=messages.append).name == "step_00000005"
-    assert messages == ["checkpoint step_00000009 is unusable: no manifest.json (the write did not finish); "
-                        "falling back to the previous one"]
-    weights, state = checkpoint.load_checkpoint(root / "step_00000005")
+    weights, state = rundir.load_checkpoint(root / "step_00000005")
     assert state["step"] == 5 and torch.equal(weights["w"], torch.full((2, 2), 5.0))
     assert (root / "latest").read_text() == "step_00000005\n"
 

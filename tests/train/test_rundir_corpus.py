@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel.averaging.safetensors_io import write_safetensors
-from keel.train import rundir
+from keel.safetensors_io import write_safetensors
+from keel import rundir
 
 REQUIRED = ("trainer", "optimizer", "metrics_offset")
 

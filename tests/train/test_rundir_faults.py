@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from keel.errors import KeelError
-from keel.train import rundir
+from keel import rundir
 
 pytestmark = pytest.mark.faults
 
@@ -51,7 +51,7 @@ def write(root, step, weights_numel=16, state_numel=16, extra_numel=0):
 
     def extra(folder):
         if extra_numel:
-            from keel.averaging.safetensors_io import write_safetensors
+            from keel.safetensors_io import write_safetensors
 
             write_safetensors(folder / "ema.safetensors", {"w": torch.ones(extra_numel)})
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from keel.errors import KeelError
-from keel.train.rundir import LOCK, RunLock
+from keel.rundir import LOCK, RunLock
 
 fork = multiprocessing.get_context("fork")  # the child starts with keel already imported: no second torch import
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from keel.cli.main import main
 from keel.config import load_config
 from keel.train import train
-from keel.train.metrics import read_metrics
+from keel.rundir.metrics import read_metrics
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 FIVE = ["task=digits", "threads=1", "eval_interval=50", "checkpoint_interval=50", "data.batch_size=32"]

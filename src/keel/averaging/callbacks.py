@@ -15,9 +15,10 @@ import torch
 
 from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
 from keel.averaging.ema import EMA
-from keel.averaging.safetensors_io import SafetensorsReader, write_safetensors
+from keel.safetensors_io import SafetensorsReader, write_safetensors
 from keel.averaging.shadow import ShadowWeights, model_tensors
 from keel.averaging.swa import SWA, Polyak, swa_learning_rate
+from keel import rundir
 from keel.errors import KeelError
 from keel.schedules import set_lr
 from keel.timeunits import resolve_steps
@@ -237,10 +238,10 @@ class SnapshotCallback(Callback):
         folder.mkdir(exist_ok=True)
         index = sorted(self.ends).index(step)
         tensors = {k: v.detach() for k, v in trainer.model.state_dict().items()}
-        write_safetensors(folder / f"step_{step:08d}.safetensors", tensors,
+        write_safetensors(folder / f"{rundir.step_dir_name(step)}.safetensors", tensors,
                           metadata={"format": "pt", "keel_snapshot": str(index), "step": str(step)})
         if self.config.keep is not None:
-            existing = sorted(folder.glob("step_*.safetensors"))
+            existing = rundir.list_snapshots(folder)
             for old in existing[: max(0, len(existing) - self.config.keep)]:
                 old.unlink()
 

@@ -213,7 +213,7 @@ class ShadowWeights:
 
     def export(self, path, dtype: torch.dtype | str | None = None, metadata: dict[str, str] | None = None) -> None:
         """Write the averaged weights to a safetensors file (atomically)."""
-        from keel.averaging.safetensors_io import write_safetensors
+        from keel.safetensors_io import write_safetensors
 
         meta = {"keel_average": type(self).__name__, "num_updates": str(self.num_updates)}
         meta.update(metadata or {})

@@ -19,7 +19,7 @@ from keel.errors import KeelError
 
 def find_weights_file(path: str | Path) -> Path:
     """The weights file that ``init_from: path`` means."""
-    from keel.train import checkpoint as ckpt
+    from keel import rundir
 
     given = Path(path).expanduser()
     if given.is_file():
@@ -36,7 +36,7 @@ def find_weights_file(path: str | Path) -> Path:
     best = root / "best"
     if best.is_file() and (root / best.read_text().strip() / "model.safetensors").is_file():
         return root / best.read_text().strip() / "model.safetensors"
-    latest = ckpt.latest_valid(root, report=lambda message: None)
+    latest = rundir.newest_intact(root, report=lambda message: None)
     if latest is not None:
         return latest / "model.safetensors"
     raise KeelError(f"init_from: '{path}' holds no model.safetensors and no intact checkpoint; allowed: a keel run "
@@ -46,7 +46,7 @@ def find_weights_file(path: str | Path) -> Path:
 def load_initial_weights(model: nn.Module, path: str | Path, strict: bool = True,
                          exclude: list[str] | tuple[str, ...] = ()) -> str:
     """Load the weights ``path`` names into ``model``; returns a one-line report of what was loaded."""
-    from keel.averaging.safetensors_io import SafetensorsReader
+    from keel.safetensors_io import SafetensorsReader
 
     file = find_weights_file(path)
     try:

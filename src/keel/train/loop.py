@@ -8,7 +8,6 @@ stopping and the rest).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -23,17 +22,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from keel import optim, schedules, tasks
+from keel import optim, rundir, schedules, tasks
 from keel.config import TrainConfig, dump_config
 from keel.errors import KeelError
 from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
 from keel.precision import Precision
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
+from keel.rundir.metrics import MetricsLog, decode_line, read_metrics
+from keel.safetensors_io import write_safetensors
 from keel.timeunits import resolve_steps
-from keel.train import checkpoint as ckpt
 from keel.train.init import load_initial_weights
-from keel.train.metrics import MetricsLog, read_metrics
 from keel.train.plot import plot_run
 
 
@@ -133,6 +132,7 @@ class Trainer:
         self._last_eval: dict[str, Any] = {}
         self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
         self._check_first_batch()
+        self._config_text = dump_config(config)
 
     def resolve_length(self, value: int | str, name: str) -> int:
         """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run."""
@@ -148,11 +148,16 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` updates are applied (or a callback stops the run); return the summary."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.prepare_run_dir(self.run_dir, self._resume)
+        with rundir.RunLock(self.run_dir, report=self._say):  # a second process on this run is refused
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         metrics_offset = self._restore() if self._resume else None
-        ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))  # once resume succeeded
+        rundir.atomic_write_text(self.run_dir / rundir.CONFIG, self._config_text)  # once resume succeeded
         config, state, model, optimizer, task = self.config, self.state, self.model, self.optimizer, self.task
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=metrics_offset)
+        self.metrics = MetricsLog(self.run_dir / rundir.METRICS, truncate_to=metrics_offset, step=state.step,
+                                  report=self._say)
         if config.tensorboard:
             self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
         for line in task.describe():
@@ -162,7 +167,7 @@ class Trainer:
                   f"run directory: {self.run_dir}")
         for callback in self.callbacks:
             callback.on_run_start(self)
-        if self.spike_detector is not None and not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+        if self.spike_detector is not None and not rundir.list_checkpoints(self.run_dir / rundir.CHECKPOINTS):
             self.save_checkpoint()  # a loss spike can always roll back, even before the first checkpoint
         model.train()
         bar = tqdm(total=config.max_steps, initial=state.step, disable=True if self.quiet else None,
@@ -339,7 +344,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of everything the run needs to continue exactly, then prune old ones."""
         state = self.state
-        name = ckpt.step_dir_name(state.step)
+        name = rundir.step_dir_name(state.step)
         evaluated = self._last_eval if self._last_eval.get("step") == state.step else {}
         if self._improves_best(evaluated):
             state.best_value, state.best_step, state.best_checkpoint = evaluated[self._best[0]], state.step, name
@@ -355,17 +360,17 @@ class Trainer:
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "metrics_offset": self.metrics.offset(),
         }
-        meta = {"step": state.step, "tokens": state.tokens, "val_loss": val}
-        root = self.run_dir / "checkpoints"
+        meta = {"step": state.step, "tokens": state.tokens, "val_loss": val, rundir.CONFIG_META_KEY: self._config_text}
+        root = self.run_dir / rundir.CHECKPOINTS
 
         def extra(tmp_dir: Path) -> None:
             for callback in self.callbacks:
                 callback.on_checkpoint(self, tmp_dir)
 
-        path = ckpt.write_checkpoint(root, state.step, self.model.state_dict(), payload, meta, extra)
+        path = rundir.write_checkpoint(root, state.step, self.model.state_dict(), payload, meta, extra)
         if state.best_checkpoint:
-            ckpt.atomic_write_text(root / "best", state.best_checkpoint + "\n")
-        ckpt.prune(root, self.config.keep_last, protect={state.best_checkpoint})
+            rundir.atomic_write_text(root / "best", state.best_checkpoint + "\n")
+        rundir.prune(root, self.config.keep_last, protect={state.best_checkpoint})
         return path
 
     def load_best_weights(self) -> None:
@@ -373,27 +378,38 @@ class Trainer:
         state = self.state
         if not state.best_checkpoint or state.best_step == state.step:
             return
-        weights, _ = ckpt.load_checkpoint(self.run_dir / "checkpoints" / state.best_checkpoint, device=self.device)
+        weights, _ = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINTS / state.best_checkpoint, self.device)
         self.model.load_state_dict(weights)
         self._say(f"restored the best weights, from {state.best_checkpoint} (step {state.best_step})")
 
     def _restore(self) -> int | None:
-        """Load the newest intact checkpoint; return the metrics-log length to cut back to."""
-        if not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+        """Load the newest checkpoint that loads (reporting newer corrupt ones); return the metrics-log length to
+        cut back to."""
+        root = self.run_dir / rundir.CHECKPOINTS
+        found = self._load_latest()
+        if found is None:
+            if rundir.step_dirs(root):
+                raise KeelError(f"--resume: '{self.run_dir}' holds no intact checkpoint to resume from")
             self._say("no checkpoint was written before the run stopped; starting it again from step 0")
             return 0
-        found = ckpt.latest_valid(self.run_dir / "checkpoints", report=self._say)
-        if found is None:
-            raise KeelError(f"--resume: '{self.run_dir}' holds no intact checkpoint to resume from")
-        payload = self._load_checkpoint(found)
-        self._say(f"resumed from {found.name} (step {self.state.step}, {self.state.tokens:,} tokens)")
+        payload = self._load_checkpoint(*found)
+        self._say(f"resumed from {found[0].name} (step {self.state.step}, {self.state.tokens:,} tokens)")
         return int(payload["metrics_offset"])
 
-    def _load_checkpoint(self, found: Path) -> dict[str, Any]:
-        """Load weights, optimizer, schedule, precision, clipper, spike detector, callbacks, counters and RNG."""
-        weights, payload = ckpt.load_checkpoint(found, device=self.device)
-        self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(payload["optimizer"])
+    def _load_latest(self):
+        return rundir.load_latest(self.run_dir / rundir.CHECKPOINTS, self.device, report=self._say,
+                                  required=_PAYLOAD_KEYS)
+
+    def _load_checkpoint(self, found: Path, weights: dict[str, torch.Tensor], payload: dict[str, Any]):
+        """Apply a loaded checkpoint: weights, optimizer, schedule, precision, clipper, spike detector, callbacks,
+        counters and RNG."""
+        try:
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise KeelError(f"--resume: checkpoint {found.name} does not fit this run's model or optimizer "
+                            f"({first}); allowed: resume with the config the run was trained with") from None
         if payload.get("schedule") is not None:
             self.schedule.load_state_dict(payload["schedule"])
         self.precision.load_state_dict(payload["precision"])
@@ -430,14 +446,15 @@ class Trainer:
         then and the spiking one (plus ``spike.skip_batches`` more), and scale the LR by ``spike.lr_factor``."""
         cfg, old = self.config.spike, replace(self.state)
         threshold = self.spike_detector.threshold()
-        found = ckpt.latest_valid(self.run_dir / "checkpoints", report=self._say)
+        loaded = self._load_latest()
+        found = loaded[0] if loaded is not None else None
         spike = {"step": old.step, "event": "spike", "spike_loss": loss_value, "threshold": threshold}
         if old.rollbacks >= cfg.max_rollbacks or found is None:
             self.log(spike)
             why = f"spike.max_rollbacks: {cfg.max_rollbacks} reached" if found is not None else "no checkpoint"
             self._stop(f"training stopped at step {old.step}: loss {loss_value:.4f} spiked above {threshold:.4f} "
                        f"and cannot roll back ({why})")
-        payload = self._load_checkpoint(found)
+        payload = self._load_checkpoint(*loaded)
         for callback in self.callbacks:
             callback.on_run_start(self)  # as on resume: callbacks (EMA, ...) take up the state just reloaded
         new = self.state
@@ -448,11 +465,11 @@ class Trainer:
         new.best_value, new.best_step, new.best_checkpoint = old.best_value, old.best_step, old.best_checkpoint
         # The log keeps the trajectory the model follows: records after the checkpoint are cut, but not events.
         self.metrics.close()
-        path, offset = self.run_dir / "metrics.jsonl", int(payload["metrics_offset"])
+        path, offset = self.run_dir / rundir.METRICS, int(payload["metrics_offset"])
         with open(path, "rb") as handle:
             handle.seek(offset)
-            events = [r for r in map(json.loads, handle.read().splitlines()) if "event" in r]
-        self.metrics = MetricsLog(path, truncate_to=offset)
+            events = [r for r in map(decode_line, handle.read().splitlines()) if "event" in r]
+        self.metrics = MetricsLog(path, truncate_to=offset, step=new.step, report=self._say)
         if self.config.tensorboard:
             self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
         for record in [*events, spike]:
@@ -466,17 +483,17 @@ class Trainer:
 
     def _stop(self, message: str) -> None:
         """End the run with ``TrainingUnstableError``; nothing is checkpointed, so the last good checkpoint stays."""
-        latest = ckpt.latest_valid(self.run_dir / "checkpoints", report=self._say)
+        latest = rundir.newest_intact(self.run_dir / rundir.CHECKPOINTS, report=self._say)
         self.log({"step": self.state.step, "event": "stopped", "skipped": self.state.skipped})
         self.metrics.close()
-        plot_run(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png", self.tokens_per_step,
+        plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / "loss.png", self.tokens_per_step,
                  title=str(self.run_dir))
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
         raise TrainingUnstableError(f"{message}; {where}")
 
     def _finish(self) -> dict[str, Any]:
         self.metrics.close()
-        history = read_metrics(self.run_dir / "metrics.jsonl")
+        history = read_metrics(self.run_dir / rundir.METRICS)
         plot_run(history, self.run_dir / "loss.png", self.tokens_per_step, title=str(self.run_dir))
         train_losses = [r["loss"] for r in history if "grad_norm" in r]
         evals = [r for r in history if "val_loss" in r]
@@ -494,7 +511,7 @@ class Trainer:
         }
         for callback in self.callbacks:
             callback.on_run_end(self, summary)
-        ckpt.save_weights(self.model.state_dict(), self.run_dir / "model.safetensors")
+        write_safetensors(self.run_dir / "model.safetensors", {k: v.detach() for k, v in self.model.state_dict().items()})
         summary["history"] = history
         reference = "".join(f" vs {k.replace('_', ' ')} {v:.4f}" for k, v in self.task.reference_metrics().items())
         accuracy = f", val_accuracy {summary['val_accuracy']:.4f}" if "val_accuracy" in summary else ""
@@ -507,15 +524,14 @@ class Trainer:
         return summary
 
     def _check_run_dir(self, resume: bool) -> None:
-        config_path = self.run_dir / "config.yaml"
+        """Refuse a directory that cannot hold this run, before anything is built or written."""
         if resume:
-            if not config_path.is_file():
-                raise KeelError(f"--resume: '{self.run_dir}' is not a keel run directory (no config.yaml)")
-        elif (self.run_dir / "metrics.jsonl").exists():
-            raise KeelError(
-                f"out_dir: '{self.run_dir}' already holds a run; allowed: --resume {self.run_dir} to continue it, "
-                "or another --out"
-            )
+            if not (self.run_dir / rundir.CONFIG).is_file() and not rundir.list_checkpoints(
+                    self.run_dir / rundir.CHECKPOINTS):
+                raise KeelError(f"--resume: '{self.run_dir}' is not a keel run directory (no config.yaml and no "
+                                "checkpoint)")
+        else:
+            rundir.check_new_run_dir(self.run_dir)
 
     def _say(self, message: str, bar=None) -> None:
         if self.quiet:
@@ -563,6 +579,10 @@ def _describe_batch(batch: Any) -> str:
     if isinstance(batch, (tuple, list)):
         return "(" + ", ".join(_describe_batch(v) for v in batch) + ")"
     return type(batch).__name__
+
+
+#: What a checkpoint's state.pt must hold for the trainer to continue from it.
+_PAYLOAD_KEYS = ("trainer", "optimizer", "precision", "clipper", "rng", "callbacks", "metrics_offset")
 
 
 def _applied_lr(optimizer: torch.optim.Optimizer, default: float) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from keel.averaging.ensemble import target_log_probs
-from keel.averaging.safetensors_io import SafetensorsReader
+from keel.safetensors_io import SafetensorsReader
 from keel.errors import KeelError
 
 def find_run_config(path: str | Path) -> Path | None:

@@ -5,7 +5,7 @@ Layout::
     RUN/
       LOCK                    {"pid", "host", "started"} while a process trains in RUN (RunLock)
       config.yaml             the resolved config
-      metrics.jsonl           one strict-JSON record per line (keel.train.metrics)
+      metrics.jsonl           one strict-JSON record per line (keel.rundir.metrics)
       loss.png  tensorboard/  snapshots/step_XXXXXXXX.safetensors
       checkpoints/
         step_00000100/        one checkpoint: exactly "step_" and 8 digits
@@ -53,7 +53,7 @@ from safetensors.torch import load_file
 
 from keel.errors import KeelError
 
-# keel.averaging.safetensors_io is imported inside the functions that use it: keel.averaging imports this module.
+# keel.safetensors_io is imported inside the functions that use it: keel.averaging imports this module.
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -188,7 +188,7 @@ def write_checkpoint(
     step already there is replaced. An OSError (full disk, read-only or forbidden directory) becomes a one-line
     KeelError; the temporary directory is removed and the older checkpoints are left as they were.
     """
-    from keel.averaging.safetensors_io import write_safetensors
+    from keel.safetensors_io import write_safetensors
 
     root = Path(root)
     final = root / step_dir_name(step)
@@ -298,7 +298,7 @@ def _read_manifest(ckpt_dir: Path) -> dict[str, Any]:
 
 def _check(ckpt_dir: Path, only: Iterable[str] | None = None) -> dict[str, Any]:
     """Check ``ckpt_dir`` (or, with ``only``, its manifest and those files); return the manifest or raise _Corrupt."""
-    from keel.averaging.safetensors_io import read_header
+    from keel.safetensors_io import read_header
 
     manifest = _read_manifest(ckpt_dir)
     files = manifest["files"]
