@@ -101,7 +101,7 @@ PROBE = textwrap.dedent(
     import json, sys, time, torch
     from safetensors.torch import load_file
     from keel.averaging import average_checkpoints_to_file
-    from keel.averaging.safetensors_io import write_safetensors
+    from keel.safetensors_io import write_safetensors
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -149,7 +149,7 @@ def plain_read(paths: list[str]) -> None:
 
 def bench_checkpoints(name: str, shape: dict, count: int, repeats: int, folder: Path) -> dict:
     from keel.averaging import average_checkpoints, average_checkpoints_to_file
-    from keel.averaging.safetensors_io import write_safetensors
+    from keel.safetensors_io import write_safetensors
 
     torch.manual_seed(0)
     shapes = gpt_parameter_shapes(**shape)

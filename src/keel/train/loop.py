@@ -114,6 +114,7 @@ class Trainer:
                                            exclude=config.init_from_exclude))
         self.steps_per_epoch = max(1, self.task.batches_per_epoch // config.grad_accum)
         self.tokens_per_step = self.task.tokens_per_batch * config.grad_accum  # nominal: for time units
+        self._counted = "tokens" if config.task == "lm" else "targets"  # what the clock's token count counts
         self.lengths = {"total_steps": config.max_steps, "steps_per_epoch": self.steps_per_epoch,
                         "tokens_per_step": self.tokens_per_step}
         self.optimizer = optim.from_config(config.optimizer, self.model, lengths=self.lengths)
@@ -163,7 +164,7 @@ class Trainer:
         for line in task.describe():
             self._say(line)
         self._say(f"task: {config.task}; model: {sum(p.numel() for p in model.parameters()):,} parameters; "
-                  f"{self.tokens_per_step:,} {'tokens' if config.task == 'lm' else 'examples'} per step; "
+                  f"{self.tokens_per_step:,} {self._counted} per step; "
                   f"run directory: {self.run_dir}")
         for callback in self.callbacks:
             callback.on_run_start(self)
@@ -172,7 +173,8 @@ class Trainer:
         model.train()
         bar = tqdm(total=config.max_steps, initial=state.step, disable=True if self.quiet else None,
                    dynamic_ncols=True, unit="step")
-        progress = _Progress(config.progress_interval, enabled=bar.disable and not self.quiet)
+        progress = _Progress(config.progress_interval, enabled=bar.disable and not self.quiet,
+                             unit=f"{self._counted}/s")
         started, tokens_at_start = time.perf_counter(), state.tokens
         elapsed_at_start = state.elapsed
 
@@ -487,14 +489,15 @@ class Trainer:
         self.log({"step": self.state.step, "event": "stopped", "skipped": self.state.skipped})
         self.metrics.close()
         plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / "loss.png", self.tokens_per_step,
-                 title=str(self.run_dir))
+                 title=str(self.run_dir), counted=self._counted)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
         raise TrainingUnstableError(f"{message}; {where}")
 
     def _finish(self) -> dict[str, Any]:
         self.metrics.close()
         history = read_metrics(self.run_dir / rundir.METRICS)
-        plot_run(history, self.run_dir / "loss.png", self.tokens_per_step, title=str(self.run_dir))
+        plot_run(history, self.run_dir / "loss.png", self.tokens_per_step, title=str(self.run_dir),
+                 counted=self._counted)
         train_losses = [r["loss"] for r in history if "grad_norm" in r]
         evals = [r for r in history if "val_loss" in r]
         summary: dict[str, Any] = {
@@ -518,7 +521,7 @@ class Trainer:
         best = f"; best step {summary['best_step']}" if "best_step" in summary else ""
         self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f}{reference}{accuracy} after "
                   f"{self.state.step} steps ({self.state.examples:,} examples, {self.state.tokens:,} "
-                  f"{'tokens' if self.config.task == 'lm' else 'targets'}, {self.state.elapsed:.1f} s, "
+                  f"{self._counted}, {self.state.elapsed:.1f} s, "
                   f"{self.state.skipped} skipped){best}")
         self._say(f"wrote {self.run_dir}/config.yaml, metrics.jsonl, loss.png, model.safetensors, checkpoints/")
         return summary
@@ -542,8 +545,8 @@ class Trainer:
 class _Progress:
     """Plain progress lines for logs without a terminal (CI, nohup, cluster jobs): every N steps or seconds."""
 
-    def __init__(self, interval: int | str, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, interval: int | str, enabled: bool, unit: str):
+        self.enabled, self.unit = enabled, unit
         self.seconds = float(interval[:-1]) if isinstance(interval, str) else None
         self.steps = interval if isinstance(interval, int) else None
         self._last = time.perf_counter()
@@ -559,7 +562,7 @@ class _Progress:
         self._last = now
         rate = state.step / max(elapsed, 1e-9)
         eta = (max_steps - state.step) / rate if state.step else math.nan
-        print(f"step {state.step}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {speed:,.0f} tok/s | "
+        print(f"step {state.step}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {speed:,.0f} {self.unit} | "
               f"ETA {_duration(eta)}", flush=True)
 
 

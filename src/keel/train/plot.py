@@ -1,5 +1,7 @@
-"""``loss.png``: train loss with a mean ± std band over a sliding window, validation loss(es), LR on a second axis,
-steps along the bottom and tokens seen along the top. Events (e.g. skipped steps, rollbacks) are marked."""
+"""``loss.png``: train loss with a mean ± std band over a sliding window, the evaluations on validation data and on a
+fixed training slice (over- and underfitting side by side), LR on a second axis, steps along the bottom and tokens
+seen along the top (as counted by the trainer's clock). Events (e.g. skipped steps, rollbacks) are marked. Tasks
+that report accuracy get a second panel with validation and training accuracy."""
 
 from __future__ import annotations
 
@@ -19,7 +21,28 @@ def _rolling(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(np.maximum(sq - mean**2, 0.0))
 
 
-def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, title: str = "") -> None:
+def _tokens_axis(train: list[dict[str, Any]], tokens_per_step: int):
+    """Step <-> tokens seen: interpolated from the logged counts (a curriculum changes tokens per step), or the
+    nominal tokens per step where the log holds too few points."""
+    points = sorted({(r["step"], r["tokens"]) for r in train if "tokens" in r})
+    if len(points) < 2 or any(b[1] <= a[1] for a, b in zip(points, points[1:])):
+        return (lambda s: s * tokens_per_step), (lambda t: t / tokens_per_step)
+    steps, tokens = map(np.asarray, zip(*points))
+    slope = (tokens[-1] - tokens[0]) / max(steps[-1] - steps[0], 1)
+
+    def to_tokens(s):
+        s = np.asarray(s, dtype=float)
+        return np.where(s <= steps[-1], np.interp(s, steps, tokens), tokens[-1] + (s - steps[-1]) * slope)
+
+    def to_steps(t):
+        t = np.asarray(t, dtype=float)
+        return np.where(t <= tokens[-1], np.interp(t, tokens, steps), steps[-1] + (t - tokens[-1]) / slope)
+
+    return to_tokens, to_steps
+
+
+def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, title: str = "",
+             counted: str = "tokens") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +52,11 @@ def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, ti
     train = [r for r in records if "loss" in r and "step" in r and "event" not in r]
     evals = [r for r in records if "val_loss" in r]
     events = [r for r in records if "event" in r and "step" in r]
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    accuracy_keys = sorted({k for r in evals for k in r if "accuracy" in k})
+    if accuracy_keys:
+        fig, (ax, acc_ax) = plt.subplots(2, 1, figsize=(9, 7.5), dpi=110, height_ratios=(2, 1), sharex=True)
+    else:
+        fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
     if train:
         steps = np.array([r["step"] for r in train], dtype=float)
         loss = np.array([r["loss"] for r in train], dtype=float)
@@ -41,9 +68,10 @@ def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, ti
         ax.plot(steps, mean, color="tab:blue", linewidth=1.4, label=f"train mean ({window}-step window)")
         ax.fill_between(steps, mean - std, mean + std, color="tab:blue", alpha=0.2, label="± 1 std")
     colors = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"])
-    for key in sorted({k for r in evals for k in r if k.startswith("val_loss")}):
+    for key in sorted({k for r in evals for k in r if k.startswith(("val_loss", "train_eval_loss"))}):
         points = [(r["step"], r[key]) for r in evals if key in r]
-        ax.plot(*zip(*points), "o-", color=next(colors, "black"), markersize=3.5, label=key.replace("_", " "))
+        style = "s--" if key.startswith("train_eval") else "o-"
+        ax.plot(*zip(*points), style, color=next(colors, "black"), markersize=3.5, label=key.replace("_", " "))
     event_colors = {"skipped": "tab:orange", "spike": "tab:red", "rollback": "tab:purple", "stopped": "black"}
     for event in events:
         color = event_colors.get(event["event"], "tab:red")
@@ -52,11 +80,24 @@ def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, ti
                     rotation=90, va="top", ha="right", color=color)
         if np.isfinite(event.get("spike_loss", np.nan)):  # the spiking loss itself, kept out of the train curve
             ax.plot(event["step"], event["spike_loss"], "x", color=color, markersize=6)
-    ax.set_xlabel("step (optimizer updates)")
-    ax.set_ylabel("loss (nats/token)")
+    if accuracy_keys:
+        acc_colors = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"])
+        for key in accuracy_keys:
+            points = [(r["step"], r[key]) for r in evals if key in r]
+            style = "s--" if key.startswith("train_eval") else "o-"
+            acc_ax.plot(*zip(*points), style, color=next(acc_colors, "black"), markersize=3.5,
+                        label=key.replace("_", " "))
+        acc_ax.set_ylabel("accuracy")
+        acc_ax.set_xlabel("step (optimizer updates)")
+        acc_ax.grid(alpha=0.3)
+        acc_ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.set_xlabel("step (optimizer updates)")
+    ax.set_ylabel("loss (nats per target)")
     ax.grid(alpha=0.3)
-    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / tokens_per_step))
-    top.set_xlabel("tokens seen")
+    to_tokens, to_steps = _tokens_axis(train, tokens_per_step)
+    top = ax.secondary_xaxis("top", functions=(to_tokens, to_steps))
+    top.set_xlabel(f"{counted} seen")
     if train and "lr" in train[0]:
         lr_ax = ax.twinx()
         lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray", linewidth=1, label="lr")
