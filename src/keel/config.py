@@ -147,6 +147,11 @@ class TrainConfig(_Block):
     eval_interval: int = Field(100, ge=1, description="Evaluate every this many steps (and always at the end).")
     log_interval: int = Field(1, ge=1, description="Write a metrics record every this many steps.")
     checkpoint_interval: int = Field(100, ge=1, description="Checkpoint every this many steps (and at the end).")
+    resume_policy: Literal["refuse", "keep_schedule", "new_decay"] = Field(
+        "refuse", description="When --resume changes max_steps: 'refuse' (the LR would jump), 'keep_schedule' (the "
+        "schedule keeps the planned length; after it the LR stays at its final value) or 'new_decay' (from the "
+        "resume point a cosine decay from the current LR to the schedule's final LR over the new length).",
+    )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")

@@ -13,7 +13,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,8 @@ class TrainState(Clock):
     best_value: float | None = None  # best value of the tracked evaluation metric (val_loss unless told)
     best_step: int | None = None
     best_checkpoint: str = ""
+    schedule_steps: int = 0  # the run length the schedule was built for (kept when a resume changes max_steps)
+    decays: list = field(default_factory=list)  # [start, end] of each new decay added on resume (new_decay)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,8 +120,7 @@ class Trainer:
         self.lengths = {"total_steps": config.max_steps, "steps_per_epoch": self.steps_per_epoch,
                         "tokens_per_step": self.tokens_per_step}
         self.optimizer = optim.from_config(config.optimizer, self.model, lengths=self.lengths)
-        base_lr = float(optim.check_config(config.optimizer)["lr"])
-        self.schedule = schedules.from_config(config.schedule, base_lr=base_lr, key="schedule", **self.lengths)
+        self.schedule = self._build_schedule(config.max_steps, [])
         self.precision = Precision(config.precision, self.device)
         self.clipper = Clipper(config.clip, warmup_steps=schedules.warmup_steps(self.schedule))
         spike = config.spike
@@ -127,13 +128,61 @@ class Trainer:
             if spike.enabled else None
         self.callbacks = [*make_callbacks(config), *callbacks]
         check_unique_names(self.callbacks)
-        self.state = TrainState()
+        self.state = TrainState(schedule_steps=config.max_steps)
         self.restored_from: Path | None = None
         self._resume = resume
         self._last_eval: dict[str, Any] = {}
         self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
         self._check_first_batch()
         self._config_text = dump_config(config)
+
+    def _build_schedule(self, total_steps: int, decays: list) -> Any:
+        """The run's schedule built for ``total_steps``, then each new decay added on resume: from ``start`` the LR
+        falls from its value there to the schedule's final value by ``end`` (cosine)."""
+        base_lr = float(optim.check_config(self.config.optimizer)["lr"])
+        lengths = {**self.lengths, "total_steps": total_steps}
+        schedule = schedules.from_config(self.config.schedule, base_lr=base_lr, key="schedule", **lengths)
+        previous_end = total_steps
+        for start, end in decays:
+            final = schedule(max(previous_end - 1, 0))
+            decay = schedules.cosine_decay(schedule(start), max(end - start, 1), min_lr=min(final, schedule(start)))
+            schedule, previous_end = schedules.join([schedule, decay], [start]), end
+        return schedule
+
+    def _apply_resume_policy(self, payload: dict[str, Any]) -> None:
+        """A resume that changes the run length must not stretch the schedule silently (the LR would jump)."""
+        state, config = self.state, self.config
+        old_total = state.schedule_steps or config.max_steps
+        planned_end = state.decays[-1][1] if state.decays else old_total
+        if planned_end == config.max_steps:
+            if old_total != config.max_steps or state.decays:
+                self.schedule = self._build_schedule(old_total, state.decays)
+                self._load_schedule_state(payload)
+            return
+        at = state.step
+        kept = self._build_schedule(old_total, state.decays)
+        stretched = self._build_schedule(config.max_steps, [])
+        policy = config.resume_policy
+        before = kept(max(at - 1, 0))
+        if policy == "refuse":
+            raise KeelError(
+                f"max_steps: {config.max_steps} on resume, but the run was planned for {planned_end} steps: rebuilt "
+                f"for the new length the schedule would move the LR at step {at} from {kept(at):.3e} to "
+                f"{stretched(at):.3e}; allowed: resume_policy=keep_schedule (the schedule keeps its length; past "
+                f"step {planned_end} the LR stays at {kept(planned_end):.3e}) or resume_policy=new_decay (a new "
+                f"decay from the current LR to {kept(planned_end):.3e} at step {config.max_steps}), or the old "
+                f"max_steps={planned_end}")
+        if policy == "new_decay":
+            state.decays = [*state.decays, [at, config.max_steps]]
+        self.schedule = self._build_schedule(old_total, state.decays)
+        self._load_schedule_state(payload)
+        self._say(f"resume_policy {policy}: max_steps {planned_end} -> {config.max_steps}; LR at step "
+                  f"{max(at - 1, 0)} (before the resume point) {before:.3e}, at step {at} {self.schedule(at):.3e}, "
+                  f"at the end {self.schedule(config.max_steps - 1):.3e}")
+
+    def _load_schedule_state(self, payload: dict[str, Any]) -> None:
+        if payload.get("schedule") is not None and hasattr(self.schedule, "load_state_dict"):
+            self.schedule.load_state_dict(payload["schedule"])
 
     def resolve_length(self, value: int | str, name: str) -> int:
         """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run."""
@@ -395,6 +444,7 @@ class Trainer:
             self._say("no checkpoint was written before the run stopped; starting it again from step 0")
             return 0
         payload = self._load_checkpoint(*found)
+        self._apply_resume_policy(payload)
         self._say(f"resumed from {found[0].name} (step {self.state.step}, {self.state.tokens:,} tokens)")
         return int(payload["metrics_offset"])
 
@@ -412,8 +462,7 @@ class Trainer:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise KeelError(f"--resume: checkpoint {found.name} does not fit this run's model or optimizer "
                             f"({first}); allowed: resume with the config the run was trained with") from None
-        if payload.get("schedule") is not None:
-            self.schedule.load_state_dict(payload["schedule"])
+        self._load_schedule_state(payload)
         self.precision.load_state_dict(payload["precision"])
         self.clipper.load_state_dict(payload["clipper"])
         if self.spike_detector is not None and payload.get("spike") is not None:
@@ -465,6 +514,7 @@ class Trainer:
         new.skipped, new.elapsed, new.rollbacks = old.skipped, old.elapsed, old.rollbacks + 1
         new.lr_multiplier = old.lr_multiplier * cfg.lr_factor
         new.best_value, new.best_step, new.best_checkpoint = old.best_value, old.best_step, old.best_checkpoint
+        new.schedule_steps, new.decays = old.schedule_steps, old.decays  # the schedule in use stays as it is
         # The log keeps the trajectory the model follows: records after the checkpoint are cut, but not events.
         self.metrics.close()
         path, offset = self.run_dir / rundir.METRICS, int(payload["metrics_offset"])
