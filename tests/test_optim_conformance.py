@@ -265,3 +265,31 @@ def test_fused_path_follows_parameters_that_skip_steps(cls, monkeypatch):
     assert eager_steps == fused_steps == [6, 6, 6, 6]
     for a, b in zip(eager, fused_params):
         assert (a - b).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("cls", [ko.Lion, ko.AdEMAMix])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_path_in_cache_sized_runs_equals_one_foreach_call_bitwise(cls, dtype, monkeypatch):
+    """On CPU the eager path runs the foreach ops over runs of tensors (large ones alone) to keep temporaries in
+    cache; the same ops on the whole list give the same bits."""
+    from keel.optim import multi_tensor
+
+    tensors = [torch.zeros(SMALL_NUMEL), torch.zeros(9), torch.zeros(9), torch.zeros(SMALL_NUMEL), torch.zeros(9)]
+    assert [len(tensors[s]) for s in multi_tensor._chunks(tensors, fast_foreach=False)] == [1, 3, 1]
+    assert [len(tensors[s]) for s in multi_tensor._chunks(tensors, fast_foreach=True)] == [5]
+    shapes = [(300, 300), (7,), (5, 3), (70000,), (4,)]
+    results = []
+    for whole in (False, True):
+        if whole:
+            monkeypatch.setattr(multi_tensor, "fast_foreach_devices", lambda: {"cpu"})
+        torch.manual_seed(0)
+        params = [torch.randn(s).to(dtype).requires_grad_(True) for s in shapes]
+        opt = cls(params, lr=1e-3, weight_decay=0.1, fused=False)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+            opt.step()
+        results.append([p.detach() for p in params] + [opt.state[p][n] for p in params for n in cls.state_names])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

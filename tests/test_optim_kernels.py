@@ -52,7 +52,7 @@ def test_without_a_fused_kernel_keeps_the_per_tensor_loop_on_cpu_and_uses_foreac
     opt = ko.create(name, m)
     assert "fused" not in opt.defaults and opt.defaults["foreach"] is False
     step(opt, m)
-    monkeypatch.setattr(torch_kernels, "_fast_foreach_devices", lambda: {"cpu", "cuda"})  # as on a GPU
+    monkeypatch.setattr(torch_kernels, "fast_foreach_devices", lambda: {"cpu", "cuda"})  # as on a GPU
     assert ko.create(name, model()).defaults["foreach"] is True
 
 
@@ -87,7 +87,7 @@ def test_flags_the_user_sets_are_kept(name, given, expected):
 
 def test_user_foreach_is_kept_for_optimizers_without_a_fused_kernel(monkeypatch):
     assert ko.create("rmsprop", model(), foreach=True).defaults["foreach"] is True
-    monkeypatch.setattr(torch_kernels, "_fast_foreach_devices", lambda: {"cpu"})
+    monkeypatch.setattr(torch_kernels, "fast_foreach_devices", lambda: {"cpu"})
     assert ko.create("nadam", model(), foreach=False).defaults["foreach"] is False
 
 

