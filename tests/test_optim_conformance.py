@@ -181,6 +181,46 @@ def test_fused_auto_stays_eager_for_small_models():
     assert ko.create("lion", mlp(), fused=True)._use_fused()
 
 
+def test_fused_auto_compiles_only_where_the_run_repays_the_compile(monkeypatch):
+    from keel.optim import multi_tensor
+
+    monkeypatch.setattr(multi_tensor, "compiler_available", lambda: True)
+    assert multi_tensor.FUSED_MIN_NUMEL == 10_000_000
+    assert multi_tensor.compile_pays(10_800_000) and not multi_tensor.compile_pays(5_000_000)
+    assert not multi_tensor.compile_pays(10_800_000, total_steps=1000)  # nanoGPT-char, a short run
+    assert multi_tensor.compile_pays(124_000_000, total_steps=1000)  # GPT-2 small
+    assert multi_tensor.compile_pays(1_000_000, total_steps=10**6)
+    opt = ko.create("ademamix", mlp(), lengths={"total_steps": 10**12})  # the trainer passes its run length
+    assert opt.total_steps == 10**12 and opt.fused is None and opt._use_fused()
+    assert not ko.create("ademamix", mlp(), lengths={"total_steps": 10**12}, fused=False)._use_fused()
+    assert ko.create("lion", mlp()).total_steps is None
+    monkeypatch.setattr(multi_tensor, "compiler_available", lambda: False)
+    assert not multi_tensor.compile_pays(124_000_000, total_steps=10**6)
+
+
+def test_a_compile_says_so_on_stderr_once_per_set_of_shapes(monkeypatch, capsys):
+    cls = ko.Lion
+    update = _make_list_update(cls._update_tensor)  # stands in for torch.compile's wrapper: nothing compiles
+    monkeypatch.setattr(cls, "_compiled", update)
+    monkeypatch.setattr(cls, "_compiled_here", update)
+    monkeypatch.setattr(cls, "_compiled_for", frozenset())
+    params = [torch.randn(300, 300, requires_grad=True), torch.randn(7, requires_grad=True)]
+    opt = cls(params, lr=1e-3, fused=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("keel: Lion is compiling its fused update with torch.compile (2 tensors, 0.1M elements)")
+    assert lines[1].startswith("keel: Lion compiled in ")
+    again = [torch.randn(300, 300, requires_grad=True), torch.randn(7, requires_grad=True)]
+    for p in again:
+        p.grad = torch.ones_like(p)
+    cls(again, lr=1e-3, fused=True).step()
+    assert capsys.readouterr().err == ""  # the same shapes again: torch reuses the compiled code
+
+
 @pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C++ compiler on the PATH")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
 def test_compiled_path_equals_the_foreach_path_on_a_tiny_problem(monkeypatch):

@@ -235,7 +235,10 @@ register(
 # --- keel's own implementations ---
 
 _FUSED_KEEL = Hparam(
-    None, optional(boolean), "one compiled pass per tensor (null: when >= 1M elements and a compiler exists)"
+    None,
+    optional(boolean),
+    "one compiled pass per tensor (null: when elements x run steps >= 5e10, i.e. 10M elements over 5000 steps, "
+    "and a C++ compiler exists)",
 )
 _LENGTH = optional(length)
 _UNITS = "steps, '100%' of the run, '2ep' or '1Mtok'"
@@ -252,6 +255,7 @@ register(
             "fused": _FUSED_KEEL,
         },
         build=lambda groups, lr, **kw: Lion(groups, lr=lr, **kw),
+        takes_total_steps=True,
     )
 )
 register(
@@ -273,6 +277,7 @@ register(
             "fused": _FUSED_KEEL,
         },
         build=lambda groups, lr, **kw: AdEMAMix(groups, lr=lr, **kw),
+        takes_total_steps=True,
     )
 )
 register(

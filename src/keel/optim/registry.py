@@ -161,7 +161,8 @@ class OptimizerSpec:
     returns None when the optimizer can be built here, else what it needs (e.g. a newer torch); `check_config`
     and `create` raise a KeelError with it. `torch_class`, if set, is the torch optimizer `build` constructs:
     `create` fills its `fused` / `foreach` hyperparameters left null for the parameters' devices
-    (`keel.optim.torch_kernels.choose_kernels`).
+    (`keel.optim.torch_kernels.choose_kernels`). `takes_total_steps`: `build` accepts `total_steps`, the run's
+    length when `create` is given it (keel's compiled optimizers decide from it whether compiling pays).
     """
 
     name: str
@@ -173,6 +174,7 @@ class OptimizerSpec:
     group_split: Callable[[nn.Module], Callable[[str, torch.Tensor], str]] | None = None
     missing: Callable[[], str | None] | None = None
     torch_class: type | None = None
+    takes_total_steps: bool = False
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -304,7 +306,9 @@ def create(
 
     torch's optimizers get `fused` / `foreach` chosen for the parameters' devices where left null: the fused
     kernel where torch has one (AdamW, Adam and SGD on CPU), else foreach where the device has fast multi-tensor
-    kernels, else torch's per-tensor loop (`keel.optim.torch_kernels`); values given are kept.
+    kernels, else torch's per-tensor loop (`keel.optim.torch_kernels`); values given are kept. Lion and
+    AdEMAMix with `fused` null compile their update only if the run (`lengths["total_steps"]`, else an assumed
+    5000 steps) is long enough to repay the compile (`keel.optim.multi_tensor`).
 
     >>> opt = create("adamw", nn.Linear(4, 2), lr=1e-3, weight_decay=0.1)
     >>> opt = create("ademamix", nn.Linear(4, 2), alpha_warmup="100%", lengths={"total_steps": 1000})
@@ -361,6 +365,8 @@ def create(
             sparse=isinstance(model_or_params, nn.Module) and has_sparse_embedding(model_or_params),
             key=key,
         )
+    if record.takes_total_steps:
+        settings["total_steps"] = (lengths or {}).get("total_steps")
     return record.build(groups, lr=lr, **settings)
 
 
