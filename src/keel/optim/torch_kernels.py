@@ -4,9 +4,9 @@ or its per-tensor loop, chosen per optimizer and per device.
 torch itself never turns `fused` on by default, and turns `foreach` on only where the device has fast
 multi-tensor kernels (`torch.optim.optimizer._get_foreach_kernels_supported_devices()`: CUDA, XPU, MTIA,
 privateuse1). On CPU, `torch.optim.AdamW()` therefore runs the per-tensor loop, which makes one pass over memory
-per elementwise op: 7-8x slower than `fused=True`, whose kernel reads and writes each tensor once (eta 0.13
-against 0.96 of the memory bandwidth at 10.8M and 50M parameters; `benchmarks/RESULTS.md`). keel decides the
-flags left null:
+per elementwise op, where `fused=True` reads and writes each tensor once: on one CPU thread the loop took 3.6x
+the fused step's time at nanoGPT-char shapes (10.8M) and 4.8x at GPT-2 small (124M) (median step times,
+`benchmarks/results/optim.json`; 7-8x has been measured on another machine). keel decides the flags left null:
 
 - `fused=True` where torch has a fused kernel for this optimizer on every parameter's device type, every
   parameter is floating point, and no parameter belongs to a sparse embedding (fused kernels take no sparse
@@ -17,7 +17,7 @@ flags left null:
 - otherwise `foreach=False`, torch's per-tensor loop. On CPU torch's `_foreach_*` ops are that same loop of
   per-tensor ops run over the whole model op by op, so each op's temporaries stream through memory instead of
   staying in cache: RMSprop, NAdam, RAdam and Adafactor ran no faster with `foreach=True` on one CPU thread at
-  nanoGPT-char shapes, and mostly slower (`benchmarks/RESULTS.md`).
+  nanoGPT-char shapes (foreach took 1.07-1.35x the loop's median step time; `benchmarks/results/optim.json`).
 
 A flag the user sets (true or false) is kept as given; only null ones are decided. `fused: false` alone leaves
 `foreach` to be decided, and `foreach: false` alone leaves `fused` to be decided; both false is torch's
