@@ -1,4 +1,5 @@
-"""Optimizer step time: keel's Lion, AdEMAMix and SOAP against pytorch-optimizer's and torch's fused AdamW.
+"""Optimizer step time: keel's Lion, AdEMAMix and SOAP against pytorch-optimizer's and torch's fused AdamW, and
+torch's optimizers as `keel.optim.create` builds them against torch's three implementations of each.
 
 Method (benchmarks/../shared BENCHMARKS.md): one thread; parameter shapes of nanoGPT-char (6 layers, width 384,
 10.8M parameters) and GPT-2 small (12 layers, width 768, 124M, head tied); float32. Contenders run interleaved
@@ -9,14 +10,24 @@ Bandwidth efficiency eta = (minimum bytes an update must move / step time) / ban
 the same run by a probe of the same footprint (`a.lerp_(b, w)` over as many elements as there are parameters, 12
 bytes per element). Minimum bytes per parameter: AdamW 28, Lion 20, AdEMAMix 36.
 
+Lion and AdEMAMix run compiled (`fused=True`) and eager (`fused=False`). Their first compiled step is timed in
+two child processes sharing a fresh torch.compile cache directory: the first compiles from nothing (cold), the
+second finds torch's on-disk cache (warm); "steps to repay" = cold first step / (eager - compiled step time).
+
+torch's optimizers (sgd, momentum, nesterov, rmsprop, adam, adamw, nadam, radam, adafactor; AdamW only at GPT-2
+shapes): `keel.optim.create(name, params)` with its defaults against the same torch class with the per-tensor
+loop (`foreach=False, fused=False`, what torch runs on CPU by default), `foreach=True` and `fused=True` (where
+torch has it). Minimum bytes per parameter: SGD 12, momentum, Nesterov and RMSprop 20, Adam, AdamW, NAdam and
+RAdam 28 (Adafactor's factored state: no eta).
+
 SOAP is bound by matrix products, not bandwidth: its figure is the step cost averaged over one preconditioner
 period (`precondition_frequency` steps, one of which refreshes the eigenbases), against pytorch-optimizer's, and as
 a fraction of a full training step of the model (forward, backward and a fused AdamW step) at the batch printed.
 At GPT-2 shapes SOAP runs on the embeddings and one of the 12 blocks (every block has the same shapes), so that
 the benchmark takes minutes rather than an hour on one thread.
 
-Run: python benchmarks/bench_optim.py [--repeats 7] [--shapes char,gpt2] [--no-soap]
-Writes benchmarks/results/optim.json and the "## optimizers" section of benchmarks/RESULTS.md.
+Run: python benchmarks/bench_optim.py [--repeats 7] [--shapes char,gpt2] [--no-soap] [--warm-cache]
+Writes benchmarks/results/optim.json and two subsections of the "## optimizers" section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -26,7 +37,9 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +53,13 @@ import keel.optim as ko
 HERE = Path(__file__).resolve().parent
 START = time.perf_counter()
 STEP_TIME_HEADING = "### step time and bandwidth efficiency (CPU, one thread)"
+TORCH_HEADING = "### torch's optimizers as keel.optim.create builds them (CPU, one thread)"
 BYTES_PER_PARAM = {"adamw": 28, "lion": 20, "ademamix": 36}
+TORCH_BYTES_PER_PARAM = {"sgd": 12, "momentum": 20, "nesterov": 20, "rmsprop": 20, "adam": 28, "adamw": 28,
+                         "nadam": 28, "radam": 28, "adafactor": None}
+#: torch arguments that make the torch class the registry record: keel keeps torch's defaults except the LR
+TORCH_EXTRA = {"momentum": {"momentum": 0.9}, "nesterov": {"momentum": 0.9, "nesterov": True}}
+TORCH_NAMES = {"char": list(TORCH_BYTES_PER_PARAM), "gpt2": ["adamw"]}
 
 
 def gpt_shapes(vocab: int, block: int, layers: int, width: int, tied: bool) -> list[tuple[int, ...]]:
@@ -87,7 +106,7 @@ def ratio_stats(numerator: list[float], denominator: list[float]) -> dict:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
-def bench_elementwise(kind: str, shapes, repeats: int) -> dict:
+def bench_elementwise(kind: str, shapes, repeats: int, cold: bool = True) -> dict:
     """Lion and AdEMAMix (keel fused, pytorch-optimizer) with torch's fused AdamW and the bandwidth probe."""
     import pytorch_optimizer
 
@@ -107,13 +126,16 @@ def bench_elementwise(kind: str, shapes, repeats: int) -> dict:
         ),
     }
     for name, (make_keel, make_peer) in families.items():
+        first_steps = first_step_seconds(kind, name, cold=cold)
         keel_opt = make_keel()
         compile_seconds = timed(keel_opt.step)
+        eager = (ko.Lion if name == "lion" else ko.AdEMAMix)(params, lr=1e-4, weight_decay=0.1, fused=False)
         peer = make_peer()
         times = interleave(
             {
                 "probe": lambda: probe_a.lerp_(probe_b, 0.5),
                 "keel": keel_opt.step,
+                "keel_eager": eager.step,
                 "pytorch_optimizer": peer.step,
                 "torch_fused_adamw": adamw.step,
             },
@@ -121,23 +143,90 @@ def bench_elementwise(kind: str, shapes, repeats: int) -> dict:
         )
         probe = statistics.median(times["probe"])
         medians = {k: statistics.median(v) for k, v in times.items()}
+        saving = medians["keel_eager"] - medians["keel"]
         out[name] = {
             "first_step_seconds_with_compile": compile_seconds,
+            "first_step_seconds_child": first_steps,
+            "steps_to_repay_cold_compile": first_steps["cold"] / saving if saving > 0 else None,
             "compiled": not type(keel_opt)._compile_failed,
             "median_seconds": medians,
             "eta": {
                 "keel": BYTES_PER_PARAM[name] * probe / (12 * medians["keel"]),
+                "keel_eager": BYTES_PER_PARAM[name] * probe / (12 * medians["keel_eager"]),
                 "pytorch_optimizer": BYTES_PER_PARAM[name] * probe / (12 * medians["pytorch_optimizer"]),
                 "torch_fused_adamw": BYTES_PER_PARAM["adamw"] * probe / (12 * medians["torch_fused_adamw"]),
             },
             "speedup_vs_pytorch_optimizer": ratio_stats(times["pytorch_optimizer"], times["keel"]),
+            "speedup_vs_keel_eager": ratio_stats(times["keel_eager"], times["keel"]),
             "time_vs_torch_fused_adamw": ratio_stats(times["keel"], times["torch_fused_adamw"]),
         }
         eta = out[name]["eta"]
-        print(f"  [{time.perf_counter() - START:.0f}s] {name}: eta keel {eta['keel']:.2f}, pytorch-optimizer "
-              f"{eta['pytorch_optimizer']:.2f}, fused AdamW {eta['torch_fused_adamw']:.2f}; "
-              f"speedup {out[name]['speedup_vs_pytorch_optimizer']['median']:.2f}x")
-        del keel_opt, peer
+        print(f"  [{time.perf_counter() - START:.0f}s] {name}: eta keel {eta['keel']:.2f} (eager "
+              f"{eta['keel_eager']:.2f}), pytorch-optimizer {eta['pytorch_optimizer']:.2f}, fused AdamW "
+              f"{eta['torch_fused_adamw']:.2f}; speedup {out[name]['speedup_vs_pytorch_optimizer']['median']:.2f}x; "
+              f"first step cold {first_steps['cold']:.0f}s, warm {first_steps['warm']:.0f}s")
+        del keel_opt, eager, peer
+        gc.collect()
+    return out
+
+
+def first_step_seconds(kind: str, name: str, cold: bool) -> dict[str, float]:
+    """The first compiled step, in two child processes: from an empty torch.compile cache, then with its files.
+
+    With `cold=False` both children use the user's cache (whatever it holds)."""
+    with tempfile.TemporaryDirectory(prefix="keel-bench-inductor-") as cache:
+        env = dict(os.environ, **({"TORCHINDUCTOR_CACHE_DIR": cache} if cold else {}))
+        command = [sys.executable, __file__, "--first-step", f"{kind}:{name}"]
+        runs = [subprocess.run(command, env=env, check=True, capture_output=True, text=True) for _ in range(2)]
+    seconds = [float(r.stdout.strip().splitlines()[-1]) for r in runs]
+    return {"cold": seconds[0], "warm": seconds[1]}
+
+
+def child_first_step(spec: str) -> None:
+    """Print the seconds of the first compiled step of `kind:name` (run in a child process)."""
+    torch.set_num_threads(1)
+    kind, name = spec.split(":")
+    params = make_params(gpt_shapes(**SHAPES[kind][1]))
+    opt = (ko.Lion if name == "lion" else ko.AdEMAMix)(params, lr=1e-4, weight_decay=0.1, fused=True)
+    seconds = timed(opt.step)
+    if type(opt)._compile_failed:
+        raise SystemExit(f"{name}: torch.compile failed")
+    print(seconds)
+
+
+def bench_torch_backed(kind: str, shapes, repeats: int) -> dict:
+    """torch's optimizers from keel.optim.create against the same class with the loop, foreach and fused paths."""
+    params = make_params(shapes)
+    numel = sum(p.numel() for p in params)
+    probe_a, probe_b = torch.randn(numel), torch.randn(numel)
+    out: dict = {}
+    for name in TORCH_NAMES[kind]:
+        cls = ko.get(name).torch_class
+        extra = TORCH_EXTRA.get(name, {})
+        keel_opt = ko.create(name, params, lr=1e-4)
+        contenders = {
+            "probe": lambda: probe_a.lerp_(probe_b, 0.5),
+            "keel": keel_opt.step,
+            "torch_loop": cls(params, lr=1e-4, foreach=False, **extra).step,
+            "torch_foreach": cls(params, lr=1e-4, foreach=True, **extra).step,
+        }
+        if "fused" in ko.get(name).hparams:
+            contenders["torch_fused"] = cls(params, lr=1e-4, fused=True, **extra).step
+        times = interleave(contenders, repeats)
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        probe = medians.pop("probe")
+        path = "fused" if keel_opt.defaults.get("fused") else "foreach" if keel_opt.defaults["foreach"] else "loop"
+        bytes_per_param = TORCH_BYTES_PER_PARAM[name]
+        out[name] = {
+            "keel_path": path,
+            "median_seconds": medians,
+            "eta": {k: bytes_per_param * probe / (12 * t) for k, t in medians.items()} if bytes_per_param else None,
+            "keel_time_vs": {k: ratio_stats(times["keel"], times[k]) for k in medians if k != "keel"},
+        }
+        vs = out[name]["keel_time_vs"]
+        print(f"  [{time.perf_counter() - START:.0f}s] {name} (keel: {path}): keel time / "
+              + ", ".join(f"{k} {v['median']:.2f}" for k, v in vs.items()))
+        del keel_opt, contenders
         gc.collect()
     return out
 
@@ -239,8 +328,9 @@ def results_section(data: dict) -> str:
         "bandwidth of a same-footprint `lerp_` probe (Lion 20, AdEMAMix 36, AdamW 28 bytes per parameter).",
         "",
         "| shapes | optimizer | eta keel | eta pytorch-optimizer | keel speedup vs pytorch-optimizer "
-        "| keel time / torch fused AdamW | eta torch fused AdamW |",
-        "|---|---|---|---|---|---|---|",
+        "| keel time / torch fused AdamW | eta torch fused AdamW | eta keel eager | compiled speedup vs eager "
+        "| first compiled step, s (cold, warm cache) | steps to repay a cold compile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in data["shapes"].values():
         for name in ("lion", "ademamix"):
@@ -249,10 +339,16 @@ def results_section(data: dict) -> str:
             r = entry[name]
             label = name if r["compiled"] else f"{name} (eager: compile failed)"
             eta = r["eta"]
+            first = r.get("first_step_seconds_child")
+            repay = r.get("steps_to_repay_cold_compile")
             lines.append(
                 f"| {entry['label']} | {label} | {eta['keel']:.2f} | {eta['pytorch_optimizer']:.2f} "
                 f"| {_ratio(r['speedup_vs_pytorch_optimizer'], 'x')} | {_ratio(r['time_vs_torch_fused_adamw'])} "
-                f"| {eta['torch_fused_adamw']:.2f} |"
+                f"| {eta['torch_fused_adamw']:.2f} | "
+                + (f"{eta['keel_eager']:.2f} | {_ratio(r['speedup_vs_keel_eager'], 'x')} " if "keel_eager" in eta
+                   else "— | — ")
+                + (f"| {first['cold']:.0f}, {first['warm']:.0f} " if first else "| — ")
+                + (f"| {repay:.0f} |" if repay else "| — |")
             )
     lines += [
         "",
@@ -272,16 +368,48 @@ def results_section(data: dict) -> str:
         lines.append(
             f"| {entry['label']} | {r['parameters']} | {_ratio(r['speedup_vs_pytorch_optimizer'], 'x')} | {fraction} |"
         )
-    first = {k: e["lion"]["first_step_seconds_with_compile"] for k, e in data["shapes"].items() if "lion" in e}
     lines += [
         "",
         "Targets: eta >= 0.8 for Lion and AdEMAMix; each of the three >= 3x faster than pytorch-optimizer's. "
-        "First Lion step including keel's torch.compile, seconds: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in first.items()) + ".",
+        "The first compiled step is timed in child processes (cold: an empty torch.compile cache; warm: the "
+        "files the cold one left); steps to repay = cold first step / (eager - compiled step time).",
         "",
     ]
     lines += [f"- {note}" for note in data.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def torch_section(data: dict) -> str:
+    m = data["machine"]
+    lines = [
+        f"`python benchmarks/bench_optim.py` — {m['date']}, {m['cpu']}, {m['cores']} cores, {m['threads']} thread, "
+        f"load average {m['load_average']} (end {m.get('load_average_end')}), torch {m['torch']}. float32 "
+        f"parameters; medians of {data['repeats']} interleaved repeats; ratios are medians of per-repeat ratios "
+        "[min, max]. keel = `keel.optim.create(name, params)` with its defaults; torch loop / foreach / fused = the "
+        "same torch class with `foreach=False` (what torch runs on CPU when left to decide), `foreach=True`, "
+        "`fused=True`. eta = (minimum bytes / step time) / bandwidth of a same-footprint `lerp_` probe.",
+        "",
+        "| shapes | optimizer | keel's path | keel time / torch loop | keel time / torch foreach "
+        "| keel time / torch fused | eta keel | eta torch loop | eta torch foreach | eta torch fused |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in data["shapes"].values():
+        for name, r in entry.get("torch", {}).items():
+            vs, eta = r["keel_time_vs"], r["eta"] or {}
+
+            def cell(stats):
+                return _ratio(stats) if stats else "—"
+
+            def eta_cell(key):
+                return f"{eta[key]:.2f}" if key in eta else "—"
+
+            lines.append(
+                f"| {entry['label']} | {name} | {r['keel_path']} | {cell(vs.get('torch_loop'))} "
+                f"| {cell(vs.get('torch_foreach'))} | {cell(vs.get('torch_fused'))} | {eta_cell('keel')} "
+                f"| {eta_cell('torch_loop')} | {eta_cell('torch_foreach')} | {eta_cell('torch_fused')} |"
+            )
+    lines += [""] + [f"- {note}" for note in data.get("torch_notes", [])]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def write_subsection(path: Path, heading: str, body: str) -> None:
@@ -312,7 +440,22 @@ def main() -> None:
     parser.add_argument("--no-soap", action="store_true")
     parser.add_argument("--soap-repeats", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="time the first compiled step with the user's torch.compile cache, not an empty one")
+    parser.add_argument("--first-step", help=argparse.SUPPRESS)  # kind:name, in a child process
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: rewrite the RESULTS.md subsections from results/optim.json")
     args = parser.parse_args()
+    if args.first_step:
+        child_first_step(args.first_step)
+        return
+    if args.render:
+        data = json.loads((HERE / "results" / "optim.json").read_text())
+        data["notes"], data["torch_notes"] = notes(data), torch_notes(data)
+        (HERE / "results" / "optim.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_subsection(HERE / "RESULTS.md", STEP_TIME_HEADING, results_section(data))
+        write_subsection(HERE / "RESULTS.md", TORCH_HEADING, torch_section(data))
+        return
     torch.set_num_threads(1)
     data: dict = {"machine": machine(), "repeats": args.repeats, "soap_repeats": args.soap_repeats, "shapes": {},
                   "notes": []}
@@ -320,22 +463,35 @@ def main() -> None:
     for kind in args.shapes.split(","):
         label, config = SHAPES[kind]
         print(label)
-        entry = {"label": label} | bench_elementwise(kind, gpt_shapes(**config), args.repeats)
+        entry = {"label": label, "torch": bench_torch_backed(kind, gpt_shapes(**config), args.repeats)}
+        entry |= bench_elementwise(kind, gpt_shapes(**config), args.repeats, cold=not args.warm_cache)
         if not args.no_soap:
             entry["soap"] = bench_soap(kind, config, args.soap_repeats)
         data["shapes"][kind] = entry
         gc.collect()
     data["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     data["notes"] = notes(data)
+    data["torch_notes"] = torch_notes(data)
     if not args.no_write:
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "optim.json").write_text(json.dumps(data, indent=2) + "\n")
         write_subsection(HERE / "RESULTS.md", STEP_TIME_HEADING, results_section(data))
+        write_subsection(HERE / "RESULTS.md", TORCH_HEADING, torch_section(data))
     print(results_section(data))
+    print(torch_section(data))
 
 
 def notes(data: dict) -> list[str]:
     out = []
+    m = data["machine"]
+    if m["load_average"][0] > 0.5 * m["cores"] or (m.get("load_average_end") or [0])[0] > 0.5 * m["cores"]:
+        out.append(f"The machine was shared (load average {m['load_average'][0]} at the start, "
+                   f"{(m.get('load_average_end') or ['?'])[0]} at the end, on {m['cores']} cores): per-repeat ratios "
+                   "spread widely; read the medians.")
+    etas = [v for e in data["shapes"].values() for n in ("lion", "ademamix") if n in e for v in e[n]["eta"].values()]
+    if etas and max(etas) > 1:
+        out.append(f"eta up to {max(etas):.2f} > 1: on this CPU the `lerp_` probe does not reach the memory bandwidth, "
+                   "so the etas overstate; compare them with each other, not with 1.")
     for kind, entry in data["shapes"].items():
         for name in ("lion", "ademamix"):
             r = entry.get(name)
@@ -362,6 +518,25 @@ def notes(data: dict) -> list[str]:
                 "SOAP's fraction of a training step scales inversely with the tokens per step: nanoGPT-char's "
                 f"64 x 256 batch would make it about {r['amortised_fraction_of_training_step'] * 16 / 64:.2f}."
             )
+    return out
+
+
+def torch_notes(data: dict) -> list[str]:
+    """What the torch table says about keel's choice of path, per optimizer and shape."""
+    out = []
+    for entry in data["shapes"].values():
+        for name, r in entry.get("torch", {}).items():
+            # against torch's other paths only: against its own path the ratio is the run's noise
+            ratios = {k: v["median"] for k, v in r["keel_time_vs"].items() if k != f"torch_{r['keel_path']}"}
+            slowest = max(ratios, key=ratios.get)
+            if ratios[slowest] > 1.1:
+                out.append(f"miss: {entry['label']}, {name}: keel's path ({r['keel_path']}) takes "
+                           f"{ratios[slowest]:.2f}x the time of {slowest.replace('_', ' ')} in this run.")
+    same = [v["median"] for e in data["shapes"].values() for r in e.get("torch", {}).values()
+            for k, v in r["keel_time_vs"].items() if k == f"torch_{r['keel_path']}"]
+    if same:
+        out.append(f"keel's path against the same torch path (the same code) measures {min(same):.2f}-"
+                   f"{max(same):.2f}: the noise of this run.")
     return out
 
 

@@ -181,6 +181,46 @@ def test_fused_auto_stays_eager_for_small_models():
     assert ko.create("lion", mlp(), fused=True)._use_fused()
 
 
+def test_fused_auto_compiles_only_where_the_run_repays_the_compile(monkeypatch):
+    from keel.optim import multi_tensor
+
+    monkeypatch.setattr(multi_tensor, "compiler_available", lambda: True)
+    assert multi_tensor.FUSED_MIN_NUMEL == 10_000_000
+    assert multi_tensor.compile_pays(10_800_000) and not multi_tensor.compile_pays(5_000_000)
+    assert not multi_tensor.compile_pays(10_800_000, total_steps=1000)  # nanoGPT-char, a short run
+    assert multi_tensor.compile_pays(124_000_000, total_steps=1000)  # GPT-2 small
+    assert multi_tensor.compile_pays(1_000_000, total_steps=10**6)
+    opt = ko.create("ademamix", mlp(), lengths={"total_steps": 10**12})  # the trainer passes its run length
+    assert opt.total_steps == 10**12 and opt.fused is None and opt._use_fused()
+    assert not ko.create("ademamix", mlp(), lengths={"total_steps": 10**12}, fused=False)._use_fused()
+    assert ko.create("lion", mlp()).total_steps is None
+    monkeypatch.setattr(multi_tensor, "compiler_available", lambda: False)
+    assert not multi_tensor.compile_pays(124_000_000, total_steps=10**6)
+
+
+def test_a_compile_says_so_on_stderr_once_per_set_of_shapes(monkeypatch, capsys):
+    cls = ko.Lion
+    update = _make_list_update(cls._update_tensor)  # stands in for torch.compile's wrapper: nothing compiles
+    monkeypatch.setattr(cls, "_compiled", update)
+    monkeypatch.setattr(cls, "_compiled_here", update)
+    monkeypatch.setattr(cls, "_compiled_for", frozenset())
+    params = [torch.randn(300, 300, requires_grad=True), torch.randn(7, requires_grad=True)]
+    opt = cls(params, lr=1e-3, fused=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("keel: Lion is compiling its fused update with torch.compile (2 tensors, 0.1M elements)")
+    assert lines[1].startswith("keel: Lion compiled in ")
+    again = [torch.randn(300, 300, requires_grad=True), torch.randn(7, requires_grad=True)]
+    for p in again:
+        p.grad = torch.ones_like(p)
+    cls(again, lr=1e-3, fused=True).step()
+    assert capsys.readouterr().err == ""  # the same shapes again: torch reuses the compiled code
+
+
 @pytest.mark.skipif(not compiler_available(), reason="torch.compile needs a C++ compiler on the PATH")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
 def test_compiled_path_equals_the_foreach_path_on_a_tiny_problem(monkeypatch):
@@ -265,3 +305,31 @@ def test_fused_path_follows_parameters_that_skip_steps(cls, monkeypatch):
     assert eager_steps == fused_steps == [6, 6, 6, 6]
     for a, b in zip(eager, fused_params):
         assert (a - b).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("cls", [ko.Lion, ko.AdEMAMix])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_path_in_cache_sized_runs_equals_one_foreach_call_bitwise(cls, dtype, monkeypatch):
+    """On CPU the eager path runs the foreach ops over runs of tensors (large ones alone) to keep temporaries in
+    cache; the same ops on the whole list give the same bits."""
+    from keel.optim import multi_tensor
+
+    tensors = [torch.zeros(SMALL_NUMEL), torch.zeros(9), torch.zeros(9), torch.zeros(SMALL_NUMEL), torch.zeros(9)]
+    assert [len(tensors[s]) for s in multi_tensor._chunks(tensors, fast_foreach=False)] == [1, 3, 1]
+    assert [len(tensors[s]) for s in multi_tensor._chunks(tensors, fast_foreach=True)] == [5]
+    shapes = [(300, 300), (7,), (5, 3), (70000,), (4,)]
+    results = []
+    for whole in (False, True):
+        if whole:
+            monkeypatch.setattr(multi_tensor, "fast_foreach_devices", lambda: {"cpu"})
+        torch.manual_seed(0)
+        params = [torch.randn(s).to(dtype).requires_grad_(True) for s in shapes]
+        opt = cls(params, lr=1e-3, weight_decay=0.1, fused=False)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+            opt.step()
+        results.append([p.detach() for p in params] + [opt.state[p][n] for p in params for n in cls.state_names])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

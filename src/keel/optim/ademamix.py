@@ -47,7 +47,8 @@ class AdEMAMix(MultiTensorOptimizer):
     `betas` = (beta1, beta2, beta3); `alpha_warmup`, `beta3_warmup` in steps (None: no warmup; the paper uses
     the run length, which `keel.optim.create` / `from_config` accept as "100%");
     `t_alpha_beta3` (pytorch-optimizer's name) sets both warmups. State per parameter: `exp_avg` (m1),
-    `exp_avg_sq` (v), `exp_avg_slow` (m2), all float32 for bfloat16/float16 parameters, and `step`. `fused`: see
+    `exp_avg_sq` (v), `exp_avg_slow` (m2), all float32 for bfloat16/float16 parameters, and `step`. `fused`, and
+    `total_steps` (the run's length if known, which decides whether `fused=None` compiles): see
     `keel.optim.multi_tensor`.
     """
 
@@ -66,6 +67,7 @@ class AdEMAMix(MultiTensorOptimizer):
         t_alpha_beta3: int | None = None,
         *,
         fused: bool | None = None,
+        total_steps: int | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -94,7 +96,7 @@ class AdEMAMix(MultiTensorOptimizer):
             "alpha_warmup": alpha_warmup,
             "beta3_warmup": beta3_warmup,
         }
-        super().__init__(params, defaults, fused)
+        super().__init__(params, defaults, fused, total_steps)
 
     def _scalars(self, group: dict, step: int) -> list[float]:
         beta1, beta2, beta3 = group["betas"]

@@ -1,6 +1,8 @@
 """Registry records: the optimizers torch implements (used as they are, not rewritten) and keel's own.
 
-torch's defaults are kept, except the default LRs, which are the starting points named in `docs/optimizers.md`.
+torch's defaults are kept, except the default LRs, which are the starting points named in `docs/optimizers.md`, and
+`fused` / `foreach`: left null, `create` chooses them for the parameters' devices (`torch_class` below;
+`keel.optim.torch_kernels`), so AdamW, Adam and SGD run torch's fused kernels on CPU.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from keel.optim.registry import (
 )
 
 _WD = Hparam(0.0, nonnegative, "weight decay (coupled: added to the gradient)")
-_FUSED = Hparam(None, optional(boolean), "torch's fused kernel (null: torch decides)")
-_FOREACH = Hparam(None, optional(boolean), "torch's multi-tensor path (null: torch decides)")
+_FUSED = Hparam(None, optional(boolean), "torch's fused kernel (null: keel uses it where torch has one for the device)")
+_FOREACH = Hparam(
+    None, optional(boolean), "torch's multi-tensor path (null: keel uses it where the device has fast foreach kernels)"
+)
 
 
 def _sgd(momentum: float, nesterov: bool):
@@ -47,6 +51,7 @@ register(
         lr=0.1,
         hparams={"weight_decay": _WD, "foreach": _FOREACH, "fused": _FUSED},
         build=_sgd(0.0, False),
+        torch_class=torch.optim.SGD,
     )
 )
 register(
@@ -63,6 +68,7 @@ register(
             "fused": _FUSED,
         },
         build=_sgd(0.9, False),
+        torch_class=torch.optim.SGD,
     )
 )
 register(
@@ -78,6 +84,7 @@ register(
             "fused": _FUSED,
         },
         build=_sgd(0.9, True),
+        torch_class=torch.optim.SGD,
     )
 )
 register(
@@ -95,6 +102,7 @@ register(
             "foreach": _FOREACH,
         },
         build=lambda groups, lr, **kw: torch.optim.RMSprop(groups, lr=lr, **kw),
+        torch_class=torch.optim.RMSprop,
     )
 )
 _ADAM_HPARAMS = {
@@ -113,6 +121,7 @@ register(
         lr=1e-3,
         hparams=_ADAM_HPARAMS,
         build=lambda groups, lr, **kw: torch.optim.Adam(groups, lr=lr, **kw),
+        torch_class=torch.optim.Adam,
     )
 )
 register(
@@ -123,6 +132,7 @@ register(
         lr=1e-3,
         hparams=_ADAM_HPARAMS | {"weight_decay": Hparam(0.01, nonnegative, "decoupled weight decay")},
         build=lambda groups, lr, **kw: torch.optim.AdamW(groups, lr=lr, **kw),
+        torch_class=torch.optim.AdamW,
     )
 )
 register(
@@ -140,6 +150,7 @@ register(
             "foreach": _FOREACH,
         },
         build=lambda groups, lr, **kw: torch.optim.NAdam(groups, lr=lr, **kw),
+        torch_class=torch.optim.NAdam,
     )
 )
 register(
@@ -156,6 +167,7 @@ register(
             "foreach": _FOREACH,
         },
         build=lambda groups, lr, **kw: torch.optim.RAdam(groups, lr=lr, **kw),
+        torch_class=torch.optim.RAdam,
     )
 )
 
@@ -185,6 +197,7 @@ register(
             "foreach": _FOREACH,
         },
         build=lambda groups, lr, **kw: torch.optim.Adafactor(groups, lr=lr, **kw),
+        torch_class=torch.optim.Adafactor,
     )
 )
 register(
@@ -207,6 +220,10 @@ register(
             "adam_betas": Hparam((0.9, 0.95), betas(2), "AdamW betas"),
             "adam_eps": Hparam(1e-8, nonnegative, "AdamW eps"),
             "adam_weight_decay": Hparam(0.01, nonnegative, "AdamW decoupled weight decay"),
+            "adam_fused": Hparam(None, optional(boolean), "AdamW's fused kernel (null: where torch has one)"),
+            "adam_foreach": Hparam(
+                None, optional(boolean), "AdamW's multi-tensor path (null: where the device has fast foreach kernels)"
+            ),
         },
         build=lambda groups, lr, **kw: MuonWithAdamW(groups, lr=lr, **kw),
         group_split=muon_split,
@@ -218,7 +235,10 @@ register(
 # --- keel's own implementations ---
 
 _FUSED_KEEL = Hparam(
-    None, optional(boolean), "one compiled pass per tensor (null: when >= 1M elements and a compiler exists)"
+    None,
+    optional(boolean),
+    "one compiled pass per tensor (null: when elements x run steps >= 5e10, i.e. 10M elements over 5000 steps, "
+    "and a C++ compiler exists)",
 )
 _LENGTH = optional(length)
 _UNITS = "steps, '100%' of the run, '2ep' or '1Mtok'"
@@ -235,6 +255,7 @@ register(
             "fused": _FUSED_KEEL,
         },
         build=lambda groups, lr, **kw: Lion(groups, lr=lr, **kw),
+        takes_total_steps=True,
     )
 )
 register(
@@ -256,6 +277,7 @@ register(
             "fused": _FUSED_KEEL,
         },
         build=lambda groups, lr, **kw: AdEMAMix(groups, lr=lr, **kw),
+        takes_total_steps=True,
     )
 )
 register(

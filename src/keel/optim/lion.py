@@ -20,7 +20,8 @@ __all__ = ["Lion"]
 class Lion(MultiTensorOptimizer):
     """Lion (Chen et al. 2023): p <- p (1 - lr wd) - lr sign(beta1 m + (1 - beta1) g); m <- beta2 m + (1 - beta2) g.
 
-    State per parameter: `exp_avg` (m; float32 for bfloat16/float16 parameters) and `step`. `fused`: see
+    State per parameter: `exp_avg` (m; float32 for bfloat16/float16 parameters) and `step`. `fused`, and
+    `total_steps` (the run's length if known, which decides whether `fused=None` compiles): see
     `keel.optim.multi_tensor`.
     """
 
@@ -34,6 +35,7 @@ class Lion(MultiTensorOptimizer):
         weight_decay: float = 0.0,
         *,
         fused: bool | None = None,
+        total_steps: int | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -41,7 +43,8 @@ class Lion(MultiTensorOptimizer):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}, fused)
+        defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay}
+        super().__init__(params, defaults, fused, total_steps)
 
     def _scalars(self, group: dict, step: int) -> list[float]:
         beta1, beta2 = group["betas"]

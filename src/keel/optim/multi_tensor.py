@@ -5,13 +5,26 @@ once; what limits it is memory bandwidth. torch's eager `_foreach_*` ops make on
 rule of five ops moves about 2.5x the bytes it must. keel therefore runs each rule in one of two ways:
 
 - **eager** (`fused=False`): a handful of `torch._foreach_*` calls per param group (multi-tensor, no
-  per-parameter Python loop). Always available; the reference path of the tests.
+  per-parameter Python loop) on devices with fast foreach kernels (CUDA, ...); on CPU, whose foreach ops run op
+  by op over the whole list, the same calls over runs of at least `SMALL_NUMEL` elements (a large tensor alone),
+  so temporaries stay in cache: 1.5-1.7x faster at nanoGPT-char shapes on one thread, same results bit for bit.
+  Always available; the reference path of the tests.
 - **fused** (`fused=True`): the rule written once per tensor and compiled by `torch.compile` over the whole
-  list of tensors, so each tensor is read and written in a single pass. The first step compiles (seconds to
-  a minute, cached on disk by torch afterwards). If compilation fails, keel warns once and stays eager.
+  list of tensors, so each tensor is read and written in a single pass. The first step compiles, and says so
+  on stderr (one line when it starts, one with the seconds it took): 38-61 s from an empty torch.compile cache
+  and 6-15 s with torch's on-disk cache, on one thread of a shared two-core machine (40-100 s cold has been
+  seen). A new set of tensor shapes compiles again. If compilation fails, keel warns once and stays eager.
 
-`fused=None` (the default) compiles when the optimizer holds at least `FUSED_MIN_NUMEL` elements and a C
-compiler is on the PATH, and stays eager otherwise, so small models and tests never wait for a compiler.
+`fused=None` (the default) compiles only where the compiled steps are expected to repay the first one. In
+`benchmarks/RESULTS.md` the compiled step is 2.8-5.2x faster than the eager one, and a cold compile is repaid
+after 1674 steps for Lion at nanoGPT-char shapes (10.8M elements), 562 for AdEMAMix there, and 96 and 49 steps
+at GPT-2-small shapes (124M): at most 1.8e10 elements x steps. keel compiles when elements x steps of the run
+reach `COMPILE_PAYS_ELEMENT_STEPS` = 5e10, which leaves room for a compile twice as slow as measured. The
+steps are the run's `total_steps` (the trainer, and `keel.optim.create` with `lengths`, pass it) or, unknown,
+`ASSUMED_RUN_STEPS` = 5000, so that an optimizer built without a run length compiles from `FUSED_MIN_NUMEL` =
+10M elements. A C++ compiler must be on the PATH. Small models, short runs and tests never wait for a compiler;
+the previous default (1M elements, regardless of the run) would have needed about 17000 steps to repay a cold
+compile of Lion.
 
 Tensors smaller than `SMALL_NUMEL` (biases, norm gains) are gathered per param group into one flat buffer per
 step and scattered back, so a model's hundred small tensors cost a few copies instead of a hundred kernels.
@@ -23,15 +36,30 @@ in their own dtype. The state stays float32 through `state_dict` / `load_state_d
 from __future__ import annotations
 
 import shutil
+import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["FUSED_MIN_NUMEL", "SMALL_NUMEL", "MultiTensorOptimizer"]
+from keel.optim.torch_kernels import fast_foreach_devices
 
-#: With `fused=None`, compile when the optimizer holds at least this many elements.
-FUSED_MIN_NUMEL = 1_000_000
+__all__ = [
+    "ASSUMED_RUN_STEPS",
+    "COMPILE_PAYS_ELEMENT_STEPS",
+    "FUSED_MIN_NUMEL",
+    "SMALL_NUMEL",
+    "MultiTensorOptimizer",
+    "compile_pays",
+]
+
+#: With `fused=None`, compile when elements x steps of the run reach this (see the module docstring).
+COMPILE_PAYS_ELEMENT_STEPS = 50_000_000_000
+#: The run length assumed when the optimizer is not given `total_steps`.
+ASSUMED_RUN_STEPS = 5000
+#: With `fused=None` and no `total_steps`, compile when the optimizer holds at least this many elements (10M).
+FUSED_MIN_NUMEL = COMPILE_PAYS_ELEMENT_STEPS // ASSUMED_RUN_STEPS
 #: Tensors with fewer elements are gathered into one flat buffer per param group in the fused path.
 SMALL_NUMEL = 1 << 16
 
@@ -47,6 +75,13 @@ def compiler_available() -> bool:
     return any(shutil.which(cc) for cc in ("c++", "g++", "gcc", "clang++", "cc"))
 
 
+def compile_pays(numel: int, total_steps: int | None = None) -> bool:
+    """Whether compiling the fused update of `numel` elements is expected to repay its first step over a run of
+    `total_steps` steps (`ASSUMED_RUN_STEPS` if unknown), and a C++ compiler is here to do it."""
+    steps = ASSUMED_RUN_STEPS if total_steps is None else total_steps
+    return numel * steps >= COMPILE_PAYS_ELEMENT_STEPS and compiler_available()
+
+
 class MultiTensorOptimizer(torch.optim.Optimizer):
     """Base class: subclasses name their state tensors, the per-group scalars and the update rule twice.
 
@@ -60,13 +95,20 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 
     state_names: tuple[str, ...] = ()
     _compiled: Callable | None = None  # per subclass, created on first use
+    _compiled_here: Callable | None = None  # the torch.compile wrapper keel made (tests may swap `_compiled`)
+    _compiled_for: frozenset = frozenset()  # the tensor shapes it has been compiled for
     _compile_failed: bool = False
 
-    def __init__(self, params, defaults: dict, fused: bool | None = None) -> None:
+    def __init__(
+        self, params, defaults: dict, fused: bool | None = None, total_steps: int | None = None
+    ) -> None:
         if fused not in (None, True, False):
             raise ValueError(f"fused must be true, false or null (auto), got {fused!r}")
+        if total_steps is not None and not (isinstance(total_steps, int) and total_steps >= 0):
+            raise ValueError(f"total_steps must be a number of steps >= 0 or None, got {total_steps!r}")
         super().__init__(params, defaults)
         self.fused = fused
+        self.total_steps = total_steps
 
     # --- what subclasses provide ---
 
@@ -89,7 +131,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         if self.fused is True:
             return True
         numel = sum(p.numel() for g in self.param_groups for p in g["params"])
-        return numel >= FUSED_MIN_NUMEL and compiler_available()
+        return compile_pays(numel, self.total_steps)
 
     def _buckets(self):
         """Parameters with gradients, bucketed by (group, step, dtype); states created on first use."""
@@ -140,15 +182,18 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             return loss
         if self._use_fused() and self._step_fused(buckets):
             return loss
-        for (_, step, dtype, _), (group, params, grads, states) in buckets.items():
+        fast_foreach = fast_foreach_devices()
+        for (_, step, dtype, device), (group, all_params, all_grads, all_states) in buckets.items():
             scalars = self._scalars(group, step)
-            if dtype in _LOW_PRECISION:  # the state is float32 already; the parameters go through float32 copies
-                params32 = [p.float() for p in params]
-                grads32 = [g.float() for g in grads]
-                self._update_foreach(params32, grads32, states, scalars)
-                torch._foreach_copy_(params, params32)
-            else:
-                self._update_foreach(params, grads, states, scalars)
+            for chunk in _chunks(all_params, device.type in fast_foreach):
+                params, grads, states = all_params[chunk], all_grads[chunk], [s[chunk] for s in all_states]
+                if dtype in _LOW_PRECISION:  # the state is float32 already; parameters go through float32 copies
+                    params32 = [p.float() for p in params]
+                    grads32 = [g.float() for g in grads]
+                    self._update_foreach(params32, grads32, states, scalars)
+                    torch._foreach_copy_(params, params32)
+                else:
+                    self._update_foreach(params, grads, states, scalars)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -240,7 +285,22 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         hyper = torch.tensor(big_rows + flat_rows, dtype=torch.float64, device=params[0].device)
         cls = type(self)
         if cls._compiled is None:
-            cls._compiled = torch.compile(_make_list_update(cls._update_tensor), fullgraph=True, dynamic=False)
+            cls._compiled = cls._compiled_here = torch.compile(
+                _make_list_update(cls._update_tensor), fullgraph=True, dynamic=False
+            )
+            cls._compiled_for = frozenset()
+        shapes = tuple((tuple(p.shape), p.dtype, p.device.type) for p in params)
+        compiling = cls._compiled is cls._compiled_here and shapes not in cls._compiled_for
+        if compiling:  # a first step that can take a minute: say so
+            numel = sum(p.numel() for p in params)
+            print(
+                f"keel: {cls.__name__} is compiling its fused update with torch.compile ({len(params)} tensors, "
+                f"{numel / 1e6:.1f}M elements); seconds with torch's on-disk cache, up to a minute or two "
+                "without (fused=False skips it)",
+                file=sys.stderr,
+                flush=True,
+            )
+            started = time.perf_counter()
         try:
             cls._compiled(params, grads, states, hyper)
         except Exception as error:  # noqa: BLE001  (any compiler failure: fall back to the eager path)
@@ -252,9 +312,33 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 stacklevel=4,
             )
             return False
+        if compiling:
+            cls._compiled_for = cls._compiled_for | {shapes}
+            seconds = time.perf_counter() - started
+            print(f"keel: {cls.__name__} compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
         for small_params, p_views, *_ in plan["flats"]:
             torch._foreach_copy_(small_params, p_views)
         return True
+
+
+def _chunks(tensors: Sequence[torch.Tensor], fast_foreach: bool) -> list[slice]:
+    """How the eager path slices a bucket: whole where the device has fast foreach kernels (CUDA, ...); elsewhere
+    (CPU) in runs of at least `SMALL_NUMEL` elements, one large tensor at a time.
+
+    torch's CPU foreach ops are a loop of per-tensor ops, run op by op over the whole list, so each op's
+    temporaries stream through memory; a run at a time keeps them in cache. Same ops, same results.
+    """
+    if fast_foreach:
+        return [slice(None)]
+    out, start, numel = [], 0, 0
+    for i, t in enumerate(tensors):
+        numel += t.numel()
+        if numel >= SMALL_NUMEL:
+            out.append(slice(start, i + 1))
+            start, numel = i + 1, 0
+    if start < len(tensors):
+        out.append(slice(start, None))
+    return out
 
 
 def _make_list_update(update_tensor: Callable) -> Callable:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from keel.errors import KeelError
+from keel.optim.torch_kernels import choose_kernels
 
 __all__ = ["MUON_TORCH_VERSION", "MuonWithAdamW", "muon_missing", "muon_split"]
 
@@ -82,6 +83,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
     params: group dicts, each with `kind` ("muon" or "adamw"); tensors and groups without a kind are split by
     shape (2-D -> Muon, the rest -> AdamW), which cannot tell an embedding or output head from a hidden matrix:
     pass a model to `keel.optim.create("muon", model)` for that.
+
+    `adam_fused` / `adam_foreach`: torch AdamW's `fused` / `foreach` for the AdamW groups; left null, they are
+    chosen for the parameters' devices (`keel.optim.torch_kernels`: the fused kernel on CPU). torch's Muon has
+    one implementation.
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
         adam_weight_decay: float = 0.01,
+        adam_fused: bool | None = None,
+        adam_foreach: bool | None = None,
     ) -> None:
         missing = muon_missing()
         if missing is not None:
@@ -106,13 +113,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
             groups = [{"params": groups}]
         split = []
         for group in groups:  # groups without a kind: 2-D parameters to Muon, the rest to AdamW
+            tensors = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
             if "kind" in group:
-                split.append(group)
+                split.append(dict(group, params=tensors))
                 continue
-            tensors = list(group["params"])
             split.append(dict(group, params=[p for p in tensors if p.ndim == 2], kind="muon"))
             split.append(dict(group, params=[p for p in tensors if p.ndim != 2], kind="adamw"))
         groups = split
+        adam_params = [p for g in groups if g.get("kind", "muon") == "adamw" for p in g["params"]]
+        kernels = choose_kernels(torch.optim.AdamW, adam_params, fused=adam_fused, foreach=adam_foreach)
         built = []
         for group in groups:
             group = dict(group)
@@ -127,7 +136,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 settings["adjust_lr_fn"] = adjust_lr_fn
                 settings["weight_decay"] = weight_decay
             elif kind == "adamw":
-                settings = dict(_ADAMW_KEYS, betas=tuple(adam_betas), eps=adam_eps)
+                settings = dict(_ADAMW_KEYS, betas=tuple(adam_betas), eps=adam_eps) | kernels
                 settings["weight_decay"] = adam_weight_decay
                 # the AdamW groups follow the schedule at adam_lr / lr times the Muon LR
                 ratio = adam_lr / lr if lr > 0 else 1.0

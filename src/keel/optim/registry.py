@@ -20,6 +20,7 @@ from torch import nn
 
 from keel.errors import KeelError
 from keel.optim.param_groups import NO_DECAY_DEFAULT, build_param_groups
+from keel.optim.torch_kernels import choose_kernels, has_sparse_embedding
 from keel.timeunits import SYNTAX, resolve_steps
 
 __all__ = [
@@ -158,7 +159,10 @@ class OptimizerSpec:
     `build(groups, lr, **hparams)` constructs the optimizer from torch param groups. `group_split`, if set,
     labels each parameter (e.g. Muon's "muon" / "adamw") so that groups are built per label. `missing`, if set,
     returns None when the optimizer can be built here, else what it needs (e.g. a newer torch); `check_config`
-    and `create` raise a KeelError with it.
+    and `create` raise a KeelError with it. `torch_class`, if set, is the torch optimizer `build` constructs:
+    `create` fills its `fused` / `foreach` hyperparameters left null for the parameters' devices
+    (`keel.optim.torch_kernels.choose_kernels`). `takes_total_steps`: `build` accepts `total_steps`, the run's
+    length when `create` is given it (keel's compiled optimizers decide from it whether compiling pays).
     """
 
     name: str
@@ -169,6 +173,8 @@ class OptimizerSpec:
     build: Callable[..., torch.optim.Optimizer]
     group_split: Callable[[nn.Module], Callable[[str, torch.Tensor], str]] | None = None
     missing: Callable[[], str | None] | None = None
+    torch_class: type | None = None
+    takes_total_steps: bool = False
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -298,6 +304,12 @@ def create(
     Length hyperparameters (AdEMAMix's `alpha_warmup`, `beta3_warmup`, `t_alpha_beta3`) may be given in keel's
     time units; `lengths` (`total_steps`, `steps_per_epoch`, `tokens_per_step`) resolves them to steps.
 
+    torch's optimizers get `fused` / `foreach` chosen for the parameters' devices where left null: the fused
+    kernel where torch has one (AdamW, Adam and SGD on CPU), else foreach where the device has fast multi-tensor
+    kernels, else torch's per-tensor loop (`keel.optim.torch_kernels`); values given are kept. Lion and
+    AdEMAMix with `fused` null compile their update only if the run (`lengths["total_steps"]`, else an assumed
+    5000 steps) is long enough to repay the compile (`keel.optim.multi_tensor`).
+
     >>> opt = create("adamw", nn.Linear(4, 2), lr=1e-3, weight_decay=0.1)
     >>> opt = create("ademamix", nn.Linear(4, 2), alpha_warmup="100%", lengths={"total_steps": 1000})
     """
@@ -334,11 +346,27 @@ def create(
             groups = [dict(g) for g in groups]
             for g in groups:
                 g.setdefault("lr_scale", 1.0)
+                params = g["params"]  # a generator would be used up by the kernel choice below
+                if isinstance(params, torch.Tensor):
+                    g["params"] = [params]
+                elif not isinstance(params, (list, tuple, set)):
+                    g["params"] = list(params)
         else:
             groups = [{"params": groups, "lr_scale": 1.0}]
     for g in groups:
         if "lr" not in g:
             g["lr"] = lr * g.get("lr_scale", 1.0)
+    if record.torch_class is not None:
+        settings |= choose_kernels(
+            record.torch_class,
+            [p for g in groups for p in g["params"]],
+            fused=settings.get("fused"),
+            foreach=settings.get("foreach"),
+            sparse=isinstance(model_or_params, nn.Module) and has_sparse_embedding(model_or_params),
+            key=key,
+        )
+    if record.takes_total_steps:
+        settings["total_steps"] = (lengths or {}).get("total_steps")
     return record.build(groups, lr=lr, **settings)
 
 
