@@ -12,7 +12,6 @@ import torch
 from keel.optim.ademamix import AdEMAMix
 from keel.optim.lion import Lion
 from keel.optim.muon import MuonWithAdamW, muon_missing, muon_split
-from keel.optim.soap import SOAP
 from keel.optim.registry import (
     Hparam,
     OptimizerSpec,
@@ -27,6 +26,7 @@ from keel.optim.registry import (
     register,
     unit_interval,
 )
+from keel.optim.soap import SOAP
 
 _WD = Hparam(0.0, nonnegative, "weight decay (coupled: added to the gradient)")
 _FUSED = Hparam(None, optional(boolean), "torch's fused kernel (null: keel uses it where torch has one for the device)")

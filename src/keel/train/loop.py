@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -27,10 +26,10 @@ from keel.config import TrainConfig, dump_config
 from keel.errors import KeelError
 from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
 from keel.precision import Precision
-from keel.tasks import Task, move_to_device
-from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.rundir.metrics import MetricsLog, decode_line, read_metrics
 from keel.safetensors_io import write_safetensors
+from keel.tasks import Task, move_to_device
+from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import resolve_steps
 from keel.train.init import load_initial_weights
 from keel.train.plot import plot_run
