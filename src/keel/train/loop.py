@@ -279,10 +279,12 @@ class Trainer:
                 self.log({"step": state.step - 1, "tokens": tokens_before, "lr": lr, "loss": loss_value,
                           "grad_norm": clip.norm, "clipped": clip.clipped, "skipped": state.skipped,
                           "time": round(state.elapsed, 4)})
-            speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
-            bar.update(1)
-            progress.maybe_print(state, config.max_steps, loss_value, lr, speed, state.elapsed - elapsed_at_start)
+            if not bar.disable or progress.enabled:
+                speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
+                bar.update(1)
+                progress.maybe_print(state, config.max_steps, loss_value, lr, speed,
+                                     state.elapsed - elapsed_at_start)
 
             last = state.step == config.max_steps or any(cb.should_stop for cb in self.callbacks)
             improved = False
