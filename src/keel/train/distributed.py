@@ -179,7 +179,10 @@ class Distributed:
                     for block in module:
                         fully_shard(block)
             fully_shard(model)
-            model.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is already divided by the global count
+            for module in model.modules():  # sum over ranks: the loss is already divided by the global count
+                if hasattr(module, "set_gradient_divide_factor"):
+                    module.set_gradient_divide_factor(1.0)
+                    module.set_force_sum_reduction_for_comms(True)  # plain sums (gloo has no PREMUL_SUM)
             return model
         return model
 
@@ -211,6 +214,7 @@ class Distributed:
         if self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+            _reshard(model)
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return _collective(get_model_state_dict, model, options=options)
         return model.state_dict() if self.is_main else {}
@@ -219,6 +223,7 @@ class Distributed:
         if self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+            _reshard(model)
             set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
         else:
             model.load_state_dict(weights)
@@ -228,6 +233,7 @@ class Distributed:
         if self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+            _reshard(model)
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return _collective(get_optimizer_state_dict, model, optimizer, options=options)
         return optimizer.state_dict() if self.is_main else {}
@@ -237,6 +243,7 @@ class Distributed:
         if self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+            _reshard(model)
             set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(state)
@@ -456,7 +463,16 @@ def _collective(function, *args, **kwargs):
 
 def _looks_like_lost_peer(error: BaseException) -> bool:
     text = str(error).lower()
-    return any(word in text for word in ("gloo", "nccl", "connection", "broken pipe", "timed out", "socket"))
+    return any(word in text for word in ("connection", "closed by peer", "reset by peer", "broken pipe",
+                                         "timed out", "timeout", "socket"))
+
+
+def _reshard(model: nn.Module) -> None:
+    """Put FSDP's sharded parameters back in place: a forward without backward (evaluation, the first-batch check)
+    leaves the root module's parameters gathered, and state dicts are read and written in the sharded layout."""
+    for module in model.modules():
+        if hasattr(module, "reshard"):
+            module.reshard()
 
 
 def _allreduce_sum_hook(process_group, bucket):

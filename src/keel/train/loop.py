@@ -166,6 +166,7 @@ class Trainer:
                     rundir.prepare_run_dir(self.run_dir, self._resume), report=self._say)))
                 return self._fit()
         finally:
+            self.train_model = self.model  # DDP's reducer goes before the process group it holds
             self.dist.shutdown()
 
     def _fit(self) -> dict[str, Any]:
