@@ -201,7 +201,7 @@ def assert_same_run(a: Path, b: Path, rtol=2e-6, atol=2e-5):
 def assert_bitwise_same_run(a: Path, b: Path):
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in step_records(a)] == \
         [(r["step"], r["loss"], r["grad_norm"]) for r in step_records(b)]
-    assert [r["val_loss"] for r in eval_records(a)] == [r["val_loss"] for r in eval_records(b)]
+    assert eval_records(a) == eval_records(b)  # val_loss, train_eval_loss, val_loss_ema ...
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:

@@ -43,3 +43,22 @@ def rank_dies(rank_to_die: int = 1, at_batch: int = 12, hidden: int = 16):
 
     task.train_batch = train_batch
     return task
+
+
+def spike_in_second_half(at_batch: int = 12, hidden: int = 16):
+    """Global batch ``at_batch`` gets far-out inputs with wrong labels in its second half (rank 1's shard with 2 ranks): a loss spike
+    that only one rank sees."""
+    task = make(hidden=hidden)
+    plain_batch = task.train_batch
+
+    def train_batch(index, rank=0, world_size=1):
+        inputs, targets = plain_batch(index, rank, world_size)
+        if index == at_batch:
+            rows = inputs.shape[0]
+            keep = torch.arange(rows) + rank * rows < rows * world_size // 2
+            inputs = torch.where(keep[:, None], inputs, inputs * 10)
+            targets = torch.where(keep, targets, (targets + 1) % 3)
+        return inputs, targets
+
+    task.train_batch = train_batch
+    return task

@@ -99,6 +99,24 @@ def test_a_nan_on_rank_1_only_skips_the_update_on_every_rank(tmp_path):
     assert any(r["clipped"] for r in step_records(single))  # the percentile threshold acted
 
 
+def test_a_spike_on_rank_1_only_rolls_back_every_rank_and_early_stopping_stops_them_together(tmp_path):
+    overrides = ["task=ddp_tasks:spike_in_second_half", "task_args.at_batch=12", "threads=1", "max_steps=40",
+                 "eval_interval=5", "checkpoint_interval=5", "data.global_batch_size=32", "optimizer.lr=3e-2",
+                 "schedule.warmup=3", "spike.enabled=true", "spike.window=10", "spike.min_history=5",
+                 "spike.min_rise=0.3", "spike.factor=3", "early_stopping.patience=3", "early_stopping.min_delta=0.15",
+                 "progress_interval=1000"]
+    codes = run_ranks(2, record_ranks, tmp_path, [*overrides, f"out_dir={tmp_path / 'two'}"])
+    assert codes == [0, 0]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1  # the same rollback, the same stop, the same best weights restored
+    events = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+              if '"event"' in line]
+    assert [e["event"] for e in events] == ["spike", "rollback"] and events[1]["from_step"] == 12
+    assert rank0["step"] < 40  # early stopping ended the run
+    single = one_process(tmp_path / "one", *overrides)
+    assert_same_run(single, tmp_path / "two", atol=5e-5)
+
+
 def test_fsdp_on_two_ranks_equals_one_process_and_writes_keels_format(tmp_path):
     overrides = [*TINY_LM, *STEPS, "strategy=fsdp"]
     single = one_process(tmp_path / "one", *overrides)

@@ -8,9 +8,11 @@ import shutil
 import subprocess
 
 import pytest
+from safetensors.torch import load_file
 
-from conftest import (TINY_LM, assert_bitwise_same_run, assert_same_run, cli_main, keel_command, keel_in_ranks,
-                      kill_job_when_step_reached, kill_ranks_when_step_reached, run_ranks, subprocess_env)
+from conftest import (TINY_LM, assert_bitwise_same_run, assert_same_run, cli_main, eval_records, keel_command,
+                      keel_in_ranks, kill_job_when_step_reached, kill_ranks_when_step_reached, run_ranks,
+                      subprocess_env)
 from keel import rundir
 from keel.cli.main import main
 
@@ -28,7 +30,7 @@ def drop_checkpoints_after(run, step):
 
 
 def test_sigkill_of_both_ranks_at_random_steps_then_resume_is_bitwise_identical(tmp_path):
-    overrides = [*TINY_LM, *RESUME]
+    overrides = [*TINY_LM, *RESUME, "ema.enabled=true", "ema.decay=0.9"]  # EMA: written once, by rank 0
     reference = tmp_path / "reference"
     keel_in_ranks(2, "train", *overrides, "--out", str(reference), "--quiet")
     run = tmp_path / "killed"
@@ -40,6 +42,9 @@ def test_sigkill_of_both_ranks_at_random_steps_then_resume_is_bitwise_identical(
         kill_ranks_when_step_reached(2, ["train", "--resume", str(run), "--quiet"], run, step)
     keel_in_ranks(2, "train", "--resume", str(run), "--quiet")
     assert_bitwise_same_run(reference, run)
+    assert "val_loss_ema" in eval_records(run)[-1]
+    ema = load_file(str(run / "checkpoints" / "step_00000030" / "ema.safetensors"))
+    assert ema.keys() == load_file(str(run / "model.safetensors")).keys()
 
 
 @pytest.mark.slow
