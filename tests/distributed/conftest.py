@@ -20,6 +20,11 @@ from safetensors.torch import load_file
 
 import matplotlib.pyplot  # noqa: F401  (imported once here, not in every forked rank: loss.png, DDP's dynamo)
 import torch._dynamo  # noqa: F401
+
+try:
+    import sklearn.datasets  # noqa: F401  (task digits)
+except ImportError:
+    pass
 from keel.rundir.metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent

@@ -52,11 +52,12 @@ def test_a_user_task_on_two_ranks_equals_one_process(tmp_path):
 
 def test_digits_trains_on_two_ranks(tmp_path):
     """BatchNorm statistics are per rank (rank 0's are broadcast), so digits matches one process only roughly."""
-    run = two_ranks(tmp_path / "two", "task=digits", "threads=1", "max_steps=60", "eval_interval=60",
-                    "checkpoint_interval=60", "data.batch_size=16", "progress_interval=1000")
+    run = two_ranks(tmp_path / "two", "task=digits", "threads=1", "max_steps=30", "eval_interval=30",
+                    "checkpoint_interval=30", "data.batch_size=16", "optimizer.lr=1e-2", "schedule.warmup=2",
+                    "progress_interval=1000")
     final = eval_records(run)[-1]
-    assert final["val_accuracy"] > 0.8
-    assert step_records(run)[-1]["tokens"] == 59 * 32
+    assert final["val_accuracy"] > 0.5  # chance: 0.1
+    assert step_records(run)[-1]["tokens"] == 29 * 32
 
 
 def record_ranks(out: Path, overrides: list[str]) -> int:
