@@ -34,7 +34,15 @@ class DataConfig(_Block):
         "file, a folder of text files, a .bin uint16 token file, or a folder with train.bin and val.bin.",
     )
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the tokens kept for validation.")
-    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch.")
+    batch_size: int = Field(
+        32, ge=1, description="Sequences (examples) per micro-batch on each rank; derived from global_batch_size "
+        "when that is set.",
+    )
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Sequences (examples) per optimizer step over all ranks and micro-batches; when set, "
+        "batch_size = global_batch_size / (world size x grad_accum), which must divide it, so a run sees the same "
+        "batches whatever its number of processes (docs/distributed.md).",
+    )
     vocab_size: int | None = Field(
         None, ge=2, description="Vocabulary size of a token file (default: largest id + 1); text is bytes (256)."
     )
@@ -89,6 +97,40 @@ class SampleConfig(_Block):
     top_k: int | None = Field(40, ge=1, description="Sample among the k most likely tokens (null: all).")
 
 
+class LrScalingConfig(_Block):
+    """Scale every LR of the schedule from a reference global batch to the run's (docs/distributed.md).
+
+    factor = global_batch / base_batch (``linear``, Goyal et al. 2017, with warmup) or its square root (``sqrt``, for
+    adaptive optimizers); global_batch = data.batch_size x grad_accum x world size.
+    """
+
+    rule: Literal["linear", "sqrt"] | None = Field(
+        None, description="'linear' (LR x global_batch / base_batch), 'sqrt' (LR x its square root), or null (off).",
+    )
+    base_batch: int | None = Field(
+        None, ge=1, description="The global batch (examples per optimizer step) optimizer.lr and the schedule were "
+        "tuned for.",
+    )
+    global_batch: int | None = Field(
+        None, ge=1, description="Recorded by the trainer at every start: the global batch this run trains with.",
+    )
+    factor: float | None = Field(
+        None, gt=0, description="Recorded by the trainer at every start: the factor applied to every LR of the "
+        "schedule.",
+    )
+    lr: float | None = Field(
+        None, gt=0, description="Recorded by the trainer at every start: optimizer.lr x factor.",
+    )
+
+    @model_validator(mode="after")
+    def _rule_needs_base(self) -> "LrScalingConfig":
+        if (self.rule is None) != (self.base_batch is None):
+            given = f"rule: {self.rule!r}, base_batch: {self.base_batch!r}"
+            raise ValueError(f"{given}; allowed: both set (e.g. {{rule: linear, base_batch: 256}}) or "
+                             "neither")
+        return self
+
+
 # The seed articles' baseline recipe: AdamW (0.9, 0.95), decoupled weight decay 0.1, linear warmup then cosine.
 DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}
 DEFAULT_SCHEDULE = {"name": "cosine", "warmup": "5%"}  # min_lr: a tenth of the peak LR unless given
@@ -129,6 +171,12 @@ class TrainConfig(_Block):
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default).")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="How several processes (torchrun, or keel train --nproc N) train one model: 'ddp' "
+        "(DistributedDataParallel: every rank holds the model, gradients are all-reduced) or 'fsdp' (FSDP2 "
+        "fully_shard: parameters, gradients and optimizer state sharded over the ranks). One process ignores it.",
+    )
+    lr_scaling: LrScalingConfig = Field(default_factory=LrScalingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optimizer: dict[str, Any] = Field(

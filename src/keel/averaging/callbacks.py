@@ -231,7 +231,7 @@ class SnapshotCallback(Callback):
 
     def on_step_end(self, trainer) -> None:
         step = trainer.state.step
-        if step not in self.ends:
+        if step not in self.ends or trainer.rank != 0:  # several ranks: rank 0 alone writes
             return
         folder = trainer.run_dir / "snapshots"
         folder.mkdir(exist_ok=True)

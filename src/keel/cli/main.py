@@ -29,14 +29,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except TrainingUnstableError as error:  # the run diverged: not bad input, so not exit code 2
-        print(f"keel {args.command}: {error}".replace("\n", " "), file=sys.stderr)
-        return 1
+        return _fail(args.command, 1, f"{error}")
     except KeelError as error:
-        print(f"keel {args.command}: error: {error}".replace("\n", " "), file=sys.stderr)
-        return 2
+        return _fail(args.command, 2, f"error: {error}")
     except KeyboardInterrupt:
         print(f"keel {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(command: str, code: int, text: str) -> int:
+    """Print the one line of a failure and return the exit code. A rank of a distributed run names itself, or,
+    started by ``keel train --nproc``, hands the line to the launcher, which prints it once for the job."""
+    text = text.replace("\n", " ")
+    if command == "train":
+        from keel.train import distributed
+
+        if distributed.report_failure(code, text):
+            return code
+        text = distributed.rank_prefix() + text
+    print(f"keel {command}: {text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""``keel train [CONFIG] [key=value ...] [--out DIR] [--resume DIR]``: train a model, or continue a run."""
+"""``keel train [CONFIG] [key=value ...] [--out DIR] [--resume DIR] [--nproc N]``: train a model, or continue a run.
+
+``--nproc N`` launches N processes on this machine through torchrun's launcher (``keel.train.launch``); under
+torchrun (``torchrun --nproc-per-node N -m keel train ...``) every process runs this command and they train
+data-parallel (docs/distributed.md).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from keel.errors import KeelError
-from keel.config import describe_fields, load_config, merge, parse_overrides, read_yaml, validate
+from keel.config import TrainConfig, describe_fields, load_config, merge, parse_overrides, read_yaml, validate
 
 
 def add_parser(subparsers) -> None:
@@ -22,12 +28,17 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", help="run directory (overrides out_dir)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest intact checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train data-parallel with N processes on this machine (torchrun's launcher; at most the "
+                        "CPU cores, or the CUDA devices on a GPU machine)")
+    parser.add_argument("--allow-world-size-change", action="store_true",
+                        help="with --resume: continue a checkpoint written by another number of processes "
+                        "(docs/distributed.md)")
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from keel.train import train
-
+def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
+    """The run's config from the command line, and the directory to resume (None for a new run)."""
     items = list(args.items)
     path = items.pop(0) if items and "=" not in items[0] else None
     if args.resume:
@@ -37,11 +48,35 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         raw = merge(read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {},
                     read_yaml(path) if path else {})
-        config = validate(merge(raw, parse_overrides(items)))
-        train(config, run_dir=run_dir, resume=True, quiet=args.quiet)
-        return 0
+        return validate(merge(raw, parse_overrides(items))), run_dir
+    if args.allow_world_size_change:
+        raise KeelError("--allow-world-size-change goes with --resume; allowed: --resume DIR "
+                        "--allow-world-size-change")
     config = load_config(path, items)
     if args.out:
         config.out_dir = args.out
-    train(config, quiet=args.quiet)
+    return config, None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        from keel.train.launch import launch_from_command_line
+
+        return launch_from_command_line(args)
+    from keel.train import train
+
+    config, resume_dir = build_config(args)
+    try:
+        train(config, run_dir=resume_dir, resume=resume_dir is not None, quiet=args.quiet,
+              allow_world_size_change=args.allow_world_size_change)
+    except RuntimeError as error:  # a rank that lost the others (one died): one line, not a traceback
+        from keel.train import distributed
+
+        lost = distributed.lost_contact(error)
+        if lost is None:
+            raise
+        code = distributed.LOST_CONTACT_EXIT
+        if not distributed.report_failure(code, lost):
+            print(f"keel train: {distributed.rank_prefix()}{lost}", file=sys.stderr)
+        return code
     return 0

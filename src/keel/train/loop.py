@@ -8,6 +8,7 @@ stopping and the rest).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -31,6 +32,7 @@ from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import resolve_steps
+from keel.train import distributed
 from keel.train.init import load_initial_weights
 from keel.train.plot import plot_run
 from keel.train.resume_policy import build_schedule, resume_schedule
@@ -86,6 +88,10 @@ class Trainer:
     ``resume=True`` continues the run in ``run_dir`` from its newest intact checkpoint; on CPU the result is
     bitwise identical to a run that was never interrupted. Everything that can fail on bad input (the task, the
     model, the first batch, ``init_from``, the recipe) is checked here, before anything is written.
+
+    Launched by torchrun with several processes, it trains data-parallel (``keel.train.distributed``): each rank
+    its shard of every global batch, rank 0 alone writing. ``allow_world_size_change`` lets ``resume`` continue a
+    checkpoint written by another number of processes (docs/distributed.md).
     """
 
     def __init__(
@@ -96,15 +102,17 @@ class Trainer:
         resume: bool = False,
         quiet: bool = False,
         task: Task | None = None,
+        allow_world_size_change: bool = False,
     ):
-        self.config = config
-        self.quiet = quiet
-        self.rank, self.world_size = 0, 1
-        self.device = resolve_device(config.device)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        self.run_dir = Path(run_dir or config.out_dir or default_run_dir())
-        self._check_run_dir(resume)
+        self.dist = distributed.setup(config, resolve_device(config.device))  # one process: no process group
+        self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
+        self.config = config = distributed.resolve_for_world(config, self.world_size)  # per-rank batch, LR scaling
+        self.quiet = quiet or not self.dist.is_main
+        self.allow_world_size_change = allow_world_size_change
+        self.run_dir = Path(self.dist.broadcast_object(str(run_dir or config.out_dir or default_run_dir())))
+        self.dist.on_main(lambda: self._check_run_dir(resume))
 
         self.task = task.bind(config) if task is not None else tasks.from_config(config)
         torch.manual_seed(config.seed)
@@ -114,9 +122,13 @@ class Trainer:
         if config.init_from is not None and not resume:
             self._say(load_initial_weights(self.model, config.init_from, strict=config.init_from_strict,
                                            exclude=config.init_from_exclude))
-        self.steps_per_epoch = max(1, self.task.batches_per_epoch // config.grad_accum)
-        self.tokens_per_step = self.task.tokens_per_batch * config.grad_accum  # nominal: for time units
+        self.train_model = self.dist.wrap(self.model)  # DDP around it, or sharded in place (FSDP); else the model
+        distributed.seed_rank(config.seed, self.rank)  # each rank its own dropout stream
+        global_batches = config.grad_accum * self.world_size  # per-rank batches in one optimizer step
+        self.steps_per_epoch = max(1, self.task.batches_per_epoch // global_batches)
+        self.tokens_per_step = self.task.tokens_per_batch * global_batches  # nominal: for time units
         self._counted = "tokens" if config.task == "lm" else "targets"  # what the clock's token count counts
+        self.lr_factor = config.lr_scaling.factor or 1.0  # lr_scaling: global batch / base batch (or its sqrt)
         self.lengths = {"total_steps": config.max_steps, "steps_per_epoch": self.steps_per_epoch,
                         "tokens_per_step": self.tokens_per_step}
         self.optimizer = optim.from_config(config.optimizer, self.model, lengths=self.lengths)
@@ -164,26 +176,32 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` updates are applied (or a callback stops the run); return the summary."""
-        rundir.prepare_run_dir(self.run_dir, self._resume)
-        with rundir.RunLock(self.run_dir, report=self._say):  # a second process on this run is refused
-            return self._fit()
+        try:
+            with contextlib.ExitStack() as lock:  # rank 0 takes the lock; a second process on this run is refused
+                self.dist.on_main(lambda: lock.enter_context(rundir.RunLock(
+                    rundir.prepare_run_dir(self.run_dir, self._resume), report=self._say)))
+                return self._fit()
+        finally:
+            self.train_model = self.model  # DDP's reducer goes before the process group it holds
+            self.dist.shutdown()
 
     def _fit(self) -> dict[str, Any]:
         metrics_offset = self._restore() if self._resume else None
-        rundir.atomic_write_text(self.run_dir / rundir.CONFIG, self._config_text)  # once resume succeeded
-        config, state, model, optimizer, task = self.config, self.state, self.model, self.optimizer, self.task
-        self.metrics = MetricsLog(self.run_dir / rundir.METRICS, truncate_to=metrics_offset, step=state.step,
-                                  report=self._say)
-        if config.tensorboard:
-            self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
+        if self.dist.is_main:
+            rundir.atomic_write_text(self.run_dir / rundir.CONFIG, self._config_text)  # once resume succeeded
+        config, state, model, optimizer, task = self.config, self.state, self.train_model, self.optimizer, self.task
+        self._open_metrics(metrics_offset, state.step)
         for line in task.describe():
             self._say(line)
         self._say(f"task: {config.task}; model: {sum(p.numel() for p in model.parameters()):,} parameters; "
                   f"{self.tokens_per_step:,} {self._counted} per step; "
                   f"run directory: {self.run_dir}")
+        for line in self._describe_ranks():
+            self._say(line)
         for callback in self.callbacks:
             callback.on_run_start(self)
-        if self.spike_detector is not None and not rundir.list_checkpoints(self.run_dir / rundir.CHECKPOINTS):
+        if self.spike_detector is not None and self.dist.from_main(
+                lambda: not rundir.list_checkpoints(self.run_dir / rundir.CHECKPOINTS)):
             self.save_checkpoint()  # a loss spike can always roll back, even before the first checkpoint
         model.train()
         bar = tqdm(total=config.max_steps, initial=state.step, disable=True if self.quiet else None,
@@ -194,24 +212,26 @@ class Trainer:
         elapsed_at_start = state.elapsed
 
         while state.step < config.max_steps and not any(cb.should_stop for cb in self.callbacks):
-            lr = self.schedule(state.step) * state.lr_multiplier
+            lr = self.schedule(state.step) * state.lr_multiplier * self.lr_factor
             schedules.set_lr(optimizer, lr)
             for callback in self.callbacks:
                 callback.on_step_start(self)  # may set the LR itself (e.g. the SWA phase): log what is applied
             lr = _applied_lr(optimizer, lr)
 
             # Forward and backward over the micro-batches; the summed loss is divided once by the global batch's
-            # count (tokens or examples), so accumulation matches one large batch whatever each micro-batch holds.
+            # count (tokens or examples, summed over ranks), so accumulation and data parallelism match one large
+            # batch whatever each micro-batch holds. Ranks all-reduce gradients on the last micro-batch only.
             micro_batches = [self._batch(state.batch_index + i) for i in range(config.grad_accum)]
             state.batch_index += config.grad_accum
-            n_targets = sum(task.count(b) for b in micro_batches)
-            n_examples = sum(task.examples(b) for b in micro_batches)
+            n_targets, n_examples = self.dist.sum_counts(sum(task.count(b) for b in micro_batches),
+                                                         sum(task.examples(b) for b in micro_batches))
             loss_sum = 0.0
-            for batch in micro_batches:
+            for i, batch in enumerate(micro_batches):
                 batch = move_to_device(batch, self.device)
-                with self.precision.autocast():
-                    loss = task.loss(model, batch) / n_targets
-                self.precision.scale(loss).backward()
+                with self.dist.gradient_sync(model, sync=i == len(micro_batches) - 1):
+                    with self.precision.autocast():
+                        loss = task.loss(model, batch) / n_targets
+                    self.precision.scale(loss).backward()
                 loss_sum += loss.detach()
             for callback in self.callbacks:
                 callback.on_after_backward(self)
@@ -219,8 +239,8 @@ class Trainer:
             # Unscale (fp16), clip (the unclipped norm is always measured), then update unless the loss or a gradient
             # is NaN/inf (all ranks decide alike) or the loss spiked; a skipped update changes no state but counters.
             self.precision.unscale_(optimizer)
-            clip = self.clipper(model.parameters(), state.step)
-            loss_value = float(loss_sum)
+            clip = self.clipper(self.model.parameters(), state.step)  # synced gradients: the same norm on every rank
+            loss_value = self.dist.sum(float(loss_sum))[0] if self.dist.active else float(loss_sum)
             finite = all_ranks_agree(math.isfinite(loss_value) and math.isfinite(clip.norm))
             spike = finite and self.spike_detector is not None and not all_ranks_agree(
                 not self.spike_detector.is_spike(loss_value))
@@ -257,6 +277,7 @@ class Trainer:
             improved = False
             if state.step % config.eval_interval == 0 or last:
                 improved = self._evaluate_and_report(bar)
+                improved = self._agree_with_main(improved)  # every rank stops and checkpoints as rank 0 decides
             last = last or any(cb.should_stop for cb in self.callbacks)  # e.g. early stopping, decided at eval
             if state.step % config.checkpoint_interval == 0 or last or (improved and self._best[3]):
                 self.save_checkpoint()
@@ -306,20 +327,27 @@ class Trainer:
         model = model or self.model
         was_training = model.training
         model.eval()
+        self.dist.sync_buffers(model)  # several ranks: score rank 0's model (its BatchNorm statistics)
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        for batch in self.task.eval_batches(split, self.rank, self.world_size):
+        for batch in self.task.eval_batches(split, *self.dist.eval_shard()):
             count += self.task.count(batch)
             batch = move_to_device(batch, self.device)
             with self.precision.autocast():
                 for key, value in self.task.eval_sums(model, batch).items():
                     sums[key] = sums.get(key, 0) + value.detach().double().cpu()
         model.train(was_training)
+        if self.dist.eval_shard()[1] > 1:  # each rank scored its shard: sum the sums and the counts over ranks
+            reduced = self.dist.sum_dicts({"_count": float(count), **{k: float(v) for k, v in sums.items()}})
+            count = int(reduced.pop("_count"))
+            sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in reduced.items()}
         prefix = "val_" if split == "val" else "train_eval_"
         return {f"{prefix}{key}": float(value / max(count, 1)) for key, value in sums.items()}
 
     def sample(self) -> str:
         """The task's sample (a language model's continuation), drawn with a private generator."""
+        if not self.dist.is_main and self.dist.strategy != "fsdp":  # FSDP: every rank takes part in each forward
+            return ""
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         return self.task.sample(self.model, generator, self.precision.autocast)
 
@@ -361,16 +389,24 @@ class Trainer:
         return best is None or (value < best - min_delta if mode == "min" else value > best + min_delta)
 
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint of everything the run needs to continue exactly, then prune old ones."""
+        """Write a checkpoint of everything the run needs to continue exactly, then prune old ones. With several
+        ranks every rank calls it; rank 0 writes while the others wait at a barrier."""
         state = self.state
         name = rundir.step_dir_name(state.step)
         evaluated = self._last_eval if self._last_eval.get("step") == state.step else {}
         if self._improves_best(evaluated):
             state.best_value, state.best_step, state.best_checkpoint = evaluated[self._best[0]], state.step, name
         val = evaluated.get("val_loss")
+        root = self.run_dir / rundir.CHECKPOINTS
+        weights = self.dist.model_state_dict(self.model)  # whole, on rank 0 (gathered when sharded)
+        optimizer_state = self.dist.optimizer_state_dict(self.model, self.optimizer)
+        ranks = self.dist.checkpoint_payload(_rng_state(self.device))  # world size, every rank's RNG
+        if not self.dist.is_main:
+            self.dist.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
+            return root / name
         payload = {
             "trainer": asdict(state),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
             "precision": self.precision.state_dict(),
             "clipper": self.clipper.state_dict(),
@@ -378,18 +414,22 @@ class Trainer:
             "rng": _rng_state(self.device),
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "metrics_offset": self.metrics.offset(),
+            **ranks,
         }
-        meta = {"step": state.step, "tokens": state.tokens, "val_loss": val, rundir.CONFIG_META_KEY: self._config_text}
-        root = self.run_dir / rundir.CHECKPOINTS
+        meta = {"step": state.step, "tokens": state.tokens, "val_loss": val, "world_size": self.world_size,
+                rundir.CONFIG_META_KEY: self._config_text}
 
         def extra(tmp_dir: Path) -> None:
             for callback in self.callbacks:
                 callback.on_checkpoint(self, tmp_dir)
 
-        path = rundir.write_checkpoint(root, state.step, self.model.state_dict(), payload, meta, extra)
-        if state.best_checkpoint:
-            rundir.atomic_write_text(root / "best", state.best_checkpoint + "\n")
-        rundir.prune(root, self.config.keep_last, protect={state.best_checkpoint})
+        try:
+            path = rundir.write_checkpoint(root, state.step, weights, payload, meta, extra)
+            if state.best_checkpoint:
+                rundir.atomic_write_text(root / "best", state.best_checkpoint + "\n")
+            rundir.prune(root, self.config.keep_last, protect={state.best_checkpoint})
+        finally:
+            self.dist.barrier()
         return path
 
     def load_best_weights(self) -> None:
@@ -398,7 +438,7 @@ class Trainer:
         if not state.best_checkpoint or state.best_step == state.step:
             return
         weights, _ = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINTS / state.best_checkpoint, self.device)
-        self.model.load_state_dict(weights)
+        self.dist.load_model_state_dict(self.model, weights)
         self._say(f"restored the best weights, from {state.best_checkpoint} (step {state.best_step})")
 
     def _restore(self) -> int | None:
@@ -423,9 +463,10 @@ class Trainer:
     def _load_checkpoint(self, found: Path, weights: dict[str, torch.Tensor], payload: dict[str, Any]):
         """Apply a loaded checkpoint: weights, optimizer, schedule, precision, clipper, spike detector, callbacks,
         counters and RNG."""
+        self.dist.check_resume(payload, found.name, self.allow_world_size_change)
         try:
-            self.model.load_state_dict(weights)
-            self.optimizer.load_state_dict(payload["optimizer"])
+            self.dist.load_model_state_dict(self.model, weights)
+            self.dist.load_optimizer_state_dict(self.model, self.optimizer, payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise KeelError(f"--resume: checkpoint {found.name} does not fit this run's model or optimizer "
@@ -443,7 +484,9 @@ class Trainer:
         restored = TrainState(**{k: v for k, v in payload["trainer"].items() if k in known})
         for key, value in asdict(restored).items():
             setattr(self.state, key, value)  # in place: fit() holds a reference to self.state
-        _set_rng_state(payload["rng"], self.device)
+        rng = self.dist.rank_rng(payload)  # this rank's own stream (a rank the checkpoint lacked keeps its seed)
+        if rng is not None:
+            _set_rng_state(rng, self.device)
         return payload
 
     def _skip_update(self, loss_value: float, grad_norm: float) -> None:
@@ -485,13 +528,12 @@ class Trainer:
         new.schedule_steps, new.decays = old.schedule_steps, old.decays  # the schedule in use stays as it is
         # The log keeps the trajectory the model follows: records after the checkpoint are cut, but not events.
         self.metrics.close()
-        path, offset = self.run_dir / rundir.METRICS, int(payload["metrics_offset"])
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            events = [r for r in map(decode_line, handle.read().splitlines()) if "event" in r]
-        self.metrics = MetricsLog(path, truncate_to=offset, step=new.step, report=self._say)
-        if self.config.tensorboard:
-            self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
+        path, offset, events = self.run_dir / rundir.METRICS, int(payload["metrics_offset"]), []
+        if self.dist.is_main:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                events = [r for r in map(decode_line, handle.read().splitlines()) if "event" in r]
+        self._open_metrics(offset, new.step)
         for record in [*events, spike]:
             self.log(record)
         self.log({"step": new.step, "event": "rollback", "from_step": old.step, "checkpoint": found.name,
@@ -506,16 +548,18 @@ class Trainer:
         latest = rundir.newest_intact(self.run_dir / rundir.CHECKPOINTS, report=self._say)
         self.log({"step": self.state.step, "event": "stopped", "skipped": self.state.skipped})
         self.metrics.close()
-        plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / "loss.png", self.tokens_per_step,
-                 title=str(self.run_dir), counted=self._counted)
+        if self.dist.is_main:
+            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / "loss.png", self.tokens_per_step,
+                     title=str(self.run_dir), counted=self._counted)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
         raise TrainingUnstableError(f"{message}; {where}")
 
     def _finish(self) -> dict[str, Any]:
         self.metrics.close()
-        history = read_metrics(self.run_dir / rundir.METRICS)
-        plot_run(history, self.run_dir / "loss.png", self.tokens_per_step, title=str(self.run_dir),
-                 counted=self._counted)
+        history = self.dist.from_main(lambda: read_metrics(self.run_dir / rundir.METRICS))
+        if self.dist.is_main:
+            plot_run(history, self.run_dir / "loss.png", self.tokens_per_step, title=str(self.run_dir),
+                     counted=self._counted)
         train_losses = [r["loss"] for r in history if "grad_norm" in r]
         evals = [r for r in history if "val_loss" in r]
         summary: dict[str, Any] = {
@@ -532,7 +576,9 @@ class Trainer:
         }
         for callback in self.callbacks:
             callback.on_run_end(self, summary)
-        write_safetensors(self.run_dir / "model.safetensors", {k: v.detach() for k, v in self.model.state_dict().items()})
+        weights = self.dist.model_state_dict(self.model)
+        if self.dist.is_main:
+            write_safetensors(self.run_dir / "model.safetensors", {k: v.detach() for k, v in weights.items()})
         summary["history"] = history
         reference = "".join(f" vs {k.replace('_', ' ')} {v:.4f}" for k, v in self.task.reference_metrics().items())
         accuracy = f", val_accuracy {summary['val_accuracy']:.4f}" if "val_accuracy" in summary else ""
@@ -543,6 +589,42 @@ class Trainer:
                   f"{self.state.skipped} skipped){best}")
         self._say(f"wrote {self.run_dir}/config.yaml, metrics.jsonl, loss.png, model.safetensors, checkpoints/")
         return summary
+
+    def _open_metrics(self, truncate_to: int | None, step: int) -> None:
+        """Open metrics.jsonl (cut back to a checkpoint's offset on resume); only rank 0 writes it."""
+        if not self.dist.is_main:
+            self.metrics = distributed.NullMetricsLog()
+            return
+        self.metrics = MetricsLog(self.run_dir / rundir.METRICS, truncate_to=truncate_to, step=step, report=self._say)
+        if self.config.tensorboard:
+            self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
+
+    def _agree_with_main(self, improved: bool) -> bool:
+        """Rank 0's view of an evaluation's outcome (improved; which callbacks stop) on every rank, so all of them
+        checkpoint and stop together."""
+        if not self.dist.active:
+            return improved
+        improved, stops = self.dist.broadcast_object((improved, [cb.should_stop for cb in self.callbacks]))
+        for callback, stop in zip(self.callbacks, stops):
+            callback.should_stop = stop
+        return improved
+
+    def _describe_ranks(self) -> list[str]:
+        """Start lines for data parallelism and LR scaling (none for one process without scaling)."""
+        config, lines = self.config, []
+        global_batch = config.data.batch_size * config.grad_accum * self.world_size
+        if self.dist.active:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            lines.append(f"distributed: {self.world_size} ranks ({self.dist.strategy}, {backend}); global batch "
+                         f"{global_batch} = {config.data.batch_size} per rank x {config.grad_accum} micro-batches x "
+                         f"{self.world_size} ranks")
+        scaling = config.lr_scaling
+        if scaling.rule is not None:
+            base_lr = float(optim.check_config(config.optimizer)["lr"])
+            lines.append(f"lr_scaling: {scaling.rule} rule, global batch {global_batch} / base batch "
+                         f"{scaling.base_batch}: every LR x {scaling.factor:.6g} (optimizer.lr {base_lr:.6g} -> "
+                         f"{scaling.lr:.6g})")
+        return lines
 
     def _check_run_dir(self, resume: bool) -> None:
         """Refuse a directory that cannot hold this run, before anything is built or written."""
@@ -649,12 +731,14 @@ def train(
     train_data: Any = None,
     val_data: Any = None,
     loss_fn: Any = None,
+    allow_world_size_change: bool = False,
 ) -> dict[str, Any]:
     """Train in-process; return the final metrics (``val_loss``, ``train_loss``, ...) and ``history``.
 
     What is trained: ``task`` (a ``keel.tasks.Task``), or plain PyTorch objects — ``model`` with ``train_data``
     (a map-style dataset of ``(input, target)`` pairs, or a function ``index -> batch``), ``val_data`` and
-    ``loss_fn(outputs, targets)`` (default cross-entropy) — or else the task ``config.task`` names.
+    ``loss_fn(outputs, targets)`` (default cross-entropy) — or else the task ``config.task`` names. Under torchrun
+    every process calls it and they train data-parallel (docs/distributed.md).
     """
     if model is not None:
         if task is not None:
@@ -667,4 +751,5 @@ def train(
         raise KeelError("train: train_data, val_data and loss_fn go with model=; allowed: model=... too, or a task")
     if task is not None and config.task == "lm":
         config = config.model_copy(update={"task": "python"})
-    return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task).fit()
+    return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
+                   allow_world_size_change=allow_world_size_change).fit()
