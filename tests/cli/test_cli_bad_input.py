@@ -1,6 +1,6 @@
 """Every bad input found by fuzzing ``keel train`` (issue 10): one line on stderr naming the key, exit code 2.
 
-Run in-process through ``keel_train`` (tests/cli/conftest.py): everything but the training loop is real.
+Run in-process through ``run_keel_train`` (tests/cli/cli_runner.py): everything but the training loop is real.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import pytest
 
 from keel import rundir
 from keel.cli.main import main
+
+from cli_runner import run_keel_train  # pytest's prepend import mode puts this folder on sys.path
 
 LENGTH_KEYS = ["schedule.warmup", "ema.start", "ema.every", "ema.half_life", "polyak.start", "polyak.every",
                "swa.start", "swa.every", "swa.anneal_steps", "snapshot.cycle"]
@@ -68,9 +70,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_input_is_one_line_naming_the_key_and_exit_code_2(keel_train, workdir, name):
+def test_bad_input_is_one_line_naming_the_key_and_exit_code_2(workdir, name):
     argv, needle = BAD[name]
-    outcome = keel_train([*SMALL, *argv], workdir)
+    outcome = run_keel_train([*SMALL, *argv], workdir)
     assert outcome.code == 2, f"accepted: {argv!r}"
     assert needle in outcome.stderr
     assert outcome.stderr.startswith("keel train: error: ")
@@ -78,8 +80,8 @@ def test_bad_input_is_one_line_naming_the_key_and_exit_code_2(keel_train, workdi
     assert not outcome.trainers
 
 
-def test_a_config_that_cannot_fit_in_memory_says_how_much_it_needs(keel_train, workdir):
-    outcome = keel_train([*SMALL, "model.n_layer=64", "model.n_embd=4096", "data.batch_size=8"], workdir,
+def test_a_config_that_cannot_fit_in_memory_says_how_much_it_needs(workdir):
+    outcome = run_keel_train([*SMALL, "model.n_layer=64", "model.n_embd=4096", "data.batch_size=8"], workdir,
                          memory=23 << 30)
     assert outcome.code == 2
     assert "keel train: error: model: about 194 GiB needed (parameters 48 GiB, gradients 48 GiB, optimizer state " \
@@ -89,14 +91,15 @@ def test_a_config_that_cannot_fit_in_memory_says_how_much_it_needs(keel_train, w
     assert not (workdir / "runs").exists()  # refused before anything was built or written
 
 
-def test_the_memory_check_uses_what_this_machine_has(keel_train, workdir):
-    assert keel_train([*SMALL, "--out", "fits"], workdir, memory=None).code == 0
-    outcome = keel_train([*SMALL, "model.n_layer=1024", "model.n_embd=65536", "--out", "huge"], workdir, memory=None)
+def test_the_memory_check_uses_what_this_machine_has(workdir):
+    assert run_keel_train([*SMALL, "--out", "fits"], workdir, memory=None).code == 0
+    outcome = run_keel_train([*SMALL, "model.n_layer=1024", "model.n_embd=65536", "--out", "huge"], workdir,
+                             memory=None)
     assert outcome.code == 2 and "TiB needed (parameters" in outcome.stderr and " available on cpu" in outcome.stderr
 
 
-def test_huge_learning_rate_is_accepted_and_sampling_survives_it(keel_train, workdir):
-    outcome = keel_train([*SMALL, "optimizer.lr=1e18", "--out", "lr"], workdir)  # a diverging run is not bad input
+def test_huge_learning_rate_is_accepted_and_sampling_survives_it(workdir):
+    outcome = run_keel_train([*SMALL, "optimizer.lr=1e18", "--out", "lr"], workdir)  # diverging is not bad input
     assert outcome.code == 0
 
 
@@ -106,8 +109,8 @@ def test_huge_learning_rate_is_accepted_and_sampling_survives_it(keel_train, wor
     ["seed=5", "--quiet", "small.yaml", "--out", "run"],
     ["--quiet", "seed=4", "--out=run", "seed=5", "small.yaml"],
 ])
-def test_options_and_overrides_mix_in_any_order(keel_train, workdir, order):
-    outcome = keel_train(order, workdir)
+def test_options_and_overrides_mix_in_any_order(workdir, order):
+    outcome = run_keel_train(order, workdir)
     assert outcome.code == 0, outcome.stderr
     config = outcome.trainers[0].config
     assert config.seed == 5 and config.max_steps == 7 and config.out_dir == "run"  # overrides in order, after the file

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from cli_runner import run_keel_train  # pytest's prepend import mode puts this folder on sys.path
+
 # Every key of the typed config, and the free-form blocks' usual keys.
 KNOWN_KEYS = [
     "task", "task_args", "task_args.x", "init_from", "init_from_strict", "init_from_exclude", "seed", "max_steps",
@@ -178,55 +180,55 @@ class Counter:
         self.tried = self.accepted = 0
 
 
-def _check_lines(keel_train, workdir: Path, counter: Counter):
+def _check_lines(workdir: Path, counter: Counter):
     @given(argv=argument_lines)
     def check(argv):
-        outcome = keel_train([*SMALL, *argv], workdir)
+        outcome = run_keel_train([*SMALL, *argv], workdir)
         counter.tried += 1
         counter.accepted += outcome.code == 0
 
     return check
 
 
-def _check_files(keel_train, workdir: Path, counter: Counter):
+def _check_files(workdir: Path, counter: Counter):
     @given(content=config_files, extra=st.lists(overrides, max_size=2), where=st.integers(0, 2))
     def check(content, extra, where):
         (workdir / "fuzzed.yaml").write_bytes(content)
         argv = ["--quiet", *extra]
         argv.insert(min(where, len(argv)), "fuzzed.yaml")  # the file among the options and overrides
-        outcome = keel_train(argv, workdir)
+        outcome = run_keel_train(argv, workdir)
         counter.tried += 1
         counter.accepted += outcome.code == 0
 
     return check
 
 
-def test_generated_command_lines_exit_0_or_2_in_one_line(keel_train, workdir, record_property):
+def test_generated_command_lines_exit_0_or_2_in_one_line(workdir, record_property):
     counter = Counter()
-    _profile(100)(_check_lines(keel_train, workdir, counter))()
+    _profile(100)(_check_lines(workdir, counter))()
     record_property("tried", counter.tried)
     assert counter.accepted >= 1  # the generator does reach lines that would train
 
 
-def test_generated_config_files_exit_0_or_2_in_one_line(keel_train, workdir, record_property):
+def test_generated_config_files_exit_0_or_2_in_one_line(workdir, record_property):
     counter = Counter()
-    _profile(30)(_check_files(keel_train, workdir, counter))()
+    _profile(30)(_check_files(workdir, counter))()
     record_property("tried", counter.tried)
 
 
 @pytest.mark.faults
-def test_the_full_matrix_of_generated_command_lines(keel_train, workdir, record_property):
+def test_the_full_matrix_of_generated_command_lines(workdir, record_property):
     counter = Counter()
-    _profile(2000, full=True)(_check_lines(keel_train, workdir, counter))()
+    _profile(2000, full=True)(_check_lines(workdir, counter))()
     record_property("tried", counter.tried)
     print(f"fuzzed command lines: {counter.tried} tried, {counter.accepted} accepted, none crashed or hung")
     assert counter.tried >= 2000 and counter.accepted >= 1
 
 
 @pytest.mark.faults
-def test_the_full_matrix_of_generated_config_files(keel_train, workdir, record_property):
+def test_the_full_matrix_of_generated_config_files(workdir, record_property):
     counter = Counter()
-    _profile(500, full=True)(_check_files(keel_train, workdir, counter))()
+    _profile(500, full=True)(_check_files(workdir, counter))()
     record_property("tried", counter.tried)
     print(f"fuzzed config files: {counter.tried} tried, {counter.accepted} accepted, none crashed or hung")
     assert counter.tried >= 500

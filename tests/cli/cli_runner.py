@@ -1,4 +1,8 @@
-"""``keel_train``: run ``keel train`` in-process, with every check but the training loop, held to its contract."""
+"""``run_keel_train``: ``keel train`` in-process, with every check but the training loop, held to its contract.
+
+A helper module, not a conftest.py: a second conftest module would shadow tests/conftest.py for the tests that
+import it by name. The test files of this folder import it (pytest puts their folder on sys.path).
+"""
 
 from __future__ import annotations
 
@@ -101,7 +105,3 @@ def run_keel_train(argv: list[str], workdir: Path, memory: int | None = 2 << 30)
         assert "Traceback" not in stderr
     return Outcome(code, out.getvalue(), stderr, reached)
 
-
-@pytest.fixture
-def keel_train():
-    return run_keel_train
