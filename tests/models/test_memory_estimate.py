@@ -75,3 +75,26 @@ def test_config_validation_refuses_what_cannot_fit(monkeypatch):
         load_config(overrides=["model.n_layer=24", "model.n_embd=512", "data.batch_size=16"])
     load_config(overrides=["model.n_layer=2"])  # the default sizes fit easily
     load_config(overrides=["model.n_layer=24", "model.n_embd=512", "data.batch_size=16", "task=digits"])  # not a GPT
+
+
+def test_on_cuda_the_free_gpu_memory_is_checked_and_the_ram_the_build_needs(monkeypatch):
+    """No GPU needed: torch.cuda.mem_get_info is stood in for (the code path is the one a GPU machine takes)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 << 30, 80 << 30))
+    assert available_memory("cuda") == 3 << 30 and available_memory("cuda:0") == 3 << 30
+    with pytest.raises(KeelError, match=r"GiB needed \(parameters .*\), 3\.0 GiB available on cuda;"):
+        load_config(overrides=["device=cuda", "model.n_layer=24", "model.n_embd=1024", "data.batch_size=16"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (200 << 30, 200 << 30))
+    monkeypatch.setattr("keel.models.memory._meminfo_available", lambda: 1 << 30)
+    monkeypatch.setattr("keel.models.memory._cgroup_room", lambda: None)
+    with pytest.raises(KeelError, match=r"GiB needed for the parameters while the model is built, 1\.0 GiB available "
+                                        r"on cpu"):
+        load_config(overrides=["device=cuda", "model.n_layer=24", "model.n_embd=2048", "data.batch_size=1"])
+
+
+def test_an_unknown_amount_of_memory_checks_nothing(monkeypatch):
+    def no_cuda(device=None):
+        raise RuntimeError("no CUDA here")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_cuda)
+    assert available_memory("cuda") is None
+    load_config(overrides=["device=cuda", "model.n_layer=2"])
