@@ -289,7 +289,8 @@ class TrainConfig(_Block):
 
     def _check_lm_sizes(self, train_tokens: int, optimizer: str) -> None:
         """Task lm with keel's GPT: a window fits in the training split, and a step fits in memory (estimated by
-        ``keel.models.memory``, before anything is allocated)."""
+        ``keel.models.memory``, before anything is allocated; a token file's vocabulary, unknown until it is read,
+        counts as ``data.vocab_size`` or else 256, so the estimate stays a lower bound)."""
         from keel.models.memory import available_memory, estimate_gpt_training, format_bytes
 
         block_size = self.model.block_size
