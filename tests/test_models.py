@@ -1,6 +1,6 @@
 import torch
 
-from keel.models import GPT, GPTConfig, lm_loss_sum
+from keel.models import GPT, GPTConfig, lm_loss_sum, sample_tokens
 
 
 def test_gpt_is_causal():
@@ -37,3 +37,36 @@ def test_generate_leaves_global_rng_untouched():
     out = model.generate(torch.zeros(1, 1, dtype=torch.long), 12, generator=generator, top_k=5)
     assert out.shape == (1, 13)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_sampling_from_non_finite_logits_goes_on():
+    """A diverged model (optimizer.lr=1e18) gives NaN/inf logits: sampling must not fail the run's report."""
+    idx = torch.zeros((2, 1), dtype=torch.long)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        def logits_of(x, bad=bad):
+            logits = torch.zeros(x.shape[0], x.shape[1], 5)
+            logits[0] = bad  # row 0: no finite probability left; row 1: finite
+            return logits
+        for top_k in (None, 2):
+            generator = torch.Generator().manual_seed(0)
+            out = sample_tokens(logits_of, idx, 4, context=8, top_k=top_k, generator=generator)
+            assert out.shape == (2, 5) and int(out.min()) >= 0 and int(out.max()) < 5
+    nan = torch.full((1, 1, 3), float("nan"))  # no distribution left: tokens are drawn uniformly
+    out = sample_tokens(lambda x: nan.expand(1, x.shape[1], 3), torch.zeros((1, 1), dtype=torch.long), 60, 8)
+    assert set(out[0, 1:].tolist()) == {0, 1, 2}
+
+
+def test_sampling_finite_logits_is_unchanged_by_the_guard():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    idx = torch.zeros((1, 1), dtype=torch.long)
+    got = model.generate(idx, 6, top_k=4, generator=torch.Generator().manual_seed(3))
+    logits_of = model  # the reference: torch.multinomial over softmax, as before the guard
+    expected, generator = idx, torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(6):
+            logits = logits_of(expected[:, -8:])[:, -1, :]
+            kth = torch.topk(logits, 4).values[:, [-1]]
+            probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+            expected = torch.cat([expected, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    assert torch.equal(got, expected)

@@ -64,22 +64,34 @@ def kill_when_step_reached(cmd, run: Path, step: int, timeout: float = 60.0, env
     assert proc.returncode == -signal.SIGKILL, f"the run ended before step {step}: {proc.stderr.read().decode()}"
 
 
-def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path, tiny_overrides):
-    overrides = tiny_overrides + RESUME
+def kill_at_steps_then_resume(tmp_path: Path, overrides: list[str], seed: int, kills: int = 3) -> None:
+    """SIGKILL a run at ``kills`` random steps (drawn with ``seed``), resuming after each; the end must equal an
+    uninterrupted run bitwise."""
     reference = tmp_path / "reference"
     train(load_config(None, overrides + [f"out_dir={reference}"]), quiet=True)
 
     run = tmp_path / "killed"
-    seed = int(os.environ.get("KEEL_TEST_SEED", random.randrange(10**6)))  # rerun a failure with this seed
-    kills = sorted(random.Random(seed).sample(range(3, 57), 3))
-    print(f"KEEL_TEST_SEED={seed}: SIGKILL at steps {kills}")
-    kill_when_step_reached(keel_train(*overrides, "--out", str(run), "--quiet"), run, kills[0])
-    for step in kills[1:]:
+    steps = sorted(random.Random(seed).sample(range(3, 57), kills))
+    print(f"KEEL_TEST_SEED={seed}: SIGKILL at steps {steps}")
+    kill_when_step_reached(keel_train(*overrides, "--out", str(run), "--quiet"), run, steps[0])
+    for step in steps[1:]:
         kill_when_step_reached(keel_train("--resume", str(run), "--quiet"), run, step)
     done = subprocess.run(keel_train("--resume", str(run)), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "resumed from step_" in done.stdout
     assert_bitwise_equal(reference, run)
+
+
+def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path, tiny_overrides):
+    seed = int(os.environ.get("KEEL_TEST_SEED", random.randrange(10**6)))  # rerun a failure with this seed
+    kill_at_steps_then_resume(tmp_path, tiny_overrides + RESUME, seed)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("seed", [11, 22, 33, 44, 55])
+def test_sigkill_at_random_steps_matrix(tmp_path, tiny_overrides, seed):
+    """The full matrix: five runs with three kills each at steps drawn from fixed seeds (15 kills)."""
+    kill_at_steps_then_resume(tmp_path, tiny_overrides + RESUME, seed)
 
 
 def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_overrides):

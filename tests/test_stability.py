@@ -17,9 +17,9 @@ SHORT = ["max_steps=24", "checkpoint_interval=8", "eval_interval=100", "sample.t
 
 @pytest.fixture
 def make_trainer(tmp_path, tiny_overrides):
-    def make(overrides, callbacks=()):
+    def make(overrides, callbacks=(), name="run"):
         config = load_config(overrides=[*tiny_overrides, *SHORT, *overrides])
-        return Trainer(config, callbacks=list(callbacks), run_dir=tmp_path / "run", quiet=True)
+        return Trainer(config, callbacks=list(callbacks), run_dir=tmp_path / name, quiet=True)
 
     return make
 
@@ -51,8 +51,9 @@ class Inject(Callback):
 
     name = "inject"
 
-    def __init__(self, nan_loss=(), inf_grad=(), spike_batches=()):
+    def __init__(self, nan_loss=(), inf_grad=(), spike_batches=(), inf_loss=(), nan_grad=()):
         self.nan_loss, self.inf_grad, self.spike_batches = set(nan_loss), set(inf_grad), set(spike_batches)
+        self.inf_loss, self.nan_grad = set(inf_loss), set(nan_grad)
         self.attempt, self.snapshots, self.spiked = -1, [], []
         self._hooked = False
 
@@ -71,6 +72,8 @@ class Inject(Callback):
             return None
         if self.attempt in self.nan_loss:
             return output * float("nan")
+        if self.attempt in self.inf_loss:
+            return output * float("inf")
         batch = self.trainer.state.batch_index - self.trainer.config.grad_accum  # this update's first micro-batch
         if batch in self.spike_batches:
             self.spiked.append((self.trainer.state.step, batch))
@@ -81,6 +84,8 @@ class Inject(Callback):
     def on_after_backward(self, trainer):
         if self.attempt in self.inf_grad:
             next(trainer.model.parameters()).grad.view(-1)[0] = float("inf")
+        if self.attempt in self.nan_grad:
+            list(trainer.model.parameters())[-1].grad.view(-1)[-1] = float("nan")
 
 
 def test_nan_and_inf_skip_the_update_and_change_nothing(make_trainer):
@@ -177,3 +182,82 @@ def test_fp16_run_trains_and_checkpoints_the_loss_scale(make_trainer):
     assert len(losses) == 16 and losses[-1] < losses[0]
     _, payload = ckpt.load_checkpoint(ckpt.newest_intact(trainer.run_dir / "checkpoints"))
     assert payload["precision"]["scaler"] == trainer.precision.scaler.state_dict()
+
+
+# ------------------------------------------------------------------------------------------ the full matrix (-m faults)
+
+INJECTIONS = {  # name -> (Inject arguments, extra overrides); attempts count from 0, skipped ones included
+    "nan loss at the first update": ({"nan_loss": {0}}, []),
+    "nan loss mid-run": ({"nan_loss": {11}}, []),
+    "nan loss at the last update": ({"nan_loss": {23}}, []),
+    "inf loss": ({"inf_loss": {5}}, []),
+    "inf loss, two in a row": ({"inf_loss": {9, 10}}, []),
+    "inf gradient": ({"inf_grad": {2}}, []),
+    "nan gradient": ({"nan_grad": {14}}, []),
+    "nan gradient with EMA": ({"nan_grad": {6}}, ["ema.enabled=true", "ema.decay=0.9"]),
+    "inf gradient with SWA": ({"inf_grad": {20}}, ["swa.enabled=true", "swa.start=50%"]),
+    "nan loss with gradient accumulation": ({"nan_loss": {4}}, ["grad_accum=2"]),
+    "nan loss and inf gradient, alternating": ({"nan_loss": {3, 5}, "inf_grad": {4, 6}}, []),
+    "nan loss under bf16": ({"nan_loss": {7}}, ["precision=bf16"]),
+    "inf gradient with a cosine-restart schedule": ({"inf_grad": {8}}, ["schedule.name=cosine_restarts",
+                                                                          "schedule.period=6"]),
+    "nan loss with clip.mode=value": ({"nan_loss": {12}}, ["clip.mode=value", "clip.max_value=0.5"]),
+}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("name", list(INJECTIONS))
+def test_each_nonfinite_injection_leaves_the_state_untouched(make_trainer, name):
+    arguments, overrides = INJECTIONS[name]
+    inject = Inject(**arguments)
+    trainer = make_trainer(overrides, [inject])
+    summary = trainer.fit()
+    bad = sorted(set().union(*arguments.values()))
+    assert summary["step"] == 24 and summary["skipped"] == len(bad)
+    assert len(inject.snapshots) == 24 + len(bad)
+    for attempt in bad:  # parameters, optimizer state, EMA, step and LR as before the bad attempt
+        assert same(inject.snapshots[attempt], inject.snapshots[attempt + 1]), attempt
+    steps = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if "grad_norm" in r]
+    assert [r["step"] for r in steps] == list(range(24))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+SPIKES = {  # name -> (batches that spike, extra overrides)
+    "one spike": ({13}, []),
+    "an early spike": ({7}, []),
+    "a late spike": ({21}, []),
+    "two spikes": ({9, 17}, []),
+    "a spike with EMA": ({13}, ["ema.enabled=true", "ema.decay=0.9"]),
+    "a spike with gradient accumulation": ({14}, ["grad_accum=2"]),
+}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("name", list(SPIKES))
+def test_each_loss_spike_rolls_back_and_the_rollback_is_reproducible(make_trainer, name):
+    """Two runs with the same injected spike: each rolls back to the checkpoint before it (weights, optimizer and
+    EMA as they were then) and the two end bitwise equal, with the same metrics."""
+    batches, overrides = SPIKES[name]
+    overrides = ["spike.enabled=true", "spike.min_history=5", "spike.window=20", "spike.lr_factor=0.5",
+                 "checkpoint_interval=5", "keep_last=3", *overrides]
+    runs = []
+    for copy in ("a", "b"):
+        inject = Inject(spike_batches=batches)
+        trainer = make_trainer(overrides, [inject], name=copy)
+        summary = trainer.fit()
+        assert summary["step"] == 24 and trainer.state.rollbacks == len(set(inject.spiked)) >= 1
+        records = read_metrics(trainer.run_dir / "metrics.jsonl")
+        for rollback in (r for r in records if r.get("event") == "rollback"):
+            restored = next(i for i, snap in enumerate(inject.snapshots) if snap["step"] == rollback["step"])
+            again = next(i for i in range(restored + 1, len(inject.snapshots))
+                         if inject.snapshots[i]["step"] == rollback["step"])
+            assert all(same(inject.snapshots[restored][k], inject.snapshots[again][k])
+                       for k in ("params", "optimizer", "ema"))
+        runs.append(([p.detach().clone() for p in trainer.model.parameters()],
+                     [{k: v for k, v in r.items() if k not in ("time", "elapsed", "tokens_per_second")}
+                      for r in records]))
+    (weights_a, records_a), (weights_b, records_b) = runs
+    assert same(weights_a, weights_b)
+    assert [r for r in records_a if r.get("kind") != "step"] == [r for r in records_b if r.get("kind") != "step"]
+    assert [r["loss"] for r in records_a if "grad_norm" in r] == [r["loss"] for r in records_b if "grad_norm" in r]

@@ -61,6 +61,13 @@ def test_units_that_need_no_run_information():
         ("%", {"total_steps": 10}, "not a length"),
         ("", {}, "not a length"),
         (float("nan"), {}, "not a whole number"),
+        ("1e400", {}, "too long"),
+        ("1e400ep", {"steps_per_epoch": 50}, "too long"),
+        ("1e400tok", {"tokens_per_step": 512}, "too long"),
+        ("1e300Ttok", {"tokens_per_step": 1}, "too long"),
+        ("1e19", {}, "too long"),
+        (2**63, {}, "too long"),
+        ("9" * 400, {}, "too long"),
     ],
 )
 def test_errors_name_the_key_and_the_value(value, kwargs, needle):
@@ -70,3 +77,11 @@ def test_errors_name_the_key_and_the_value(value, kwargs, needle):
     assert message.startswith("schedule.warmup: ")
     assert needle in message
     assert repr(value) in message or str(value) in message
+
+
+def test_the_longest_length_is_a_signed_64_bit_step_count():
+    from keel.timeunits import MAX_STEPS
+
+    assert resolve_steps(MAX_STEPS, name="x") == MAX_STEPS
+    assert resolve_steps("1e18", name="x") == 10**18
+    assert resolve_steps("1e6ep", name="x", steps_per_epoch=10**12) == 10**18

@@ -7,6 +7,7 @@ what is allowed, raised before any training starts.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,21 @@ from keel.data.sources import train_token_count
 from keel.errors import KeelError
 from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
 from keel.techniques import techniques
+
+# Hard bounds on sizes, far above any run this toolkit is for, so an absurd value fails here with its key rather
+# than as a failed allocation or a hang; what fits in memory is checked against the machine in TrainConfig.
+MAX_LAYERS = 1024
+MAX_WIDTH = 65536
+MAX_BLOCK_SIZE = 1 << 24
+MAX_BATCH_SIZE = 1 << 20
+MAX_GRAD_ACCUM = 1 << 16
+MAX_RUN_STEPS = 10**12
+MAX_EVAL_TOKENS = 10**12
+MAX_SAMPLE_TOKENS = 1 << 16
+SEED_LIMIT = 2**32  # numpy's legacy seeding takes 0 <= seed < 2**32
+THREADS_PER_CPU = 4
+MAX_CONFIG_DEPTH = 64  # nesting levels of a config file or override value
+MAX_CONFIG_NODES = 100_000  # values in a config file once YAML anchors are expanded
 
 
 class _Block(BaseModel):
@@ -35,18 +51,19 @@ class DataConfig(_Block):
     )
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the tokens kept for validation.")
     batch_size: int = Field(
-        32, ge=1, description="Sequences (examples) per micro-batch on each rank; derived from global_batch_size "
-        "when that is set.",
+        32, ge=1, le=MAX_BATCH_SIZE, description="Sequences (examples) per micro-batch on each rank (at most 2**20; "
+        "what fits in memory is checked); derived from global_batch_size when that is set.",
     )
     global_batch_size: int | None = Field(
-        None, ge=1, description="Sequences (examples) per optimizer step over all ranks and micro-batches; when set, "
-        "batch_size = global_batch_size / (world size x grad_accum), which must divide it, so a run sees the same "
-        "batches whatever its number of processes (docs/distributed.md).",
+        None, ge=1, le=MAX_BATCH_SIZE, description="Sequences (examples) per optimizer step over all ranks and "
+        "micro-batches; when set, batch_size = global_batch_size / (world size x grad_accum), which must divide it, "
+        "so a run sees the same batches whatever its number of processes (docs/distributed.md).",
     )
     vocab_size: int | None = Field(
         None, ge=2, description="Vocabulary size of a token file (default: largest id + 1); text is bytes (256)."
     )
-    eval_tokens: int = Field(65536, ge=1, description="Validation tokens per evaluation (from the split's start).")
+    eval_tokens: int = Field(65536, ge=1, le=MAX_EVAL_TOKENS,
+                             description="Validation tokens per evaluation (from the split's start; at most 10**12).")
 
     @field_validator("source")
     @classmethod
@@ -62,10 +79,11 @@ class DataConfig(_Block):
 class ModelConfig(_Block):
     """The language model of task lm: keel's decoder-only GPT, or a Hugging Face causal LM (extra keel[hf])."""
 
-    n_layer: int = Field(4, ge=1, description="Transformer blocks (depth).")
-    n_head: int = Field(4, ge=1, description="Attention heads; must divide n_embd.")
-    n_embd: int = Field(128, ge=1, description="Width of the residual stream.")
-    block_size: int = Field(128, ge=2, description="Context length in tokens.")
+    n_layer: int = Field(4, ge=1, le=MAX_LAYERS, description="Transformer blocks (depth; at most 1024).")
+    n_head: int = Field(4, ge=1, le=MAX_WIDTH, description="Attention heads; must divide n_embd.")
+    n_embd: int = Field(128, ge=1, le=MAX_WIDTH, description="Width of the residual stream (at most 65536).")
+    block_size: int = Field(128, ge=2, le=MAX_BLOCK_SIZE, description="Context length in tokens (at most 2**24, "
+                            "and shorter than the training split).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
     bias: bool = Field(True, description="Biases in linear layers and layer norms.")
     hf_config: dict[str, Any] | None = Field(
@@ -92,7 +110,8 @@ class SampleConfig(_Block):
     """The short text generated at each evaluation."""
 
     prompt: str = Field("The ", description="Fixed prompt the sample continues.")
-    tokens: int = Field(64, ge=0, description="Tokens to generate (0 turns samples off).")
+    tokens: int = Field(64, ge=0, le=MAX_SAMPLE_TOKENS,
+                        description="Tokens to generate (0 turns samples off; at most 65536).")
     temperature: float = Field(0.8, gt=0.0, description="Sampling temperature.")
     top_k: int | None = Field(40, ge=1, description="Sample among the k most likely tokens (null: all).")
 
@@ -162,15 +181,18 @@ class TrainConfig(_Block):
         default_factory=list, description="Name prefixes of weights not to load from init_from (e.g. [head] for a "
         "fresh classifier head).",
     )
-    seed: int = Field(1337, description="Seed for initialisation, dropout and batch sampling.")
-    max_steps: int = Field(600, ge=1, description="Optimizer updates in the run.")
+    seed: int = Field(1337, ge=0, lt=SEED_LIMIT, description="Seed for initialisation, dropout and batch sampling "
+                      "(0 <= seed < 2**32, what numpy and torch accept).")
+    max_steps: int = Field(600, ge=1, le=MAX_RUN_STEPS, description="Optimizer updates in the run (at most 10**12).")
     out_dir: str | None = Field(None, description="Run directory (default: runs/<date>-<time>).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer update.")
+    grad_accum: int = Field(1, ge=1, le=MAX_GRAD_ACCUM,
+                            description="Micro-batches accumulated into one optimizer update (at most 65536).")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast dtype for forward passes; weights and optimizer state stay fp32."
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default).")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default; at most "
+                                "4 per CPU core of the machine).")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="How several processes (torchrun, or keel train --nproc N) train one model: 'ddp' "
         "(DistributedDataParallel: every rank holds the model, gradients are all-reduced) or 'fsdp' (FSDP2 "
@@ -269,6 +291,22 @@ class TrainConfig(_Block):
                     raise KeelError(_describe(error.errors()[0], technique.config, prefix=[key])) from None
         return self
 
+    @field_validator("out_dir", "init_from")
+    @classmethod
+    def _path_syntax(cls, value: str | None) -> str | None:
+        if value is not None and ("\0" in value or not value.strip()):
+            raise ValueError(f"{value!r} is not a path; allowed: a non-empty path without NUL characters")
+        return value
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_this_machine_has(cls, value: int | None) -> int | None:
+        most = THREADS_PER_CPU * (os.cpu_count() or 1)
+        if value is not None and value > most:
+            raise ValueError(f"{value} threads is more than this machine runs well; allowed: 1 to {most} "
+                             f"({THREADS_PER_CPU} per CPU core), or null for torch's default")
+        return value
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -283,9 +321,10 @@ class TrainConfig(_Block):
 
         optimizer = check_config(self.optimizer, key="optimizer")
         if self.task == "lm":
-            lengths = {"steps_per_epoch": self.steps_per_epoch(train_token_count(self.data.source,
-                                                                                 self.data.val_fraction)),
-                       "tokens_per_step": self.tokens_per_step}
+            train_tokens = train_token_count(self.data.source, self.data.val_fraction)
+            if self.model.hf_config is None and self.model.hf_pretrained is None:
+                self._check_lm_sizes(train_tokens, optimizer["name"])
+            lengths = {"steps_per_epoch": self.steps_per_epoch(train_tokens), "tokens_per_step": self.tokens_per_step}
         else:  # the task's data sizes are known once it is built; the trainer resolves lengths again then
             lengths = {"steps_per_epoch": 1, "tokens_per_step": 1}
         from_config(self.schedule, base_lr=float(optimizer["lr"]), total_steps=self.max_steps, key="schedule",
@@ -299,6 +338,41 @@ class TrainConfig(_Block):
                     "allowed without it: false"
                 ) from error
         return self
+
+    def _check_lm_sizes(self, train_tokens: int, optimizer: str) -> None:
+        """Task lm with keel's GPT: a window fits in the training split, and a step fits in memory (estimated by
+        ``keel.models.memory``, before anything is allocated; a token file's vocabulary, unknown until it is read,
+        counts as ``data.vocab_size`` or else 256, so the estimate stays a lower bound)."""
+        from keel.models.memory import available_memory, estimate_gpt_training, format_bytes
+
+        block_size = self.model.block_size
+        if block_size + 1 >= train_tokens:
+            raise KeelError(
+                f"model.block_size: {block_size} is too long for the {train_tokens:,} training tokens of data.source "
+                f"'{self.data.source}'; allowed: at most {max(train_tokens - 2, 0):,}, or a larger source"
+            )
+        estimate = estimate_gpt_training(
+            n_layer=self.model.n_layer, n_embd=self.model.n_embd, vocab_size=self.data.vocab_size or 256,
+            block_size=block_size, batch_size=self.data.batch_size, grad_accum=self.grad_accum,
+            precision=self.precision, optimizer=optimizer, bias=self.model.bias,
+        )
+        device = self.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        checks = [(device, estimate.total)]
+        if device != "cpu":
+            checks.append(("cpu", estimate.parameters))  # the model is built on the CPU, then moved
+        for where, needed in checks:
+            available = available_memory(where)
+            if available is not None and needed > available:
+                what = f"({estimate.breakdown()})" if needed == estimate.total else "for the parameters while the " \
+                    "model is built"
+                raise KeelError(
+                    f"model: about {format_bytes(needed)} needed {what}, {format_bytes(available)} available on "
+                    f"{where}; allowed: a smaller model.n_layer/n_embd/block_size or data.batch_size/grad_accum"
+                )
 
     def steps_per_epoch(self, train_tokens: int) -> int:
         """Optimizer steps in one epoch of ``train_tokens`` (whole batches of windows, at least 1)."""
@@ -338,6 +412,76 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def _load_checked(text: str, where: str) -> Any:
+    """``load_yaml(text)``, with every way the text can be unusable as a config made one KeelError naming ``where``:
+    invalid YAML, nesting too deep for the parser, and the shape problems ``_check_shape`` finds."""
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=_Loader):  # iterative: a deep text is refused before composing it
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_CONFIG_DEPTH:
+                    raise KeelError(f"{where} is nested too deeply; allowed: at most {MAX_CONFIG_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        data = load_yaml(text)
+    except yaml.YAMLError as error:
+        reason = " ".join(str(error).split()) if getattr(error, "problem", None) is None else error.problem
+        raise KeelError(f"{where} is not valid YAML ({reason})") from None
+    except RecursionError:
+        raise KeelError(f"{where} is nested too deeply; allowed: at most {MAX_CONFIG_DEPTH} levels") from None
+    _check_shape(data, where)
+    return data
+
+
+def _check_shape(data: Any, where: str) -> None:
+    """Refuse YAML no config can be: nesting deeper than MAX_CONFIG_DEPTH, a value that contains itself (YAML
+    anchors can make one), more than MAX_CONFIG_NODES values once anchors are expanded, keys that are not strings,
+    values that are not plain data (``!!binary``, ``!!set``, dates).
+
+    Walks each distinct object once (anchors are shared objects), so it costs the size of the text, not of its
+    expansion.
+    """
+    sizes: dict[int, int] = {}  # id -> values under it, expanded
+    depths: dict[int, int] = {}  # id -> nesting levels under it
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, (dict, list)):
+            if node is not None and not isinstance(node, (str, int, float)):  # bool is an int
+                raise KeelError(f"{where} holds a value of type {type(node).__name__} ({_short(node)}); allowed: "
+                                "strings, numbers, true/false, null, lists and mappings")
+            continue
+        children = list(node.values()) if isinstance(node, dict) else node
+        if done:
+            on_path.discard(id(node))
+            inner = [c for c in children if isinstance(c, (dict, list))]
+            sizes[id(node)] = 1 + len(children) - len(inner) + sum(sizes[id(c)] for c in inner)
+            depths[id(node)] = 1 + max((depths[id(c)] for c in inner), default=0)
+            if depths[id(node)] > MAX_CONFIG_DEPTH:
+                raise KeelError(f"{where} is nested too deeply; allowed: at most {MAX_CONFIG_DEPTH} levels")
+            if sizes[id(node)] > MAX_CONFIG_NODES:
+                raise KeelError(f"{where} holds more than {MAX_CONFIG_NODES:,} values (YAML anchors expanded); "
+                                "allowed: a config of ordinary size")
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in on_path:
+            raise KeelError(f"{where} holds a value that contains itself (a recursive YAML anchor); allowed: "
+                            "plain nested values")
+        if len(on_path) >= MAX_CONFIG_DEPTH:
+            raise KeelError(f"{where} is nested too deeply; allowed: at most {MAX_CONFIG_DEPTH} levels")
+        if isinstance(node, dict):
+            for key in node:
+                if not isinstance(key, str):
+                    raise KeelError(f"{where}: key {_short(key)} ({type(key).__name__}) is not a name; allowed: "
+                                    "keys that are strings")
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["model.n_layer=6", "optimizer.lr=1e-3"]`` -> nested dict; values parsed as YAML scalars or lists."""
     tree: dict[str, Any] = {}
@@ -345,10 +489,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise KeelError(f"override '{item}' is not key=value; allowed: dotted.key=value, e.g. model.n_layer=6")
-        try:
-            value = load_yaml(raw) if raw != "" else ""
-        except yaml.YAMLError as error:
-            raise KeelError(f"{key}: value '{raw}' is not valid YAML ({error.problem})") from error
+        value = _load_checked(raw, f"{key}: value {raw!r}") if raw != "" else ""
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -373,17 +514,35 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise KeelError(f"config file '{path}' does not exist; allowed: a YAML file of config keys")
     try:
-        data = load_yaml(path.read_text())
-    except yaml.YAMLError as error:
-        raise KeelError(f"config file '{path}' is not valid YAML: {error}".replace("\n", " ")) from error
+        if not path.is_file():
+            raise KeelError(f"config file '{path}' does not exist; allowed: a YAML file of config keys")
+        data = path.read_bytes()
+    except OSError as error:  # unreadable, a name too long, ...
+        raise KeelError(f"config file '{path}' cannot be read ({error.strerror or error}); allowed: a readable "
+                        "YAML file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad = data[error.start:error.start + 1]
+        raise KeelError(f"config file '{path}' is not UTF-8 text (byte {error.start} is {bad!r}); allowed: a YAML "
+                        "file in UTF-8") from None
+    return parse_config_text(text, f"config file '{path}'")
+
+
+def parse_config_text(text: str, where: str) -> dict[str, Any]:
+    """The mapping of config keys a YAML text holds (``{}`` for an empty one); KeelError naming ``where`` else."""
+    data = _load_checked(text, where)
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise KeelError(f"config file '{path}' holds a {type(data).__name__}; allowed: a mapping of config keys")
+        raise KeelError(f"{where} holds a {type(data).__name__}; allowed: a mapping of config keys")
     return data
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -426,8 +585,8 @@ def _describe(error: dict[str, Any], model: type[BaseModel], prefix: list[str] |
     message = error["msg"]
     if error["type"] == "value_error":
         message = message.removeprefix("Value error, ")
-        if isinstance(error.get("ctx", {}).get("error"), KeelError) or not key:
-            return message
+        if isinstance(error.get("ctx", {}).get("error"), KeelError) or not key or message.startswith(f"{key}."):
+            return message  # the message names its keys already (e.g. model.n_head)
         return f"{key}: {message}"
     given = error.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"

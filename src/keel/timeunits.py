@@ -21,7 +21,10 @@ import re
 
 from keel.errors import KeelError
 
-__all__ = ["resolve_steps", "SYNTAX"]
+__all__ = ["resolve_steps", "SYNTAX", "MAX_STEPS"]
+
+#: The longest length any key may have: what a signed 64-bit step counter holds.
+MAX_STEPS = 2**63 - 1
 
 SYNTAX = "steps (500), a fraction of the run ('2%'), epochs ('3ep') or tokens ('2Mtok', '500ktok', '1000tok')"
 
@@ -31,7 +34,10 @@ _PATTERN = re.compile(
 _TOKEN_MULTIPLIERS = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12}
 
 
-def _round(x: float) -> int:
+def _round(x: float, name: str, value: object) -> int:
+    """``x`` steps rounded half up; a length beyond ``MAX_STEPS`` (or infinite) is a KeelError naming ``name``."""
+    if not math.isfinite(x) or x + 0.5 > MAX_STEPS:
+        raise KeelError(f"{name}: {value!r} is too long; a length must be at most {MAX_STEPS} steps")
     return int(math.floor(x + 0.5))
 
 
@@ -61,6 +67,8 @@ def resolve_steps(
     if isinstance(value, int):
         if value < 0:
             raise KeelError(f"{name}: {value!r} is negative; a length must be >= 0 steps")
+        if value > MAX_STEPS:
+            raise KeelError(f"{name}: {value!r} is too long; a length must be at most {MAX_STEPS} steps")
         return value
     if isinstance(value, float):
         if math.isfinite(value) and value.is_integer():
@@ -78,9 +86,9 @@ def resolve_steps(
     unit = match.group("unit") or ""
 
     if unit == "":
-        if not number.is_integer():
+        if math.isfinite(number) and not number.is_integer():
             raise KeelError(f"{name}: {value!r} is not a whole number of steps; use {SYNTAX}")
-        return int(number)
+        return _round(number, name, value)
     if unit == "%":
         if number > 100:
             raise KeelError(f"{name}: {value!r} is more than the whole run; a fraction must be 0% to 100%")
@@ -89,14 +97,14 @@ def resolve_steps(
                 f"{name}: {value!r} is a fraction of the run, but the run length is not known here; "
                 "give the length in steps, epochs or tokens, or set the run length"
             )
-        return _round(number / 100 * total_steps)
+        return _round(number / 100 * total_steps, name, value)
     if unit == "ep":
         if steps_per_epoch is None:
             raise KeelError(
                 f"{name}: {value!r} is in epochs, but the number of steps per epoch is not known here; "
                 "give the length in steps or as a fraction of the run"
             )
-        return _round(number * steps_per_epoch)
+        return _round(number * steps_per_epoch, name, value)
     # tokens
     if tokens_per_step is None:
         raise KeelError(
@@ -105,4 +113,4 @@ def resolve_steps(
         )
     if tokens_per_step <= 0:
         raise KeelError(f"{name}: cannot convert {value!r} to steps with {tokens_per_step} tokens per step")
-    return _round(number * _TOKEN_MULTIPLIERS[unit[0] if len(unit) == 4 else ""] / tokens_per_step)
+    return _round(number * _TOKEN_MULTIPLIERS[unit[0] if len(unit) == 4 else ""] / tokens_per_step, name, value)

@@ -138,6 +138,9 @@ def resolve_checkpoints(
         if last is not None:
             if last < 1:
                 raise KeelError(f"last: {last!r} is not positive")
+            if last > len(files):
+                raise KeelError(f"last: {last} checkpoints asked for, but only {len(files)} exist in "
+                                f"{', '.join(repr(str(p)) for p in inputs)}; allowed: --last {len(files)} or fewer")
             files = files[-last:]
     checkpoint_files = {file for file, step, _ in entries if step is not None}
     for file in files:

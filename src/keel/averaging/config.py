@@ -7,13 +7,26 @@ the run), "3ep" (epochs), "2Mtok" (tokens).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from keel.errors import KeelError
+from keel.timeunits import resolve_steps
 
-Length = int | str
+
+def _length_syntax(value: int | str) -> int | str:
+    """A length's syntax, checked when the config is read; its steps are resolved when the run starts. Stand-ins
+    for the run's sizes (a run of 10**12 steps, 1 step per epoch, 10**12 tokens per step) let through every length
+    a run can have, and refuse malformed, negative and endless ones."""
+    try:
+        resolve_steps(value, name="", total_steps=10**12, steps_per_epoch=1, tokens_per_step=10**12)
+    except KeelError as error:
+        raise ValueError(str(error).removeprefix(": ")) from None
+    return value
+
+
+Length = Annotated[int | str, AfterValidator(_length_syntax)]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 
 

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 from keel.errors import KeelError, TrainingUnstableError
 
-# Each name is a module keel.cli.<name> with add_parser(subparsers) and run(args) -> int.
+# Each name is a module keel.cli.<name> with add_parser(subparsers) and run(args) -> int. A command whose parser
+# sets the default ``mixed_items`` to the name of its list of positional items takes them in any order with its
+# options (``keel train CONFIG --out DIR key=value``): what argparse leaves over joins that list, in order.
 COMMANDS = ("train", "schedule", "average", "ensemble")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, reporting a usage error in one line (``keel train: error: ...``) with exit code 2."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="keel", description="Train, preview schedules, average weights, diagnose and tune PyTorch models."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -25,13 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, left_over = parser.parse_known_args(argv)
+    mixed = getattr(args, "mixed_items", None)
+    unknown = [item for item in left_over if mixed is None or item.startswith("-")]
+    if unknown:
+        prog = f"{parser.prog} {args.command}"
+        OneLineParser(prog=prog).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if left_over:
+        getattr(args, mixed).extend(left_over)
     try:
         return int(args.run(args) or 0)
     except TrainingUnstableError as error:  # the run diverged: not bad input, so not exit code 2
         return _fail(args.command, 1, f"{error}")
     except KeelError as error:
         return _fail(args.command, 2, f"error: {error}")
+    except OSError as error:  # the machine refused (a full disk, a read-only or vanished directory): one line too
+        return _fail(args.command, 2, f"error: {describe_os_error(error)}")
     except KeyboardInterrupt:
         print(f"keel {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -49,6 +69,14 @@ def _fail(command: str, code: int, text: str) -> int:
         text = distributed.rank_prefix() + text
     print(f"keel {command}: {text}", file=sys.stderr)
     return code
+
+
+def describe_os_error(error: OSError) -> str:
+    """``No space left on device (ENOSPC): 'runs/x/metrics.jsonl'``: what failed, on which file, in one line."""
+    name = errno.errorcode.get(error.errno or 0)
+    what = f"{error.strerror or error}" + (f" ({name})" if name else "")
+    files = [repr(str(f)) for f in (error.filename, error.filename2) if f is not None]
+    return f"{what}: {' -> '.join(files)}" if files else what
 
 
 if __name__ == "__main__":

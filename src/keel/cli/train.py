@@ -1,6 +1,7 @@
 """``keel train [CONFIG] [key=value ...] [--out DIR] [--resume DIR] [--nproc N]``: train a model, or continue a run.
 
-``--nproc N`` launches N processes on this machine through torchrun's launcher (``keel.train.launch``); under
+The config file, the overrides and the options come in any order; the overrides apply in the order given, after the
+file. ``--nproc N`` launches N processes on this machine through torchrun's launcher (``keel.train.launch``); under
 torchrun (``torchrun --nproc-per-node N -m keel train ...``) every process runs this command and they train
 data-parallel (docs/distributed.md).
 """
@@ -11,15 +12,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from keel import rundir
+from keel.config import TrainConfig, describe_fields, merge, parse_config_text, parse_overrides, read_yaml, validate
 from keel.errors import KeelError
-from keel.config import TrainConfig, describe_fields, load_config, merge, parse_overrides, read_yaml, validate
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a model (default: a small GPT on CPython's documentation, a few minutes on a CPU)",
-        description="Train a model. Config: defaults <- CONFIG (YAML) <- key=value overrides (dotted keys).",
+        description="Train a model. Config: defaults <- CONFIG (YAML) <- key=value overrides (dotted keys). "
+        "The config file, the overrides and the options may come in any order.",
         epilog="config keys (key = default):\n" + "\n".join(describe_fields()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -34,28 +37,33 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--allow-world-size-change", action="store_true",
                         help="with --resume: continue a checkpoint written by another number of processes "
                         "(docs/distributed.md)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, mixed_items="items")
 
 
 def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
     """The run's config from the command line, and the directory to resume (None for a new run)."""
-    items = list(args.items)
-    path = items.pop(0) if items and "=" not in items[0] else None
+    files = [item for item in args.items if "=" not in item]
+    if len(files) > 1:
+        raise KeelError(f"'{files[1]}' is not key=value, and '{files[0]}' is the config file already; allowed: one "
+                        "config file and key=value overrides, e.g. model.n_layer=6")
+    path = files[0] if files else None
+    items = [item for item in args.items if "=" in item]
     if args.resume:
         if args.out:
             raise KeelError(f"--out {args.out} with --resume {args.resume}: a resumed run stays in its directory; "
                             "allowed: one of the two")
         run_dir = Path(args.resume)
-        raw = merge(read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {},
+        text = rundir.read_run_config(run_dir, report=(lambda message: None) if args.quiet else print)
+        raw = merge(parse_config_text(text, f"the config of run '{run_dir}'") if text is not None else {},
                     read_yaml(path) if path else {})
         return validate(merge(raw, parse_overrides(items))), run_dir
     if args.allow_world_size_change:
         raise KeelError("--allow-world-size-change goes with --resume; allowed: --resume DIR "
                         "--allow-world-size-change")
-    config = load_config(path, items)
+    raw = merge(read_yaml(path) if path else {}, parse_overrides(items))
     if args.out:
-        config.out_dir = args.out
-    return config, None
+        raw["out_dir"] = args.out  # --out wins over out_dir, and is validated with the rest
+    return validate(raw), None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -131,13 +131,18 @@ def sample_tokens(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Autoregressive sampling from any causal LM: ``logits_of(idx)`` returns ``(batch, time, vocab)`` logits;
-    the last ``context`` tokens are fed each time."""
+    the last ``context`` tokens are fed each time.
+
+    A model whose weights diverged gives non-finite logits, and softmax then NaN probabilities: such a row is
+    sampled uniformly, so the run's report goes on instead of failing (the non-finite guard handles training)."""
     for _ in range(max_new_tokens):
         logits = logits_of(idx[:, -context:])[:, -1, :] / max(temperature, 1e-6)
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = F.softmax(logits.float(), dim=-1)
+        probs = torch.nan_to_num(probs, nan=0.0)  # finite rows pass unchanged (and nothing waits for the device)
+        probs = torch.where(probs.sum(dim=-1, keepdim=True) > 0, probs, torch.ones_like(probs))
         idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
     return idx
 
