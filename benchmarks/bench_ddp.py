@@ -166,8 +166,8 @@ def main() -> None:
     )
     if verdict == "missed":
         busy = max(load_before[0], info["load_average_after"][0])
-        body += (f"\n- miss: {r['median']:.2f}x, not 1.8x, with a load average up to {busy:.1f} on {info['cores']} cores: "
-                 "the two ranks shared the cores with other processes, and the all-reduce, "
+        body += (f"\n- miss: {r['median']:.2f}x, not 1.8x, with a load average up to {busy:.1f} on {info['cores']} "
+                 "cores: the two ranks shared the cores with other processes, and the all-reduce, "
                  f"{payload['allreduce_share_of_step']:.1%} of a step, is not what limits the scaling. Rerun on a "
                  "quiet machine to judge the target.\n")
     write_section("ddp", body)
