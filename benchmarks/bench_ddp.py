@@ -97,6 +97,38 @@ def run_probe() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def report(payload: dict) -> str:
+    """The RESULTS.md section for a results payload."""
+    info, work, r = payload["machine"], payload["workload"], payload["ratio_two_over_one"]
+    allreduce, step = payload["allreduce_seconds_per_step"], payload["step_seconds_two_ranks"]
+    verdict = "met" if r["median"] >= payload["target"] else "missed"
+    body = (
+        f"{info['date']}; {info['cpu']}, {info['cores']} cores, 1 thread per rank; load average "
+        f"{', '.join(map(str, info['load_average']))} before, {', '.join(map(str, info['load_average_after']))} "
+        f"after; torch {info['torch']}, gloo. `python benchmarks/bench_ddp.py`.\n\n"
+        f"tokens/s of `keel train --nproc 2` (DDP, 2 ranks x 1 thread) over `keel train` (1 rank, 1 thread), the "
+        f"default GPT with 32 x 128 tokens per rank and step, {work['steps']} steps per run (steps "
+        f"{work['warmup']}+ timed on the trainer's clock), interleaved, {work['pairs']} pairs after a warm-up pair. "
+        f"All-reduce: one step's all-reduces ({payload['parameters']:,} float32 gradients + 3 scalars) timed alone "
+        "on 2 gloo ranks, over the 2-rank step time (an upper bound on the exposed share: DDP overlaps it with "
+        "backward).\n\n"
+        "| ratio 2 ranks / 1 rank (median) | min | max | target | 1 rank tok/s | 2 ranks tok/s | all-reduce per "
+        "step | 2-rank step | all-reduce share |\n|---|---|---|---|---|---|---|---|---|\n"
+        f"| {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | >= {payload['target']} ({verdict}) | "
+        f"{payload['tokens_per_s_one_rank']['median']:,.0f} | {payload['tokens_per_s_two_ranks']['median']:,.0f} | "
+        f"{allreduce * 1e3:.2f} ms | {step * 1e3:.0f} ms | {payload['allreduce_share_of_step']:.1%} |\n"
+    )
+    if verdict == "missed":
+        busy = max(info["load_average"][0], info["load_average_after"][0])
+        body += (f"\n- miss: {r['median']:.2f}x, not {payload['target']}x, with a load average up to {busy:.1f} on "
+                 f"{info['cores']} cores: the two ranks shared the cores with other processes, and the all-reduce, "
+                 f"{payload['allreduce_share_of_step']:.1%} of a step, is not what limits the scaling. Rerun on a "
+                 "quiet machine to judge the target.\n")
+    body += "\nNo GPU was lent to this run; the NCCL figures are still to be measured on a GPU machine.\n" \
+        if info.get("gpu") is None else ""
+    return body
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=16)
@@ -110,7 +142,6 @@ def main() -> None:
 
     info = machine()
     info["threads"] = 1
-    load_before = info["load_average"]
     ratios, one, two, step_two = [], [], [], []
     probes = [run_probe()]
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,6 +171,7 @@ def main() -> None:
         "tokens_per_s_one_rank": summary(one),
         "tokens_per_s_two_ranks": summary(two),
         "ratio_two_over_one": summary(ratios),
+        "ratios": ratios,
         "target": 1.8,
         "allreduce_seconds_per_step": allreduce,
         "parameters": probes[0]["parameters"],
@@ -147,29 +179,7 @@ def main() -> None:
         "allreduce_share_of_step": allreduce / step,
     }
     path = write_json("ddp", payload)
-    r = payload["ratio_two_over_one"]
-    verdict = "met" if r["median"] >= 1.8 else "missed"
-    body = (
-        f"{info['date']}; {info['cpu']}, {info['cores']} cores, 1 thread per rank; load average "
-        f"{', '.join(map(str, load_before))} before, {', '.join(map(str, info['load_average_after']))} after; "
-        f"torch {info['torch']}, gloo. `python benchmarks/bench_ddp.py`.\n\n"
-        f"tokens/s of `keel train --nproc 2` (DDP, 2 ranks x 1 thread) over `keel train` (1 rank, 1 thread), the "
-        f"default GPT with 32 x 128 tokens per rank and step, {args.steps} steps per run (steps {args.warmup}+ "
-        f"timed on the trainer's clock), interleaved, {args.pairs} pairs after a warm-up pair. All-reduce: one "
-        f"step's all-reduces ({payload['parameters']:,} float32 gradients + 3 scalars) timed alone on 2 gloo "
-        "ranks, over the 2-rank step time (an upper bound on the exposed share: DDP overlaps it with backward).\n\n"
-        "| ratio 2 ranks / 1 rank (median) | min | max | target | 1 rank tok/s | 2 ranks tok/s | all-reduce per "
-        "step | 2-rank step | all-reduce share |\n|---|---|---|---|---|---|---|---|---|\n"
-        f"| {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | >= 1.8 ({verdict}) | "
-        f"{payload['tokens_per_s_one_rank']['median']:,.0f} | {payload['tokens_per_s_two_ranks']['median']:,.0f} | "
-        f"{allreduce * 1e3:.2f} ms | {step * 1e3:.0f} ms | {payload['allreduce_share_of_step']:.1%} |\n"
-    )
-    if verdict == "missed":
-        busy = max(load_before[0], info["load_average_after"][0])
-        body += (f"\n- miss: {r['median']:.2f}x, not 1.8x, with a load average up to {busy:.1f} on {info['cores']} cores: "
-                 "the two ranks shared the cores with other processes, and the all-reduce, "
-                 f"{payload['allreduce_share_of_step']:.1%} of a step, is not what limits the scaling. Rerun on a "
-                 "quiet machine to judge the target.\n")
+    body = report(payload)
     write_section("ddp", body)
     print(body)
     print(f"wrote {path}")

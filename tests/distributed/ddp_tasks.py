@@ -5,7 +5,6 @@ import os
 import signal
 
 import torch
-
 from user_task import make
 
 
@@ -46,8 +45,8 @@ def rank_dies(rank_to_die: int = 1, at_batch: int = 12, hidden: int = 16):
 
 
 def spike_in_second_half(at_batch: int = 12, hidden: int = 16):
-    """Global batch ``at_batch`` gets far-out inputs with wrong labels in its second half (rank 1's shard with 2 ranks): a loss spike
-    that only one rank sees."""
+    """Global batch ``at_batch`` gets far-out inputs with wrong labels in its second half (rank 1's shard with 2
+    ranks): a loss spike that only one rank sees."""
     task = make(hidden=hidden)
     plain_batch = task.train_batch
 

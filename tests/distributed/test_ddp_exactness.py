@@ -7,9 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_helpers import (
+    TINY_LM,
+    assert_same_run,
+    digest,
+    eval_records,
+    keel_in_ranks,
+    run_ranks,
+    step_records,
+    task_modules_importable,  # noqa: F401  (an autouse fixture)
+    weights,
+)
 
-from conftest import (TINY_LM, assert_same_run, digest, eval_records, keel_in_ranks, run_ranks, step_records,
-                      weights)
 from keel.cli.main import main
 
 STEPS = ["max_steps=24", "eval_interval=12", "checkpoint_interval=12"]

@@ -5,11 +5,18 @@ global batch is applied, printed and recorded."""
 import subprocess
 
 import pytest
-import torch
 import yaml
+from ddp_helpers import (
+    TINY_LM,
+    assert_bitwise_same_run,
+    free_port,
+    keel_in_ranks,
+    step_records,
+    subprocess_env,
+    task_modules_importable,  # noqa: F401  (an autouse fixture)
+    torchrun_command,
+)
 
-from conftest import (TINY_LM, assert_bitwise_same_run, free_port, keel_in_ranks, step_records, subprocess_env,
-                      torchrun_command)
 from keel.cli.main import main
 from keel.train.launch import available_cores
 

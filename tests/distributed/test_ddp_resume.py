@@ -8,11 +8,22 @@ import shutil
 import subprocess
 
 import pytest
+from ddp_helpers import (
+    TINY_LM,
+    assert_bitwise_same_run,
+    assert_same_run,
+    cli_main,
+    eval_records,
+    keel_command,
+    keel_in_ranks,
+    kill_job_when_step_reached,
+    kill_ranks_when_step_reached,
+    run_ranks,
+    subprocess_env,
+    task_modules_importable,  # noqa: F401  (an autouse fixture)
+)
 from safetensors.torch import load_file
 
-from conftest import (TINY_LM, assert_bitwise_same_run, assert_same_run, cli_main, eval_records, keel_command,
-                      keel_in_ranks, kill_job_when_step_reached, kill_ranks_when_step_reached, run_ranks,
-                      subprocess_env)
 from keel import rundir
 from keel.cli.main import main
 

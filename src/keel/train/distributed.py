@@ -26,7 +26,7 @@ import math
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,7 +76,7 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     strategy: str = "single"
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False
 
     @property
@@ -105,7 +105,7 @@ class Distributed:
         """Integer counts summed over ranks (one all-reduce); the counts themselves with one process."""
         if not self.active:
             return list(counts)
-        return [int(round(v)) for v in self.sum(*counts)]
+        return [round(v) for v in self.sum(*counts)]
 
     def sum_dicts(self, values: dict[str, float]) -> dict[str, float]:
         """Dicts of floats summed key by key over ranks, in rank order, so every rank gets the same bits (a rank may

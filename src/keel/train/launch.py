@@ -71,7 +71,7 @@ def launch_from_command_line(args: argparse.Namespace) -> int:
         worker.append("--quiet")
     if args.allow_world_size_change:
         worker.append("--allow-world-size-change")
-    threads = config.threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or max(1, available_cores() // nproc)
+    threads = config.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, available_cores() // nproc)
     return run_torchrun(nproc, worker, run_dir, threads)
 
 

@@ -1,5 +1,6 @@
 """Helpers for the data-parallel tests: ranks as forked processes (keel already imported, so a 2-rank run costs
-what its training costs), torchrun launches as subprocesses, and comparisons of runs."""
+what its training costs), torchrun launches as subprocesses, and comparisons of runs. (Not a conftest.py: other
+test modules import tests/conftest.py by the name ``conftest``.)"""
 
 import faulthandler
 import hashlib
@@ -14,12 +15,11 @@ import time
 import traceback
 from pathlib import Path
 
+import matplotlib.pyplot  # noqa: F401  (heavy imports done once here, not in every forked rank: loss.png)
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (DDP imports it when constructed)
 from safetensors.torch import load_file
-
-import matplotlib.pyplot  # noqa: F401  (imported once here, not in every forked rank: loss.png, DDP's dynamo)
-import torch._dynamo  # noqa: F401
 
 try:
     import sklearn.datasets  # noqa: F401  (task digits)
