@@ -68,26 +68,31 @@ class Technique:
     """A registered technique: its config key, the block's pydantic model, and the callback factory.
 
     ``make(block)`` returns the callback for a validated block, or ``None`` when the block leaves it off.
+    ``check(block, config)``, if given, checks the block against the rest of the run config when it is loaded
+    (e.g. a length against ``model.block_size``) and raises ``KeelError``.
     """
 
     key: str
     config: type[BaseModel]
     make: Callable[[Any], Callback | None]
+    check: Callable[[Any, Any], None] | None = None
 
 
 _REGISTRY: dict[str, Technique] = {}
 # Modules that register keel's own techniques; imported on first use so that importing keel stays cheap and
 # the technique modules may import the units they wrap without a cycle through keel.config.
-_BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping")
+_BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping", "keel.data.seq_warmup")
 _loaded = False
 
 
-def register_technique(key: str, config: type[BaseModel], make: Callable[[Any], Callback | None]) -> None:
-    """Register the config block ``key`` and the callback factory of a technique (once per key)."""
+def register_technique(key: str, config: type[BaseModel], make: Callable[[Any], Callback | None],
+                       check: Callable[[Any, Any], None] | None = None) -> None:
+    """Register the config block ``key`` and the callback factory of a technique (once per key); ``check(block,
+    config)`` optionally checks the block against the whole run config when it is loaded."""
     existing = _REGISTRY.get(key)
     if existing is not None and (existing.config is not config or existing.make is not make):
         raise KeelError(f"technique '{key}' is registered twice ({existing.config.__name__} and {config.__name__})")
-    _REGISTRY[key] = Technique(key, config, make)
+    _REGISTRY[key] = Technique(key, config, make, check)
 
 
 def techniques() -> dict[str, Technique]:

@@ -135,6 +135,7 @@ class Trainer:
         self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
         self._check_first_batch()
         self._config_text = dump_config(config)
+        self.step_metrics: dict[str, Any] = {}  # callbacks' keys for the next step record (e.g. seq_len)
 
     def _build_schedule(self, total_steps: int, decays: list) -> Any:
         """The run's schedule built for ``total_steps``, then each new decay added on resume: from ``start`` the LR
@@ -205,6 +206,8 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         metrics_offset = self._restore() if self._resume else None
         rundir.atomic_write_text(self.run_dir / rundir.CONFIG, self._config_text)  # once resume succeeded
+        for name, text in self.task.run_files().items():  # e.g. the trained tokenizer.json
+            rundir.atomic_write_text(self.run_dir / name, text)
         config, state, model, optimizer, task = self.config, self.state, self.model, self.optimizer, self.task
         self.metrics = MetricsLog(self.run_dir / rundir.METRICS, truncate_to=metrics_offset, step=state.step,
                                   report=self._say)
@@ -279,7 +282,7 @@ class Trainer:
             if (state.step - 1) % config.log_interval == 0 or state.step == config.max_steps:
                 self.log({"step": state.step - 1, "tokens": tokens_before, "lr": lr, "loss": loss_value,
                           "grad_norm": clip.norm, "clipped": clip.clipped, "skipped": state.skipped,
-                          "time": round(state.elapsed, 4)})
+                          "time": round(state.elapsed, 4), **task.step_metrics(micro_batches), **self.step_metrics})
             speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
             bar.update(1)
