@@ -13,7 +13,8 @@ Events, in the order one step meets them: ``on_run_start``; per step ``on_step_s
 micro-batch before the forward pass and returns it, or a replacement), ``on_after_backward``, ``on_step_end``
 (only after an applied update: ``trainer.state.step`` already counts it); ``on_eval`` (may add keys such as
 ``val_loss_ema`` to the eval record); ``on_checkpoint`` (may write files into the checkpoint directory before it
-is committed); ``on_run_end``. A callback signals with ``should_stop``; the trainer acts. Its ``state_dict``
+is committed); ``on_run_end``. A callback signals with ``should_stop``; the trainer acts. Keys a callback puts in
+``trainer.step_metrics`` (e.g. ``seq_len``) go into each following step record of ``metrics.jsonl``. Its ``state_dict``
 (tensors and plain containers) is saved in every checkpoint under its unique ``name`` and handed back to
 ``load_state_dict`` on resume (before ``on_run_start``).
 """

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from keel.config import load_config
+from keel.data.corpora import builtin_documents
 from keel.data import ByteTokenizer, load_tokenizer_file, load_tokens, pydoc_topics, train_bpe
 from keel.errors import KeelError
 
@@ -89,3 +90,11 @@ def test_bpe_run_keeps_its_tokenizer_and_prints_decoded_samples(tmp_path, tiny_o
     # the recorded tokenizer file drives a second run
     again = overrides[:-1] + [f"data.tokenizer={tmp_path / 'run' / 'tokenizer.json'}", f"out_dir={tmp_path / 'run2'}"]
     train(load_config(None, again), quiet=True)
+
+
+def test_eod_on_packed_bytes_replaces_the_separator():
+    splits = load_tokens("pydoc", 0.1, eod=True)
+    assert splits.vocab_size == 257 and splits.eod_id == 256 and splits.train_offsets is None
+    train = np.asarray(splits.train)
+    first_topic = builtin_documents("pydoc")[0]
+    assert bytes(train[: len(first_topic)].astype(np.uint8)) == first_topic and train[len(first_topic)] == 256
