@@ -145,7 +145,9 @@ def _read_hf(source: str, text_field: str, cache_dir: str | Path | None) -> list
                         "(or pip install 'keel[hf]')") from None
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    hf_cache = str(Path(cache_dir).expanduser() / "hf_datasets") if cache_dir is not None else None
+    from keel.data.tokenizer import default_cache_dir
+
+    hf_cache = str(Path(cache_dir or default_cache_dir()).expanduser() / "hf_datasets")
     try:
         dataset = datasets.load_dataset(fmt, data_files=hf_files(path), split="train", cache_dir=hf_cache)
     except Exception as error:  # datasets raises many types for unreadable files
