@@ -361,3 +361,38 @@ def test_soap_first_step_only_initialises():
     assert state["step"] == 0 and state["GG"][0].shape == (4, 4) and state["GG"][1].shape == (3, 3)
     for q in state["Q"]:
         torch.testing.assert_close(q.T @ q, torch.eye(q.shape[0], dtype=q.dtype))
+
+
+# --- form: playbook: the Playbook's rules as written, run through keel's registry ---
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.9])
+def test_rmsprop_playbook_form_is_the_playbook_rule(gamma):
+    ours = run_torch("rmsprop", form="playbook", alpha=0.95, momentum=gamma, eps=1e-6)
+    assert_same(ours, run_formula(playbook_rmsprop(0.95, gamma, 1e-6)))
+    assert (ours - run_torch("rmsprop", alpha=0.95, momentum=gamma, eps=1e-6)).abs().max() > 1e-3  # torch differs
+
+
+def test_nadam_playbook_form_is_the_playbook_rule():
+    ours = run_torch("nadam", form="playbook", betas=(0.9, 0.99), eps=1e-7)
+    assert_same(ours, run_formula(playbook_nadam(0.9, 0.99, 1e-7)))
+    assert (ours - run_torch("nadam", betas=(0.9, 0.99), eps=1e-7)).abs().max() > 1e-3
+
+
+def test_playbook_forms_resume_exactly():
+    theta = torch.linspace(-1.0, 1.0, 24, dtype=torch.float64).requires_grad_(True)
+    for name in ("rmsprop", "nadam"):
+        a = theta.detach().clone().requires_grad_(True)
+        b = theta.detach().clone().requires_grad_(True)
+        opt_a = ko.create(name, [a], lr=0.05, form="playbook")
+        opt_b = ko.create(name, [b], lr=0.05, form="playbook")
+        grads = gradients((24,), 20)
+        for t, g in enumerate(grads):
+            if t == 10:  # b's optimizer is rebuilt from a state dict mid-run
+                saved = opt_b.state_dict()
+                opt_b = ko.create(name, [b], lr=0.05, form="playbook")
+                opt_b.load_state_dict(saved)
+            for p, opt in ((a, opt_a), (b, opt_b)):
+                p.grad = g.clone()
+                opt.step()
+        assert torch.equal(a, b)

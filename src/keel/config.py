@@ -456,9 +456,16 @@ def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
+#: Keys only the language-model task reads: left out of another task's config.yaml so it does not describe a GPT.
+LM_ONLY = {"model": True, "sample": True, "data": {"source", "vocab_size", "eval_tokens", "text_field", "tokenizer",
+                                                   "packing", "batch_tokens", "long_documents", "eod", "cache_dir"}}
+
+
 def dump_config(config: TrainConfig) -> str:
-    """The fully resolved config as YAML (what ``config.yaml`` in a run directory holds)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The fully resolved config as YAML (what ``config.yaml`` in a run directory holds); a task other than ``lm``
+    leaves out the keys only the language model reads (their defaults apply if the file is loaded again)."""
+    exclude = None if config.task == "lm" else LM_ONLY
+    return yaml.safe_dump(config.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
 
 def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:

@@ -1,7 +1,6 @@
 """The trainer trains whatever a task hands it: the built-in digits task, a user's task named by import path, and
 plain PyTorch objects passed to ``keel.train``; bad tasks are one-line errors with nothing written."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,7 @@ from torch import nn
 from keel.cli.main import main
 from keel.config import load_config
 from keel.data import IndexSampler
-from keel.tasks import PlainTask
 from keel.train import train
-from keel.rundir.metrics import read_metrics
 
 HERE = Path(__file__).parent
 DIGITS = ["task=digits", "threads=1", "max_steps=300", "eval_interval=300", "checkpoint_interval=300"]

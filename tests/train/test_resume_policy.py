@@ -4,8 +4,8 @@ import pytest
 
 from keel.cli.main import main
 from keel.config import load_config
-from keel.train import train
 from keel.rundir.metrics import read_metrics
+from keel.train import train
 
 
 def lrs(run):

@@ -1,7 +1,6 @@
 """init_from (transfer learning) and early stopping, on the digits task; exact resume for digits and a user task."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ from safetensors.torch import load_file
 from keel.cli.main import main
 from keel.config import load_config
 from keel.train import train
-from keel.rundir.metrics import read_metrics
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 FIVE = ["task=digits", "threads=1", "eval_interval=50", "checkpoint_interval=50", "data.batch_size=32"]

@@ -1,7 +1,7 @@
 """Weight averaging and ensembles: EMA, Polyak, SWA, checkpoint averaging, snapshot and model ensembles."""
 
-from keel.averaging.checkpoints import average_checkpoints, average_checkpoints_to_file, resolve_checkpoints
 from keel.averaging import callbacks as _callbacks  # noqa: F401  (registers ema, polyak, swa, snapshot)
+from keel.averaging.checkpoints import average_checkpoints, average_checkpoints_to_file, resolve_checkpoints
 from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
 from keel.averaging.ema import EMA
 from keel.averaging.shadow import ShadowWeights

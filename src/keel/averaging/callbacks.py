@@ -13,20 +13,19 @@ from typing import Any
 
 import torch
 
+from keel import rundir
 from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
 from keel.averaging.ema import EMA
-from keel.safetensors_io import SafetensorsReader, write_safetensors
 from keel.averaging.shadow import ShadowWeights, model_tensors
 from keel.averaging.swa import SWA, Polyak, swa_learning_rate
-from keel import rundir
 from keel.errors import KeelError
+from keel.safetensors_io import SafetensorsReader, write_safetensors
 from keel.schedules import set_lr
-from keel.timeunits import resolve_steps
 from keel.techniques import Callback, register_technique
 
 
 def _steps(trainer, value, key: str) -> int:
-    return resolve_steps(value, name=key, **trainer.lengths)
+    return trainer.resolve_length(value, key)
 
 
 class AveragingCallback(Callback):

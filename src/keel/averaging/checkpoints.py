@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from keel.safetensors_io import SafetensorsReader, TensorInfo, read_header, write_safetensors
+from keel import rundir
 from keel.averaging.shadow import as_dtype
 from keel.errors import KeelError
-from keel import rundir
 from keel.rundir.metrics import read_metrics
+from keel.safetensors_io import SafetensorsReader, TensorInfo, read_header, write_safetensors
 
 _CHUNK_BYTES = 1 << 20  # read slice: small enough to stay in cache between the read and the addition
 

@@ -30,8 +30,8 @@ def add_parser(subparsers) -> None:
 def resolve_members(members: list[str], weights: str) -> list[Path]:
     """The weights file of each member; a snapshots folder expands to its snapshots, a run to its newest intact
     checkpoint (newer corrupt ones are reported on stderr and passed over)."""
-    from keel.averaging.checkpoints import _weights_file
     from keel import rundir
+    from keel.averaging.checkpoints import _weights_file
 
     def weights_file(step_dir: Path) -> Path:
         if weights == "raw" and (step_dir / "raw.safetensors").is_file():

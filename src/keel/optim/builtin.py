@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from keel.errors import KeelError
 from keel.optim.ademamix import AdEMAMix
 from keel.optim.lion import Lion
 from keel.optim.muon import MuonWithAdamW, muon_missing, muon_split
-from keel.optim.soap import SOAP
+from keel.optim.playbook import PlaybookNAdam, PlaybookRMSProp
 from keel.optim.registry import (
     Hparam,
     OptimizerSpec,
@@ -27,12 +28,34 @@ from keel.optim.registry import (
     register,
     unit_interval,
 )
+from keel.optim.soap import SOAP
 
 _WD = Hparam(0.0, nonnegative, "weight decay (coupled: added to the gradient)")
 _FUSED = Hparam(None, optional(boolean), "torch's fused kernel (null: keel uses it where torch has one for the device)")
 _FOREACH = Hparam(
     None, optional(boolean), "torch's multi-tensor path (null: keel uses it where the device has fast foreach kernels)"
 )
+_FORM = Hparam("torch", one_of("torch", "playbook"),
+               "'torch': torch's implementation; 'playbook': the Tuning Playbook FAQ's rule as written "
+               "(keel.optim.playbook)")
+
+
+def _rmsprop(groups, lr, form="torch", **kw):
+    if form == "torch":
+        return torch.optim.RMSprop(groups, lr=lr, **kw)
+    if kw.get("centered"):
+        raise KeelError("optimizer.centered: true has no Playbook form; allowed with form: playbook: false")
+    return PlaybookRMSProp(groups, lr=lr, rho=kw["alpha"], momentum=kw["momentum"], eps=kw["eps"],
+                           weight_decay=kw["weight_decay"])
+
+
+def _nadam(groups, lr, form="torch", **kw):
+    if form == "torch":
+        return torch.optim.NAdam(groups, lr=lr, **kw)
+    if kw.get("decoupled_weight_decay"):
+        raise KeelError("optimizer.decoupled_weight_decay: true has no Playbook form; allowed with form: playbook: "
+                        "false")
+    return PlaybookNAdam(groups, lr=lr, betas=kw["betas"], eps=kw["eps"], weight_decay=kw["weight_decay"])
 
 
 def _sgd(momentum: float, nesterov: bool):
@@ -100,8 +123,9 @@ register(
             "centered": Hparam(False, boolean, "divide by the variance estimate sqrt(v - m^2)"),
             "weight_decay": _WD,
             "foreach": _FOREACH,
+            "form": _FORM,
         },
-        build=lambda groups, lr, **kw: torch.optim.RMSprop(groups, lr=lr, **kw),
+        build=_rmsprop,
         torch_class=torch.optim.RMSprop,
     )
 )
@@ -148,8 +172,9 @@ register(
             "momentum_decay": Hparam(4e-3, nonnegative, "psi in mu_t = beta1 (1 - 0.5 * 0.96^(t psi))"),
             "decoupled_weight_decay": Hparam(False, boolean, "true: NAdamW, p <- p (1 - lr wd)"),
             "foreach": _FOREACH,
+            "form": _FORM,
         },
-        build=lambda groups, lr, **kw: torch.optim.NAdam(groups, lr=lr, **kw),
+        build=_nadam,
         torch_class=torch.optim.NAdam,
     )
 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,11 @@ def decode_line(line: str | bytes) -> dict[str, Any]:
     return _decode(value)
 
 
+#: Step records reach the file at most this many seconds late (a reader such as `keel diagnose` on a running run
+#: sees them); every other record, and everything before a checkpoint, is flushed at once.
+FLUSH_SECONDS = 0.25
+
+
 class MetricsLog:
     """Appends records to ``path``; ``truncate_to`` (resume) first cuts it back to a checkpoint's ``offset()``.
 
@@ -73,6 +79,7 @@ class MetricsLog:
         self.path = Path(path)
         gap = self._cut_back(truncate_to, report) if truncate_to is not None else None
         self._handle = open(self.path, "a")
+        self._flushed = time.monotonic()
         self._tensorboard = None
         if gap is not None:
             found, expected = gap
@@ -123,7 +130,10 @@ class MetricsLog:
             raise KeelError(f"metrics record: kind {kind!r} is not a kind; allowed: {', '.join(KINDS)}")
         line = encode_record({"kind": kind, **record})
         self._handle.write(line + "\n")
-        self._handle.flush()
+        now = time.monotonic()
+        if kind != "step" or now - self._flushed >= FLUSH_SECONDS:  # step records: at most FLUSH_SECONDS behind
+            self._handle.flush()
+            self._flushed = now
         if self._tensorboard is not None:
             step = record.get("step", 0)
             for key, value in record.items():

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from keel.errors import KeelError
-from keel.schedules.decays import constant
 from keel.schedules.base import check_choice, check_count, check_lr, check_range, check_real, check_schedule
+from keel.schedules.decays import constant
 
 __all__ = ["ReduceOnPlateau", "reduce_on_plateau"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -27,13 +26,14 @@ from keel.config import TrainConfig, dump_config
 from keel.errors import KeelError
 from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
 from keel.precision import Precision
-from keel.tasks import Task, move_to_device
-from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.rundir.metrics import MetricsLog, decode_line, read_metrics
 from keel.safetensors_io import write_safetensors
+from keel.tasks import Task, move_to_device
+from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import resolve_steps
 from keel.train.init import load_initial_weights
 from keel.train.plot import plot_run
+from keel.train.resume_policy import build_schedule, resume_schedule
 
 
 @dataclass
@@ -138,48 +138,14 @@ class Trainer:
         self.step_metrics: dict[str, Any] = {}  # callbacks' keys for the next step record (e.g. seq_len)
 
     def _build_schedule(self, total_steps: int, decays: list) -> Any:
-        """The run's schedule built for ``total_steps``, then each new decay added on resume: from ``start`` the LR
-        falls from its value there to the schedule's final value by ``end`` (cosine)."""
-        base_lr = float(optim.check_config(self.config.optimizer)["lr"])
-        lengths = {**self.lengths, "total_steps": total_steps}
-        schedule = schedules.from_config(self.config.schedule, base_lr=base_lr, key="schedule", **lengths)
-        previous_end = total_steps
-        for start, end in decays:
-            final = schedule(max(previous_end - 1, 0))
-            decay = schedules.cosine_decay(schedule(start), max(end - start, 1), min_lr=min(final, schedule(start)))
-            schedule, previous_end = schedules.join([schedule, decay], [start]), end
-        return schedule
+        return build_schedule(self.config, self.lengths, total_steps, decays)
 
     def _apply_resume_policy(self, payload: dict[str, Any]) -> None:
         """A resume that changes the run length must not stretch the schedule silently (the LR would jump)."""
-        state, config = self.state, self.config
-        old_total = state.schedule_steps or config.max_steps
-        planned_end = state.decays[-1][1] if state.decays else old_total
-        if planned_end == config.max_steps:
-            if old_total != config.max_steps or state.decays:
-                self.schedule = self._build_schedule(old_total, state.decays)
-                self._load_schedule_state(payload)
-            return
-        at = state.step
-        kept = self._build_schedule(old_total, state.decays)
-        stretched = self._build_schedule(config.max_steps, [])
-        policy = config.resume_policy
-        before = kept(max(at - 1, 0))
-        if policy == "refuse":
-            raise KeelError(
-                f"max_steps: {config.max_steps} on resume, but the run was planned for {planned_end} steps: rebuilt "
-                f"for the new length the schedule would move the LR at step {at} from {kept(at):.3e} to "
-                f"{stretched(at):.3e}; allowed: resume_policy=keep_schedule (the schedule keeps its length; past "
-                f"step {planned_end} the LR stays at {kept(planned_end):.3e}) or resume_policy=new_decay (a new "
-                f"decay from the current LR to {kept(planned_end):.3e} at step {config.max_steps}), or the old "
-                f"max_steps={planned_end}")
-        if policy == "new_decay":
-            state.decays = [*state.decays, [at, config.max_steps]]
-        self.schedule = self._build_schedule(old_total, state.decays)
-        self._load_schedule_state(payload)
-        self._say(f"resume_policy {policy}: max_steps {planned_end} -> {config.max_steps}; LR at step "
-                  f"{max(at - 1, 0)} (before the resume point) {before:.3e}, at step {at} {self.schedule(at):.3e}, "
-                  f"at the end {self.schedule(config.max_steps - 1):.3e}")
+        schedule = resume_schedule(self.config, self.lengths, self.state, self._say)
+        if schedule is not None:
+            self.schedule = schedule
+            self._load_schedule_state(payload)
 
     def _load_schedule_state(self, payload: dict[str, Any]) -> None:
         if payload.get("schedule") is not None and hasattr(self.schedule, "load_state_dict"):
@@ -283,10 +249,12 @@ class Trainer:
                 self.log({"step": state.step - 1, "tokens": tokens_before, "lr": lr, "loss": loss_value,
                           "grad_norm": clip.norm, "clipped": clip.clipped, "skipped": state.skipped,
                           "time": round(state.elapsed, 4), **task.step_metrics(micro_batches), **self.step_metrics})
-            speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
-            bar.update(1)
-            progress.maybe_print(state, config.max_steps, loss_value, lr, speed, state.elapsed - elapsed_at_start)
+            if not bar.disable or progress.enabled:
+                speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
+                bar.update(1)
+                progress.maybe_print(state, config.max_steps, loss_value, lr, speed,
+                                     state.elapsed - elapsed_at_start)
 
             last = state.step == config.max_steps or any(cb.should_stop for cb in self.callbacks)
             improved = False

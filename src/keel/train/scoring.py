@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from keel.averaging.ensemble import target_log_probs
-from keel.safetensors_io import SafetensorsReader
 from keel.errors import KeelError
+from keel.safetensors_io import SafetensorsReader
+
 
 def find_run_config(path: str | Path) -> Path | None:
     """The config.yaml of the run a weights file or directory belongs to (searched up to three levels up)."""
