@@ -42,12 +42,14 @@ class _Block(BaseModel):
 
 
 class DataConfig(_Block):
-    """Where the tokens come from and how batches are drawn."""
+    """Where the tokens come from and how batches are drawn (documents, tokenizers, packing: docs/data.md)."""
 
     source: str = Field(
         "pydoc",
         description="'pydoc' (CPython's reference topics), 'stdlib' (the standard library's source), a text "
-        "file, a folder of text files, a .bin uint16 token file, or a folder with train.bin and val.bin.",
+        "file, a folder of text files (one document each), a .jsonl file (one document per line), "
+        "'hf:FORMAT:PATH' (local files through Hugging Face datasets, e.g. hf:json:data/*.jsonl), a .bin uint16 "
+        "token file, or a folder with train.bin and val.bin.",
     )
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the tokens kept for validation.")
     batch_size: int = Field(
@@ -60,20 +62,76 @@ class DataConfig(_Block):
         "so a run sees the same batches whatever its number of processes (docs/distributed.md).",
     )
     vocab_size: int | None = Field(
-        None, ge=2, description="Vocabulary size of a token file (default: largest id + 1); text is bytes (256)."
+        None, ge=2, description="Vocabulary size of a token file (default: largest id + 1) or of a tokenizer "
+        "(default: its own); byte text is 256 (257 with an end-of-document token).",
     )
     eval_tokens: int = Field(65536, ge=1, le=MAX_EVAL_TOKENS,
                              description="Validation tokens per evaluation (from the split's start; at most 10**12).")
+    text_field: str = Field("text", description="The field holding the text in JSONL lines and hf: datasets.")
+    tokenizer: str | dict[str, int] = Field(
+        "bytes", description="'bytes' (no training), {bpe: VOCAB} (a byte-level BPE trained on the training split "
+        "with Hugging Face tokenizers, cached under cache_dir), or the path of a tokenizer.json.",
+    )
+    packing: bool = Field(
+        True, description="true: documents are concatenated into full windows (keel's behaviour); false: one "
+        "document per sequence, cut at the context length, batched by length under batch_tokens.",
+    )
+    batch_tokens: int | None = Field(
+        None, ge=1, description="With packing false: padded tokens per micro-batch (rows x longest row; default "
+        "batch_size x model.block_size); sequences of similar length share a batch.",
+    )
+    long_documents: Literal["split", "truncate"] = Field(
+        "split", description="With packing false: a document longer than the context is split into several "
+        "sequences ('split') or cut to its first ('truncate').",
+    )
+    eod: bool | None = Field(
+        None, description="End-of-document token after each document. null: on for BPE and tokenizer files that "
+        "have one, and for bytes without packing (vocabulary 257, id 256); off for packed bytes (keel's byte "
+        "stream, vocabulary 256).",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where trained tokenizers and tokenized data are cached (default: $KEEL_CACHE_DIR or "
+        "~/.cache/keel).",
+    )
 
     @field_validator("source")
     @classmethod
     def _source_exists(cls, value: str) -> str:
-        if value not in BUILTIN_CORPORA and not Path(value).expanduser().exists():
+        from keel.data.documents import is_hf_source, parse_hf_source
+
+        if is_hf_source(value):
+            parse_hf_source(value)
+        elif value not in BUILTIN_CORPORA and not Path(value).expanduser().exists():
             raise ValueError(
                 f"'{value}' does not exist; allowed: {', '.join(BUILTIN_CORPORA)}, a text file, a folder of "
-                "text files, a .bin uint16 token file, or a folder with train.bin and val.bin"
+                "text files, a .jsonl file, hf:FORMAT:PATH, a .bin uint16 token file, or a folder with train.bin "
+                "and val.bin"
             )
         return value
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_syntax(cls, value: str | dict[str, int]) -> str | dict[str, int]:
+        from keel.data.tokenizer import BPE_MIN_VOCAB
+
+        if isinstance(value, dict):
+            if set(value) != {"bpe"}:
+                raise KeelError(f"data.tokenizer: {value!r}; allowed: bytes, {{bpe: VOCAB}} or a tokenizer.json path")
+            if value["bpe"] < BPE_MIN_VOCAB:
+                raise KeelError(f"data.tokenizer.bpe: {value['bpe']} is too small a vocabulary for the data (a "
+                                f"byte-level BPE needs the 256 bytes and <|endoftext|>); allowed: at least "
+                                f"{BPE_MIN_VOCAB}")
+        elif value != "bytes" and not Path(value).expanduser().is_file():
+            raise KeelError(f"data.tokenizer: '{value}' is not a file; allowed: bytes, {{bpe: VOCAB}} or the path of "
+                            "a tokenizer.json")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_tokens_without_packing(self) -> "DataConfig":
+        if self.batch_tokens is not None and self.packing:
+            raise KeelError(f"data.batch_tokens: {self.batch_tokens} is for data.packing: false (packed windows are "
+                             "data.batch_size x model.block_size); allowed: null, or data.packing: false")
+        return self
 
 
 class ModelConfig(_Block):
@@ -279,7 +337,7 @@ class TrainConfig(_Block):
         for key in list(extra):
             if key not in registry:
                 allowed = [*type(self).model_fields, *registry]
-                close = difflib.get_close_matches(key, allowed, n=1) or _nested_match(key)
+                close = _nested_match(key) or difflib.get_close_matches(key, allowed, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise KeelError(f"unknown key '{key}'{hint} allowed here: {', '.join(allowed)}")
         for key, technique in registry.items():
@@ -289,6 +347,8 @@ class TrainConfig(_Block):
                     extra[key] = technique.config.model_validate({} if block is None else block)
                 except ValidationError as error:
                     raise KeelError(_describe(error.errors()[0], technique.config, prefix=[key])) from None
+            if technique.check is not None:
+                technique.check(extra[key], self)
         return self
 
     @field_validator("out_dir", "init_from")
@@ -604,7 +664,8 @@ def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
 
 
 #: Keys only the language-model task reads: left out of another task's config.yaml so it does not describe a GPT.
-LM_ONLY = {"model": True, "sample": True, "data": {"source", "vocab_size", "eval_tokens"}}
+LM_ONLY = {"model": True, "sample": True, "data": {"source", "vocab_size", "eval_tokens", "text_field", "tokenizer",
+                                                   "packing", "batch_tokens", "long_documents", "eod", "cache_dir"}}
 
 
 def dump_config(config: TrainConfig) -> str:

@@ -13,7 +13,8 @@ Events, in the order one step meets them: ``on_run_start``; per step ``on_step_s
 micro-batch before the forward pass and returns it, or a replacement), ``on_after_backward``, ``on_step_end``
 (only after an applied update: ``trainer.state.step`` already counts it); ``on_eval`` (may add keys such as
 ``val_loss_ema`` to the eval record); ``on_checkpoint`` (may write files into the checkpoint directory before it
-is committed); ``on_run_end``. A callback signals with ``should_stop``; the trainer acts. Its ``state_dict``
+is committed); ``on_run_end``. A callback signals with ``should_stop``; the trainer acts. Keys a callback puts in
+``trainer.step_metrics`` (e.g. ``seq_len``) go into each following step record of ``metrics.jsonl``. Its ``state_dict``
 (tensors and plain containers) is saved in every checkpoint under its unique ``name`` and handed back to
 ``load_state_dict`` on resume (before ``on_run_start``).
 """
@@ -68,26 +69,31 @@ class Technique:
     """A registered technique: its config key, the block's pydantic model, and the callback factory.
 
     ``make(block)`` returns the callback for a validated block, or ``None`` when the block leaves it off.
+    ``check(block, config)``, if given, checks the block against the rest of the run config when it is loaded
+    (e.g. a length against ``model.block_size``) and raises ``KeelError``.
     """
 
     key: str
     config: type[BaseModel]
     make: Callable[[Any], Callback | None]
+    check: Callable[[Any, Any], None] | None = None
 
 
 _REGISTRY: dict[str, Technique] = {}
 # Modules that register keel's own techniques; imported on first use so that importing keel stays cheap and
 # the technique modules may import the units they wrap without a cycle through keel.config.
-_BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping")
+_BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping", "keel.data.seq_warmup")
 _loaded = False
 
 
-def register_technique(key: str, config: type[BaseModel], make: Callable[[Any], Callback | None]) -> None:
-    """Register the config block ``key`` and the callback factory of a technique (once per key)."""
+def register_technique(key: str, config: type[BaseModel], make: Callable[[Any], Callback | None],
+                       check: Callable[[Any, Any], None] | None = None) -> None:
+    """Register the config block ``key`` and the callback factory of a technique (once per key); ``check(block,
+    config)`` optionally checks the block against the whole run config when it is loaded."""
     existing = _REGISTRY.get(key)
     if existing is not None and (existing.config is not config or existing.make is not make):
         raise KeelError(f"technique '{key}' is registered twice ({existing.config.__name__} and {config.__name__})")
-    _REGISTRY[key] = Technique(key, config, make)
+    _REGISTRY[key] = Technique(key, config, make, check)
 
 
 def techniques() -> dict[str, Technique]:

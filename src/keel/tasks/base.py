@@ -87,6 +87,15 @@ class Task:
         """A short sample to print at each evaluation (a language model's continuation); empty for none."""
         return ""
 
+    def step_metrics(self, batches: list[Any]) -> dict[str, float]:
+        """Keys added to a step's metrics record from its micro-batches (the language model without packing:
+        ``pad_fraction``); none by default."""
+        return {}
+
+    def run_files(self) -> dict[str, str]:
+        """Text files the run directory keeps beside ``config.yaml`` (a trained tokenizer's ``tokenizer.json``)."""
+        return {}
+
     def describe(self) -> list[str]:
         """Lines printed when a run starts: the data and what a trivial model would score."""
         return []

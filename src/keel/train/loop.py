@@ -147,6 +147,7 @@ class Trainer:
         self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
         self._check_first_batch()
         self._config_text = dump_config(config)
+        self.step_metrics: dict[str, Any] = {}  # callbacks' keys for the next step record (e.g. seq_len)
 
     def _build_schedule(self, total_steps: int, decays: list) -> Any:
         return build_schedule(self.config, self.lengths, total_steps, decays)
@@ -189,6 +190,8 @@ class Trainer:
         metrics_offset = self._restore() if self._resume else None
         if self.dist.is_main:
             rundir.atomic_write_text(self.run_dir / rundir.CONFIG, self._config_text)  # once resume succeeded
+            for name, text in self.task.run_files().items():  # e.g. the trained tokenizer.json
+                rundir.atomic_write_text(self.run_dir / name, text)
         config, state, model, optimizer, task = self.config, self.state, self.train_model, self.optimizer, self.task
         self._open_metrics(metrics_offset, state.step)
         for line in task.describe():
@@ -265,7 +268,7 @@ class Trainer:
             if (state.step - 1) % config.log_interval == 0 or state.step == config.max_steps:
                 self.log({"step": state.step - 1, "tokens": tokens_before, "lr": lr, "loss": loss_value,
                           "grad_norm": clip.norm, "clipped": clip.clipped, "skipped": state.skipped,
-                          "time": round(state.elapsed, 4)})
+                          "time": round(state.elapsed, 4), **task.step_metrics(micro_batches), **self.step_metrics})
             if not bar.disable or progress.enabled:
                 speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)

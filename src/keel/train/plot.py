@@ -1,6 +1,7 @@
 """``loss.png``: train loss with a mean ± std band over a sliding window, the evaluations on validation data and on a
 fixed training slice (over- and underfitting side by side), LR on a second axis, steps along the bottom and tokens
-seen along the top (as counted by the trainer's clock). Events (e.g. skipped steps, rollbacks) are marked. Tasks
+seen along the top (as counted by the trainer's clock); the sequence length of sequence-length warmup
+(``seq_len``) as a thin line on a third axis. Events (e.g. skipped steps, rollbacks) are marked. Tasks
 that report accuracy get a second panel with validation and training accuracy."""
 
 from __future__ import annotations
@@ -98,16 +99,24 @@ def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, ti
     to_tokens, to_steps = _tokens_axis(train, tokens_per_step)
     top = ax.secondary_xaxis("top", functions=(to_tokens, to_steps))
     top.set_xlabel(f"{counted} seen")
+    handles, labels = ax.get_legend_handles_labels()
     if train and "lr" in train[0]:
         lr_ax = ax.twinx()
         lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray", linewidth=1, label="lr")
         lr_ax.set_ylabel("learning rate", color="tab:gray")
         lr_ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1e"))
-        handles, labels = ax.get_legend_handles_labels()
         h2, l2 = lr_ax.get_legend_handles_labels()
-        ax.legend(handles + h2, labels + l2, loc="upper right", fontsize=8)
-    else:
-        ax.legend(loc="upper right", fontsize=8)
+        handles, labels = handles + h2, labels + l2
+    lengths = [(r["step"], r["seq_len"]) for r in train if "seq_len" in r]
+    if lengths:  # sequence-length warmup: the length trained on, a thin step line on a third axis
+        len_ax = ax.twinx()
+        len_ax.spines["right"].set_position(("axes", 1.16))
+        len_ax.step(*zip(*lengths), where="post", color="tab:olive", linewidth=0.9, label="seq_len")
+        len_ax.set_ylabel("sequence length", color="tab:olive")
+        len_ax.set_ylim(0, max(n for _, n in lengths) * 1.05)
+        h3, l3 = len_ax.get_legend_handles_labels()
+        handles, labels = handles + h3, labels + l3
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

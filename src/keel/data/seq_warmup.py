@@ -1,0 +1,238 @@
+"""Sequence-length warmup: train on short sequences first and lengthen them to the full context.
+
+Li, Zhang and He, "The Stability-Efficiency Dilemma: Investigating Sequence Length Warmup for Training GPT Models"
+(NeurIPS 2022), implemented as DeepSpeed's curriculum learning (``seqlen`` truncation) and as Composer's
+``SeqLengthWarmup``: full-length training sequences are cut to the scheduled length, so the model, its positional
+embeddings (sized to the full context from the start) and the data pipeline stay as they are.
+
+The unit ``SequenceLengthWarmup`` is a pure function of the step. With ``start`` = s, the model's context L and a
+duration of D steps, at step t < D
+
+    linear:   l(t) = s + (L - s) * t / D
+    stepped:  l(t) = s + (L - s) * floor(t * K / D) / K       (K = ``stages`` plateaus before the full length)
+
+rounded down to a multiple of 8 (as DeepSpeed's ``difficulty_step``) and kept within [s, L]; from t = D on,
+l(t) = L. Two ways to shorten a batch of B rows of length L to l:
+
+- ``keep_tokens_per_step: true`` (Composer's default, DeepSpeed's ``seqlen_reshape``): each row is cut into
+  ceil(L / l) consecutive chunks of length l, so the batch grows to B * ceil(L / l) rows and trains on exactly
+  the targets it held. When l does not divide L the last chunk of a row ends at the row's end and overlaps the
+  one before; the overlap's targets are masked (-100), so no target counts twice and the tokens per step stay
+  exactly constant. For a causal language model a chunk of a window is a valid window.
+- ``keep_tokens_per_step: false`` (Li et al.'s truncation): each row keeps its first l positions; the batch
+  keeps its B rows and trains on fewer tokens while the length is short.
+
+Both act on each micro-batch alone and commute with splitting a batch into rows, and the trainer divides the
+summed loss by the counted targets after this transform, so gradient accumulation and data parallelism stay
+exact. Evaluation always uses the full context. The length is logged as ``seq_len`` in each step record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from keel.errors import KeelError
+from keel.grad.accumulate import IGNORE_INDEX
+from keel.techniques import Callback, register_technique
+from keel.timeunits import resolve_steps
+
+MULTIPLE = 8  # lengths are multiples of 8 (DeepSpeed's difficulty_step), never below
+TARGET_KEYS = ("targets", "labels")
+
+
+@dataclass(frozen=True)
+class SequenceLengthWarmup:
+    """Step -> sequence length, from ``start`` to ``full`` over ``duration`` steps (linear or stepped pacing),
+    rounded down to a multiple of 8 and kept within [start, full]; ``full`` from step ``duration`` on.
+
+    >>> warmup = SequenceLengthWarmup(start=64, full=256, duration=100)
+    >>> [warmup(t) for t in (0, 50, 99, 100)]
+    [64, 160, 248, 256]
+    """
+
+    start: int
+    full: int
+    duration: int
+    pacing: Literal["linear", "stepped"] = "linear"
+    stages: int = 4
+
+    def __post_init__(self) -> None:
+        if not MULTIPLE <= self.start <= self.full:
+            raise KeelError(f"seq_warmup.start: {self.start}; allowed: {MULTIPLE} to the context length {self.full}")
+        if self.duration < 0 or self.stages < 1 or self.pacing not in ("linear", "stepped"):
+            raise KeelError(f"seq_warmup: duration {self.duration}, pacing {self.pacing!r}, stages {self.stages}; "
+                            "allowed: duration >= 0, pacing linear or stepped, stages >= 1")
+
+    def __call__(self, step: int) -> int:
+        if step >= self.duration or self.start >= self.full:
+            return self.full
+        span = self.full - self.start
+        if self.pacing == "linear":
+            length = self.start + span * step // self.duration
+        else:
+            length = self.start + span * (step * self.stages // self.duration) // self.stages
+        return min(self.full, max(self.start - self.start % MULTIPLE, length - length % MULTIPLE))
+
+
+def truncate_sequences(batch: Any, length: int) -> Any:
+    """Every tensor of ``batch`` with a sequence dimension (dim 1) longer than ``length``, cut to its first
+    ``length`` positions; the rows stay."""
+    return _map_tensors(batch, lambda t, is_target: t[:, :length] if t.dim() >= 2 and t.shape[1] > length else t)
+
+
+def reshape_sequences(batch: Any, length: int) -> Any:
+    """Each row of ``batch`` cut into ceil(L / length) consecutive chunks of ``length`` (rows in order, a row's
+    chunks in order), the last ending at the row's end with the targets it shares with the chunk before masked;
+    chunks left without a target (all padding) are dropped. Targets are the second item of an
+    ``(inputs, targets)`` pair, or a dict's ``targets`` / ``labels``."""
+    full = _sequence_length(batch)
+    if full is None or full <= length:
+        return batch
+    n = -(-full // length)
+    starts = torch.arange(n) * length
+    starts[-1] = full - length
+    index = (starts[:, None] + torch.arange(length)).reshape(-1)
+    overlap = torch.zeros(n, length, dtype=torch.bool)
+    overlap[-1, : n * length - full] = True  # already a target in the chunk before
+
+    def chunk(t: torch.Tensor, is_target: bool) -> torch.Tensor:
+        if t.dim() < 2 or t.shape[1] != full:
+            return t
+        out = t.index_select(1, index.to(t.device)).reshape(t.shape[0] * n, length, *t.shape[2:])
+        if is_target:
+            out = out.masked_fill(overlap.to(t.device).repeat(t.shape[0], 1), IGNORE_INDEX)
+        return out
+
+    chunked = _map_tensors(batch, chunk)
+    targets = _targets(chunked)
+    if targets is not None and targets.dim() == 2:
+        keep = (targets != IGNORE_INDEX).any(dim=1)
+        if not bool(keep.all()) and bool(keep.any()):
+            rows = keep.nonzero().squeeze(1)
+            chunked = _map_tensors(chunked, lambda t, _: t.index_select(0, rows.to(t.device)) if t.dim() >= 1 else t)
+    return chunked
+
+
+def _map_tensors(batch: Any, fn) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return fn(batch, False)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(fn(v, len(batch) == 2 and i == 1) if isinstance(v, torch.Tensor) else v
+                           for i, v in enumerate(batch))
+    if isinstance(batch, dict):
+        return {k: fn(v, k in TARGET_KEYS) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def _targets(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    if isinstance(batch, dict):
+        return next((batch[k] for k in TARGET_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
+    return None
+
+
+def _sequence_length(batch: Any) -> int | None:
+    tensors = batch if isinstance(batch, (tuple, list)) else batch.values() if isinstance(batch, dict) else [batch]
+    lengths = [t.shape[1] for t in tensors if isinstance(t, torch.Tensor) and t.dim() >= 2]
+    return max(lengths) if lengths else None
+
+
+# ---------------------------------------------------------------------------------------------- the technique
+
+
+class SeqWarmupConfig(BaseModel):
+    """Sequence-length warmup (Li et al. 2022): short sequences first, the full context after ``duration``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Turn sequence-length warmup on.")
+    start: int = Field(64, description="Sequence length at step 0 (>= 8, at most model.block_size; rounded down "
+                       "to a multiple of 8).")
+    duration: int | str = Field("30%", description="Steps until the full context: steps, '30%' of the run, '2ep' or "
+                                "'50Mtok'.")
+    keep_tokens_per_step: bool = Field(
+        True, description="true: rows are cut into chunks of the current length, so the batch grows and the tokens "
+        "per step stay constant (Composer); false: rows are truncated and the batch keeps its rows (Li et al.).",
+    )
+    pacing: Literal["linear", "stepped"] = Field(
+        "linear", description="'linear': the length grows every step; 'stepped': it grows in `stages` plateaus.")
+    stages: int = Field(4, ge=1, description="Plateaus before the full length with pacing 'stepped'.")
+
+    @field_validator("start")
+    @classmethod
+    def _at_least_eight(cls, value: int) -> int:
+        if value < MULTIPLE:
+            raise KeelError(f"seq_warmup.start: {value} is below {MULTIPLE}; allowed: {MULTIPLE} to model.block_size")
+        return value
+
+    @field_validator("duration")
+    @classmethod
+    def _length_syntax(cls, value: int | str) -> int | str:
+        resolve_steps(value, name="seq_warmup.duration", total_steps=1, steps_per_epoch=1, tokens_per_step=1)
+        return value
+
+
+def check_seq_warmup(block: SeqWarmupConfig, config: Any) -> None:
+    """Checks against the rest of the run config, when it is loaded: the start fits the context."""
+    if not block.enabled:
+        return
+    if config.task == "digits":
+        raise KeelError("seq_warmup.enabled: task digits has no sequences; allowed: task lm, or a task whose batches "
+                        "are sequences (with a block_size attribute)")
+    if config.task == "lm" and block.start > config.model.block_size:
+        raise KeelError(f"seq_warmup.start: {block.start} is above the context (model.block_size "
+                        f"{config.model.block_size}); allowed: {MULTIPLE} to {config.model.block_size}")
+
+
+class SeqWarmupCallback(Callback):
+    """Cuts each training micro-batch to the scheduled length (``on_batch``) and logs it as ``seq_len``."""
+
+    name = "seq_warmup"
+
+    def __init__(self, config: SeqWarmupConfig):
+        self.config = config
+        self.unit: SequenceLengthWarmup | None = None
+        self._saved: dict[str, Any] | None = None
+
+    def on_run_start(self, trainer) -> None:
+        full = getattr(trainer.task, "block_size", None)
+        if not isinstance(full, int):
+            raise KeelError(f"seq_warmup.enabled: task {trainer.config.task!r} has no block_size (its context length); "
+                            "allowed: task lm, or a task with a block_size attribute whose batches are sequences")
+        duration = trainer.resolve_length(self.config.duration, "seq_warmup.duration")
+        if self._saved is not None and self._saved["duration"] != duration:  # e.g. '30%' of a longer run on resume
+            trainer.say(f"seq_warmup: duration kept at {self._saved['duration']} steps from the checkpoint "
+                        f"({self.config.duration!r} now resolves to {duration})")
+            duration = self._saved["duration"]
+        self.unit = SequenceLengthWarmup(self.config.start, full, duration, self.config.pacing, self.config.stages)
+        if self._saved is None:
+            trainer.say(f"seq_warmup: sequence length {self.unit(0)} -> {full} over {duration} steps "
+                        f"({self.config.pacing}; {'tokens per step kept' if self.config.keep_tokens_per_step else 'rows kept'})")
+
+    def on_step_start(self, trainer) -> None:
+        trainer.step_metrics["seq_len"] = self.unit(trainer.state.step)
+
+    def on_batch(self, trainer, batch: Any) -> Any:
+        length = self.unit(trainer.state.step)
+        if self.config.keep_tokens_per_step:
+            return reshape_sequences(batch, length)
+        return truncate_sequences(batch, length)
+
+    def state_dict(self) -> dict[str, Any]:
+        unit = self.unit
+        return {} if unit is None else {"start": unit.start, "full": unit.full, "duration": unit.duration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._saved = dict(state) if state else None
+
+
+register_technique("seq_warmup", SeqWarmupConfig,
+                   lambda block: SeqWarmupCallback(block) if block.enabled else None, check=check_seq_warmup)
+
+__all__ = ["SequenceLengthWarmup", "SeqWarmupCallback", "SeqWarmupConfig", "reshape_sequences",
+           "truncate_sequences"]
