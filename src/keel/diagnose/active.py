@@ -128,10 +128,33 @@ class Session:
     def left(self) -> float:
         return self.deadline - time.perf_counter() - 3.0  # kept for writing the outputs
 
-    def steps_for(self, ideal_min: tuple[int, int], share: float, per_step: float, runs: int = 1,
+    def ideal_costs(self) -> dict[str, float]:
+        """Seconds each procedure would take at its ideal length, at the step and evaluation times measured so far
+        (the warmup search at its longest: every candidate warmup w run for 3w steps)."""
+        p, s, e, o = self.plan, self.step_seconds, self.eval_seconds, self.overhead
+        small = self.small_step_seconds if math.isfinite(self.small_step_seconds) else 0.3 * s
+        config_steps = min(self.config.max_steps, p.config_steps[0])
+        cap = int(0.1 * self.config.max_steps)
+        warmups = sum(3 * w * s + o for w in WARMUPS if w <= cap)
+        return {"overfit": p.overfit_steps[0] * small + o,
+                "config": config_steps * s + 4 * p.val_batches * e + o,
+                "range": p.range_steps[0] * s + e + o,
+                "sweep": (len(SWEEP_GRID) + 3) * (p.sweep_steps[0] * s + p.val_batches * e + o),
+                "instability": p.instability_steps[0] * (s + e) + o,
+                "jumps": 2 * (p.jump_steps[0] * s + e + o),
+                "warmup": warmups,
+                "verify": config_steps * s + o if p.verify else 0.0}
+
+    def steps_for(self, procedure: str, ideal_min: tuple[int, int], per_step: float, runs: int = 1,
                   evals_per_run: float = 1.0) -> int | None:
-        """Steps per run for a procedure given ``share`` of the time left (None: not even the minimum fits)."""
+        """Steps per run for ``procedure``: its ideal length scaled by the share of the time left that its ideal
+        cost is of the ideal cost of every procedure still to come, never below its minimum (None: not even the
+        minimum fits in the time left)."""
         ideal, minimum = ideal_min
+        costs = self.ideal_costs()
+        order = list(costs)
+        coming = sum(costs[name] for name in order[order.index(procedure):])
+        share = costs[procedure] / max(coming, 1e-9)
         fixed = runs * (self.overhead + evals_per_run * self.plan.val_batches * self.eval_seconds)
         available = self.left()
         if available < fixed + runs * minimum * per_step:
@@ -216,19 +239,24 @@ class Session:
         self.device = resolve_device(config.device)
         model = copy.deepcopy(self.pristine).to(self.device)
         model.eval()
-        total, count, began = 0.0, 0, time.perf_counter()
+        total, count, times = 0.0, 0, []
         with torch.no_grad():
             for index in range(self.plan.initial_batches):
+                began = time.perf_counter()
                 batch = tasks.move_to_device(self.base.train_batch(index), self.device)
                 total += float(self.base.loss(model, batch))
                 count += self.base.count(batch)
-        self.eval_seconds = (time.perf_counter() - began) / self.plan.initial_batches
+                times.append(time.perf_counter() - began)
+        self.eval_seconds = min(times[1:] or times)  # the first call pays for warming up
         self.initial_loss = total / max(count, 1)
         model.train()
         batch = tasks.move_to_device(self.base.train_batch(0), self.device)
-        began = time.perf_counter()
-        (self.base.loss(model, batch) / self.base.count(batch)).backward()
-        self.step_seconds = 1.3 * (time.perf_counter() - began)  # forward + backward, plus the update and logging
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            (self.base.loss(model, batch) / self.base.count(batch)).backward()
+            times.append(time.perf_counter() - began)
+        self.step_seconds = 1.3 * min(times[1:])  # forward + backward, plus the update and logging
         del model
         self.display.line(f"setup: task {config.task}, {sum(p.numel() for p in self.pristine.parameters()):,} "
                           f"parameters; one step ~{self.step_seconds:.3f} s, one evaluation batch "
@@ -271,7 +299,7 @@ class Session:
         batch = take_examples(self.base.train_batch(0), examples)
         fraction = min(1.0, max(0.1, examples / max(1, tasks.batch_examples(self.base.train_batch(0)))))
         per_step = self.step_seconds * max(0.3, fraction)
-        steps = self.steps_for(self.plan.overfit_steps, 0.08, per_step, runs=2)
+        steps = self.steps_for("overfit", self.plan.overfit_steps, per_step)
         if steps is None:
             self.diagnosis.skip("overfit one batch", "the budget left is too small",
                                 f"{self.plan.overfit_steps[1]} steps", bad_input=False)
@@ -327,7 +355,7 @@ class Session:
         """The user's config as it is, for its first steps."""
         ideal = (min(self.config.max_steps, self.plan.config_steps[0]),
                  min(self.config.max_steps, self.plan.config_steps[1]))
-        steps = self.steps_for(ideal, 0.12, self.step_seconds, evals_per_run=4)
+        steps = self.steps_for("config", ideal, self.step_seconds, evals_per_run=4)
         if steps is None:
             self.diagnosis.skip("config run", "the budget left is too small", f"{ideal[1]} steps", bad_input=False)
             return
@@ -367,7 +395,7 @@ class Session:
                           f"{'stable' if stability.stable else 'UNSTABLE: ' + stability.message}")
 
     def range_test(self) -> None:
-        steps = self.steps_for(self.plan.range_steps, 0.06, self.step_seconds)
+        steps = self.steps_for("range", self.plan.range_steps, self.step_seconds)
         if steps is None:
             self.diagnosis.skip("LR range test", "the budget left is too small", f"{self.plan.range_steps[1]} steps",
                                 bad_input=False)
@@ -428,7 +456,7 @@ class Session:
 
     def sweep(self) -> None:
         runs = len(SWEEP_GRID) + 3
-        steps = self.steps_for(self.plan.sweep_steps, 0.30, self.step_seconds, runs=runs)
+        steps = self.steps_for("sweep", self.plan.sweep_steps, self.step_seconds, runs=runs)
         if steps is None:
             self.diagnosis.skip("LR sweep", "the budget left is too small",
                                 f"{runs} runs of {self.plan.sweep_steps[1]} steps", bad_input=False)
@@ -499,7 +527,8 @@ class Session:
                 "lr_at_edge_of_stability", "warning",
                 f"the best LR {top:.2e} sits next to an infeasible one ({min(above):.2e}): the model may suffer "
                 "from optimization instability (Tuning Playbook, Figure 7a)",
-                {"best_lr": top, "next_infeasible_lr": min(above), "val_loss_at_best": points[top]["val_loss"]},
+                {"best_lr": top, "next_infeasible_lr": min(above), "val_loss_at_best": points[top]["val_loss"],
+                 "steps_per_run": steps},
                 "stabilise training to reach higher LRs: warmup, clipping, model.norm_position residual"))
         self.display.line(f"LR sweep: lr* = {lr_star:.2e} [{low:.2e}, {high:.2e}]")
 
@@ -535,7 +564,7 @@ class Session:
                                 "a feasible LR from the sweep", bad_input=False)
             return
         per_step = self.step_seconds + self.eval_seconds
-        steps = self.steps_for(self.plan.instability_steps, 0.5, per_step, evals_per_run=0)
+        steps = self.steps_for("instability", self.plan.instability_steps, per_step, evals_per_run=0)
         if steps is None:
             self.diagnosis.skip("instability probe", "the budget left is too small",
                                 f"{self.plan.instability_steps[1]} steps", bad_input=False)
@@ -569,7 +598,7 @@ class Session:
                 "the stable range ends within 2x of lr*: early instability is what warmup fixes (see the warmup "
                 "search); keep a margin below this LR"))
         self.display.line(f"instability probe: 2x lr* = {lr:.2e} for {len(val)} evaluated steps: {verdict.status}")
-        jump_steps = self.steps_for(self.plan.jump_steps, 0.5, self.step_seconds, runs=2)
+        jump_steps = self.steps_for("jumps", self.plan.jump_steps, self.step_seconds, runs=2)
         if jump_steps is None:
             self.diagnosis.skip("5x/10x lr* runs", "the budget left is too small",
                                 f"2 runs of {self.plan.jump_steps[1]} steps", bad_input=False)
@@ -687,7 +716,8 @@ class Session:
             self.diagnosis.add(Finding(
                 "recommended_changes", "info",
                 "recommended.yaml changes " + ", ".join(f"{k} -> {v}" for k, v in changes.items()),
-                {"changes": changes, "from": "config run, sweep, warmup search"},
+                {"changes": changes, "config_run_steps": getattr(self, "config_steps", 0),
+                 "from": "config run, sweep, warmup search"},
                 "train with recommended.yaml", changes))
         self.verify(changes)
 

@@ -97,7 +97,7 @@ class Diagnosis:
         from keel.rundir.metrics import _encode
 
         path = Path(folder) / DIAGNOSIS
-        atomic_write_text(path, json.dumps(_encode(self.to_json()), indent=1, allow_nan=False) + "\n")
+        atomic_write_text(path, json.dumps(_encode(_builtin(self.to_json())), indent=1, allow_nan=False) + "\n")
         return path
 
 
@@ -149,6 +149,17 @@ def write_recommended(folder: Path, raw_config: dict[str, Any], changes: dict[st
     path = Path(folder) / RECOMMENDED
     atomic_write_text(path, "\n".join(header) + "\n" + dump_config(config))
     return path
+
+
+def _builtin(value: Any) -> Any:
+    """numpy scalars and arrays as Python numbers and lists, recursively (for JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_builtin(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return value.tolist()
+    return value
 
 
 def _short(value: Any) -> str:

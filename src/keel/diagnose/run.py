@@ -304,7 +304,8 @@ def gradient_norms(diagnosis: Diagnosis, records: RunRecords, context: dict[str,
     config = context["config"]
     clip = config.clip if config is not None else None
     clip_text = f"{clip.mode} (max_norm {clip.max_norm})" if clip is not None else "unknown"
-    evidence = {"updates": int(len(norms)), "median": p50, "p90": p90, "p99": p99, "max": float(norms.max()),
+    evidence = {"updates": int(len(norms)), "from_step": records.step_numbers[0],
+                "to_step": records.step_numbers[-1], "median": p50, "p90": p90, "p99": p99, "max": float(norms.max()),
                 "clipped_updates": int(sum(clipped)), "clipped_fraction": fraction, "clip": clip_text}
     threshold = _round(p90)
     diagnosis.data["grad_norm"] = {"p90": p90, "clipped_fraction": fraction}
