@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--budget", default=None, metavar="TIME",
                         help="time budget of --config: seconds or '90s', '15m', '1h' (default 15m)")
     parser.add_argument("--out", metavar="DIR", help="output directory of --config (default runs/diagnose-<time>)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads of --config's probes when the config sets none (default 1; 0: torch's "
+                             "default)")
     parser.add_argument("--quiet", action="store_true", help="print only the findings")
     parser.set_defaults(run=run)
 
@@ -80,7 +83,10 @@ def _run_config(args: argparse.Namespace) -> int:
         raise KeelError(f"--out '{out}' exists and is not empty; allowed: a new or empty directory")
     display = Display(enabled=not args.quiet)
     display.line(f"keel diagnose --config {args.config}: budget {budget:.0f} s, output {out}")
-    session = diagnose_config(raw, out, budget, target=str(args.config), display=display)
+    if args.threads < 0:
+        raise KeelError(f"--threads: {args.threads}; allowed: 0 (torch's default) or a count >= 1")
+    session = diagnose_config(raw, out, budget, target=str(args.config), display=display,
+                              threads=args.threads or None)
     diagnosis = session.diagnosis
     print_findings(diagnosis)
     total = sum(diagnosis.timings.values())

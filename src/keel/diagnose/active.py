@@ -59,7 +59,7 @@ INITIAL_LOSS_TOLERANCE = 0.1  # |L0 - ln C| <= 10% of ln C
 class Plan:
     """Ideal and minimum lengths (optimizer steps) of the procedures; the budget scales each between the two."""
 
-    overfit_steps: tuple[int, int] = (150, 30)
+    overfit_steps: tuple[int, int] = (150, 60)
     overfit_examples: int = 4
     config_steps: tuple[int, int] = (200, 20)
     range_steps: tuple[int, int] = (100, 30)
@@ -100,10 +100,15 @@ class Session:
     """One ``keel diagnose --config`` run: the procedures in order, the budget, the findings."""
 
     def __init__(self, raw: dict[str, Any], out_dir: Path, budget: float, *, target: str = "config",
-                 plan: Plan | None = None, display: Display | None = None):
+                 plan: Plan | None = None, display: Display | None = None, threads: int | None = 1):
         from keel.config import validate
 
         self.raw = copy.deepcopy(raw)
+        self.threads_note = ""
+        if self.raw.get("threads") is None and threads is not None:
+            self.raw["threads"] = threads  # probes only: recommended.yaml keeps the config's own setting
+            self.threads_note = f" (threads {threads}: the config sets none)"
+        self.user_raw = copy.deepcopy(raw)
         self.config = validate(self.raw)
         self.out = Path(out_dir)
         self.plan = plan or Plan()
@@ -184,7 +189,8 @@ class Session:
         config = validate(raw)
         total = step_limit or steps
         if time_limit is None:
-            time_limit = max(10.0, 3.0 * total * self.step_seconds) if math.isfinite(self.step_seconds) else None
+            time_limit = max(10.0, 3.0 * total * self.step_seconds) if math.isfinite(self.step_seconds) else 1e9
+        time_limit = max(1.0, min(time_limit, self.left()))  # never past the budget
         watch = ProbeWatch(task, name, total, self.display, step_limit=step_limit, time_limit=time_limit, done=done)
         started = time.perf_counter()
         unstable = None
@@ -260,7 +266,7 @@ class Session:
         del model
         self.display.line(f"setup: task {config.task}, {sum(p.numel() for p in self.pristine.parameters()):,} "
                           f"parameters; one step ~{self.step_seconds:.3f} s, one evaluation batch "
-                          f"~{self.eval_seconds:.3f} s; budget {self.budget:.0f} s")
+                          f"~{self.eval_seconds:.3f} s{self.threads_note}; budget {self.budget:.0f} s")
         minimum = 2 * self.overhead + (self.plan.overfit_steps[1] * 0.5 + self.plan.config_steps[1]) * self.step_seconds
         if self.left() < minimum:
             raise KeelError(f"--budget {self.budget:g}s is too small to run anything: the sanity checks and the "
@@ -446,11 +452,13 @@ class Session:
         stability = result.stability(early_steps=max(10, steps // 10))
         val = result.final_val
         infeasible = result.diverged or not math.isfinite(val) or stability.status == "diverged"
-        point = {"lr": lr, "val_loss": val, "status": "infeasible" if infeasible else stability.status,
+        truncated = not infeasible and len(result.steps) < steps  # stopped by the time limit: not comparable
+        status = "infeasible" if infeasible else "truncated" if truncated else stability.status
+        point = {"lr": lr, "val_loss": val, "status": status,
                  "steps_run": len(result.steps), "stopped": result.stopped,
                  "curve_steps": result.summary()["curve_steps"], "curve_losses": result.summary()["curve_losses"]}
         self.display.line(f"LR sweep: lr {lr:.2e}: "
-                          + ("infeasible" if infeasible else f"val_loss {val:.4f} ({stability.status})")
+                          + ("infeasible" if infeasible else f"val_loss {val:.4f} ({status})")
                           + f" after {len(result.steps)} steps")
         return point
 
@@ -463,11 +471,15 @@ class Session:
             return
         self.sweep_steps = steps
         points: dict[float, dict[str, Any]] = {}
+        one_run = steps * self.step_seconds + self.overhead + self.plan.val_batches * self.eval_seconds
         for lr in SWEEP_GRID:
+            if points and self.left() < one_run:
+                self.diagnosis.skip(f"LR sweep at {lr:g}", "the budget ran out", f"{one_run:.0f} s", bad_input=False)
+                continue
             points[lr] = self._sweep_run(lr, steps)
 
         def best() -> float | None:
-            feasible = {lr: p for lr, p in points.items() if p["status"] != "infeasible"}
+            feasible = {lr: p for lr, p in points.items() if p["status"] not in ("infeasible", "truncated")}
             return min(feasible, key=lambda lr: feasible[lr]["val_loss"]) if feasible else None
 
         for _ in range(2):  # the best at an edge of the grid: extend by a decade that way
@@ -536,7 +548,7 @@ class Session:
     def _lr_star(points: dict[float, dict[str, Any]], top: float) -> tuple[float, float, float]:
         """lr* and its interval: the vertex of a parabola through the best point and its feasible neighbours in
         log10 LR, with the LRs whose fitted loss is within 1% of the minimum (bounded by the neighbours)."""
-        feasible = sorted(lr for lr, p in points.items() if p["status"] != "infeasible")
+        feasible = sorted(lr for lr, p in points.items() if p["status"] not in ("infeasible", "truncated"))
         i = feasible.index(top)
         left = feasible[i - 1] if i > 0 else top / 10**0.5
         right = feasible[i + 1] if i + 1 < len(feasible) else top * 10**0.5
@@ -666,6 +678,10 @@ class Session:
                     found = w
                     break
             self.results["warmup"].append({"target": label, "base_lr": base, "tried": tried, "found": found})
+            if all(t["status"] == "skipped (budget)" for t in tried):
+                self.diagnosis.skip(f"warmup search at {base:.2e}", "the budget left is too small",
+                                    f"{3 * candidates[0]} steps", bad_input=False)
+                continue
             evidence = {"base_lr": base, "candidates": candidates, "cap_10pct": cap,
                         "results": {str(t["warmup"]): t["status"] for t in tried}, "post_warmup_steps": "2 x warmup"}
             if found is None:
@@ -757,15 +773,18 @@ class Session:
 
 
 def diagnose_config(raw: dict[str, Any], out_dir: str | Path, budget: float, *, target: str = "config",
-                    plan: Plan | None = None, display: Display | None = None) -> Session:
+                    plan: Plan | None = None, display: Display | None = None, threads: int | None = 1) -> Session:
     """Run every procedure on ``raw`` (a config as a dict) within ``budget`` seconds; write ``diagnosis.json`` and
-    ``recommended.yaml`` into ``out_dir``. Returns the session (its ``diagnosis`` and ``results``)."""
-    session = Session(raw, Path(out_dir), budget, target=target, plan=plan, display=display)
+    ``recommended.yaml`` into ``out_dir``. Returns the session (its ``diagnosis`` and ``results``).
+
+    ``threads``: CPU threads of the probes when the config sets none (default 1: on a shared CPU torch's default
+    OpenMP threads can make each step several times slower; None keeps torch's default)."""
+    session = Session(raw, Path(out_dir), budget, target=target, plan=plan, display=display, threads=threads)
     try:
         session.run()
     finally:
         session.diagnosis.data.update(session.results)
         if session.ready:  # setup finished: a partial diagnosis is written too
             session.diagnosis.write(session.out)
-            write_recommended(session.out, session.raw, session.changes, target)
+            write_recommended(session.out, session.user_raw, session.changes, target)
     return session

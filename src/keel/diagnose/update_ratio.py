@@ -86,10 +86,10 @@ class UpdateRatio:
             return {}
         self._armed = False
         torch._foreach_sub_(self._buffers, after)  # W_old - W_new, in place: its norm is ||ΔW||
-        updates = torch.stack(torch._foreach_norm(self._buffers)).double()
-        weights = torch.stack(torch._foreach_norm(after)).double()
-        values, norms = (updates / weights).tolist(), weights.tolist()
-        return {name: value for name, value, norm in zip(names, values, norms) if norm > 0}
+        norms = torch.stack(torch._foreach_norm([*self._buffers, *after])).tolist()  # one reduction, one sync
+        count = len(after)
+        return {name: update / weight for name, update, weight in zip(names, norms[:count], norms[count:])
+                if weight > 0}
 
 
 class UpdateRatioCallback(Callback):
