@@ -51,11 +51,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_dir(run_dir: Path, quiet: bool) -> int:
     from keel.diagnose.findings import write_recommended
-    from keel.diagnose.run import diagnose_run
+    from keel.diagnose.run import diagnose_run, load_run, write_plots
 
     diagnosis, raw = diagnose_run(run_dir, report=lambda m: None if quiet else print(m))
     path = diagnosis.write(run_dir)
     written = [path.name]
+    records, _ = load_run(run_dir)
+    written += [p.name for p in write_plots(run_dir, records, raw)]
     notes = []
     if raw is not None:
         if raw.get("task") == "python":
@@ -94,7 +96,8 @@ def _run_config(args: argparse.Namespace) -> int:
     for name, seconds in diagnosis.timings.items():
         print(f"  {name:<20} {seconds:8.1f} s  {seconds / max(total, 1e-9):6.1%}")
     print(f"  {'total':<20} {total:8.1f} s  (budget {budget:.0f} s)")
-    print(f"wrote {out / 'diagnosis.json'}, {out / 'recommended.yaml'}, probe runs in {out / 'probes'}")
+    extra = ", lr_sweep.png" if (out / "lr_sweep.png").is_file() else ""
+    print(f"wrote {out / 'diagnosis.json'}, {out / 'recommended.yaml'}{extra}, probe runs in {out / 'probes'}")
     return _finish(diagnosis)
 
 

@@ -189,7 +189,7 @@ class Session:
         config = validate(raw)
         total = step_limit or steps
         if time_limit is None:
-            time_limit = max(10.0, 3.0 * total * self.step_seconds) if math.isfinite(self.step_seconds) else 1e9
+            time_limit = max(10.0, 2.0 * total * self.step_seconds) if math.isfinite(self.step_seconds) else 1e9
         time_limit = max(1.0, min(time_limit, self.left()))  # never past the budget
         watch = ProbeWatch(task, name, total, self.display, step_limit=step_limit, time_limit=time_limit, done=done)
         started = time.perf_counter()
@@ -205,7 +205,8 @@ class Session:
         result.stopped = unstable or watch.reason
         tidy_probe_dir(run_dir)
         measured = result.step_seconds()
-        if measured is not None and task.one_batch is None:
+        if measured is not None and task.one_batch is None and raw["eval_interval"] >= 10:
+            # a step record's time does not include evaluations, but the gap to the next one does
             self.step_seconds = measured
             self.overhead = max(0.5, min(30.0, result.wall - len(result.steps) * measured
                                          - len(result.evals) * self.eval_seconds * task.val_batches))
@@ -262,7 +263,7 @@ class Session:
             began = time.perf_counter()
             (self.base.loss(model, batch) / self.base.count(batch)).backward()
             times.append(time.perf_counter() - began)
-        self.step_seconds = 1.3 * min(times[1:])  # forward + backward, plus the update and logging
+        self.step_seconds = 1.3 * min(times[1:]) + 0.01  # forward + backward, plus the update and logging
         del model
         self.display.line(f"setup: task {config.task}, {sum(p.numel() for p in self.pristine.parameters()):,} "
                           f"parameters; one step ~{self.step_seconds:.3f} s, one evaluation batch "
@@ -585,7 +586,7 @@ class Session:
         result = self.probe("instability-2x", steps=steps, lr=lr, eval_interval=1,
                             task=self.task(val_batches=1, train_eval_batches=0),
                             overrides={"schedule": {"name": "constant"}, "optimizer.lr": lr},
-                            time_limit=max(10.0, 2 * steps * per_step))
+                            time_limit=max(10.0, 1.25 * steps * per_step))  # later procedures keep their share
         val_steps = [int(e["step"]) for e in result.evals]
         val = [float(e["val_loss"]) for e in result.evals]
         early = max(10, steps // 10)
@@ -787,4 +788,11 @@ def diagnose_config(raw: dict[str, Any], out_dir: str | Path, budget: float, *, 
         if session.ready:  # setup finished: a partial diagnosis is written too
             session.diagnosis.write(session.out)
             write_recommended(session.out, session.user_raw, session.changes, target)
+            if session.results.get("sweep", {}).get("points"):
+                from keel.diagnose.plots import sweep_figure
+                from keel.diagnose.run import _write_bytes
+
+                lr = session.config.optimizer.get("lr")
+                _write_bytes(session.out / "lr_sweep.png",
+                             sweep_figure(session.results["sweep"], lr if isinstance(lr, float) else None))
     return session

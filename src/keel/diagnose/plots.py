@@ -31,7 +31,7 @@ def _png(fig) -> bytes:
     plt = _plt()
     buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")  # legends below the axes are kept
     plt.close(fig)
     return buffer.getvalue()
 
@@ -249,8 +249,10 @@ def probe_curves_figure(curves: list[tuple[str, list[int], list[float]]], title:
 
 
 def _dedupe_legend(ax) -> None:
+    """One legend entry per label, below the axes (run labels can be long)."""
     handles, labels = ax.get_legend_handles_labels()
     seen: dict[str, Any] = {}
     for handle, label in zip(handles, labels):
         seen.setdefault(label, handle)
-    ax.legend(list(seen.values()), list(seen), fontsize=7, loc="upper right")
+    ax.legend(list(seen.values()), list(seen), fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16),
+              frameon=False)

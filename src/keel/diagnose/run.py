@@ -17,6 +17,7 @@ Four readings, each a function of the run's records (``keel.rundir.metrics.read_
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,35 @@ def diagnose_run(run_dir: str | Path, report=lambda message: None) -> tuple[Diag
     update_ratios(diagnosis, records, context)
     instability_events(diagnosis, records, context)
     return diagnosis, raw
+
+
+def write_plots(run_dir: str | Path, records: RunRecords, raw: dict[str, Any] | None) -> list[Path]:
+    """The Playbook's default outputs beside the run: ``grad_norm.png`` (unclipped norm against step and its
+    histogram over all steps) and, when logged, ``update_ratio.png``. Returns the files written."""
+    from keel.diagnose import plots
+
+    run_dir = Path(run_dir)
+    written = []
+    steps = [s for s, r in zip(records.step_numbers, records.steps) if "grad_norm" in r]
+    if len(signals.finite(records.norms)) >= MIN_NORMS:
+        clip = (raw or {}).get("clip") or {}
+        threshold = clip.get("max_norm") if clip.get("mode", "norm") == "norm" else None
+        clipped = [bool(r.get("clipped")) for r in records.steps if "grad_norm" in r]
+        png = plots.grad_norm_figure(steps, records.norms, clipped, signals.percentile(records.norms, 90),
+                                     threshold, run_dir.name or str(run_dir))
+        _write_bytes(run_dir / "grad_norm.png", png)
+        written.append(run_dir / "grad_norm.png")
+    if records.ratios:
+        _write_bytes(run_dir / "update_ratio.png", plots.update_ratio_figure(records.ratios, run_dir.name))
+        written.append(run_dir / "update_ratio.png")
+    return written
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary file and rename, so a reader never sees half an image."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- context
