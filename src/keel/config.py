@@ -144,6 +144,15 @@ class ModelConfig(_Block):
                             "and shorter than the training split).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
     bias: bool = Field(True, description="Biases in linear layers and layer norms.")
+    norm_position: Literal["pre", "post", "residual"] = Field(
+        "pre", description="Where each block's LayerNorm sits: 'pre' x + f(Norm(x)) (GPT-2), 'post' Norm(x + f(x)) "
+        "(original Transformer), 'residual' x + Norm(f(x)) (Tuning Playbook: norm as the last operation of the "
+        "residual branch).",
+    )
+    zero_init_residual: bool = Field(
+        False, description="Gate each residual branch by a learned scalar initialised to 0 (ReZero): every block "
+        "starts as the identity.",
+    )
     hf_config: dict[str, Any] | None = Field(
         None, description="A transformers config of a causal LM to build instead of the GPT (randomly initialised), "
         "e.g. {model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 2}; vocab_size defaults to the data's.",
@@ -156,6 +165,11 @@ class ModelConfig(_Block):
     def _heads_divide_width(self) -> "ModelConfig":
         if self.hf_config is not None and self.hf_pretrained is not None:
             raise ValueError("model.hf_config and model.hf_pretrained are both set; allowed: at most one")
+        if (self.hf_config is not None or self.hf_pretrained is not None) and (
+                self.norm_position != "pre" or self.zero_init_residual):
+            raise ValueError("model.norm_position and model.zero_init_residual are options of keel's GPT, not of a "
+                             "Hugging Face model; allowed with hf_config/hf_pretrained: norm_position pre, "
+                             "zero_init_residual false")
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"model.n_head: {self.n_head} does not divide model.n_embd: {self.n_embd}; "

@@ -82,7 +82,8 @@ class Technique:
 _REGISTRY: dict[str, Technique] = {}
 # Modules that register keel's own techniques; imported on first use so that importing keel stays cheap and
 # the technique modules may import the units they wrap without a cycle through keel.config.
-_BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping", "keel.data.seq_warmup")
+_BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping", "keel.data.seq_warmup",
+                    "keel.diagnose.update_ratio")
 _loaded = False
 
 

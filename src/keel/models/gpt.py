@@ -1,4 +1,10 @@
-"""A decoder-only GPT: pre-norm transformer blocks, causal self-attention, GELU MLP (after GPT-2 and nanoGPT)."""
+"""A decoder-only GPT: pre-norm transformer blocks, causal self-attention, GELU MLP (after GPT-2 and nanoGPT).
+
+Two options of the residual blocks are remedies the Deep Learning Tuning Playbook lists for training instability
+(FAQ "How can I fix training instability?"): where the norm sits (``norm_position``: ``pre`` by default, ``post``
+as in the original Transformer, ``residual`` for the Playbook's "normalise as the last operation before the
+residual", ``x + Norm(f(x))``) and zero-initialised residual branches (``zero_init_residual``).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,10 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    norm_position: str = "pre"  # pre: x + f(Norm(x)); post: Norm(x + f(x)); residual: x + Norm(f(x))
+    zero_init_residual: bool = False  # a learned scalar gate on each residual branch, initialised to 0 (ReZero)
+
+NORM_POSITIONS = ("pre", "post", "residual")
 
 
 class CausalSelfAttention(nn.Module):
@@ -53,24 +63,57 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+    """A residual block of attention then MLP; ``norm_position`` says where each LayerNorm sits:
+
+    - ``pre`` (default, GPT-2): ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``;
+    - ``post`` (Vaswani et al. 2017): ``ln_1(x + attn(x))``, then ``ln_2(x + mlp(x))``;
+    - ``residual``: ``x + ln_1(attn(x))``, then ``x + ln_2(mlp(x))`` (the Tuning Playbook's ``x + Norm(f(x))``,
+      the res-post-norm of Swin Transformer V2, Liu et al. 2022).
+
+    ``zero_init_residual`` multiplies each branch by a learned scalar gate initialised to 0 (``attn_gate``,
+    ``mlp_gate``): ReZero, Bachlechner et al. 2021, "ReZero is all you need: fast convergence at large depth",
+    ``x + alpha * f(x)`` with ``alpha = 0`` at initialisation, so every block starts as the identity (with
+    ``post`` the gate sits inside the norm: ``Norm(x + alpha * f(x))``). A gate rather than zeroed output
+    projections, because with ``residual`` a zero branch would feed LayerNorm a zero vector, whose gradient is
+    scaled by 1/sqrt(eps).
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position {config.norm_position!r}; allowed: {', '.join(NORM_POSITIONS)}")
+        self.norm_position = config.norm_position
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        if config.zero_init_residual:
+            self.attn_gate = nn.Parameter(torch.zeros(()))
+            self.mlp_gate = nn.Parameter(torch.zeros(()))
+        else:
+            self.attn_gate = self.mlp_gate = None
+
+    @staticmethod
+    def _gated(branch: torch.Tensor, gate: nn.Parameter | None) -> torch.Tensor:
+        return branch if gate is None else gate * branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        if self.norm_position == "pre":
+            x = x + self._gated(self.attn(self.ln_1(x)), self.attn_gate)
+            return x + self._gated(self.mlp(self.ln_2(x)), self.mlp_gate)
+        if self.norm_position == "post":
+            x = self.ln_1(x + self._gated(self.attn(x), self.attn_gate))
+            return self.ln_2(x + self._gated(self.mlp(x), self.mlp_gate))
+        x = x + self._gated(self.ln_1(self.attn(x)), self.attn_gate)
+        return x + self._gated(self.ln_2(self.mlp(x)), self.mlp_gate)
 
 
 class GPT(nn.Module):
     """Decoder-only language model returning next-token logits of shape ``(batch, time, vocab_size)``.
 
     Initialisation follows GPT-2: normal(0, 0.02) weights, residual projections scaled by ``1/sqrt(2 * n_layer)``.
+    The final ``ln_f`` is kept whatever ``norm_position`` (with ``post`` it only adds a learned affine map), so
+    parameter names do not depend on the option.
     Parameter names are stable (``tok_emb``, ``pos_emb``, ``blocks.N.*``, ``ln_f``, ``head``) so the
     parameter-group helpers can tell embeddings, norms, biases and depth apart.
     """

@@ -6,9 +6,11 @@ strings back into floats (anywhere in a record, so a string field holding exactl
 Finite floats are written with Python's shortest round-trip repr, so a logged loss read back is bitwise the logged
 value.
 
-Every record has a ``kind``: ``"step"`` (a training step), ``"eval"`` (an evaluation: ``val_loss``, ``val_*``) or
-``"event"`` (it has an ``"event"`` key: skipped, spike, rollback, stopped, metrics_gap, ...). ``MetricsLog.write``
-adds it when the caller did not (``record_kind``); ``read_metrics`` adds it to records of older logs.
+Every record has a ``kind``: ``"step"`` (a training step), ``"eval"`` (an evaluation: ``val_loss``, ``val_*``),
+``"event"`` (it has an ``"event"`` key: skipped, spike, rollback, stopped, metrics_gap, ...) or ``"diagnostic"`` (a
+periodic measurement of the model written with that kind, e.g. update-to-weight ratios: ``keel.diagnose``).
+``MetricsLog.write`` adds it when the caller did not (``record_kind``); ``read_metrics`` adds it to records of
+older logs.
 
 On resume the file is cut back to its length at the checkpoint (``truncate_to``), so it never holds a step twice.
 A log shorter than that length (records lost, or the file replaced) is never padded or cut: the missing part is
@@ -27,7 +29,7 @@ from typing import Any
 
 from keel.errors import KeelError
 
-KINDS = ("step", "eval", "event")
+KINDS = ("step", "eval", "event", "diagnostic")
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 

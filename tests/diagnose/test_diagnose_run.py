@@ -1,0 +1,175 @@
+"""`keel diagnose RUN_DIR` on synthetic run directories: each finding, its evidence, and bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from keel.cli.main import main
+from keel.config import dump_config, load_config
+from keel.diagnose.findings import read_diagnosis
+from keel.diagnose.run import diagnose_run
+from keel.rundir.metrics import MetricsLog
+
+RNG = np.random.default_rng(0)
+
+
+def make_run(path, losses, *, lrs=None, evals=(), events=(), norms=None, clipped=None, overrides=(),
+             ratios=()):
+    n = len(losses)
+    config = load_config(None, ["task=digits", f"max_steps={n}", *overrides])
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(dump_config(config))
+    lrs = lrs if lrs is not None else [1e-3] * n
+    norms = norms if norms is not None else list(0.5 + 0.1 * RNG.random(n))
+    clipped = clipped if clipped is not None else [False] * n
+    log = MetricsLog(path / "metrics.jsonl")
+    for i in range(n):
+        log.write({"step": i, "tokens": 32 * i, "lr": lrs[i], "loss": float(losses[i]), "grad_norm": float(norms[i]),
+                   "clipped": clipped[i], "skipped": 0, "time": 0.01 * i})
+    for record in [*evals, *events, *ratios]:
+        log.write(record)
+    log.close()
+    return path
+
+
+def kinds(diagnosis):
+    return {f.kind: f for f in diagnosis.findings}
+
+
+def check_evidence(diagnosis):
+    for finding in diagnosis.findings:
+        assert finding.evidence, finding.kind
+        assert any("step" in key for key in finding.evidence), (finding.kind, finding.evidence)
+        assert finding.recommendation
+
+
+def test_lr_too_low(tmp_path):
+    n = 400
+    losses = 2.3 - 1.0 * np.arange(n) / n + 0.01 * RNG.standard_normal(n)
+    diagnosis, _ = diagnose_run(make_run(tmp_path / "r", losses, overrides=["optimizer.lr=1e-4"]))
+    found = kinds(diagnosis)
+    assert "lr_too_low" in found
+    assert found["lr_too_low"].changes == {"optimizer.lr": 3e-4}
+    check_evidence(diagnosis)
+
+
+def test_fast_fall_then_plateau_at_constant_lr(tmp_path):
+    n = 400
+    losses = 1.0 + 1.3 * np.exp(-np.arange(n) / 10) + 0.01 * RNG.standard_normal(n)
+    run = make_run(tmp_path / "r", losses, overrides=["schedule.name=constant", "optimizer.lr=0.1"],
+                   lrs=[0.1] * n)
+    found = kinds(diagnose_run(run)[0])
+    assert "lr_too_high_plateau" in found
+    assert found["lr_too_high_plateau"].changes["schedule"]["name"] == "cosine"
+
+
+def test_kink_where_the_lr_decays_while_still_falling(tmp_path):
+    n = 600
+    t = np.arange(n)
+    losses = 2.3 - 0.001 * t - np.where(t >= 300, 0.4, 0.0) + 0.005 * RNG.standard_normal(n)
+    lrs = [0.1 if i < 300 else 0.01 for i in range(n)]
+    found = kinds(diagnose_run(make_run(tmp_path / "r", losses, lrs=lrs))[0])
+    assert found["decay_too_early"].evidence["decay_step"] == 300
+    assert found["decay_too_early"].evidence["lr_before"] == 0.1
+
+
+def _evals(val, train, every=50):
+    return [{"step": every * (i + 1), "val_loss": v, "train_eval_loss": t} for i, (v, t) in enumerate(zip(val, train))]
+
+
+def test_overfitting(tmp_path):
+    losses = 2.3 * np.exp(-np.arange(300) / 100) + 0.1
+    val = [1.5, 1.0, 0.8, 0.85, 0.95, 1.1]
+    train = [1.4, 0.9, 0.6, 0.4, 0.25, 0.1]
+    found = kinds(diagnose_run(make_run(tmp_path / "r", losses, evals=_evals(val, train)))[0])
+    assert found["overfitting"].evidence["best_step"] == 150
+    assert found["overfitting"].changes == {"early_stopping.patience": 3}
+
+
+def test_underfitting_against_ln_c(tmp_path):
+    losses = 2.31 - 0.05 * np.arange(300) / 300
+    val, train = [2.29, 2.28, 2.27], [2.28, 2.27, 2.26]
+    found = kinds(diagnose_run(make_run(tmp_path / "r", losses, evals=_evals(val, train, 100)))[0])
+    assert found["underfitting"].evidence["ln(num_classes)"] == pytest.approx(math.log(10))
+
+
+def test_train_longer_when_both_still_improve(tmp_path):
+    losses = 2.3 * np.exp(-np.arange(400) / 300) + 0.1
+    val = [1.8, 1.5, 1.3, 1.1, 1.0, 0.9, 0.8, 0.7]
+    train = [1.7, 1.4, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6]
+    found = kinds(diagnose_run(make_run(tmp_path / "r", losses, evals=_evals(val, train)))[0])
+    assert found["train_longer"].changes == {"max_steps": 800}
+    assert "overfitting" not in found
+
+
+def test_gradient_norms_and_clipping(tmp_path):
+    n = 100
+    norms = list(np.linspace(0.5, 5.0, n))
+    clipped = [bool(v > 1.0) for v in norms]
+    found = kinds(diagnose_run(make_run(tmp_path / "r", np.linspace(2.3, 1.0, n), norms=norms, clipped=clipped))[0])
+    finding = found["clipping_most_updates"]
+    assert finding.evidence["p90"] == pytest.approx(np.percentile(norms, 90))
+    assert finding.evidence["clipped_fraction"] > 0.5
+    assert finding.changes == {"clip.mode": "norm", "clip.max_norm": float(f"{np.percentile(norms, 90):.2g}")}
+    few = kinds(diagnose_run(make_run(tmp_path / "q", np.linspace(2.3, 1.0, n), norms=norms))[0])
+    assert "clip_threshold" in few and "clipping_most_updates" not in few
+
+
+def test_update_ratios_outside_the_healthy_band(tmp_path):
+    ratios = [{"kind": "diagnostic", "step": s, "diagnostic": "update_ratio",
+               "ratios": {"a.weight": 1e-3, "b.weight": 1e-6, "c.weight": 0.2}} for s in range(0, 100, 10)]
+    found = kinds(diagnose_run(make_run(tmp_path / "r", np.linspace(2.3, 1.0, 100), ratios=ratios))[0])
+    assert found["update_ratio_low"].evidence["b.weight"] == 1e-6
+    assert found["update_ratio_high"].evidence["c.weight"] == 0.2
+    assert "a.weight" not in found["update_ratio_low"].evidence
+
+
+def test_instability_events_early_and_sudden(tmp_path):
+    n = 500
+    losses = list(2.3 * np.exp(-np.arange(n) / 200) + 0.2 + 0.01 * RNG.standard_normal(n))
+    losses[400] = 5.0  # a spike the detector finds in the log
+    events = [{"step": 3, "event": "skipped", "reason": "nonfinite_loss", "loss": math.nan},
+              {"step": 250, "event": "rollback", "from_step": 260}]
+    diagnosis, _ = diagnose_run(make_run(tmp_path / "r", losses, events=events))
+    found = kinds(diagnosis)
+    assert [e["step"] for e in found["instability_early"].evidence["events"]] == [3]
+    assert {e["step"] for e in found["instability_sudden"].evidence["events"]} == {250, 400}
+    assert found["instability_early"].changes["schedule.warmup"] >= 25
+    check_evidence(diagnosis)
+
+
+def test_cli_writes_diagnosis_and_a_trainable_recommended_config(tmp_path, tiny_overrides, capsys):
+    from keel.train import train
+
+    run = tmp_path / "run"
+    train(load_config(None, [*tiny_overrides, "max_steps=60", "eval_interval=20", "sample.tokens=0",
+                             f"out_dir={run}"]), quiet=True)
+    assert main(["diagnose", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "evidence:" in out and "recommendation:" in out
+    diagnosis = read_diagnosis(run)
+    assert diagnosis.source == "run" and diagnosis.findings
+    raw = json.loads((run / "diagnosis.json").read_text())
+    assert {"kind", "severity", "evidence", "recommendation"} <= set(raw["findings"][0])
+    recommended = run / "recommended.yaml"
+    config = load_config(recommended, ["max_steps=15", "eval_interval=15", f"out_dir={tmp_path / 'again'}"])
+    assert config.out_dir == str(tmp_path / "again")
+    assert main(["train", str(recommended), "max_steps=15", "eval_interval=15", "sample.tokens=0",
+                 "--out", str(tmp_path / "again"), "--quiet"]) == 0
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["diagnose", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metrics.jsonl" in err
+    assert main(["diagnose", str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+    short = make_run(tmp_path / "short", [2.3, 2.2, 2.1, 2.0, 1.9])
+    assert main(["diagnose", str(short)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "learning curves" in err and "at least 20" in err
+    assert (short / "diagnosis.json").is_file()  # the partial diagnosis is written
+    assert {s.procedure for s in read_diagnosis(short).skipped} >= {"learning curves", "gradient norms"}
