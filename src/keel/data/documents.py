@@ -141,8 +141,8 @@ def _read_hf(source: str, text_field: str, cache_dir: str | Path | None) -> list
     try:
         import datasets
     except ImportError:
-        raise KeelError("data.source: hf:... needs the datasets package; install it: pip install datasets "
-                        "(or pip install 'keel[hf]')") from None
+        raise KeelError("data.source: hf:... needs the datasets package; install the extra: pip install "
+                        "'keel[datasets]' (allowed without it: a .jsonl file, a folder or a text file)") from None
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     from keel.data.tokenizer import default_cache_dir
