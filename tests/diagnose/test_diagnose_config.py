@@ -47,6 +47,7 @@ def test_unstable_config_is_flagged_and_a_warmup_makes_it_train(tmp_path):
     assert {f.kind for f in written.findings} == set(found)
     assert all(f.evidence for f in written.findings)
     assert (tmp_path / "out" / "probes").is_dir()
+    assert (tmp_path / "out" / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_healthy_config_is_not_flagged(tmp_path):

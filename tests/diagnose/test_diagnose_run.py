@@ -148,6 +148,7 @@ def test_cli_writes_diagnosis_and_a_trainable_recommended_config(tmp_path, tiny_
                              f"out_dir={run}"]), quiet=True)
     assert main(["diagnose", str(run)]) == 0
     out = capsys.readouterr().out
+    assert (run / "grad_norm.png").read_bytes()[:4] == b"\x89PNG"
     assert "evidence:" in out and "recommendation:" in out
     diagnosis = read_diagnosis(run)
     assert diagnosis.source == "run" and diagnosis.findings

@@ -12,7 +12,8 @@ def add_parser(subparsers) -> None:
         description="Write one static HTML page (images embedded) comparing RUN_DIRs: loss curves with mean +- std "
                     "across seeds of one config, validation curves, LR, gradient norms, update ratios and the "
                     "findings of keel diagnose.")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or keel diagnose --config outputs)")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run directories (or keel diagnose --config outputs)")
     parser.add_argument("--out", default="report.html", metavar="FILE", help="the HTML file (default report.html)")
     parser.set_defaults(run=run)
 

@@ -704,7 +704,8 @@ class Session:
                 self.diagnosis.add(Finding(
                     "lengthen_run", "warning",
                     f"the warmup needed ({found} steps) is {found / self.config.max_steps:.0%} of the run, over 5%",
-                    {"warmup_steps": found, "max_steps": self.config.max_steps, "fraction": found / self.config.max_steps},
+                    {"warmup_steps": found, "max_steps": self.config.max_steps,
+                     "fraction": found / self.config.max_steps},
                     f"lengthen the run by the warmup (Playbook): max_steps {self.config.max_steps + found}"))
 
     def recommend(self) -> None:

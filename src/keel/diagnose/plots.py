@@ -183,14 +183,20 @@ def sweep_figure(sweep: dict[str, Any], config_lr: float | None = None) -> bytes
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     points = sweep.get("points", [])
-    feasible = [(p["lr"], p["val_loss"]) for p in points if p["status"] != "infeasible" and math.isfinite(p["val_loss"])]
+    feasible = [(p["lr"], p["val_loss"]) for p in points
+                if p["status"] not in ("infeasible", "truncated") and math.isfinite(p["val_loss"])]
     infeasible = [p["lr"] for p in points if p["status"] == "infeasible" or not math.isfinite(p["val_loss"])]
+    truncated = [(p["lr"], p["val_loss"]) for p in points
+                 if p["status"] == "truncated" and math.isfinite(p["val_loss"])]
     if feasible:
         lrs, losses = zip(*feasible)
         ax.plot(lrs, losses, "o-", color="tab:blue", label="feasible")
         top = max(losses)
     else:
         top = 1.0
+    if truncated:
+        ax.plot(*zip(*truncated), "o", markerfacecolor="none", color="tab:gray",
+                label="stopped by the budget (not compared)")
     if infeasible:
         ax.plot(infeasible, [top * 1.05] * len(infeasible), "x", color="tab:red", markersize=9,
                 label="infeasible (NaN or blow-up)")

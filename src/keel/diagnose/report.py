@@ -153,7 +153,8 @@ def _summary_table(runs: list[dict[str, Any]]) -> str:
         rows.append(f"<tr><td>{html.escape(run['name'])}</td><td>{html.escape(run['group']['label'])}</td>"
                     f"<td>{_number(seed)}</td><td>{records.step_numbers[-1] + 1}</td>"
                     f"<td>{_number(float(sum(records.losses[-20:]) / len(records.losses[-20:])))}</td>"
-                    f"<td>{_number(float(val[-1])) if val else '—'}</td><td>{_number(float(min(val))) if val else '—'}</td>"
+                    f"<td>{_number(float(val[-1])) if val else '—'}</td>"
+                    f"<td>{_number(float(min(val))) if val else '—'}</td>"
                     f"<td>{_number(float(accuracy[-1])) if accuracy else '—'}</td><td>{flagged}</td></tr>")
     return ("<table><tr><th>run</th><th>config group</th><th>seed</th><th>steps</th><th>train loss (last 20)</th>"
             "<th>val_loss (last)</th><th>val_loss (best)</th><th>val_accuracy</th><th>warnings</th></tr>"
@@ -218,7 +219,8 @@ def _diagnosis_section(item: dict[str, Any]) -> str:
         inst = data["instability"]
         curves.append((f"2x lr* = {inst['lr']:.2e} (validation, every step)", inst["steps"], inst["val_losses"]))
     for jump in data.get("jumps", []):
-        curves.append((f"{jump['factor']}x lr* = {jump['lr']:.2e} (training)", jump["curve_steps"], jump["curve_losses"]))
+        curves.append((f"{jump['factor']}x lr* = {jump['lr']:.2e} (training)", jump["curve_steps"],
+                       jump["curve_losses"]))
     if data.get("config", {}).get("curve_steps"):
         curves.append(("your config (training)", data["config"]["curve_steps"], data["config"]["curve_losses"]))
     if curves:

@@ -278,7 +278,6 @@ def evaluations(diagnosis: Diagnosis, records: RunRecords, context: dict[str, An
     last = len(val) - 1
     tol = max(0.01 * abs(val[best]), 2e-3)
     accuracy = {k: evals[last][k] for k in evals[last] if "accuracy" in k}
-    config = context["config"]
     if best < last and val[last] - val[best] > tol and np.isfinite(train).all() and train[last] < train[best] - tol / 2:
         diagnosis.add(Finding(
             "overfitting", "warning",

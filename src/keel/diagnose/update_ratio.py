@@ -9,7 +9,8 @@ something else.
 ``diagnostics.update_ratio_every: N`` (off by default) measures every N-th update: the weights are copied in
 ``on_step_start`` of that step and compared in ``on_step_end``, and one record of kind ``diagnostic`` is logged::
 
-    {"kind": "diagnostic", "step": 40, "diagnostic": "update_ratio", "ratios": {"blocks.0.attn.qkv.weight": 1.1e-3, ...}}
+    {"kind": "diagnostic", "step": 40, "diagnostic": "update_ratio",
+     "ratios": {"blocks.0.attn.qkv.weight": 1.1e-3, ...}}
 
 ``step`` is the update measured (keel's step: 0 for the first). A skipped update logs nothing. The cost per
 measured step is one copy of the weights and two fused norms (``benchmarks/bench_diagnostics.py``).
