@@ -78,7 +78,7 @@ class Technique:
 _REGISTRY: dict[str, Technique] = {}
 # Modules that register keel's own techniques; imported on first use so that importing keel stays cheap and
 # the technique modules may import the units they wrap without a cycle through keel.config.
-_BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping")
+_BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping", "keel.sweep.space", "keel.tracking")
 _loaded = False
 
 

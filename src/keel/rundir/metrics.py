@@ -13,6 +13,9 @@ adds it when the caller did not (``record_kind``); ``read_metrics`` adds it to r
 On resume the file is cut back to its length at the checkpoint (``truncate_to``), so it never holds a step twice.
 A log shorter than that length (records lost, or the file replaced) is never padded or cut: the missing part is
 reported, writing continues at its end, and a ``metrics_gap`` event records how many bytes were expected and found.
+
+Sinks (``add_sink``; ``keel.tracking``'s MLflow and W&B loggers) get every record after it is in the file, as
+TensorBoard does; the log does not own them (closing it leaves them open), and a rollback's new log keeps them.
 """
 
 from __future__ import annotations
@@ -69,8 +72,10 @@ class MetricsLog:
         *,
         step: int | None = None,
         report: Callable[[str], None] = print,
+        sinks: list | None = None,
     ):
         self.path = Path(path)
+        self.sinks: list = list(sinks or [])  # objects with write(record), called after each record is written
         gap = self._cut_back(truncate_to, report) if truncate_to is not None else None
         self._handle = open(self.path, "a")
         self._tensorboard = None
@@ -116,6 +121,11 @@ class MetricsLog:
 
         self._tensorboard = SummaryWriter(str(log_dir))
 
+    def add_sink(self, sink) -> None:
+        """Also hand every record written from now on to ``sink.write(record)`` (``kind`` included)."""
+        if sink not in self.sinks:
+            self.sinks.append(sink)
+
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` with its ``kind`` (added when missing; one of KINDS when given)."""
         kind = record.get("kind", record_kind(record))
@@ -124,6 +134,8 @@ class MetricsLog:
         line = encode_record({"kind": kind, **record})
         self._handle.write(line + "\n")
         self._handle.flush()
+        for sink in self.sinks:
+            sink.write({"kind": kind, **record})
         if self._tensorboard is not None:
             step = record.get("step", 0)
             for key, value in record.items():

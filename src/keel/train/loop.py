@@ -521,7 +521,8 @@ class Trainer:
         with open(path, "rb") as handle:
             handle.seek(offset)
             events = [r for r in map(decode_line, handle.read().splitlines()) if "event" in r]
-        self.metrics = MetricsLog(path, truncate_to=offset, step=new.step, report=self._say)
+        self.metrics = MetricsLog(path, truncate_to=offset, step=new.step, report=self._say,
+                                  sinks=self.metrics.sinks)  # tracking loggers (keel.tracking) carry on
         if self.config.tensorboard:
             self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
         for record in [*events, spike]:
