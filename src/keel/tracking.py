@@ -52,7 +52,7 @@ class _Switch(BaseModel):
             return {"enabled": value}
         if isinstance(value, str):
             return {"enabled": True, cls.shorthand_key: value}
-        if isinstance(value, dict) and "enabled" not in value:
+        if isinstance(value, dict) and value and "enabled" not in value:  # {project: x} turns it on
             return {"enabled": True, **value}
         return value
 

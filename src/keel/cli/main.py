@@ -9,7 +9,7 @@ import sys
 from keel.errors import KeelError, TrainingUnstableError
 
 # Each name is a module keel.cli.<name> with add_parser(subparsers) and run(args) -> int.
-COMMANDS = ("train", "schedule", "average", "ensemble")
+COMMANDS = ("train", "schedule", "average", "ensemble", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:

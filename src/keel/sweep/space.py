@@ -153,6 +153,11 @@ class SweepBlock(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted(cls, value: Any) -> Any:
+        return flatten_keys(value) if isinstance(value, dict) else value
+
     @model_validator(mode="after")
     def _distributions(self) -> "SweepBlock":
         for key, value in (self.__pydantic_extra__ or {}).items():
@@ -276,11 +281,24 @@ def _check_kind(key: str, distribution: Distribution) -> None:
 # ------------------------------------------------------------------------------------------ applying a space
 
 
+def flatten_keys(block: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{optimizer: {lr: X}}`` -> ``{"optimizer.lr": X}`` (what ``sweep.optimizer.lr=X`` on the command line gives);
+    distributions are never mappings, so this is unambiguous."""
+    out: dict[str, Any] = {}
+    for key, value in block.items():
+        if isinstance(value, dict):
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def space_of(raw: dict[str, Any]) -> dict[str, Distribution]:
     """The parsed ``sweep:`` block of a raw config (empty when there is none)."""
     block = raw.get("sweep") or {}
     if not isinstance(block, dict):
         raise KeelError(f"sweep: {block!r} is not a mapping; allowed: dotted.key: distribution")
+    block = flatten_keys(block)
     return {key: parse_distribution(key, value) for key, value in block.items()}
 
 
