@@ -151,17 +151,52 @@ def _storage(url: str, options: SweepOptions):
     callback_key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in parameters \
         else "failed_trial_callback"
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
+    url = postgresql_driver(url)
+
+    def connect():
         return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=options.heartbeat_interval,
                           grace_period=2 * options.heartbeat_interval, **{callback_key: retry_class(max_retry=1)})
+
+    try:
+        return _retrying(connect)
     except ModuleNotFoundError as error:
         raise KeelError(f"--storage {url}: the database driver {error.name!r} is not installed; allowed: pip install "
+                        "'keel[postgresql]' for PostgreSQL, or a sqlite:/// URL") from None
+    except ImportError as error:  # Optuna's wrapping of a missing driver
+        raise KeelError(f"--storage {url}: no database driver for it is installed ({error}); allowed: pip install "
                         "'keel[postgresql]' for PostgreSQL, or a sqlite:/// URL") from None
     except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise KeelError(f"--storage {url}: cannot open the study's database ({type(error).__name__}: {first}); "
                         "allowed: sqlite:///path/study.db, postgresql://user:password@host:port/database, or "
                         "another SQLAlchemy URL Optuna supports") from None
+
+
+def _retrying(make, attempts: int = 5):
+    """``make()``, tried again after a database error: workers that start together race to create Optuna's tables
+    (PostgreSQL reports the loser's duplicate table as an IntegrityError); the next attempt finds them."""
+    for attempt in range(attempts):
+        try:
+            return make()
+        except ImportError:
+            raise
+        except Exception as error:
+            if attempt == attempts - 1 or type(error).__module__.split(".")[0] not in ("sqlalchemy", "optuna"):
+                raise
+            time.sleep(0.5 + attempt)
+
+
+def postgresql_driver(url: str) -> str:
+    """A plain ``postgresql://`` URL with the driver that is installed: SQLAlchemy 2.1 means psycopg (3) by it,
+    2.0 psycopg2; ``postgresql+driver://`` URLs are kept as given."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    for module, scheme in (("psycopg", "postgresql+psycopg://"), ("psycopg2", "postgresql+psycopg2://")):
+        if importlib.util.find_spec(module) is not None:
+            return scheme + url.removeprefix("postgresql://")
+    return url
 
 
 def sampler_kind(stage: Stage) -> str:
@@ -224,13 +259,13 @@ def open_study(stage: Stage, worker_index: int = 0):
 
     base = validate(apply_params(stage.config, {}))
     seed = stage.settings.seed + worker_index
-    if stage.storage is not None:  # workers on other machines: do not draw the same random points
-        seed += sum(map(ord, socket.gethostname())) * 1009
+    if stage.storage is not None:  # other machines or processes share the study: do not draw the same points
+        seed += (sum(map(ord, socket.gethostname())) * 1009 + os.getpid()) % 2**31
     storage = _storage(stage.storage_url, stage.settings)
     try:
-        study = optuna.create_study(storage=storage, sampler=make_sampler(stage, seed),
-                                    pruner=make_pruner(stage, base), study_name=stage.study,
-                                    direction=stage.direction, load_if_exists=True)
+        study = _retrying(lambda: optuna.create_study(
+            storage=storage, sampler=make_sampler(stage, seed), pruner=make_pruner(stage, base),
+            study_name=stage.study, direction=stage.direction, load_if_exists=True))
     except KeelError:
         raise
     except Exception as error:
