@@ -202,7 +202,9 @@ class WandbTracker(Tracker):
     def log_artifact(self, path):
         import shutil
 
-        shutil.copy2(path, Path(self.run.dir) / Path(path).name)  # the run's files/ folder is synced with it
+        name = Path(path).name
+        name = "keel-config.yaml" if name == "config.yaml" else name  # W&B keeps its own config.yaml there
+        shutil.copy2(path, Path(self.run.dir) / name)  # the run's files/ folder is synced with it
 
     def set_summary(self, values):
         for key, value in values.items():

@@ -411,8 +411,9 @@ def _train_trial(stage: Stage, params: dict[str, Any], run_dir: Path, callback: 
 
 
 class TrialCallback(Callback):
-    """Feeds each evaluation to the trial (``trial.report``) and stops the run when the pruner says so, when the
-    loss has diverged, or at ``stop_at``. Under data parallelism rank 0 reports and the decision is broadcast."""
+    """Feeds each evaluation to the trial (``trial.report``) and stops the run when the pruner says so or at
+    ``stop_at``; ends it with ``TrainingUnstableError`` when the validation loss has diverged (above
+    ``diverged_factor`` x ln(classes), the loss of a uniform guess). Under data parallelism rank 0 reports and the decision is broadcast."""
 
     name = "sweep_trial"
 
@@ -439,10 +440,11 @@ class TrialCallback(Callback):
         step = trainer.state.step
         loss = metrics.get("val_loss")
         if self._limit is not None and loss is not None and not loss <= self._limit:
+            from keel.errors import TrainingUnstableError
+
             self.diverged = (f"diverged: val_loss {loss:.4g} at step {step} is above {self._limit:.4g} "
                              f"({self.diverged_factor:g} x ln(classes))")
-            self.should_stop = True
-            return
+            raise TrainingUnstableError(self.diverged)  # as the trainer's own stops: the trial fails here
         if not self.pruning:
             return
         value = metrics.get(self.metric)
