@@ -357,6 +357,8 @@ class Objective:
         except KeyboardInterrupt:
             raise
         except Exception as error:  # the trial's own failure: recorded, the sweep goes on
+            if callback.step is not None:
+                trial.set_user_attr("steps", callback.step)
             self._fail(trial, _one_line(error), started)
         seconds = time.perf_counter() - started
         trial.set_user_attr("train_seconds", round(seconds, 3))
@@ -422,6 +424,7 @@ class TrialCallback(Callback):
         self.trial, self.metric, self.pruning, self.stop_at = trial, metric, pruning, stop_at
         self.diverged_factor = diverged_factor
         self.pruned = False
+        self.step: int | None = None  # the run's step, as last seen (a failed trial's steps)
         self.diverged: str | None = None
         self._limit: float | None = None
 
@@ -433,6 +436,7 @@ class TrialCallback(Callback):
             self._limit = self.diverged_factor * initial
 
     def on_step_end(self, trainer) -> None:
+        self.step = trainer.state.step
         if self.stop_at is not None and trainer.state.step >= self.stop_at:
             self.should_stop = True
 
