@@ -69,3 +69,13 @@ def test_apply_params_sets_dotted_keys_and_drops_the_sweep_blocks():
 def test_command_line_overrides_of_the_block_become_dotted_keys():
     config = load_config(None, ["sweep.optimizer.lr=loguniform(1e-4, 1e-1)", "sweep.model.n_layer=[1, 2]"])
     assert set(config.sweep.space()) == {"optimizer.lr", "model.n_layer"}
+
+
+def test_sweep_help_lists_the_options_derived_from_sweep_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--preset", "--trials", "--workers", "--storage", "--study", "--resume", "--out", "--sampler",
+                 "--pruner", "--seeds", "--budget"):
+        assert flag in out, flag

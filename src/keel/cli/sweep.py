@@ -45,7 +45,8 @@ def add_parser(subparsers) -> None:
     for name, field in SweepOptions.model_fields.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=f"option_{name}", metavar=_metavar(field.annotation),
                             type=_parser_type(field.annotation), choices=_choices(field.annotation),
-                            help=f"{field.description} (sweep_options.{name}; default {field.default!r})")
+                            help=f"{field.description} (sweep_options.{name}; default {field.default!r})"
+                            .replace("%", "%%"))
     parser.set_defaults(run=run)
 
 
