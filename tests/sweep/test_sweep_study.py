@@ -61,6 +61,20 @@ def test_two_local_workers_share_a_sqlite_study(tmp_path, capsys):
         assert (out / name).stat().st_size > 1000, name
 
 
+def test_a_users_task_is_searched_in_worker_processes(tmp_path, monkeypatch):
+    tasks_dir = str(Path(__file__).resolve().parents[1] / "tasks")
+    monkeypatch.syspath_prepend(tasks_dir)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([SRC, tasks_dir, os.environ.get("PYTHONPATH", "")]))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"task": "user_task:make", "max_steps": 20, "eval_interval": 10, "threads": 1,
+                                      "sweep": {"task_args.hidden": [8, 16]}}))
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(config), "--workers", "2", "--out", str(out)]) == 0
+    rows = read_trials(out / "trials.csv")
+    assert sorted(r["task_args.hidden"] for r in rows) == ["16", "8"] and all(r["state"] == "complete" for r in rows)
+    assert "val_accuracy" in (out / rows[0]["run_dir"] / "metrics.jsonl").read_text()
+
+
 def test_failed_trials_are_recorded_with_their_reason_and_plotted(tmp_path, capsys):
     # lr 50 diverges; 3 heads do not divide a width of 128 (a combination the config refuses); the rest trains
     config = write_config(tmp_path / "c.yaml", {"optimizer.lr": [1e-2, 50.0], "model.n_embd": [96, 128],

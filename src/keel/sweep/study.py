@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -295,6 +296,30 @@ def counts(study) -> tuple[int, int, int]:
     return finished, running, waiting
 
 
+def enqueue_grid(study, stage: Stage) -> int:
+    """Queue the grid points that no trial of the study holds (complete, pruned, failed for its own reason, running
+    or queued), as many as the stage still needs, so that parallel workers take distinct points: Optuna's
+    GridSampler draws the next point at random among the unvisited ones, and two workers that start together may
+    draw the same. Returns how many were queued."""
+    if sampler_kind(stage) != "grid":
+        return 0
+    import itertools
+
+    from optuna.trial import TrialState
+
+    space = stage.distributions
+    held = set()
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state != TrialState.FAIL or "fail_reason" in trial.user_attrs:
+            held.add(tuple(repr(trial.params.get(key)) for key in space))
+    points = [p for p in itertools.product(*(d.choices for d in space.values())) if tuple(map(repr, p)) not in held]
+    random.Random(stage.settings.seed).shuffle(points)  # a partial grid (--trials below its size): a random part
+    points = points[:max(0, target_trials(stage) - len(held))]
+    for point in points:
+        study.enqueue_trial(dict(zip(space, point)), skip_if_exists=False)
+    return len(points)
+
+
 def target_trials(stage: Stage) -> int:
     size = grid_size(stage)
     asked = stage.trials
@@ -514,7 +539,8 @@ def run_stage(stage: Stage, workers: int, say: Say = print) -> None:
     """Save the stage, create its study, and run ``workers`` workers: this process for one, else subprocesses
     (``python -m keel.sweep.worker``) whose lines are relayed with a ``[worker i]`` prefix."""
     stage.save()
-    open_study(stage)  # a bad storage URL or a study of the other direction fails here, once
+    study = open_study(stage)  # a bad storage URL or a study of the other direction fails here, once
+    enqueue_grid(study, stage)
     if workers == 1:
         run_worker(stage, 0, say)
         return
