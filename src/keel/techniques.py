@@ -83,7 +83,7 @@ _REGISTRY: dict[str, Technique] = {}
 # Modules that register keel's own techniques; imported on first use so that importing keel stays cheap and
 # the technique modules may import the units they wrap without a cycle through keel.config.
 _BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping", "keel.data.seq_warmup",
-                    "keel.diagnose.update_ratio")
+                    "keel.diagnose.update_ratio", "keel.sweep.space", "keel.tracking")
 _loaded = False
 
 

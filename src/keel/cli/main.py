@@ -12,7 +12,7 @@ from keel.errors import KeelError, TrainingUnstableError
 # Each name is a module keel.cli.<name> with add_parser(subparsers) and run(args) -> int. A command whose parser
 # sets the default ``mixed_items`` to the name of its list of positional items takes them in any order with its
 # options (``keel train CONFIG --out DIR key=value``): what argparse leaves over joins that list, in order.
-COMMANDS = ("train", "schedule", "average", "ensemble", "diagnose", "report")
+COMMANDS = ("train", "schedule", "average", "ensemble", "diagnose", "report", "sweep")
 
 
 class OneLineParser(argparse.ArgumentParser):

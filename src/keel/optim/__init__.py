@@ -1,4 +1,4 @@
-"""Optimizers: a registry over torch's update rules and keel's own (Lion, AdEMAMix, SOAP), and param-group helpers.
+"""Optimizers: a registry over torch's update rules and keel's own (Lion, AdEMAMix, SOAP, SGD-HD, Adam-HD), and param-group helpers.
 
 `create(name, model_or_params, lr, **hparams)` builds any registered optimizer; `names()` lists them;
 `from_config(spec, model)` and `check_config(spec)` serve the trainer's `optimizer:` config section.
@@ -6,6 +6,7 @@
 
 from keel.optim import builtin as _builtin  # noqa: F401  (registers torch's optimizers)
 from keel.optim.ademamix import AdEMAMix
+from keel.optim.hypergradient import SGDHD, AdamHD
 from keel.optim.lion import Lion
 from keel.optim.muon import MuonWithAdamW
 from keel.optim.param_groups import (
@@ -20,7 +21,9 @@ from keel.optim.soap import SOAP
 
 __all__ = [
     "NO_DECAY_DEFAULT",
+    "SGDHD",
     "SOAP",
+    "AdamHD",
     "AdEMAMix",
     "Lion",
     "MuonWithAdamW",

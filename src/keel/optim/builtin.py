@@ -11,6 +11,7 @@ import torch
 
 from keel.errors import KeelError
 from keel.optim.ademamix import AdEMAMix
+from keel.optim.hypergradient import AdamHD, SGDHD
 from keel.optim.lion import Lion
 from keel.optim.muon import MuonWithAdamW, muon_missing, muon_split
 from keel.optim.playbook import PlaybookNAdam, PlaybookRMSProp
@@ -323,5 +324,41 @@ register(
             "correct_bias": Hparam(True, boolean, "Adam's bias correction"),
         },
         build=lambda groups, lr, **kw: SOAP(groups, lr=lr, **kw),
+    )
+)
+
+
+# --- hypergradient descent (Baydin et al. 2018): the LR learns online; keel.optim.hypergradient ---
+
+register(
+    OptimizerSpec(
+        "sgd_hd",
+        "SGD-HD: alpha <- alpha + beta g_t . u_{t-1}; p <- p - alpha u_t (u: the SGD direction); the schedule "
+        "shapes alpha",
+        "Baydin et al. 2018, Algorithm 1 (SGDN-HD with nesterov); keel.optim.SGDHD",
+        lr=0.1,
+        hparams={
+            "hypergradient_lr": Hparam(1e-3, nonnegative, "beta, the LR of the learning rate (the paper's 1e-3)"),
+            "momentum": Hparam(0.0, unit_interval, "momentum coefficient mu (0: plain SGD-HD)"),
+            "nesterov": Hparam(False, boolean, "Nesterov momentum (the paper's SGDN-HD)"),
+            "weight_decay": _WD,
+        },
+        build=lambda groups, lr, **kw: SGDHD(groups, lr=lr, **kw),
+    )
+)
+register(
+    OptimizerSpec(
+        "adam_hd",
+        "Adam-HD: alpha <- alpha + beta g_t . u_{t-1}; p <- p - alpha u_t (u: m_hat / (sqrt(v_hat) + eps)); the "
+        "schedule shapes alpha",
+        "Baydin et al. 2018, Algorithm 3; keel.optim.AdamHD",
+        lr=1e-3,
+        hparams={
+            "hypergradient_lr": Hparam(1e-7, nonnegative, "beta, the LR of the learning rate (the paper's 1e-7)"),
+            "betas": Hparam((0.9, 0.999), betas(2), "decay of the first and second moment averages"),
+            "eps": Hparam(1e-8, nonnegative, "added to sqrt(v_hat)"),
+            "weight_decay": Hparam(0.0, nonnegative, "decoupled weight decay (AdamW's), part of the direction u"),
+        },
+        build=lambda groups, lr, **kw: AdamHD(groups, lr=lr, **kw),
     )
 )

@@ -15,6 +15,9 @@ older logs.
 On resume the file is cut back to its length at the checkpoint (``truncate_to``), so it never holds a step twice.
 A log shorter than that length (records lost, or the file replaced) is never padded or cut: the missing part is
 reported, writing continues at its end, and a ``metrics_gap`` event records how many bytes were expected and found.
+
+Sinks (``add_sink``; ``keel.tracking``'s MLflow and W&B loggers) get every record after it is in the file, as
+TensorBoard does; the log does not own them (closing it leaves them open), and a rollback's new log keeps them.
 """
 
 from __future__ import annotations
@@ -77,8 +80,10 @@ class MetricsLog:
         *,
         step: int | None = None,
         report: Callable[[str], None] = print,
+        sinks: list | None = None,
     ):
         self.path = Path(path)
+        self.sinks: list = list(sinks or [])  # objects with write(record), called after each record is written
         gap = self._cut_back(truncate_to, report) if truncate_to is not None else None
         self._handle = open(self.path, "a")
         self._flushed = time.monotonic()
@@ -125,6 +130,11 @@ class MetricsLog:
 
         self._tensorboard = SummaryWriter(str(log_dir))
 
+    def add_sink(self, sink) -> None:
+        """Also hand every record written from now on to ``sink.write(record)`` (``kind`` included)."""
+        if sink not in self.sinks:
+            self.sinks.append(sink)
+
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` with its ``kind`` (added when missing; one of KINDS when given)."""
         kind = record.get("kind", record_kind(record))
@@ -136,6 +146,8 @@ class MetricsLog:
         if kind != "step" or now - self._flushed >= FLUSH_SECONDS:  # step records: at most FLUSH_SECONDS behind
             self._handle.flush()
             self._flushed = now
+        for sink in self.sinks:
+            sink.write({"kind": kind, **record})
         if self._tensorboard is not None:
             step = record.get("step", 0)
             for key, value in record.items():

@@ -391,7 +391,11 @@ def seed_rank(seed: int, rank: int) -> None:
 
 
 class NullMetricsLog:
-    """What ranks other than 0 log to: nothing (rank 0 alone writes metrics.jsonl)."""
+    """What ranks other than 0 log to: nothing (rank 0 alone writes metrics.jsonl and feeds the trackers)."""
+
+    sinks: list = []
+
+    def add_sink(self, sink) -> None: ...
 
     def write(self, record: dict[str, Any]) -> None: ...
 

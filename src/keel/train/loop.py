@@ -595,10 +595,12 @@ class Trainer:
 
     def _open_metrics(self, truncate_to: int | None, step: int) -> None:
         """Open metrics.jsonl (cut back to a checkpoint's offset on resume); only rank 0 writes it."""
+        sinks = getattr(getattr(self, "metrics", None), "sinks", [])  # tracking loggers carry on after a rollback
         if not self.dist.is_main:
             self.metrics = distributed.NullMetricsLog()
             return
-        self.metrics = MetricsLog(self.run_dir / rundir.METRICS, truncate_to=truncate_to, step=step, report=self._say)
+        self.metrics = MetricsLog(self.run_dir / rundir.METRICS, truncate_to=truncate_to, step=step, report=self._say,
+                                  sinks=sinks)
         if self.config.tensorboard:
             self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
 
