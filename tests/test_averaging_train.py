@@ -43,7 +43,7 @@ def newest_checkpoint(run):
 
 @pytest.fixture(scope="module")
 def averaged_run(tmp_path_factory):
-    from conftest import TINY
+    from tiny_config import TINY
 
     run = tmp_path_factory.mktemp("averaged") / "run"
     recorder = RecordLR()

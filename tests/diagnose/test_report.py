@@ -25,7 +25,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from conftest import TINY
+    from tiny_config import TINY
 
     root = tmp_path_factory.mktemp("runs")
     common = [*TINY, "max_steps=30", "eval_interval=10", "checkpoint_interval=30", "sample.tokens=0"]
