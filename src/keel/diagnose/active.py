@@ -395,8 +395,15 @@ class Session:
         if len(records.norms) >= 10:
             context = {"config": self.config, "planned_steps": self.config.max_steps,
                        "last_step": result.steps[-1] if result.steps else 0, "baseline": None}
+            before = len(self.diagnosis.findings)
             gradient_norms(self.diagnosis, records, context)
             update_ratios(self.diagnosis, records, context, warn=False)  # early steps only: high ratios are normal
+            for finding in self.diagnosis.findings[before:]:
+                if finding.kind == "clipping_most_updates":
+                    # The first steps have the largest gradients: a threshold for the whole run needs a whole run
+                    # (keel diagnose RUN_DIR); applied below only when the config is unstable.
+                    finding.severity, finding.changes = "info", {}
+                    finding.message += f" (the first {len(records.norms)} steps only)"
             self.diagnosis.skipped = [s for s in self.diagnosis.skipped if s.procedure != "update ratios"]
         self.display.line(f"config run: {len(result.steps)} steps of your config: "
                           f"{'stable' if stability.stable else 'UNSTABLE: ' + stability.message}")
@@ -726,9 +733,6 @@ class Session:
             p90 = self.diagnosis.data.get("grad_norm", {}).get("p90")
             if p90 and math.isfinite(p90):
                 changes["clip.mode"], changes["clip.max_norm"] = "norm", _round(p90)
-        for finding in self.diagnosis.findings:
-            if finding.kind == "clipping_most_updates":
-                changes.update(finding.changes)
         self.changes = changes
         if changes:
             self.diagnosis.add(Finding(
