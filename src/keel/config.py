@@ -241,6 +241,11 @@ class TrainConfig(_Block):
         "digits, a small CNN), or 'package.module:factory' returning a keel Task.",
     )
     task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task's factory.")
+    recipe: Literal["baseline", "fast"] | None = Field(
+        None, description="A named recipe that fills in optimizer, schedule, clipping and techniques: 'baseline' "
+        "(AdamW, warmup, cosine to a tenth of the peak, clipping at 1.0: the defaults), 'fast' (the measured "
+        "winner of benchmarks/bench_recipes.py; see keel.recipes); keys the config gives win, key by key.",
+    )
     init_from: str | None = Field(
         None, description="Start from pretrained weights: a keel run directory (its best, else newest, checkpoint), "
         "a checkpoint directory, a .safetensors file, or a Hugging Face model directory.",
@@ -305,11 +310,13 @@ class TrainConfig(_Block):
     @model_validator(mode="before")
     @classmethod
     def _complete_default_recipe(cls, raw: Any) -> Any:
-        """Keys given without a name (or with the default's name) refine the default recipe, key by key; another
-        name starts afresh. A cosine schedule with no ``min_lr`` decays to a tenth of its peak LR."""
+        """A named ``recipe`` fills in its keys first (``keel.recipes``). Keys given without a name (or with the
+        default's name) refine the default recipe, key by key; another name starts afresh. A cosine schedule with no ``min_lr`` decays to a tenth of its peak LR."""
         if not isinstance(raw, dict):
             return raw
-        raw = dict(raw)
+        from keel.recipes import apply_recipe
+
+        raw = apply_recipe(dict(raw))
         optimizer = raw.get("optimizer", {})
         if isinstance(optimizer, dict) and optimizer.get("name", DEFAULT_OPTIMIZER["name"]) == DEFAULT_OPTIMIZER["name"]:
             raw["optimizer"] = optimizer = {**DEFAULT_OPTIMIZER, **optimizer}
