@@ -7,7 +7,8 @@ is the baseline. Every contender has its LR tuned the same way:
 
 - optimizers, each with the baseline's warmup + cosine: Muon (hybrid: Muon on hidden matrices, AdamW at the tuned
   baseline LR on the rest), SOAP, Lion (weight decay x10, so that lr x wd matches at a tenth of the LR), AdEMAMix
-  (alpha and beta3 warmed up over the run);
+  (alpha and beta3 warmed up over the run), and the Tuning Playbook FAQ's own RMSProp (momentum 0.9, the LR inside
+  the momentum buffer, v0 = 1) and NAdam (`form: playbook`);
 - decays, with AdamW: WSD (20% cooldown of shape 1-sqrt to 0, Hägele et al. 2024) and square-root decay to 0;
 - sequence-length warmup (Li et al. 2022, rows truncated: 32 tokens to the full context over the first 30%);
 - the best combinations of the winners (best optimizer x best decay, with sequence warmup when it helped);
@@ -88,6 +89,9 @@ OPTIMIZERS = {  # name -> (optimizer block without lr, the LR the grid is centre
     "lion": ({"name": "lion", "betas": [0.9, 0.99], "weight_decay": 1.0}, 2e-4),
     "ademamix": ({"name": "ademamix", "betas": [0.9, 0.999, 0.9999], "alpha": 5.0, "weight_decay": 0.1,
                   "t_alpha_beta3": "100%"}, 2e-3),
+    # the Tuning Playbook FAQ's own update rules (keel.optim.playbook), without weight decay (theirs is coupled L2)
+    "rmsprop (playbook)": ({"name": "rmsprop", "form": "playbook", "momentum": 0.9}, 1e-3),
+    "nadam (playbook)": ({"name": "nadam", "form": "playbook", "betas": [0.9, 0.95]}, 2e-3),
 }
 DECAYS = {
     "cosine": COSINE,
@@ -100,6 +104,8 @@ SINGLES = {  # arm -> (optimizer, decay, sequence-length warmup)
     "soap": ("soap", "cosine", False),
     "lion": ("lion", "cosine", False),
     "ademamix": ("ademamix", "cosine", False),
+    "rmsprop (playbook)": ("rmsprop (playbook)", "cosine", False),
+    "nadam (playbook)": ("nadam (playbook)", "cosine", False),
     "wsd": ("adamw", "wsd", False),
     "sqrt decay": ("adamw", "sqrt", False),
     "seq warmup": ("adamw", "cosine", True),
@@ -464,7 +470,7 @@ def combinations(rows: list[dict]) -> dict[str, tuple]:
         row = next((r for r in rows if r["arm"] == arm and r["variant"] == ""), None)
         return row["speedup"]["tokens"]["median"] if row and row["speedup"]["tokens"] else 0.0
 
-    optimizer = max(["baseline", "muon", "soap", "lion", "ademamix"], key=score)
+    optimizer = max([arm for arm, (_, decay, seq) in SINGLES.items() if decay == "cosine" and not seq], key=score)
     decay = max(["baseline", "wsd", "sqrt decay"], key=score)
     opt, dec = SINGLES[optimizer][0], SINGLES[decay][1]
     combos = {}
