@@ -33,6 +33,7 @@ workload, 4 layers x 128, batch 32 x 128, 600 steps: minutes a run), `gpt2` (GPT
 batch 16, 2,000 steps, for a GPU).
 
 Run: python benchmarks/bench_recipes.py [--budget cpu] [--seeds 3] [--workers 2] [--out DIR] [--no-write]
+     python benchmarks/bench_recipes.py --from-json benchmarks/results/recipes.json   (render table and plot again)
 Writes benchmarks/results/recipes.json, the section "recipes" of benchmarks/RESULTS.md and docs/img/recipes.png
 (with --no-write: recipes.json, recipes.md and recipes.png in --out only).
 """
@@ -47,7 +48,6 @@ import multiprocessing
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -60,9 +60,8 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import machine, summary, write_json, write_section  # noqa: E402
+from common import machine, run_keel, summary, write_json, write_section  # noqa: E402
 
-SRC = str(HERE.parent / "src")
 AVERAGE_LAST = 5
 EMA = {"enabled": True, "half_life": "5%", "save": False}
 
@@ -151,22 +150,15 @@ def _round(x: float) -> float:
 
 # ---- phase 1: LR sweeps through `keel sweep` ---------------------------------------------------------------------
 
-def keel(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "keel.cli.main", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"keel {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-
-
 def sweep_lrs(name: str, raw: dict, lrs: list[float], root: Path, workers: int, scorer) -> list[dict]:
     """One `keel sweep` over optimizer.lr (a grid); per trial: the LR and the final loss of every variant."""
-    out = root / f"sweep-{name.replace(' ', '_').replace('+', '')}-{len(list(root.glob('sweep-*')))}"
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    out = root / f"sweep-{len(list(root.glob('sweep-*/'))):02d}-{slug}"
     config = {**raw, "sweep": {"optimizer.lr": lrs},
               "sweep_options": {"sampler": "grid", "metric": "val_loss", "workers": workers, "threads": 1}}
     path = root / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    keel(["sweep", str(path), "--out", str(out)], root)
+    run_keel(["sweep", str(path), "--out", str(out)], root)
     from keel import rundir
     from keel.rundir.metrics import read_metrics
 
@@ -538,23 +530,25 @@ def plot(data: dict, path: Path) -> None:
     shown = [(row["arm"], row["variant"]) for row in data["table"]
              if row["variant"] == "" or row["recipe"] == (data.get("winner") or {}).get("recipe")]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    lowest = []
     for arm, variant in shown:
         curves = [curve(r, variant) for r in runs if r["arm"] == arm and r["horizon"] == full
-                  and variant in r["variants"] and r["evals"]]
+                  and variant in r["variants"] and r["evals"] and not r.get("reference_only")]
         if not curves:
             continue
         for ax, key in zip(axes, ("tokens", "seconds")):
-            xs = np.linspace(0, min(c[-1][key] for c in curves), 60)[1:]
+            xs = np.linspace(max(c[0][key] for c in curves), min(c[-1][key] for c in curves), 60)
             ys = np.array([np.interp(xs, [p[key] for p in c], [min(p["loss"], 10.0) for p in c]) for c in curves])
             label = arm + (f" {variant}" if variant else "")
             line, = ax.plot(xs, np.median(ys, axis=0), label=label, lw=2.2 if arm == "baseline" else 1.3)
             ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.15)
-    low = min(data["targets"].values())
+            lowest.append(float(ys.min()))
+    target = statistics.median(data["targets"].values())
     for ax, key in zip(axes, ("tokens", "seconds of training (interleaved, one thread)")):
-        ax.axhline(statistics.median(data["targets"].values()), color="k", ls="--", lw=0.8, label="target")
+        ax.axhline(target, color="k", ls="--", lw=0.8, label="target (baseline's final loss)")
         ax.set_xlabel(key)
         ax.set_ylabel("validation loss")
-        ax.set_ylim(low - 0.15, low + 0.9)
+        ax.set_ylim(min(lowest + [target]) - 0.05, target + 0.8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"Time to target, budget {data['budget_name']}: median over {data['seeds']} seeds, band min-max")
@@ -574,7 +568,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-combinations", action="store_true")
     parser.add_argument("--out", help="working directory (default: a temporary one)")
     parser.add_argument("--no-write", action="store_true", help="results into --out only, not benchmarks/")
+    parser.add_argument("--from-json", metavar="PATH", help="render the table and plot of a saved recipes.json again")
     args = parser.parse_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        report(data, args)
+        return data
     budget = dict(BUDGETS[args.budget])
     seeds = args.seeds or budget["seeds"]
     torch.set_num_threads(1)
@@ -624,19 +623,25 @@ def main(argv: list[str] | None = None) -> dict:
         w = data["winner"]
         say(f"robust winner: {w['recipe']} at lr {w['lr']:g}: tokens {_cell(w['speedup']['tokens'], [])}, "
             f"seconds {_cell(w['speedup']['seconds'], [])}")
+    report(data, args, work)
+    return data
+
+
+def report(data: dict, args: argparse.Namespace, work: Path | None = None) -> None:
+    """The plot, the RESULTS.md section and recipes.json (into --out with --no-write)."""
     results = Path(args.out or work) if args.no_write else HERE / "results"
+    results.mkdir(parents=True, exist_ok=True)
     image = results / "recipes.png" if args.no_write else HERE.parent / "docs" / "img" / "recipes.png"
     data["plot"] = image.name if args.no_write else "../docs/img/recipes.png"
     plot(data, image)
     body = section(data)
-    say(body)
+    print(body)
     if args.no_write:
         (results / "recipes.json").write_text(json.dumps(data, indent=1, default=str))
         (results / "recipes.md").write_text(body)
     else:
         write_json("recipes", data)
         write_section("recipes", body)
-    return data
 
 
 if __name__ == "__main__":

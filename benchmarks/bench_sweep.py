@@ -22,18 +22,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, summary, write_json, write_section  # noqa: E402
+from common import machine, run_keel, summary, write_json, write_section  # noqa: E402
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def workload(steps: int) -> dict:
@@ -41,22 +38,11 @@ def workload(steps: int) -> dict:
             "threads": 1}
 
 
-def run(command: list[str], cwd: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "keel.cli.main", *command], cwd=cwd, env=env, capture_output=True,
-                          text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"keel {' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return seconds
-
-
 def sweep(cwd: Path, name: str, steps: int, trials: int, workers: int) -> dict:
     config = {**workload(steps), "sweep": {"optimizer.lr": "loguniform(1.0e-3, 3.0e-3)"},
               "sweep_options": {"sampler": "random"}}
     (cwd / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    wall = run(["sweep", f"{name}.yaml", "--trials", str(trials), "--workers", str(workers), "--out", name], cwd)
+    wall = run_keel(["sweep", f"{name}.yaml", "--trials", str(trials), "--workers", str(workers), "--out", name], cwd)
     import optuna
 
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{cwd / name / 'study.db'}")
@@ -73,7 +59,7 @@ def overhead(args, root: Path) -> dict:
     rows = []
     for repeat in range(args.repeats):
         (root / "c.yaml").write_text(yaml.safe_dump(workload(args.steps)))
-        by_hand = run(["train", "c.yaml", "--out", f"train{repeat}", "--quiet"], root)
+        by_hand = run_keel(["train", "c.yaml", "--out", f"train{repeat}", "--quiet"], root)
         result = sweep(root, f"overhead{repeat}", args.steps, args.trials, 1)
         trained = sum(result["train"])
         per_trial = (result["wall"] - trained) / result["n"]

@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+SRC = str(HERE.parent / "src")
 
 
 def machine() -> dict:
@@ -67,3 +70,16 @@ def write_section(title: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + header + "\n" + body.rstrip() + "\n"
     path.write_text(text)
+
+
+def run_keel(command: list[str], cwd: Path) -> float:
+    """Run ``keel COMMAND`` (this checkout's) in a fresh process; its wall-clock seconds. Exits with its output
+    when it fails."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "keel.cli.main", *command], cwd=cwd, env=env, capture_output=True,
+                          text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"keel {' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return seconds
