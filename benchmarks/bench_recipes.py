@@ -385,6 +385,21 @@ def curve(run: dict, variant: str) -> list[dict]:
     return points
 
 
+def time_scales(runs: list[dict]) -> dict[str, float]:
+    """Per group (one seed and horizon, interleaved step by step): the factor that puts its seconds on the time base
+    of the seed's full-horizon group, the ratio of the two groups' baseline seconds per step. How fast a step runs
+    depends on what it is interleaved with (caches, load), so seconds compare within a group or through its
+    baseline."""
+    def step_time(run):
+        last = curve(run, "")[-1]
+        return last["seconds"] / last["step"]
+
+    full = max(r["horizon"] for r in runs)
+    bases = {r["group"]: r for r in runs if r["arm"] == "baseline" and "" in r["variants"]}
+    reference = {r["seed"]: r for r in bases.values() if r["horizon"] == full and not r.get("reference_only")}
+    return {group: step_time(reference[base["seed"]]) / step_time(base) for group, base in bases.items()}
+
+
 def crossing(points: list[dict], target: float) -> dict | None:
     """Steps, tokens and seconds where the curve first reaches `target`, interpolated between evaluations."""
     for i, p in enumerate(points):
@@ -400,21 +415,12 @@ def crossing(points: list[dict], target: float) -> dict | None:
 def table(runs: list[dict], seeds: int) -> tuple[list[dict], dict[int, float]]:
     """Per recipe (arm x variant): speedups over the baseline at the baseline's final loss of the same seed.
 
-    Seconds come from runs interleaved within their group (one seed, one horizon, the baseline in each): a run's
-    seconds are put on the time base of the seed's full-horizon baseline through the ratio of the two baselines'
-    seconds per step, so load that differed between groups cancels."""
-    def find(arm, seed, horizon, variant):
-            return next((r for r in runs if r["arm"] == arm and r["seed"] == seed and r["horizon"] == horizon
-                     and variant in r["variants"] and not r.get("reference_only")), None)
-
-    def step_time(run):
-        last = curve(run, "")[-1]
-        return last["seconds"] / last["step"]
-
+    Seconds are on the time base of the seed's full-horizon group (``time_scales``)."""
     full = max(r["horizon"] for r in runs)
-    reference = {s: find("baseline", s, full, "") for s in range(seeds)}
+    reference = {r["seed"]: r for r in runs if r["arm"] == "baseline" and r["horizon"] == full
+                 and "" in r["variants"] and not r.get("reference_only")}
     targets = {s: curve(reference[s], "")[-1]["loss"] for s in range(seeds)}
-    group_base = {r["group"]: r for r in runs if r["arm"] == "baseline" and "" in r["variants"]}
+    scales = time_scales(runs)
     rows = []
     for arm in dict.fromkeys(r["arm"] for r in runs):
         for variant in VARIANTS:
@@ -433,8 +439,7 @@ def table(runs: list[dict], seeds: int) -> tuple[list[dict], dict[int, float]]:
                     best_loss = min([best_loss] + [p["loss"] for p in points])
                     hit = crossing(points, targets[seed])
                     if hit is not None:
-                        scale = step_time(reference[seed]) / step_time(group_base[run["group"]])
-                        hits.append({**hit, "seconds": hit["seconds"] * scale})
+                        hits.append({**hit, "seconds": hit["seconds"] * scales[run["group"]]})
                 if hits:
                     row["reached"] += 1
                     for key in per_seed:
@@ -530,22 +535,25 @@ def plot(data: dict, path: Path) -> None:
     shown = [(row["arm"], row["variant"]) for row in data["table"]
              if row["variant"] == "" or row["recipe"] == (data.get("winner") or {}).get("recipe")]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    lowest = []
-    for arm, variant in shown:
-        curves = [curve(r, variant) for r in runs if r["arm"] == arm and r["horizon"] == full
-                  and variant in r["variants"] and r["evals"] and not r.get("reference_only")]
+    scales, colours, lowest = time_scales(runs), plt.get_cmap("tab20").colors, []
+    for index, (arm, variant) in enumerate(shown):
+        curves = [[{**p, "seconds": p["seconds"] * scales[r["group"]]} for p in curve(r, variant)] for r in runs
+                  if r["arm"] == arm and r["horizon"] == full and variant in r["variants"] and r["evals"]
+                  and not r.get("reference_only")]
         if not curves:
             continue
+        style = {"color": "black", "lw": 2.4} if arm == "baseline" and not variant else \
+            {"color": colours[(2 * index) % 20 + (index // 10) % 2], "lw": 1.4, "ls": "-" if index < 10 else "--"}
         for ax, key in zip(axes, ("tokens", "seconds")):
             xs = np.linspace(max(c[0][key] for c in curves), min(c[-1][key] for c in curves), 60)
             ys = np.array([np.interp(xs, [p[key] for p in c], [min(p["loss"], 10.0) for p in c]) for c in curves])
             label = arm + (f" {variant}" if variant else "")
-            line, = ax.plot(xs, np.median(ys, axis=0), label=label, lw=2.2 if arm == "baseline" else 1.3)
-            ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.15)
+            ax.plot(xs, np.median(ys, axis=0), label=label, **style)
+            ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=style["color"], alpha=0.12)
             lowest.append(float(ys.min()))
     target = statistics.median(data["targets"].values())
-    for ax, key in zip(axes, ("tokens", "seconds of training (interleaved, one thread)")):
-        ax.axhline(target, color="k", ls="--", lw=0.8, label="target (baseline's final loss)")
+    for ax, key in zip(axes, ("tokens", "seconds of training (one thread; the baseline's time base)")):
+        ax.axhline(target, color="grey", ls=":", lw=1.0, label="target (baseline's final loss)")
         ax.set_xlabel(key)
         ax.set_ylabel("validation loss")
         ax.set_ylim(min(lowest + [target]) - 0.05, target + 0.8)
