@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from keel.errors import KeelError
+from keel.errors import KeelError, naming_the_file
 
 # keel.safetensors_io is imported inside the functions that use it: keel.averaging imports this module.
 
@@ -133,7 +133,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory, fsync, rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as handle:
+        with naming_the_file(path), open(tmp, "w") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -162,7 +162,7 @@ class _OSErrorRecorder:
 
 
 def _save_state(state: dict[str, Any], path: Path) -> None:
-    with open(path, "wb") as handle:
+    with naming_the_file(path), open(path, "wb") as handle:
         recorder = _OSErrorRecorder(handle)
         try:
             torch.save(state, recorder)
