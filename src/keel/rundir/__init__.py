@@ -211,7 +211,7 @@ def write_checkpoint(
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _replace_dir(tmp, final)
         _fsync_dir(root)
-        atomic_write_text(root / LATEST, final.name + "\n")
+        point_latest(root, final)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, OSError):
@@ -221,6 +221,18 @@ def write_checkpoint(
             ) from None
         raise
     return final
+
+
+def point_latest(root: Path, ckpt: Path) -> None:
+    """Make ``root/latest`` name ``ckpt`` (unless it already does): after each save, and on resume, where a kill
+    between a checkpoint's rename and this update left it naming an older one."""
+    pointer = Path(root) / LATEST
+    try:
+        if pointer.read_text().strip() == ckpt.name:
+            return
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    atomic_write_text(pointer, ckpt.name + "\n")
 
 
 def _replace_dir(new: Path, final: Path) -> None:
