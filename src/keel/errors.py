@@ -1,4 +1,7 @@
-"""The one error type keel raises for bad input."""
+"""The one error type keel raises for bad input, and the file name an OSError of a write should carry."""
+
+import contextlib
+import os
 
 
 class KeelError(ValueError):
@@ -15,3 +18,15 @@ class TrainingUnstableError(KeelError):
     The message says what happened, at which step, and which checkpoint holds the last good state. The command
     line exits with code 1 for it (the input was fine; the run diverged).
     """
+
+
+@contextlib.contextmanager
+def naming_the_file(path: str | os.PathLike):
+    """An OSError raised inside without a file name (a buffered write or flush refused by a full disk) gets ``path``,
+    so the one line the command prints says which file could not be written."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            error.filename = str(path)
+        raise

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from keel.errors import KeelError
+from keel.errors import KeelError, naming_the_file
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -202,7 +202,7 @@ def write_safetensors(
     encoded += b" " * (-len(encoded) % 8)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with naming_the_file(path), open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(encoded)))
             f.write(encoded)
             for name, tensor in tensors.items():

@@ -23,6 +23,7 @@ TECHNIQUE_ON = {"ema": "ema.enabled=true", "polyak": "polyak.enabled=true", "swa
 @pytest.fixture
 def workdir(tmp_path):
     (tmp_path / "afile").write_text("x\n")
+    (tmp_path / "short.txt").write_text("keel " * 600)
     (tmp_path / "not_utf8.yaml").write_bytes(b"seed: \xff\xfe\n")
     (tmp_path / "deep.yaml").write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
     (tmp_path / "nested.yaml").write_text("task_args: " + "[" * 100 + "]" * 100 + "\n")
@@ -42,6 +43,8 @@ BAD = {
     "negative seed": (["seed=-1"], "seed: Input should be greater than or equal to 0"),
     "huge block_size": (["model.block_size=99999999999"], "model.block_size: Input should be less than or equal"),
     "block longer than the data": (["model.block_size=1000000"], "model.block_size: 1000000 is too long for the "),
+    "a validation split shorter than a window": (["data.source=short.txt", "data.val_fraction=0.002"],
+                                                 "data.val_fraction: 0.002 leaves 6 validation tokens"),
     "huge n_embd": (["model.n_embd=100000000000"], "model.n_embd: Input should be less than or equal to 65536"),
     "huge batch": (["data.batch_size=100000000000"], "data.batch_size: Input should be less than or equal"),
     "billion layers": (["model.n_layer=1e9"], "model.n_layer: Input should be"),

@@ -93,6 +93,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_bitwise_once_there_is_room(
     if code == 2:
         assert err.count("\n") == 1 and "Traceback" not in err
         assert "No space left on device" in err and "ENOSPC" in err, err
+        assert f"'{point}/" in err, err  # the file the disk refused is named
         assert not (run / rundir.LOCK).exists()
     intact_checkpoints(run) if run.exists() else None
     tmpfs.remount(point, "size=64m")  # room again

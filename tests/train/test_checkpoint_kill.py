@@ -181,9 +181,6 @@ def test_sigkill_before_each_file_operation_of_a_save_resumes_bitwise(setup, sav
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(strict=True, reason="known: a kill between the last checkpoint's rename and the update of "
-                   "`latest`, then a resume with no step left, leaves `latest` naming the older checkpoint (the "
-                   "trainer does not rewrite the pointer on resume; keel.rundir / loop.py to fix)")
 def test_latest_names_the_newest_checkpoint_after_a_resume_with_nothing_left(setup):
     run = setup[0] / "stale-latest"
     killed = run_killed(setup, run, LAST_SAVE, "os.replace .latest.tmp latest")

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from keel.errors import KeelError
+from keel.errors import KeelError, naming_the_file
 
 # keel.safetensors_io is imported inside the functions that use it: keel.averaging imports this module.
 
@@ -133,7 +133,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory, fsync, rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as handle:
+        with naming_the_file(path), open(tmp, "w") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -162,7 +162,7 @@ class _OSErrorRecorder:
 
 
 def _save_state(state: dict[str, Any], path: Path) -> None:
-    with open(path, "wb") as handle:
+    with naming_the_file(path), open(path, "wb") as handle:
         recorder = _OSErrorRecorder(handle)
         try:
             torch.save(state, recorder)
@@ -211,7 +211,7 @@ def write_checkpoint(
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _replace_dir(tmp, final)
         _fsync_dir(root)
-        atomic_write_text(root / LATEST, final.name + "\n")
+        point_latest(root, final)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, OSError):
@@ -221,6 +221,18 @@ def write_checkpoint(
             ) from None
         raise
     return final
+
+
+def point_latest(root: Path, ckpt: Path) -> None:
+    """Make ``root/latest`` name ``ckpt`` (unless it already does): after each save, and on resume, where a kill
+    between a checkpoint's rename and this update left it naming an older one."""
+    pointer = Path(root) / LATEST
+    try:
+        if pointer.read_text().strip() == ckpt.name:
+            return
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    atomic_write_text(pointer, ckpt.name + "\n")
 
 
 def _replace_dir(new: Path, final: Path) -> None:

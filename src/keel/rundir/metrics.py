@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from keel.errors import KeelError
+from keel.errors import KeelError, naming_the_file
 
 KINDS = ("step", "eval", "event", "diagnostic")
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -141,11 +141,12 @@ class MetricsLog:
         if kind not in KINDS:
             raise KeelError(f"metrics record: kind {kind!r} is not a kind; allowed: {', '.join(KINDS)}")
         line = encode_record({"kind": kind, **record})
-        self._handle.write(line + "\n")
-        now = time.monotonic()
-        if kind != "step" or now - self._flushed >= FLUSH_SECONDS:  # step records: at most FLUSH_SECONDS behind
-            self._handle.flush()
-            self._flushed = now
+        with naming_the_file(self.path):
+            self._handle.write(line + "\n")
+            now = time.monotonic()
+            if kind != "step" or now - self._flushed >= FLUSH_SECONDS:  # step records: at most FLUSH_SECONDS behind
+                self._handle.flush()
+                self._flushed = now
         for sink in self.sinks:
             sink.write({"kind": kind, **record})
         if self._tensorboard is not None:
@@ -156,8 +157,9 @@ class MetricsLog:
 
     def offset(self) -> int:
         """Bytes written so far, synced to disk (a checkpoint stores this to cut the log back on resume)."""
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        with naming_the_file(self.path):
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
         return self._handle.tell()
 
     def close(self) -> None:

@@ -27,10 +27,12 @@ ranks follow (``_follow``). Without that, Optuna's pruning is silently a no-op o
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -546,7 +548,8 @@ def run_stage(stage: Stage, workers: int, say: Say = print) -> None:
         return
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    procs = [subprocess.Popen([sys.executable, "-m", "keel.sweep.worker", str(stage.dir), "--index", str(i)],
+    procs = [subprocess.Popen([sys.executable, "-m", "keel.sweep.worker", str(stage.dir), "--index", str(i),
+                               "--parent", str(os.getpid())],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(workers)]
     relays = [threading.Thread(target=_relay, args=(proc, f"[worker {i}] ", say), daemon=True)
@@ -554,10 +557,15 @@ def run_stage(stage: Stage, workers: int, say: Say = print) -> None:
     for relay in relays:
         relay.start()
     try:
-        codes = [proc.wait() for proc in procs]
-    except KeyboardInterrupt:
+        with _sigterm_as_exit():
+            codes = [proc.wait() for proc in procs]
+    except (KeyboardInterrupt, SystemExit):
+        # Interrupted or terminated: the workers stop too (their running trials are retried on --resume), rather
+        # than going on taking trials with nobody to report to.
         for proc in procs:
             proc.terminate()
+        for proc in procs:
+            proc.wait()
         raise
     for relay in relays:
         relay.join(timeout=5)
@@ -565,6 +573,23 @@ def run_stage(stage: Stage, workers: int, say: Say = print) -> None:
         if code != 0:
             say(f"worker {i} exited with code {code}; a trial it was running is retried by a worker still running "
                 "(or by keel sweep --resume)")
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """SIGTERM (kill, a job scheduler's stop) raises SystemExit(143) in the main thread while inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _relay(proc: subprocess.Popen, prefix: str, say: Say) -> None:

@@ -46,6 +46,7 @@ class LanguageModelTask(Task):
         self.block_size = config.model.block_size
         self.packing = data.packing
         if self.packing:
+            self._check_val_window(config)
             self.sampler = RandomWindowSampler(self.data.train, self.block_size, data.batch_size, config.seed)
             self.tokens_per_batch = data.batch_size * self.block_size
         else:
@@ -54,6 +55,17 @@ class LanguageModelTask(Task):
         self.num_classes = self.data.vocab_size
         self._unigram: float | None = None
         return self
+
+    def _check_val_window(self, config) -> None:
+        """Packed evaluation needs one whole window (block_size + 1 tokens) of the validation split."""
+        needed, held = self.block_size + 1, len(self.data.val)
+        if held < needed:
+            total = held + len(self.data.train)
+            raise KeelError(
+                f"data.val_fraction: {config.data.val_fraction} leaves {held:,} validation tokens of the "
+                f"{total:,} of data.source '{config.data.source}', fewer than one window of model.block_size + 1 = "
+                f"{needed:,}; allowed: a val_fraction of at least {needed / total:.3g}, or a smaller "
+                "model.block_size")
 
     def _bind_documents(self, config) -> None:
         """One document per sequence: the sequences of each split and the length-bucketing sampler."""

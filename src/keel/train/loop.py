@@ -455,6 +455,7 @@ class Trainer:
             self._say("no checkpoint was written before the run stopped; starting it again from step 0")
             return 0
         payload = self._load_checkpoint(*found)
+        self.dist.on_main(lambda: rundir.point_latest(root, found[0]))  # a kill may have left it behind
         self._apply_resume_policy(payload)
         self._say(f"resumed from {found[0].name} (step {self.state.step}, {self.state.tokens:,} tokens)")
         return int(payload["metrics_offset"])
