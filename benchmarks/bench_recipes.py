@@ -119,7 +119,7 @@ def base_config(budget: dict) -> dict:
     data = {"batch_size": budget["batch"], "eval_tokens": budget["eval_tokens"]}
     if "source" in budget:
         data["source"] = budget["source"]
-    return {"max_steps": budget["steps"], "eval_interval": budget["eval_interval"],
+    return {"recipe": "baseline", "max_steps": budget["steps"], "eval_interval": budget["eval_interval"],
             "checkpoint_interval": budget["eval_interval"], "keep_last": AVERAGE_LAST, "threads": 1,
             "model": dict(budget["model"]), "data": data, "sample": {"tokens": 0}, "clip": {"max_norm": 1.0},
             "ema": dict(EMA), "progress_interval": 10**9}

@@ -1,4 +1,4 @@
-"""The default keel recipe in a plain PyTorch loop, built from keel's units without the trainer.
+"""keel's baseline recipe (`recipe: baseline`) in a plain PyTorch loop, built from keel's units without the trainer.
 
 AdamW (betas 0.9/0.95, decoupled weight decay 0.1, none on biases, norms and embeddings), linear warmup then
 cosine decay to a minimum LR, global-norm clipping at 1.0 with the unclipped norm logged, an EMA of the weights.

@@ -17,12 +17,14 @@ def test_defaults_validate():
     config = load_config()
     assert isinstance(config, TrainConfig)
     assert config.max_steps > 0 and config.seed == 1337 and config.out_dir is None
-    assert config.optimizer["name"] == "adamw"
+    assert config.recipe == "fast" and config.optimizer["name"] == "muon"  # the language model's default recipe
+    digits = load_config(None, ["task=digits"])
+    assert digits.recipe == "baseline" and digits.optimizer["name"] == "adamw"  # every other task's
 
 
 def test_yaml_and_dotted_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("max_steps: 50\nmodel:\n  n_layer: 2\noptimizer:\n  lr: 1.0e-3\n")
+    path.write_text("recipe: baseline\nmax_steps: 50\nmodel:\n  n_layer: 2\noptimizer:\n  lr: 1.0e-3\n")
     config = load_config(path, ["model.n_embd=64", "optimizer.betas=[0.9, 0.99]"])
     assert config.max_steps == 50 and config.model.n_layer == 2 and config.model.n_embd == 64
     assert config.optimizer["lr"] == 1e-3 and config.optimizer["betas"] == [0.9, 0.99]

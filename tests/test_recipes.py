@@ -1,6 +1,5 @@
 """``recipe: baseline | fast``: a named recipe fills in its keys; the config's own keys win, key by key."""
 
-import copy
 
 import pytest
 import yaml
@@ -14,9 +13,16 @@ def _recipe_part(config):
     return {"optimizer": config.optimizer, "schedule": config.schedule, "clip": config.clip.model_dump()}
 
 
-def test_baseline_is_the_default_recipe_written_out():
-    assert _recipe_part(validate({"recipe": "baseline"})) == _recipe_part(validate({}))
-    assert validate({"recipe": "baseline"}).clip.max_norm == 1.0
+def test_the_language_model_defaults_to_fast_every_other_task_to_baseline():
+    assert validate({}).recipe == "fast"
+    assert _recipe_part(validate({})) == _recipe_part(validate({"recipe": "fast"}))
+    assert validate({}).technique("seq_warmup").enabled == "auto"
+    for task in ("digits", "user_task:make"):
+        assert validate({"task": task}).recipe == "baseline"
+    # the baseline recipe is what keel's defaults were: AdamW (0.9, 0.95), wd 0.1, cosine to a tenth, clip 1.0
+    baseline = validate({"recipe": "baseline"})
+    assert baseline.optimizer == {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}
+    assert baseline.schedule == {"name": "cosine", "warmup": "5%", "min_lr": 2e-4} and baseline.clip.max_norm == 1.0
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -48,10 +54,22 @@ def test_technique_blocks_merge_over_the_recipes(monkeypatch):
     assert config.technique("ema").enabled and config.technique("ema").half_life == "10%"
 
 
-def test_without_a_recipe_nothing_changes():
-    raw = {"optimizer": {"lr": 1e-3}}
-    assert apply_recipe(copy.deepcopy(raw)) == raw
+def test_apply_recipe_names_the_recipe_it_used():
+    assert apply_recipe({"optimizer": {"lr": 1e-3}})["recipe"] == "fast"
+    assert apply_recipe({"task": "digits"})["recipe"] == "baseline"
     assert apply_recipe({"recipe": "nonsense"}) == {"recipe": "nonsense"}  # the field's validation reports it
+
+
+def test_seq_warmup_auto_is_off_where_batches_are_not_sequences_and_fits_a_short_context(tmp_path, tiny_overrides):
+    from keel.train import train
+
+    digits = load_config(None, ["task=digits", "recipe=fast", "max_steps=3", "threads=1"])
+    result = train(digits, run_dir=tmp_path / "digits", quiet=True)
+    assert not [r for r in result["history"] if "seq_len" in r]  # off: no sequences
+    overrides = [o for o in tiny_overrides if not o.startswith(("recipe", "optimizer.", "schedule."))]
+    lm = load_config(None, [*overrides, "recipe=fast", "model.block_size=16", "max_steps=10", "sample.tokens=0"])
+    lengths = [r["seq_len"] for r in train(lm, run_dir=tmp_path / "lm", quiet=True)["history"] if "seq_len" in r]
+    assert lengths[0] == 16 and set(lengths) == {16}  # start 32 capped at the 16-token context
 
 
 def test_config_yaml_records_the_recipe_and_its_values(tmp_path):

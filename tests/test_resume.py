@@ -87,6 +87,12 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path, tiny
     kill_at_steps_then_resume(tmp_path, tiny_overrides + RESUME, seed)
 
 
+def test_the_fast_recipe_resumes_bitwise_too(tmp_path, tiny_overrides):
+    """Muon's state, the WSD schedule and an active sequence-length warmup (32 -> 64 tokens) survive a SIGKILL."""
+    fast = ["recipe=fast", "optimizer.lr=2e-2", "optimizer.adam_lr=3e-3", "model.block_size=64"]
+    kill_at_steps_then_resume(tmp_path, tiny_overrides + RESUME + fast, seed=7, kills=1)
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("seed", [11, 22, 33, 44, 55])
 def test_sigkill_at_random_steps_matrix(tmp_path, tiny_overrides, seed):

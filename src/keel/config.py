@@ -242,9 +242,10 @@ class TrainConfig(_Block):
     )
     task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task's factory.")
     recipe: Literal["baseline", "fast"] | None = Field(
-        None, description="A named recipe that fills in optimizer, schedule, clipping and techniques: 'baseline' "
-        "(AdamW, warmup, cosine to a tenth of the peak, clipping at 1.0: the defaults), 'fast' (the measured "
-        "winner of benchmarks/bench_recipes.py; see keel.recipes); keys the config gives win, key by key.",
+        None, description="A named recipe that fills in optimizer, schedule, clipping and techniques (keys the "
+        "config gives win, key by key): 'fast' (Muon + warmup-stable-decay + sequence-length warmup, the measured "
+        "winner of benchmarks/bench_recipes.py; docs/recipes.md) or 'baseline' (AdamW, warmup, cosine to a tenth "
+        "of the peak, clipping at 1.0). null: fast for task lm, baseline for other tasks.",
     )
     init_from: str | None = Field(
         None, description="Start from pretrained weights: a keel run directory (its best, else newest, checkpoint), "

@@ -14,7 +14,7 @@ from cli_runner import run_keel_train  # pytest's prepend import mode puts this 
 
 LENGTH_KEYS = ["schedule.warmup", "ema.start", "ema.every", "ema.half_life", "polyak.start", "polyak.every",
                "swa.start", "swa.every", "swa.anneal_steps", "snapshot.cycle"]
-SMALL = ["threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
+SMALL = ["recipe=baseline", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
          "data.batch_size=2", "data.eval_tokens=256"]
 TECHNIQUE_ON = {"ema": "ema.enabled=true", "polyak": "polyak.enabled=true", "swa": "swa.enabled=true",
                 "snapshot": "snapshot.enabled=true"}

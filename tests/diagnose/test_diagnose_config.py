@@ -14,7 +14,7 @@ from keel.diagnose.probes import Display, ProbeTask, take_examples
 from keel.errors import KeelError
 from keel import tasks
 
-TINY = {"threads": 1, "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+TINY = {"recipe": "baseline", "threads": 1, "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
         "data": {"batch_size": 8, "eval_tokens": 4096}, "eval_interval": 50}
 # No warmup, momentum SGD at an LR well above its stable range (0.5; 1e-1 trains), no clipping: it diverges early.
 UNSTABLE = {**TINY, "max_steps": 200, "optimizer": {"name": "momentum", "lr": 0.5}, "schedule": {"name": "constant"},

@@ -33,6 +33,7 @@ fork = multiprocessing.get_context("fork")
 
 # A tiny GPT whose global batch (16 windows) is the same whatever the number of ranks.
 TINY_LM = [
+    "recipe=baseline",  # AdamW: Muon's bf16 Newton-Schulz is not bitwise stable across reduction orders
     "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
     "data.global_batch_size=16", "data.eval_tokens=4096", "sample.tokens=0", "optimizer.lr=3e-3",
     "schedule.warmup=4", "schedule.min_lr=3e-4", "progress_interval=1000",

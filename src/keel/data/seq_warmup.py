@@ -150,7 +150,11 @@ class SeqWarmupConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(False, description="Turn sequence-length warmup on.")
+    enabled: bool | Literal["auto"] = Field(
+        False, description="Turn sequence-length warmup on (true), off (false), or 'auto': on where the task's batches "
+        "are sequences with a context length (task lm), starting at most at that context, and off elsewhere (what "
+        "recipe fast uses).",
+    )
     start: int = Field(64, description="Sequence length at step 0 (>= 8, at most model.block_size; rounded down "
                        "to a multiple of 8).")
     duration: int | str = Field("30%", description="Steps until the full context: steps, '30%' of the run, '2ep' or "
@@ -179,7 +183,7 @@ class SeqWarmupConfig(BaseModel):
 
 def check_seq_warmup(block: SeqWarmupConfig, config: Any) -> None:
     """Checks against the rest of the run config, when it is loaded: the start fits the context."""
-    if not block.enabled:
+    if block.enabled is not True:  # off, or 'auto': decided by the task at run start
         return
     if config.task == "digits":
         raise KeelError("seq_warmup.enabled: task digits has no sequences; allowed: task lm, or a task whose batches "
@@ -201,23 +205,31 @@ class SeqWarmupCallback(Callback):
 
     def on_run_start(self, trainer) -> None:
         full = getattr(trainer.task, "block_size", None)
+        auto = self.config.enabled == "auto"
+        if auto and (not isinstance(full, int) or full < MULTIPLE):
+            self.unit = None  # 'auto' on a task without sequences (or a context under 8 tokens): off
+            return
         if not isinstance(full, int):
             raise KeelError(f"seq_warmup.enabled: task {trainer.config.task!r} has no block_size (its context length); "
                             "allowed: task lm, or a task with a block_size attribute whose batches are sequences")
+        start = min(self.config.start, full // MULTIPLE * MULTIPLE) if auto else self.config.start
         duration = trainer.resolve_length(self.config.duration, "seq_warmup.duration")
         if self._saved is not None and self._saved["duration"] != duration:  # e.g. '30%' of a longer run on resume
             trainer.say(f"seq_warmup: duration kept at {self._saved['duration']} steps from the checkpoint "
                         f"({self.config.duration!r} now resolves to {duration})")
             duration = self._saved["duration"]
-        self.unit = SequenceLengthWarmup(self.config.start, full, duration, self.config.pacing, self.config.stages)
+        self.unit = SequenceLengthWarmup(start, full, duration, self.config.pacing, self.config.stages)
         if self._saved is None:
             trainer.say(f"seq_warmup: sequence length {self.unit(0)} -> {full} over {duration} steps "
                         f"({self.config.pacing}; {'tokens per step kept' if self.config.keep_tokens_per_step else 'rows kept'})")
 
     def on_step_start(self, trainer) -> None:
-        trainer.step_metrics["seq_len"] = self.unit(trainer.state.step)
+        if self.unit is not None:
+            trainer.step_metrics["seq_len"] = self.unit(trainer.state.step)
 
     def on_batch(self, trainer, batch: Any) -> Any:
+        if self.unit is None:
+            return batch
         length = self.unit(trainer.state.step)
         if self.config.keep_tokens_per_step:
             return reshape_sequences(batch, length)

@@ -192,7 +192,10 @@ def _field_map(
 def _convert(argument: str, value: Any, field_name: str, context: _Context) -> Any:
     """Turn a config value into the function argument: lengths to steps, numbers to floats."""
     if argument in _LENGTHS:
-        return context.steps(value, field_name)
+        steps = context.steps(value, field_name)
+        if argument == "decay_steps" and steps == 0 and isinstance(value, str):
+            return 1  # a share of a very short run ('20%' of 2 steps) still decays, over its last step
+        return steps
     if argument in _LENGTH_LISTS:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise KeelError(f"{field_name}: {value!r} is not a list of lengths; each one is {SYNTAX}")

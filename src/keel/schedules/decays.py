@@ -263,6 +263,9 @@ def wsd(
     min_lr = check_lr(min_lr, "min_lr", allow_zero=True)
     check_floor(min_lr, "min_lr", lr)
     shape = check_choice(shape, "shape", COOLDOWN_SHAPES)
+    if w >= total:
+        raise KeelError(f"warmup_steps: {w} steps is at or beyond the run length ({total} steps); the warmup must end "
+                        "before the run does")
     if w + d > total:
         raise KeelError(
             f"decay_steps: warmup_steps ({w}) + decay_steps ({d}) = {w + d} is more than total_steps ({total}); "
