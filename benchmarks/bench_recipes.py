@@ -635,8 +635,27 @@ def main(argv: list[str] | None = None) -> dict:
     return data
 
 
+EVAL_KEYS = ("step", "tokens", "val_loss", "val_loss_ema", "train_seconds", "ema_seconds")
+
+
+def compact(runs: list[dict]) -> list[dict]:
+    """What recipes.json keeps of each run: its identity and the curves the table and plot read (floats to 6
+    significant digits); its config is the arm's tuned config in ``tuned`` with the run's lr, seed and horizon."""
+    def short(value):
+        return float(f"{value:.6g}") if isinstance(value, float) else value
+
+    kept = []
+    for run in runs:
+        run = {k: v for k, v in run.items() if k != "config"}
+        run["evals"] = [{k: short(r[k]) for k in EVAL_KEYS if k in r} for r in run["evals"]]
+        run["avg"] = [{k: short(v) for k, v in p.items()} for p in run.get("avg", [])]
+        kept.append(run)
+    return kept
+
+
 def report(data: dict, args: argparse.Namespace, work: Path | None = None) -> None:
     """The plot, the RESULTS.md section and recipes.json (into --out with --no-write)."""
+    data["runs"] = compact(data["runs"])
     results = Path(args.out or work) if args.no_write else HERE / "results"
     results.mkdir(parents=True, exist_ok=True)
     image = results / "recipes.png" if args.no_write else HERE.parent / "docs" / "img" / "recipes.png"
@@ -648,7 +667,7 @@ def report(data: dict, args: argparse.Namespace, work: Path | None = None) -> No
         (results / "recipes.json").write_text(json.dumps(data, indent=1, default=str))
         (results / "recipes.md").write_text(body)
     else:
-        write_json("recipes", data)
+        write_json("recipes", data, indent=None)  # one line: every run's curves
         write_section("recipes", body)
 
 

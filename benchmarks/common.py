@@ -51,10 +51,10 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def write_json(name: str, payload: dict) -> Path:
+def write_json(name: str, payload: dict, indent: int | None = 1) -> Path:
     path = HERE / "results" / f"{name}.json"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
+    path.write_text(json.dumps(payload, indent=indent) + "\n")
     return path
 
 
