@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, summary, write_json, write_section  # noqa: E402
 
-WORKLOAD = ["threads=1", "sample.tokens=0", "progress_interval=100000"]
+WORKLOAD = ["recipe=baseline", "threads=1", "sample.tokens=0", "progress_interval=100000"]
 
 
 def throughput(run: Path, warmup: int) -> tuple[float, float]:

@@ -36,7 +36,7 @@ from keel.rundir.metrics import read_metrics  # noqa: E402
 from keel.techniques import Callback  # noqa: E402
 from keel.train import Trainer  # noqa: E402
 
-WORKLOADS = {"lm": ["sample.tokens=0"], "digits": ["task=digits"]}
+WORKLOADS = {"lm": ["recipe=baseline", "sample.tokens=0"], "digits": ["task=digits"]}
 QUIET = ["eval_interval=1000000", "checkpoint_interval=1000000"]
 
 

@@ -39,6 +39,7 @@ def run(optimizer: dict, steps: int, seed: int, out_dir: Path) -> dict:
     lr = float(optimizer["lr"])
     config = TrainConfig.model_validate(
         {
+            "recipe": "baseline",
             "seed": seed,
             "max_steps": steps,
             "eval_interval": steps,

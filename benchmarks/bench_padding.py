@@ -50,7 +50,8 @@ def task(context: int, long_documents: str, batch: int, packing: bool) -> Langua
     data = {"source": "stdlib", "batch_size": batch, "packing": packing}
     if not packing:
         data["long_documents"] = long_documents
-    config = TrainConfig.model_validate({"model": {"block_size": context}, "data": data, "threads": 1})
+    config = TrainConfig.model_validate({"recipe": "baseline", "model": {"block_size": context}, "data": data,
+                                          "threads": 1})
     return LanguageModelTask().bind(config)
 
 

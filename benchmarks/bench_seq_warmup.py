@@ -53,7 +53,7 @@ CONTENDERS = {
 def run(warmup: dict | None, steps: int, seed: int, scale: int, eval_interval: int, out: Path) -> dict:
     lr = LR * scale
     raw = {
-        "seed": seed, "max_steps": steps, "eval_interval": eval_interval, "checkpoint_interval": steps,
+        "recipe": "baseline", "seed": seed, "max_steps": steps, "eval_interval": eval_interval, "checkpoint_interval": steps,
         "threads": 1, "model": MODEL, "data": {"batch_size": BATCH * scale, "eval_tokens": 8192},
         "optimizer": {"lr": lr}, "schedule": {"name": "cosine", "warmup": "5%", "min_lr": lr / 10},
         "sample": {"tokens": 0}, "out_dir": str(out),

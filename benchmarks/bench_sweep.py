@@ -34,7 +34,7 @@ from common import machine, run_keel, summary, write_json, write_section  # noqa
 
 
 def workload(steps: int) -> dict:
-    return {"max_steps": steps, "eval_interval": steps, "checkpoint_interval": steps, "sample": {"tokens": 0},
+    return {"recipe": "baseline", "max_steps": steps, "eval_interval": steps, "checkpoint_interval": steps, "sample": {"tokens": 0},
             "threads": 1}
 
 

@@ -35,7 +35,7 @@ from keel.techniques import Callback  # noqa: E402
 from keel.train import Trainer  # noqa: E402
 
 WORKLOADS = {
-    "lm": ["sample.tokens=0"],
+    "lm": ["recipe=baseline", "sample.tokens=0"],  # the recipe its bare loop implements
     "digits": ["task=digits"],
 }
 
