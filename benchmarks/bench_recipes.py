@@ -234,25 +234,36 @@ class Baton:
             self.cond.notify_all()
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is asynchronous: time what ran, not what was queued
+
+
 def _make_clock(baton: Baton, index: int):
+    from keel import rundir
     from keel.techniques import Callback
 
     class StepClock(Callback):
-        """Times optimizer steps (its turn starts at on_step_start), and the EMA update apart."""
+        """Times optimizer steps (its turn starts at on_step_start) and the EMA update apart; at each checkpoint,
+        scores the mean of the last AVERAGE_LAST checkpoints (this one included) and times the averaging."""
 
         name = "bench_step_clock"
 
         def __init__(self) -> None:
             self.train = self.ema = 0.0
             self.started = None
+            self.avg: list[dict] = []
+            self._avg_model = None
 
         def on_run_start(self, trainer) -> None:
             ema = next(cb for cb in trainer.callbacks if getattr(cb, "name", None) == "ema")
             update = ema.unit.update
 
             def timed_update() -> None:
+                _sync()
                 start = time.perf_counter()
                 update()
+                _sync()
                 self.ema += time.perf_counter() - start
 
             ema.unit.update = timed_update
@@ -260,14 +271,28 @@ def _make_clock(baton: Baton, index: int):
         def on_step_start(self, trainer) -> None:
             baton.pass_on(index)
             baton.wait(index)
+            _sync()
             self.started = time.perf_counter()
 
         def on_step_end(self, trainer) -> None:
+            _sync()
             self.train += time.perf_counter() - self.started
 
         def on_eval(self, trainer, metrics: dict) -> None:
             metrics["train_seconds"] = self.train
             metrics["ema_seconds"] = self.ema
+
+        def on_checkpoint(self, trainer, ckpt_dir: Path) -> None:
+            # ckpt_dir is being written (its model.safetensors is there); the older ones are in place
+            older = rundir.list_checkpoints(trainer.run_dir / rundir.CHECKPOINTS)[-(AVERAGE_LAST - 1):]
+            start = time.perf_counter()
+            weights = average_checkpoints([*older, ckpt_dir / "model.safetensors"])
+            seconds = time.perf_counter() - start
+            if self._avg_model is None:
+                self._avg_model = copy.deepcopy(trainer.model)
+            self._avg_model.load_state_dict(weights)
+            loss = trainer.evaluate(self._avg_model)["val_loss"]
+            self.avg.append({"step": trainer.state.step, "val_loss_avg": loss, "avg_seconds": seconds})
 
     return StepClock()
 
@@ -277,7 +302,6 @@ def run_group(job: dict) -> list[dict]:
     torch.set_num_threads(1)
     from keel.config import TrainConfig
     from keel.train import train
-    from keel.train.scoring import ValidationScorer
 
     runs, root = job["runs"], Path(job["root"])
     baton = Baton(len(runs))
@@ -285,14 +309,16 @@ def run_group(job: dict) -> list[dict]:
 
     def worker(i: int) -> None:
         baton.wait(i)
+        clock = _make_clock(baton, i)
         try:
             config = TrainConfig.model_validate(runs[i]["config"])
-            result = train(config, callbacks=[_make_clock(baton, i)], run_dir=root / f"run{i}", quiet=True)
+            result = train(config, callbacks=[clock], run_dir=root / f"run{i}", quiet=True)
             evals = [r for r in result["history"] if r.get("kind") == "eval"]
-            results[i] = {"evals": evals}
+            results[i] = {"evals": evals, "avg": clock.avg}
         except Exception as error:  # a diverging recipe is a result, not a crash of the benchmark
-            results[i] = {"evals": [], "error": f"{type(error).__name__}: {error}"}
+            results[i] = {"evals": [], "avg": [], "error": f"{type(error).__name__}: {error}"}
         finally:
+            shutil.rmtree(root / f"run{i}", ignore_errors=True)  # still its turn: no other step is timed meanwhile
             baton.pass_on(i, done=True)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(runs))]
@@ -300,30 +326,7 @@ def run_group(job: dict) -> list[dict]:
         thread.start()
     for thread in threads:
         thread.join()
-    scorer = ValidationScorer(TrainConfig.model_validate(runs[0]["config"]), torch.device("cpu"))
-    out = []
-    for i, (run, result) in enumerate(zip(runs, results)):
-        out.append({**run, **result, "avg": checkpoint_average_curve(root / f"run{i}", result["evals"], scorer)})
-        shutil.rmtree(root / f"run{i}", ignore_errors=True)
-    return out
-
-
-def checkpoint_average_curve(run_dir: Path, evals: list[dict], scorer) -> list[dict]:
-    """At every evaluation: the validation loss of the mean of the last AVERAGE_LAST checkpoints up to it, and the
-    seconds the averaging took."""
-    from keel import rundir
-
-    by_step = {rundir.checkpoint_step(c.name): c for c in rundir.list_checkpoints(run_dir / rundir.CHECKPOINTS)}
-    curve = []
-    for record in evals:
-        steps = sorted(s for s in by_step if s <= record["step"])[-AVERAGE_LAST:]
-        if not steps:
-            continue
-        start = time.perf_counter()
-        weights = average_checkpoints([by_step[s] for s in steps])
-        seconds = time.perf_counter() - start
-        curve.append({"step": record["step"], "val_loss_avg": scorer.loss(weights), "avg_seconds": seconds})
-    return curve
+    return [{**run, **result} for run, result in zip(runs, results)]
 
 
 def seeded_jobs(arms: dict, budget: dict, seeds: int, horizons: list[float], root: Path) -> list[dict]:
@@ -340,7 +343,6 @@ def seeded_jobs(arms: dict, budget: dict, seeds: int, horizons: list[float], roo
                     raw["max_steps"] = max(1, round(budget["steps"] * horizon))
                     raw["eval_interval"] = raw["checkpoint_interval"] = max(1, round(budget["eval_interval"]
                                                                                      * horizon))
-                    raw["keep_last"] = raw["max_steps"]  # every checkpoint, for the averages
                     variants = [v for v, best in tuned["best_lr"].items() if best == lr]
                     runs.append({"arm": name, "lr": lr, "variants": variants, "seed": seed, "horizon": horizon,
                                  "group": f"{root.name}/seed{seed}-h{horizon}", "config": raw})
@@ -601,7 +603,8 @@ def main(argv: list[str] | None = None) -> dict:
     from keel.config import TrainConfig
     from keel.train.scoring import ValidationScorer
 
-    scorer = ValidationScorer(TrainConfig.model_validate(base_config(budget)), torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = ValidationScorer(TrainConfig.model_validate(base_config(budget)), device)
     tuned: dict[str, dict] = {}
     baseline = tune("baseline", SINGLES["baseline"], budget, None, work, args.workers, scorer, say)
     tuned["baseline"] = baseline
