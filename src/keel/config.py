@@ -19,6 +19,7 @@ from keel.data.corpora import BUILTIN_CORPORA
 from keel.data.sources import train_token_count
 from keel.errors import KeelError
 from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
+from keel.recipes import RECIPES, apply_recipe
 from keel.techniques import techniques
 
 # Hard bounds on sizes, far above any run this toolkit is for, so an absurd value fails here with its key rather
@@ -222,9 +223,10 @@ class LrScalingConfig(_Block):
         return self
 
 
-# The seed articles' baseline recipe: AdamW (0.9, 0.95), decoupled weight decay 0.1, linear warmup then cosine.
-DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}
-DEFAULT_SCHEDULE = {"name": "cosine", "warmup": "5%"}  # min_lr: a tenth of the peak LR unless given
+# The seed articles' baseline recipe (keel.recipes): an optimizer block naming adamw, or a schedule naming cosine,
+# starts from these values, whatever the recipe; a cosine without min_lr decays to a tenth of its peak LR.
+DEFAULT_OPTIMIZER = RECIPES["baseline"]["optimizer"]
+DEFAULT_SCHEDULE = RECIPES["baseline"]["schedule"]
 
 
 class TrainConfig(_Block):
@@ -311,12 +313,11 @@ class TrainConfig(_Block):
     @model_validator(mode="before")
     @classmethod
     def _complete_default_recipe(cls, raw: Any) -> Any:
-        """A named ``recipe`` fills in its keys first (``keel.recipes``). Keys given without a name (or with the
-        default's name) refine the default recipe, key by key; another name starts afresh. A cosine schedule with no ``min_lr`` decays to a tenth of its peak LR."""
+        """The recipe (``recipe:``, else the task's default; ``keel.recipes``) fills in the keys the config leaves
+        out. An optimizer block naming adamw, or a schedule naming cosine, starts from the baseline recipe's values;
+        a cosine schedule with no ``min_lr`` decays to a tenth of its peak LR."""
         if not isinstance(raw, dict):
             return raw
-        from keel.recipes import apply_recipe
-
         raw = apply_recipe(dict(raw))
         optimizer = raw.get("optimizer", {})
         if isinstance(optimizer, dict) and optimizer.get("name", DEFAULT_OPTIMIZER["name"]) == DEFAULT_OPTIMIZER["name"]:

@@ -11,7 +11,7 @@ reproducible if a recipe is changed in a later version.
 
 - ``baseline``: the GPT training loop's recipe (AdamW with betas (0.9, 0.95) and decoupled weight decay 0.1,
   linear warmup over 5% of the run, cosine decay to a tenth of the peak LR, clipping the global gradient norm at
-  1.0): keel's defaults, written out.
+  1.0): keel's default before ``fast``, and still the default of every task but ``lm``.
 - ``fast``: the most robust winner of ``benchmarks/bench_recipes.py`` (the ``recipes`` section of
   ``benchmarks/RESULTS.md`` has the measured ratios and their conditions; docs/recipes.md explains the choice):
   Muon on the hidden matrices (LR 0.02) with AdamW on embeddings, head, biases and norms (LR 2e-3), a
