@@ -92,3 +92,19 @@ def test_a_run_trains_with_the_fast_recipe(tmp_path, tiny_overrides):
     assert result["step"] == 40 and result["val_loss"] < 4.0  # below the uniform byte model's ln(256) = 5.55
     lrs = [r["lr"] for r in result["history"] if r.get("kind") == "step"]
     assert max(lrs) == pytest.approx(RECIPES["fast"]["optimizer"]["lr"])
+
+
+def test_the_examples_of_docs_recipes_validate():
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    blocks = re.findall(r"```(\w+)\n(.*?)```", text, flags=re.S)
+    commands = [line.split("#")[0] for lang, body in blocks if lang == "bash" for line in body.splitlines()
+                if line.startswith("keel train")]
+    assert len(commands) >= 3
+    for command in commands:
+        load_config(None, shlex.split(command)[2:])
+    configs = [yaml.safe_load(body) for lang, body in blocks if lang == "yaml"]
+    assert configs and all(validate(raw).recipe == raw["recipe"] for raw in configs)
