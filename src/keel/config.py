@@ -573,15 +573,23 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise KeelError(f"override '{item}' is not key=value; allowed: dotted.key=value, e.g. model.n_layer=6")
         value = _load_checked(raw, f"{key}: value {raw!r}") if raw != "" else ""
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise KeelError(f"{key}: '{part}' was given a value and cannot also hold keys")
-            node = child
-        node[parts[-1]] = value
+        set_dotted(tree, key, value, overwrite=False)
     return tree
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, *, overwrite: bool = True) -> None:
+    """``set_dotted(t, "schedule.warmup", 10)`` sets ``t["schedule"]["warmup"] = 10``, creating blocks. A value
+    where a block is needed is replaced, or with ``overwrite=False`` is a KeelError."""
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            if child is not None and not overwrite:
+                raise KeelError(f"{key}: '{part}' was given a value and cannot also hold keys")
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,5 @@
 """The one error type keel raises for bad input, and the file name an OSError of a write should carry."""
 
-import contextlib
 import os
 
 
@@ -20,13 +19,20 @@ class TrainingUnstableError(KeelError):
     """
 
 
-@contextlib.contextmanager
-def naming_the_file(path: str | os.PathLike):
+class naming_the_file:  # noqa: N801 (used as a context manager, like a function)
     """An OSError raised inside without a file name (a buffered write or flush refused by a full disk) gets ``path``,
-    so the one line the command prints says which file could not be written."""
-    try:
-        yield
-    except OSError as error:
-        if error.filename is None:
-            error.filename = str(path)
-        raise
+    so the one line the command prints says which file could not be written. A class, not a generator: it wraps
+    every metrics write, so entering it costs no more than an attribute store."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(self.path)
+        return False

@@ -6,19 +6,13 @@ These mount tmpfs filesystems (root only) and are kept out of the default run: `
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from keel import rundir
-from keel.cli.main import main
-from keel.config import load_config
-from keel.train import train
 
+from fault_helpers import keel_train as keel, reference_run, tmpfs  # noqa: F401 (tmpfs: a fixture)
 from test_resume import assert_bitwise_equal  # tests/ (the conftest's folder) is on sys.path
 
 pytestmark = pytest.mark.faults
@@ -31,46 +25,9 @@ RUN = [*TINY, "max_steps=11", "checkpoint_interval=3", "eval_interval=3", "keep_
 SIZES = ["4k", "12k", "64k", "300k", "500k", "700k", "900k", "1100k", "1200k", "1250k", "1300k", "1600k", "2m", "64m"]
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """``tmpfs(size)`` mounts a tmpfs and returns its path; ``tmpfs.remount(point, options)``; unmounted after."""
-    mounted = []
-
-    def mount(size: str) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
-        point = tmp_path / f"tmpfs{len(mounted)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-        mounted.append(point)
-        return point
-
-    def remount(point: Path, options: str) -> None:
-        done = subprocess.run(["mount", "-o", f"remount,{options}", str(point)], capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot remount the tmpfs ({options}): {done.stderr.strip()}")
-
-    mount.remount = remount
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("reference") / "run"
-    train(load_config(None, [*RUN, f"out_dir={run}"]), quiet=True)
-    return run
-
-
-def keel(*argv: str) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main(["train", *argv])
-    return code, err.getvalue()
+    return reference_run(tmp_path_factory, RUN)
 
 
 def intact_checkpoints(run: Path) -> list[str]:

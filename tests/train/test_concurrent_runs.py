@@ -7,8 +7,6 @@ Kept out of the default run (``pytest -m faults``); the lock itself is tested in
 
 from __future__ import annotations
 
-import contextlib
-import io
 import subprocess
 import sys
 import time
@@ -17,11 +15,9 @@ from pathlib import Path
 import pytest
 
 from keel import rundir
-from keel.cli.main import main
-from keel.config import load_config
 from keel.rundir.metrics import read_metrics
-from keel.train import train
 
+from fault_helpers import keel_train as keel, reference_run  # tests/ is on sys.path
 from test_resume import assert_bitwise_equal, train_losses  # tests/ (the conftest's folder) is on sys.path
 
 pytestmark = pytest.mark.faults
@@ -33,16 +29,7 @@ RUN = [*TINY, "max_steps=400", "checkpoint_interval=50", "eval_interval=100", "s
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("reference") / "run"
-    train(load_config(None, [*RUN, f"out_dir={run}"]), quiet=True)
-    return run
-
-
-def keel(*argv: str) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main(["train", *argv])
-    return code, err.getvalue()
+    return reference_run(tmp_path_factory, RUN)
 
 
 @pytest.mark.parametrize("second", ["--resume", "--out"])

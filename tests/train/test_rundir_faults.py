@@ -6,7 +6,6 @@ These mount a tmpfs (root only) and are kept out of the default run: ``pytest -m
 
 import os
 import stat
-import subprocess
 
 import pytest
 import torch
@@ -14,35 +13,9 @@ import torch
 from keel.errors import KeelError
 from keel import rundir
 
+from fault_helpers import tmpfs  # noqa: F401 (a fixture; tests/ is on sys.path)
+
 pytestmark = pytest.mark.faults
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """`tmpfs(size)` mounts a tmpfs of that size and returns its path; `tmpfs.remount_read_only()`; unmounted after."""
-    mounted = []
-
-    def mount(size: str):
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
-        point = tmp_path / f"tmpfs{len(mounted)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-        mounted.append(point)
-        return point
-
-    def remount_read_only(point):
-        done = subprocess.run(["mount", "-o", "remount,ro", str(point)], capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot remount the tmpfs read-only: {done.stderr.strip()}")
-
-    mount.remount_read_only = remount_read_only
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def write(root, step, weights_numel=16, state_numel=16, extra_numel=0):
@@ -81,7 +54,7 @@ def test_a_read_only_filesystem_fails_in_one_line_and_can_still_be_read(tmpfs):
     run.mkdir()
     (run / "metrics.jsonl").write_text("")
     older = write(run / "checkpoints", 5)
-    tmpfs.remount_read_only(point)
+    tmpfs.remount(point, "ro")
     with pytest.raises(KeelError, match=r"cannot write it under .*Read-only file system, EROFS") as caught:
         write(run / "checkpoints", 10)
     assert "\n" not in str(caught.value)

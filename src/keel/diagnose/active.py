@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from keel import tasks
+from keel.config import set_dotted
 from keel.diagnose import signals
-from keel.diagnose.findings import Diagnosis, Finding, set_dotted, write_recommended
+from keel.diagnose.findings import Diagnosis, Finding, write_recommended
 from keel.diagnose.probes import (Display, LRRangeCallback, ProbeResult, ProbeTask, ProbeWatch, read_probe,
                                   take_examples, tidy_probe_dir)
 from keel.diagnose.run import RunRecords, _round, gradient_norms, update_ratios

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keel.config import set_dotted
 from keel.errors import KeelError
 
 SEVERITIES = ("info", "warning", "error")
@@ -115,18 +116,6 @@ def read_diagnosis(path: str | Path) -> Diagnosis:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise KeelError(f"{path}: not a readable diagnosis ({type(error).__name__}: {error}); allowed: a "
                         f"{DIAGNOSIS} written by keel diagnose") from None
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    """``set_dotted(t, "schedule.warmup", 10)`` sets ``t["schedule"]["warmup"] = 10``, creating blocks."""
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
 
 
 def write_recommended(folder: Path, raw_config: dict[str, Any], changes: dict[str, Any], source: str,

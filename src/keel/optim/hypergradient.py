@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from keel.optim.closure import closure_loss
+
 __all__ = ["AdamHD", "SGDHD"]
 
 
@@ -120,10 +122,7 @@ class SGDHD(_HypergradientOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self._hypergradient_step()
         for group, p in list(self._params_with_grad()):
             direction = p.grad.clone()
@@ -168,10 +167,7 @@ class AdamHD(_HypergradientOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self._hypergradient_step()
         for group, p in list(self._params_with_grad()):
             beta1, beta2 = group["betas"]

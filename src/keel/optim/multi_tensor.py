@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from keel.optim.closure import closure_loss
 from keel.optim.torch_kernels import fast_foreach_devices
 
 __all__ = [
@@ -161,10 +162,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         plan = getattr(self, "_plan", None)
         if plan is not None and self.fused is not False:
             # fused, and the same parameters have gradients as at the last step: no need to bucket again

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from keel.errors import KeelError
+from keel.optim.closure import closure_loss
 from keel.optim.torch_kernels import choose_kernels
 
 __all__ = ["MUON_TORCH_VERSION", "MuonWithAdamW", "muon_missing", "muon_split"]
@@ -158,10 +159,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One update: Muon's on the Muon groups, AdamW's on the others."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for inner, kind in ((self._muon, "muon"), (self._adamw, "adamw")):
             inner.param_groups = [g for g in self.param_groups if g["kind"] == kind]
             inner.state = self.state

@@ -30,6 +30,18 @@ import math
 
 import torch
 
+from keel.optim.closure import closure_loss
+
+
+def _coupled_grads(optimizer: torch.optim.Optimizer):
+    """(group, parameter, gradient + weight_decay * parameter, its state) for every parameter with a gradient: the
+    Playbook's rules take L2 weight decay into the gradient."""
+    for group in optimizer.param_groups:
+        wd = group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is not None:
+                yield group, p, (p.grad if wd == 0 else p.grad.add(p, alpha=wd)), optimizer.state[p]
+
 
 class PlaybookRMSProp(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, rho: float = 0.99, momentum: float = 0.0, eps: float = 1e-8,
@@ -39,24 +51,16 @@ class PlaybookRMSProp(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, rho, gamma, eps, wd = (group[k] for k in ("lr", "rho", "momentum", "eps", "weight_decay"))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                state = self.state[p]
-                if not state:
-                    state["v"] = torch.ones_like(p, memory_format=torch.preserve_format)
-                    state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                v, m = state["v"], state["m"]
-                v.mul_(rho).addcmul_(grad, grad, value=1 - rho)
-                m.mul_(gamma).addcdiv_(grad, v.add(eps).sqrt_(), value=lr)
-                p.sub_(m)
+        loss = closure_loss(closure)
+        for group, p, grad, state in _coupled_grads(self):
+            lr, rho, gamma, eps = group["lr"], group["rho"], group["momentum"], group["eps"]
+            if not state:
+                state["v"] = torch.ones_like(p, memory_format=torch.preserve_format)
+                state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            v, m = state["v"], state["m"]
+            v.mul_(rho).addcmul_(grad, grad, value=1 - rho)
+            m.mul_(gamma).addcdiv_(grad, v.add(eps).sqrt_(), value=lr)
+            p.sub_(m)
         return loss
 
 
@@ -67,27 +71,19 @@ class PlaybookNAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float64)
-                    state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t1 = int(state["step"].item())  # t + 1
-                m, v = state["m"], state["v"]
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                b = math.sqrt(1 - beta2**t1) / (1 - beta1**t1)
-                direction = m.mul(beta1).add_(grad, alpha=1 - beta1)
-                p.addcdiv_(direction, v.sqrt().add_(eps), value=-lr * b)
+        loss = closure_loss(closure)
+        for group, p, grad, state in _coupled_grads(self):
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float64)
+                state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            t1 = int(state["step"].item())  # t + 1
+            m, v = state["m"], state["v"]
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            b = math.sqrt(1 - beta2**t1) / (1 - beta1**t1)
+            direction = m.mul(beta1).add_(grad, alpha=1 - beta1)
+            p.addcdiv_(direction, v.sqrt().add_(eps), value=-lr * b)
         return loss

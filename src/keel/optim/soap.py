@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from keel.optim.closure import closure_loss
+
 __all__ = ["SOAP", "merged_shape"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -196,10 +198,7 @@ class SOAP(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One SOAP update of every parameter with a gradient (the first call per parameter only initialises)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             params, grads, rotated_grads, exp_avgs, exp_avg_sqs, shapes = [], [], [], [], [], []

@@ -306,16 +306,11 @@ def apply_params(raw: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``raw`` (without the sweep blocks) with each dotted key set to its value."""
     import copy
 
+    from keel.config import set_dotted
+
     out = copy.deepcopy({k: v for k, v in raw.items() if k not in ("sweep", "sweep_options")})
     for key, value in params.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        node[parts[-1]] = value
+        set_dotted(out, key, value)
     return out
 
 
