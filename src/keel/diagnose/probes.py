@@ -63,7 +63,7 @@ class ProbeTask(Task):
         self.val_batches, self.train_eval_batches = val_batches, train_eval_batches
         self.name = base.name
         self.batches_per_epoch = base.batches_per_epoch
-        self.tokens_per_batch = base.tokens_per_batch
+        self.token_unit = base.token_unit
         self.num_classes = base.num_classes
         self.last_loss = math.nan
 
@@ -95,6 +95,9 @@ class ProbeTask(Task):
 
     def examples(self, batch: Any) -> int:
         return self.base.examples(batch)
+
+    def tokens(self, batch: Any) -> int:
+        return self.base.tokens(batch)
 
     def eval_batches(self, split: str, rank: int = 0, world_size: int = 1):
         if split == "train" and self.one_batch is not None:

@@ -36,6 +36,7 @@ class LanguageModelTask(Task):
     """Causal language modelling: the default task, exactly keel's original trainer behaviour."""
 
     name = "lm"
+    token_unit = "tokens"
 
     def bind(self, config) -> LanguageModelTask:
         self.config = config
@@ -48,7 +49,6 @@ class LanguageModelTask(Task):
         if self.packing:
             self._check_val_window(config)
             self.sampler = RandomWindowSampler(self.data.train, self.block_size, data.batch_size, config.seed)
-            self.tokens_per_batch = data.batch_size * self.block_size
         else:
             self._bind_documents(config)
         self.batches_per_epoch = self.sampler.batches_per_epoch
@@ -81,8 +81,10 @@ class LanguageModelTask(Task):
                             "document of two or more tokens (an empty document set); allowed: documents with text")
         lengths = self.train_spans[:, 1] - 1
         self.sampler = BucketSampler(lengths, self.batch_tokens, config.seed)
-        self.tokens_per_batch = max(1, int(round(lengths.sum() / self.sampler.batches_per_epoch)))
         sorted_lengths, bounds = np.sort(lengths), self.sampler.bounds
+        # a bucket holds the same lengths whichever of equally long sequences it gets: its counts are known
+        self.bucket_rows = np.diff(bounds)
+        self.bucket_tokens = np.add.reduceat(sorted_lengths, bounds[:-1]) if len(bounds) > 1 else np.zeros(0)
         padded = sum(int(sorted_lengths[e - 1]) * int(e - b) for b, e in zip(bounds[:-1], bounds[1:]))
         self.expected_pad_fraction = 1.0 - float(lengths.sum()) / padded
 
@@ -102,6 +104,15 @@ class LanguageModelTask(Task):
 
     def count(self, batch) -> int:
         return count_tokens(batch[1])
+
+    def batch_counts(self, index: int, world_size: int = 1) -> tuple[float, float]:
+        """Exact: packed, ``batch_size`` windows of ``block_size`` targets per rank; without packing, the rows and
+        the unpadded targets of the bucket each rank draws (known from the lengths alone)."""
+        if self.packing:
+            rows = self.sampler.batch_size * world_size
+            return rows, rows * self.block_size
+        buckets = [int(self.sampler.buckets.locate(index, rank, world_size)[1][0]) for rank in range(world_size)]
+        return (sum(int(self.bucket_rows[b]) for b in buckets), sum(int(self.bucket_tokens[b]) for b in buckets))
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch

@@ -126,8 +126,8 @@ class Trainer:
         distributed.seed_rank(config.seed, self.rank)  # each rank its own dropout stream
         global_batches = config.grad_accum * self.world_size  # per-rank batches in one optimizer step
         self.steps_per_epoch = max(1, self.task.batches_per_epoch // global_batches)
-        self.tokens_per_step = self.task.tokens_per_batch * global_batches  # nominal: for time units
-        self._counted = "tokens" if config.task == "lm" else "targets"  # what the clock's token count counts
+        self.tokens_per_step = sum(self.task.batch_counts(i, self.world_size)[1] for i in range(config.grad_accum))
+        self._counted = self.task.token_unit  # what the clock's token count counts: tokens, or targets
         self.lr_factor = config.lr_scaling.factor or 1.0  # lr_scaling: global batch / base batch (or its sqrt)
         self.lengths = {"total_steps": config.max_steps, "steps_per_epoch": self.steps_per_epoch,
                         "tokens_per_step": self.tokens_per_step}
@@ -226,8 +226,9 @@ class Trainer:
             # batch whatever each micro-batch holds. Ranks all-reduce gradients on the last micro-batch only.
             micro_batches = [self._batch(state.batch_index + i) for i in range(config.grad_accum)]
             state.batch_index += config.grad_accum
-            n_targets, n_examples = self.dist.sum_counts(sum(task.count(b) for b in micro_batches),
-                                                         sum(task.examples(b) for b in micro_batches))
+            n_targets, n_examples, n_tokens = self.dist.sum_counts(sum(task.count(b) for b in micro_batches),
+                                                                   sum(task.examples(b) for b in micro_batches),
+                                                                   sum(task.tokens(b) for b in micro_batches))
             loss_sum = 0.0
             for i, batch in enumerate(micro_batches):
                 batch = move_to_device(batch, self.device)
@@ -261,7 +262,7 @@ class Trainer:
                 self.spike_detector.update(loss_value)  # only losses of applied updates enter its window
 
             tokens_before = state.tokens
-            state.advance(n_examples, n_targets)
+            state.advance(n_examples, n_tokens)
             state.elapsed = elapsed_at_start + time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_step_end(self)
