@@ -21,6 +21,7 @@ from keel.errors import KeelError
 from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
 from keel.recipes import RECIPES, apply_recipe
 from keel.techniques import techniques
+from keel.timeunits import Time, stand_in
 
 # Hard bounds on sizes, far above any run this toolkit is for, so an absurd value fails here with its key rather
 # than as a failed allocation or a hang; what fits in memory is checked against the machine in TrainConfig.
@@ -263,7 +264,13 @@ class TrainConfig(_Block):
     )
     seed: int = Field(1337, ge=0, lt=SEED_LIMIT, description="Seed for initialisation, dropout and batch sampling "
                       "(0 <= seed < 2**32, what numpy and torch accept).")
-    max_steps: int = Field(600, ge=1, le=MAX_RUN_STEPS, description="Optimizer updates in the run (at most 10**12).")
+    max_steps: int | None = Field(600, ge=1, le=MAX_RUN_STEPS, description="The run length in optimizer updates (at "
+                                  "most 10**12); duration gives it in any unit instead (one of the two).")
+    duration: Time | None = Field(
+        None, description="The run length in any unit: steps (2000), epochs ('3ep'), tokens ('50Mtok') or examples "
+        "('1Mex'); the run stops at the first step at which the trainer's counted clock reaches it. Instead of "
+        "max_steps (giving both is an error).",
+    )
     out_dir: str | None = Field(None, description="Run directory (default: runs/<date>-<time>).")
     grad_accum: int = Field(1, ge=1, le=MAX_GRAD_ACCUM,
                             description="Micro-batches accumulated into one optimizer update (at most 65536).")
@@ -294,9 +301,11 @@ class TrainConfig(_Block):
     clip: ClipConfig = Field(default_factory=ClipConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     spike: SpikeConfig = Field(default_factory=SpikeConfig)
-    eval_interval: int = Field(100, ge=1, description="Evaluate every this many steps (and always at the end).")
+    eval_interval: Time = Field(Time.steps(100), description="Evaluate each time the clock passes a multiple of "
+                                "this: steps (100), '0.5ep', '10Mtok', '10%' of the run (and always at the end).")
     log_interval: int = Field(1, ge=1, description="Write a metrics record every this many steps.")
-    checkpoint_interval: int = Field(100, ge=1, description="Checkpoint every this many steps (and at the end).")
+    checkpoint_interval: Time = Field(Time.steps(100), description="Checkpoint each time the clock passes a multiple "
+                                      "of this (steps, '1ep', '50Mtok', '25%'; and at the end).")
     resume_policy: Literal["refuse", "keep_schedule", "new_decay"] = Field(
         "refuse", description="When --resume changes max_steps: 'refuse' (the LR would jump), 'keep_schedule' (the "
         "schedule keeps the planned length; after it the LR stays at its final value) or 'new_decay' (from the "
@@ -305,9 +314,9 @@ class TrainConfig(_Block):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
-    progress_interval: int | str = Field(
-        "30s", description="Without a terminal (CI, nohup, cluster logs), print a progress line every this many "
-        "steps (e.g. 100) or seconds (e.g. '30s').",
+    progress_interval: Time | str = Field(
+        "30s", description="Without a terminal (CI, nohup, cluster logs), print a progress line every this long: "
+        "seconds ('30s'), or a length (100 steps, '0.1ep', '10%').",
     )
 
     @model_validator(mode="before")
@@ -318,6 +327,11 @@ class TrainConfig(_Block):
         a cosine schedule with no ``min_lr`` decays to a tenth of its peak LR."""
         if not isinstance(raw, dict):
             return raw
+        if raw.get("duration") is not None:
+            if raw.get("max_steps") is not None:
+                raise KeelError(f"duration: {raw['duration']!r} and max_steps: {raw['max_steps']!r} are both given; "
+                                "allowed: one of the two (max_steps is the run length in steps)")
+            raw = {**raw, "max_steps": None}
         raw = apply_recipe(dict(raw))
         optimizer = raw.get("optimizer", {})
         if isinstance(optimizer, dict) and optimizer.get("name", DEFAULT_OPTIMIZER["name"]) == DEFAULT_OPTIMIZER["name"]:
@@ -343,14 +357,46 @@ class TrainConfig(_Block):
 
         return check_task_name(value)
 
-    @field_validator("progress_interval")
+    @field_validator("progress_interval", mode="before")
     @classmethod
-    def _progress_syntax(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value >= 1:
-            return value
-        if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?s", value.strip()) and float(value.strip()[:-1]) > 0:
-            return value.strip()
-        raise ValueError(f"{value!r} is not an interval; allowed: steps (an int >= 1) or seconds ('30s')")
+    def _progress_syntax(cls, value: Any) -> Time | str:
+        if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?s", value.strip()):
+            if float(value.strip()[:-1]) > 0:
+                return value.strip()
+        else:
+            try:
+                return _interval(value)
+            except (KeelError, ValueError):
+                pass
+        raise ValueError(f"{value!r} is not an interval; allowed: seconds ('30s') or a length > 0 (steps, '0.1ep', "
+                         "'10Mtok', '10%')")
+
+    @field_validator("eval_interval", "checkpoint_interval", mode="before")
+    @classmethod
+    def _positive_interval(cls, value: Any) -> Time:
+        return _interval(value)
+
+    @model_validator(mode="after")
+    def _run_length_in_one_key(self) -> "TrainConfig":
+        """A duration in steps is max_steps; neither given: 600 steps."""
+        duration = self.duration
+        if duration is not None and duration.unit == "fraction":
+            raise KeelError(f"duration: {str(duration)!r} is a share of the run itself; allowed: steps (2000), epochs "
+                            "('3ep'), tokens ('50Mtok') or examples ('1Mex')")
+        if duration is not None and (duration.unit == "step" or duration.amount <= 0):
+            if duration.unit != "step" or not 1 <= duration.amount <= MAX_RUN_STEPS:
+                raise KeelError(f"duration: {str(duration)!r}; allowed: a run of at least 1 step (at most "
+                                f"{MAX_RUN_STEPS:.0e} steps)")
+            object.__setattr__(self, "duration", None)
+            object.__setattr__(self, "max_steps", int(duration.amount))
+        elif duration is None and self.max_steps is None:
+            object.__setattr__(self, "max_steps", 600)
+        return self
+
+    @property
+    def run_length(self) -> Time:
+        """The run length as a ``Time``: ``duration``, or ``max_steps`` steps."""
+        return self.duration if self.duration is not None else Time.steps(self.max_steps)
 
     @model_validator(mode="after")
     def _technique_blocks(self) -> "TrainConfig":
@@ -407,11 +453,8 @@ class TrainConfig(_Block):
             train_tokens = train_token_count(self.data.source, self.data.val_fraction)
             if self.model.hf_config is None and self.model.hf_pretrained is None:
                 self._check_lm_sizes(train_tokens, optimizer["name"])
-            lengths = {"steps_per_epoch": self.steps_per_epoch(train_tokens), "tokens_per_step": self.tokens_per_step}
-        else:  # the task's data sizes are known once it is built; the trainer resolves lengths again then
-            lengths = {"steps_per_epoch": 1, "tokens_per_step": 1}
-        from_config(self.schedule, base_lr=float(optimizer["lr"]), total_steps=self.max_steps, key="schedule",
-                    **lengths)
+        # Lengths in examples, tokens and epochs need the task's counts: the trainer resolves them once it is built.
+        from_config(self.schedule, base_lr=float(optimizer["lr"]), timeline=stand_in(self.run_length), key="schedule")
         if self.tensorboard:
             try:
                 import torch.utils.tensorboard  # noqa: F401
@@ -456,15 +499,6 @@ class TrainConfig(_Block):
                     f"model: about {format_bytes(needed)} needed {what}, {format_bytes(available)} available on "
                     f"{where}; allowed: a smaller model.n_layer/n_embd/block_size or data.batch_size/grad_accum"
                 )
-
-    def steps_per_epoch(self, train_tokens: int) -> int:
-        """Optimizer steps in one epoch of ``train_tokens`` (whole batches of windows, at least 1)."""
-        return max(1, max(1, train_tokens // (self.data.batch_size * self.model.block_size)) // self.grad_accum)
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens of one optimizer step of task lm (full windows)."""
-        return self.data.batch_size * self.model.block_size * self.grad_accum
 
     def technique(self, key: str) -> BaseModel:
         """The validated block of technique ``key`` (also reachable as ``config.<key>``)."""
@@ -592,9 +626,18 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, *, overwrite: bool = 
     node[parts[-1]] = value
 
 
+#: Keys that say one thing two ways: a later layer that gives one replaces the other (``max_steps=100`` over a
+#: file with ``duration: 3ep``); within one layer both are an error.
+ALTERNATIVE_KEYS = (("max_steps", "duration"),)
+
+
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; ``update`` wins. Free-form blocks (optimizer, schedule) merge key by key too."""
     merged = dict(base)
+    for pair in ALTERNATIVE_KEYS:
+        for key in pair:
+            if update.get(key) is not None:
+                merged.update({other: None for other in pair if other != key and other in merged})
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = merge(merged[key], value)
@@ -629,6 +672,17 @@ def parse_config_text(text: str, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise KeelError(f"{where} holds a {type(data).__name__}; allowed: a mapping of config keys")
     return data
+
+
+def _interval(value: Any) -> Time:
+    """A length > 0 (what an interval must be)."""
+    try:
+        time = Time.parse(value, "")
+    except KeelError as error:
+        raise ValueError(str(error).removeprefix(": ")) from None
+    if time.amount <= 0:
+        raise ValueError(f"{value!r} is not an interval; allowed: a length > 0 (steps, '0.5ep', '10Mtok', '10%')")
+    return time
 
 
 def _short(value: Any) -> str:

@@ -16,7 +16,9 @@ micro-batch before the forward pass and returns it, or a replacement), ``on_afte
 is committed); ``on_run_end``. A callback signals with ``should_stop``; the trainer acts. Keys a callback puts in
 ``trainer.step_metrics`` (e.g. ``seq_len``) go into each following step record of ``metrics.jsonl``. Its ``state_dict``
 (tensors and plain containers) is saved in every checkpoint under its unique ``name`` and handed back to
-``load_state_dict`` on resume (before ``on_run_start``).
+``load_state_dict`` on resume (before ``on_run_start``). A callback whose ``on_batch`` changes what a step counts
+(sequence-length warmup) says how in ``project_counts``, so lengths in tokens or examples resolve against what the
+clock will count.
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ class Callback:
     def on_checkpoint(self, trainer: Trainer, ckpt_dir: Path) -> None: ...
 
     def on_run_end(self, trainer: Trainer, summary: dict[str, Any]) -> None: ...
+
+    def project_counts(self, trainer: Trainer) -> tuple[Callable[[int, tuple[float, float]], tuple[float, float]],
+                                                        int] | None:
+        """How ``on_batch`` changes the examples and tokens the clock counts, for lengths resolved before training
+        (``keel.timeunits.Timeline``): ``(transform(step, (examples, tokens)) -> (examples, tokens), until)`` for
+        the steps before ``until``, or None (the default: it changes nothing). Called once, when the trainer is
+        built, with the callbacks before it already applied to ``trainer.timeline``."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -111,6 +111,9 @@ class Session:
             self.threads_note = f" (threads {threads}: the config sets none)"
         self.user_raw = copy.deepcopy(raw)
         self.config = validate(self.raw)
+        if self.config.max_steps is None:
+            raise KeelError(f"duration: {self.config.duration!r}: keel diagnose plans its probes in steps; allowed: "
+                            "the run length as max_steps")
         self.out = Path(out_dir)
         self.plan = plan or Plan()
         self.display = display or Display()

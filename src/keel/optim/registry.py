@@ -4,7 +4,7 @@ Each record names the optimizer's hyperparameters with their defaults and a chec
 config dict without a model, `create` builds param groups from a model (no weight decay on biases, norms and
 embeddings; LR multipliers; layer-wise LR decay; freezing) and constructs the optimizer. Hyperparameters that are
 lengths (AdEMAMix's warmups) take keel's time units ("500", "100%", "2ep", "1Mtok"; `keel.timeunits`), resolved to
-steps by `create` / `from_config` with the run's `lengths`.
+steps by `create` / `from_config` with the run's `timeline` (or a run of `total_steps`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from torch import nn
 from keel.errors import KeelError
 from keel.optim.param_groups import NO_DECAY_DEFAULT, build_param_groups
 from keel.optim.torch_kernels import choose_kernels, has_sparse_embedding
-from keel.timeunits import SYNTAX, resolve_steps
+from keel.timeunits import SYNTAX, Time, Timeline, stand_in
 
 __all__ = [
     "GROUP_OPTIONS",
-    "LENGTH_KEYS",
     "OptimizerSpec",
     "check_config",
     "create",
@@ -34,10 +33,6 @@ __all__ = [
     "names",
     "register",
 ]
-
-#: What `lengths` may give to resolve length hyperparameters (the arguments of `keel.timeunits.resolve_steps`).
-LENGTH_KEYS = ("total_steps", "steps_per_epoch", "tokens_per_step")
-
 
 # --- hyperparameter checks: each returns None if the value is allowed, else a description of what is allowed ---
 
@@ -69,11 +64,11 @@ def positive_int(value: Any) -> str | None:
 def length(value: Any) -> str | None:
     """A length of at least one step in keel's time units; only its syntax is checked (the run length may be unknown)."""
     problem = f"a length of at least 1 step: {SYNTAX}"
-    try:  # large stand-ins for the run's lengths: only malformed or zero lengths fail
-        steps = resolve_steps(value, name="", total_steps=10**12, steps_per_epoch=10**12, tokens_per_step=1)
+    try:  # a very long run stands in for the run's: only malformed or zero lengths fail
+        steps = stand_in(Time.steps(10**12)).steps(value, "")
     except KeelError:
         return problem
-    return None if steps >= 1 else problem
+    return None if steps >= 1 and Time.parse(value).amount > 0 else problem
 
 
 def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
@@ -264,24 +259,16 @@ def _check_hparams(record: OptimizerSpec, hparams: Mapping[str, Any], key: str) 
     return out
 
 
-def _resolve_lengths(
-    record: OptimizerSpec, settings: dict[str, Any], key: str, lengths: Mapping[str, Any] | None
-) -> None:
+def _resolve_lengths(record: OptimizerSpec, settings: dict[str, Any], key: str, timeline: Timeline) -> None:
     """Length hyperparameters (given in steps, "100%", "2ep", "1Mtok") to whole steps, in place."""
-    lengths = dict(lengths or {})
-    unknown = sorted(set(lengths) - set(LENGTH_KEYS))
-    if unknown:
-        raise KeelError(f"lengths: {', '.join(unknown)} not known; allowed: {', '.join(LENGTH_KEYS)}")
     for name, hparam in record.hparams.items():
         value = settings.get(name)
         if not hparam.length or value is None:
             continue
-        steps = resolve_steps(value, name=f"{key}.{name}", **lengths)
+        steps = timeline.steps(value, f"{key}.{name}")
         if steps < 1:
-            raise KeelError(
-                f"{key}.{name}: {value!r} is {steps} steps in this run "
-                f"({', '.join(f'{k}={v}' for k, v in lengths.items())}); allowed: a length of at least 1 step, or null"
-            )
+            raise KeelError(f"{key}.{name}: {value!r} is {steps} steps in this run; allowed: a length of at least 1 "
+                            "step, or null")
         settings[name] = steps
 
 
@@ -291,7 +278,8 @@ def create(
     lr: float | None = None,
     *,
     key: str = "optimizer",
-    lengths: Mapping[str, Any] | None = None,
+    total_steps: int | None = None,
+    timeline: Timeline | None = None,
     **hparams: Any,
 ) -> torch.optim.Optimizer:
     """Build the optimizer `name` for a model (param groups built by keel) or for params / param groups.
@@ -302,23 +290,27 @@ def create(
     group dicts, they are passed to the optimizer unchanged (group options are then an error).
 
     Length hyperparameters (AdEMAMix's `alpha_warmup`, `beta3_warmup`, `t_alpha_beta3`) may be given in keel's
-    time units; `lengths` (`total_steps`, `steps_per_epoch`, `tokens_per_step`) resolves them to steps.
+    time units; `timeline` (the trainer's `keel.timeunits.Timeline`) or a run of `total_steps` resolves them.
 
     torch's optimizers get `fused` / `foreach` chosen for the parameters' devices where left null: the fused
     kernel where torch has one (AdamW, Adam and SGD on CPU), else foreach where the device has fast multi-tensor
     kernels, else torch's per-tensor loop (`keel.optim.torch_kernels`); values given are kept. Lion and
-    AdEMAMix with `fused` null compile their update only if the run (`lengths["total_steps"]`, else an assumed
+    AdEMAMix with `fused` null compile their update only if the run (its length in steps, else an assumed
     5000 steps) is long enough to repay the compile (`keel.optim.multi_tensor`).
 
     >>> opt = create("adamw", nn.Linear(4, 2), lr=1e-3, weight_decay=0.1)
-    >>> opt = create("ademamix", nn.Linear(4, 2), alpha_warmup="100%", lengths={"total_steps": 1000})
+    >>> opt = create("ademamix", nn.Linear(4, 2), alpha_warmup="100%", total_steps=1000)
     """
     record = get(name, key=key)
     _require_available(record, key)
     if lr is not None:
         hparams["lr"] = lr
     settings = _check_hparams(record, hparams, key)
-    _resolve_lengths(record, settings, key, lengths)
+    if timeline is None:
+        timeline = Timeline.of_steps(total_steps)
+    elif total_steps is None:
+        total_steps = timeline.total_steps
+    _resolve_lengths(record, settings, key, timeline)
     group_settings = {k: settings.pop(k) for k in GROUP_OPTIONS}
     lr = settings.pop("lr")
     if isinstance(model_or_params, nn.Module):
@@ -366,7 +358,7 @@ def create(
             key=key,
         )
     if record.takes_total_steps:
-        settings["total_steps"] = (lengths or {}).get("total_steps")
+        settings["total_steps"] = total_steps
     return record.build(groups, lr=lr, **settings)
 
 
@@ -374,13 +366,14 @@ def from_config(
     spec: Mapping[str, Any],
     model: nn.Module,
     key: str = "optimizer",
-    lengths: Mapping[str, Any] | None = None,
+    total_steps: int | None = None,
+    timeline: Timeline | None = None,
 ) -> torch.optim.Optimizer:
     """Build the optimizer a config dict describes for `model`: `{"name": "adamw", "lr": 6e-4, ...}`.
 
-    `lengths` (`total_steps`, `steps_per_epoch`, `tokens_per_step`; any may be missing or None) resolves length
-    hyperparameters given in time units, e.g. `{"name": "ademamix", "alpha_warmup": "100%"}`.
+    `timeline` (or a run of `total_steps`) resolves length hyperparameters given in time units, e.g.
+    `{"name": "ademamix", "alpha_warmup": "100%"}`.
     """
     checked = check_config(spec, key=key)
     given = {k: v for k, v in spec.items() if k != "name"}
-    return create(checked["name"], model, key=key, lengths=lengths, **given)
+    return create(checked["name"], model, key=key, total_steps=total_steps, timeline=timeline, **given)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from keel.errors import KeelError
+from keel.timeunits import Time
 
 if TYPE_CHECKING:
     from keel.config import TrainConfig
@@ -41,6 +42,9 @@ class Task:
 
     name: str = "task"
     batches_per_epoch: int = 1
+    #: Whether ``batch_counts`` changes from one index to the next (the language model's length buckets); if not,
+    #: lengths in tokens and examples resolve in closed form.
+    batch_counts_vary: bool = False
     #: The word for what ``tokens`` counts, in messages, throughput and plots: a language model's ``tokens``,
     #: another task's ``targets``.
     token_unit: str = "targets"
@@ -79,6 +83,12 @@ class Task:
             batches = [self.train_batch(0, rank, world_size) for rank in range(world_size)]
             cache[world_size] = (sum(self.examples(b) for b in batches), sum(self.tokens(b) for b in batches))
         return cache[world_size]
+
+    def epoch(self) -> Time | None:
+        """One epoch as the clock counts it (``'3ep'`` is three of these): a ``keel.timeunits.Time`` in examples or
+        tokens, or None for a task without epochs. Default: the examples of ``batches_per_epoch`` micro-batches of
+        one rank, as ``batch_counts`` projects them."""
+        return Time(self.batches_per_epoch * self.batch_counts(0, 1)[0], "example")
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The loss of ``model`` on ``batch``, summed (not averaged) over its ``count(batch)`` terms."""

@@ -30,6 +30,7 @@ from keel.grad import count_tokens
 from keel.grad.accumulate import IGNORE_INDEX
 from keel.models import GPT, GPTConfig, lm_loss_sum, sample_tokens
 from keel.tasks.base import Task
+from keel.timeunits import Time
 
 
 class LanguageModelTask(Task):
@@ -81,6 +82,7 @@ class LanguageModelTask(Task):
                             "document of two or more tokens (an empty document set); allowed: documents with text")
         lengths = self.train_spans[:, 1] - 1
         self.sampler = BucketSampler(lengths, self.batch_tokens, config.seed)
+        self.batch_counts_vary = True
         sorted_lengths, bounds = np.sort(lengths), self.sampler.bounds
         # a bucket holds the same lengths whichever of equally long sequences it gets: its counts are known
         self.bucket_rows = np.diff(bounds)
@@ -104,6 +106,13 @@ class LanguageModelTask(Task):
 
     def count(self, batch) -> int:
         return count_tokens(batch[1])
+
+    def epoch(self) -> Time:
+        """A pass over the training tokens: packed, the split's tokens (windows are drawn at random, so an epoch is
+        as many targets as the split holds); without packing, the targets of every sequence."""
+        if self.packing:
+            return Time(len(self.data.train), "token")
+        return Time(int(self.bucket_tokens.sum()), "token")
 
     def batch_counts(self, index: int, world_size: int = 1) -> tuple[float, float]:
         """Exact: packed, ``batch_size`` windows of ``block_size`` targets per rank; without packing, the rows and

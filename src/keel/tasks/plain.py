@@ -23,6 +23,7 @@ from keel.data import IndexSampler
 from keel.errors import KeelError
 from keel.grad.accumulate import IGNORE_INDEX
 from keel.tasks.base import Task, batch_examples, check_loss, check_model
+from keel.timeunits import Time
 
 
 class DatasetBatches:
@@ -115,6 +116,12 @@ class PlainTask(Task):
     def build_model(self) -> nn.Module:
         model = self.model if isinstance(self.model, nn.Module) else self.model()
         return check_model(model, "model")
+
+    def epoch(self) -> Time | None:
+        """A pass over ``train_data``'s examples (a batch function: ``batches_per_epoch`` batches' examples)."""
+        if isinstance(self._train, DatasetBatches):
+            return Time(len(self._train.dataset), "example")
+        return super().epoch()
 
     def train_batch(self, index: int, rank: int = 0, world_size: int = 1) -> Any:
         if isinstance(self._train, DatasetBatches):

@@ -31,7 +31,7 @@ from keel.rundir.metrics import MetricsLog, decode_line, read_metrics
 from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
-from keel.timeunits import resolve_steps
+from keel.timeunits import Time, Timeline
 from keel.train import distributed
 from keel.train.init import load_initial_weights
 from keel.train.plot import plot_run
@@ -68,6 +68,36 @@ class TrainState(Clock):
     best_checkpoint: str = ""
     schedule_steps: int = 0  # the run length the schedule was built for (kept when a resume changes max_steps)
     decays: list = field(default_factory=list)  # [start, end] of each new decay added on resume (new_decay)
+
+
+def run_timeline(config: TrainConfig, task: Task, callbacks=(), world_size: int = 1, host: Any = None) -> Timeline:
+    """The run's time (``keel.timeunits``): its duration, the task's epoch, and what each step is projected to
+    count: the task's counts of the micro-batches the step draws over all ranks, as the callbacks that cut them
+    (sequence-length warmup) change them. The clock itself counts what is trained; ``keel schedule`` previews a
+    run config's schedule with the same timeline. ``host`` (the trainer) is what ``project_counts`` is given."""
+    accum = config.grad_accum
+    host = host if host is not None else _TimelineHost(config, task)
+
+    def step_counts(step: int) -> tuple[float, float]:
+        counts = [task.batch_counts(step * accum + i, world_size) for i in range(accum)]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    host.timeline = Timeline(config.run_length, step_counts, steady_from=None if task.batch_counts_vary else 0,
+                             epoch=task.epoch(), what=f"task {config.task!r}")
+    for callback in callbacks:
+        projected = callback.project_counts(host)
+        if projected is not None:
+            host.timeline.add_transform(*projected)
+    return host.timeline
+
+
+@dataclass
+class _TimelineHost:
+    """What a callback's ``project_counts`` reads of a trainer, without one."""
+
+    config: TrainConfig
+    task: Task
+    timeline: Timeline | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,23 +154,20 @@ class Trainer:
                                            exclude=config.init_from_exclude))
         self.train_model = self.dist.wrap(self.model)  # DDP around it, or sharded in place (FSDP); else the model
         distributed.seed_rank(config.seed, self.rank)  # each rank its own dropout stream
-        global_batches = config.grad_accum * self.world_size  # per-rank batches in one optimizer step
-        self.steps_per_epoch = max(1, self.task.batches_per_epoch // global_batches)
-        self.tokens_per_step = sum(self.task.batch_counts(i, self.world_size)[1] for i in range(config.grad_accum))
         self._counted = self.task.token_unit  # what the clock's token count counts: tokens, or targets
         self.lr_factor = config.lr_scaling.factor or 1.0  # lr_scaling: global batch / base batch (or its sqrt)
-        self.lengths = {"total_steps": config.max_steps, "steps_per_epoch": self.steps_per_epoch,
-                        "tokens_per_step": self.tokens_per_step}
-        self.optimizer = optim.from_config(config.optimizer, self.model, lengths=self.lengths)
-        self.schedule = self._build_schedule(config.max_steps, [])
+        self.callbacks = [*make_callbacks(config), *callbacks]
+        check_unique_names(self.callbacks)
+        self.timeline = self._build_timeline()  # every length in time units resolves against it
+        self.total_steps = self.timeline.total_steps  # the run's length in steps, as projected
+        self.optimizer = optim.from_config(config.optimizer, self.model, timeline=self.timeline)
+        self.schedule = self._build_schedule(self.total_steps, [])
         self.precision = Precision(config.precision, self.device)
         self.clipper = Clipper(config.clip, warmup_steps=schedules.warmup_steps(self.schedule))
         spike = config.spike
         self.spike_detector = LossSpikeDetector(spike.window, spike.factor, spike.min_history, spike.min_rise) \
             if spike.enabled else None
-        self.callbacks = [*make_callbacks(config), *callbacks]
-        check_unique_names(self.callbacks)
-        self.state = TrainState(schedule_steps=config.max_steps)
+        self.state = TrainState(schedule_steps=self.total_steps)
         self.restored_from: Path | None = None
         self._resume = resume
         self._last_eval: dict[str, Any] = {}
@@ -149,12 +176,15 @@ class Trainer:
         self._config_text = dump_config(config)
         self.step_metrics: dict[str, Any] = {}  # callbacks' keys for the next step record (e.g. seq_len)
 
+    def _build_timeline(self) -> Timeline:
+        return run_timeline(self.config, self.task, self.callbacks, self.world_size, host=self)
+
     def _build_schedule(self, total_steps: int, decays: list) -> Any:
-        return build_schedule(self.config, self.lengths, total_steps, decays)
+        return build_schedule(self.config, self.timeline, total_steps, decays)
 
     def _apply_resume_policy(self, payload: dict[str, Any]) -> None:
         """A resume that changes the run length must not stretch the schedule silently (the LR would jump)."""
-        schedule = resume_schedule(self.config, self.lengths, self.state, self._say)
+        schedule = resume_schedule(self.config, self.timeline, self.state, self._say)
         if schedule is not None:
             self.schedule = schedule
             self._load_schedule_state(payload)
@@ -163,9 +193,10 @@ class Trainer:
         if payload.get("schedule") is not None and hasattr(self.schedule, "load_state_dict"):
             self.schedule.load_state_dict(payload["schedule"])
 
-    def resolve_length(self, value: int | str, name: str) -> int:
-        """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run."""
-        return resolve_steps(value, name=name, **self.lengths)
+    def resolve_length(self, value: Time | int | str, name: str) -> int:
+        """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run: the first step at
+        which the clock is projected to reach it (``Timeline.steps``)."""
+        return self.timeline.steps(value, name)
 
     def track_best(self, metric: str, mode: str, min_delta: float = 0.0) -> None:
         """Track the best evaluation by ``metric`` (``min`` or ``max``, improving by more than ``min_delta``)
@@ -176,7 +207,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, Any]:
-        """Train until ``max_steps`` updates are applied (or a callback stops the run); return the summary."""
+        """Train until the counted clock reaches the run length (``duration`` or ``max_steps``), or a callback
+        stops the run; return the summary."""
         try:
             with contextlib.ExitStack() as lock:  # rank 0 takes the lock; a second process on this run is refused
                 self.dist.on_main(lambda: lock.enter_context(rundir.RunLock(
@@ -196,8 +228,10 @@ class Trainer:
         self._open_metrics(metrics_offset, state.step)
         for line in task.describe():
             self._say(line)
+        tokens = self.timeline.counts(state.step)[1]
+        length = "" if config.duration is None else f" ({self.total_steps:,} steps projected)"
         self._say(f"task: {config.task}; model: {sum(p.numel() for p in model.parameters()):,} parameters; "
-                  f"{self.tokens_per_step:,} {self._counted} per step; "
+                  f"{tokens:,.0f} {self._counted} per step; run length {config.run_length}{length}; "
                   f"run directory: {self.run_dir}")
         for line in self._describe_ranks():
             self._say(line)
@@ -207,14 +241,15 @@ class Trainer:
                 lambda: not rundir.list_checkpoints(self.run_dir / rundir.CHECKPOINTS)):
             self.save_checkpoint()  # a loss spike can always roll back, even before the first checkpoint
         model.train()
-        bar = tqdm(total=config.max_steps, initial=state.step, disable=True if self.quiet else None,
+        bar = tqdm(total=self.total_steps, initial=state.step, disable=True if self.quiet else None,
                    dynamic_ncols=True, unit="step")
         progress = _Progress(config.progress_interval, enabled=bar.disable and not self.quiet,
                              unit=f"{self._counted}/s")
         started, tokens_at_start = time.perf_counter(), state.tokens
         elapsed_at_start = state.elapsed
 
-        while state.step < config.max_steps and not any(cb.should_stop for cb in self.callbacks):
+        timeline, duration = self.timeline, config.run_length
+        while not timeline.reached(duration, state) and not any(cb.should_stop for cb in self.callbacks):
             lr = self.schedule(state.step) * state.lr_multiplier * self.lr_factor
             schedules.set_lr(optimizer, lr)
             for callback in self.callbacks:
@@ -261,29 +296,31 @@ class Trainer:
             if self.spike_detector is not None:
                 self.spike_detector.update(loss_value)  # only losses of applied updates enter its window
 
-            tokens_before = state.tokens
+            before = Clock(state.step, state.examples, state.tokens)
             state.advance(n_examples, n_tokens)
             state.elapsed = elapsed_at_start + time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_step_end(self)
-            if (state.step - 1) % config.log_interval == 0 or state.step == config.max_steps:
-                self.log({"step": state.step - 1, "tokens": tokens_before, "lr": lr, "loss": loss_value,
+            last = timeline.reached(duration, state)
+            if (state.step - 1) % config.log_interval == 0 or last:
+                self.log({"step": state.step - 1, "tokens": before.tokens, "lr": lr, "loss": loss_value,
                           "grad_norm": clip.norm, "clipped": clip.clipped, "skipped": state.skipped,
                           "time": round(state.elapsed, 4), **task.step_metrics(micro_batches), **self.step_metrics})
             if not bar.disable or progress.enabled:
                 speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
                 bar.update(1)
-                progress.maybe_print(state, config.max_steps, loss_value, lr, speed,
+                progress.maybe_print(state, before, timeline, self.total_steps, loss_value, lr, speed,
                                      state.elapsed - elapsed_at_start)
 
-            last = state.step == config.max_steps or any(cb.should_stop for cb in self.callbacks)
+            last = last or any(cb.should_stop for cb in self.callbacks)
             improved = False
-            if state.step % config.eval_interval == 0 or last:
+            if timeline.crossed(config.eval_interval, before, state, "eval_interval") or last:
                 improved = self._evaluate_and_report(bar)
                 improved = self._agree_with_main(improved)  # every rank stops and checkpoints as rank 0 decides
             last = last or any(cb.should_stop for cb in self.callbacks)  # e.g. early stopping, decided at eval
-            if state.step % config.checkpoint_interval == 0 or last or (improved and self._best[3]):
+            if timeline.crossed(config.checkpoint_interval, before, state, "checkpoint_interval") or last or (
+                    improved and self._best[3]):
                 self.save_checkpoint()
         bar.close()
         return self._finish()
@@ -378,7 +415,7 @@ class Trainer:
         if hasattr(self.schedule, "observe"):
             self.schedule.observe(record["val_loss"])
         shown = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k not in ("step", "tokens"))
-        self._say(f"step {state.step}/{self.config.max_steps}{shown}", bar)
+        self._say(f"step {state.step}/{self.total_steps}{shown}", bar)
         text = self.sample()
         if text:
             self._say(f"  sample: {text!r}", bar)
@@ -554,7 +591,7 @@ class Trainer:
         self.log({"step": self.state.step, "event": "stopped", "skipped": self.state.skipped})
         self.metrics.close()
         if self.dist.is_main:
-            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / "loss.png", self.tokens_per_step,
+            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / "loss.png", self.state,
                      title=str(self.run_dir), counted=self._counted)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
         raise TrainingUnstableError(f"{message}; {where}")
@@ -563,7 +600,7 @@ class Trainer:
         self.metrics.close()
         history = self.dist.from_main(lambda: read_metrics(self.run_dir / rundir.METRICS))
         if self.dist.is_main:
-            plot_run(history, self.run_dir / "loss.png", self.tokens_per_step, title=str(self.run_dir),
+            plot_run(history, self.run_dir / "loss.png", self.state, title=str(self.run_dir),
                      counted=self._counted)
         train_losses = [r["loss"] for r in history if "grad_norm" in r]
         evals = [r for r in history if "val_loss" in r]
@@ -650,20 +687,24 @@ class Trainer:
 
 
 class _Progress:
-    """Plain progress lines for logs without a terminal (CI, nohup, cluster jobs): every N steps or seconds."""
+    """Plain progress lines for logs without a terminal (CI, nohup, cluster jobs): every N seconds, or each time the
+    clock passes a multiple of a length."""
 
-    def __init__(self, interval: int | str, enabled: bool, unit: str):
+    def __init__(self, interval: Time | str, enabled: bool, unit: str):
         self.enabled, self.unit = enabled, unit
         self.seconds = float(interval[:-1]) if isinstance(interval, str) else None
-        self.steps = interval if isinstance(interval, int) else None
+        self.interval = interval if isinstance(interval, Time) else None
         self._last = time.perf_counter()
 
-    def maybe_print(self, state: TrainState, max_steps: int, loss: float, lr: float, speed: float,
-                    elapsed: float) -> None:
+    def maybe_print(self, state: TrainState, before: Clock, timeline: Timeline, max_steps: int, loss: float,
+                    lr: float, speed: float, elapsed: float) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
-        due = state.step % self.steps == 0 if self.steps else now - self._last >= self.seconds
+        if self.interval is not None:
+            due = timeline.crossed(self.interval, before, state, "progress_interval")
+        else:
+            due = now - self._last >= self.seconds
         if not due and state.step != 1:
             return
         self._last = now

@@ -17,14 +17,17 @@ from typing import Any
 
 from keel import optim, schedules
 from keel.errors import KeelError
+from keel.timeunits import Time, Timeline
 
 
-def build_schedule(config, lengths: dict[str, Any], total_steps: int, decays: list) -> Any:
+def build_schedule(config, timeline: Timeline, total_steps: int, decays: list) -> Any:
     """The run's schedule built for ``total_steps``, then each new decay added on resume: from ``start`` the LR
-    falls from its value there to the schedule's final value by ``end`` (cosine)."""
+    falls from its value there to the schedule's final value by ``end`` (cosine). ``timeline`` resolves lengths
+    in time units (``keel.timeunits``)."""
     base_lr = float(optim.check_config(config.optimizer)["lr"])
-    schedule = schedules.from_config(config.schedule, base_lr=base_lr, key="schedule",
-                                     **{**lengths, "total_steps": total_steps})
+    if total_steps != timeline.total_steps:  # planned for another length: shares of the run are of that one
+        timeline = timeline.with_duration(Time.steps(total_steps))
+    schedule = schedules.from_config(config.schedule, base_lr=base_lr, key="schedule", timeline=timeline)
     previous_end = total_steps
     for start, end in decays:
         final = schedule(max(previous_end - 1, 0))
@@ -33,35 +36,40 @@ def build_schedule(config, lengths: dict[str, Any], total_steps: int, decays: li
     return schedule
 
 
-def resume_schedule(config, lengths: dict[str, Any], state, say: Callable[[str], None]) -> Any | None:
+def resume_schedule(config, timeline: Timeline, state, say: Callable[[str], None]) -> Any | None:
     """The schedule a resumed run continues with, or None when the one built for ``config`` is already right.
 
     ``state`` is the restored ``TrainState`` (``schedule_steps``, ``decays``, ``step``); ``new_decay`` appends to
     ``state.decays``. Refusing raises ``KeelError`` before anything is written.
     """
-    old_total = state.schedule_steps or config.max_steps
+    new_total = timeline.total_steps  # the run length now, in steps
+    old_total = state.schedule_steps or new_total
     planned_end = state.decays[-1][1] if state.decays else old_total
-    if planned_end == config.max_steps:
-        if old_total != config.max_steps or state.decays:
-            return build_schedule(config, lengths, old_total, state.decays)
+    if planned_end == new_total:
+        if old_total != new_total or state.decays:
+            return build_schedule(config, timeline, old_total, state.decays)
         return None
     at = state.step
-    kept = build_schedule(config, lengths, old_total, state.decays)
-    stretched = build_schedule(config, lengths, config.max_steps, [])
+    kept = build_schedule(config, timeline, old_total, state.decays)
+    stretched = build_schedule(config, timeline, new_total, [])
     policy = config.resume_policy
     before = kept(max(at - 1, 0))
     if policy == "refuse":
         raise KeelError(
-            f"max_steps: {config.max_steps} on resume, but the run was planned for {planned_end} steps: rebuilt "
+            f"{_length_key(config)}: {config.run_length} ({new_total} steps) on resume, but the run was planned for {planned_end} steps: rebuilt "
             f"for the new length the schedule would move the LR at step {at} from {kept(at):.3e} to "
             f"{stretched(at):.3e}; allowed: resume_policy=keep_schedule (the schedule keeps its length; past "
             f"step {planned_end} the LR stays at {kept(planned_end):.3e}) or resume_policy=new_decay (a new "
-            f"decay from the current LR to {kept(planned_end):.3e} at step {config.max_steps}), or the old "
+            f"decay from the current LR to {kept(planned_end):.3e} at step {new_total}), or the old "
             f"max_steps={planned_end}")
     if policy == "new_decay":
-        state.decays = [*state.decays, [at, config.max_steps]]
-    schedule = build_schedule(config, lengths, old_total, state.decays)
-    say(f"resume_policy {policy}: max_steps {planned_end} -> {config.max_steps}; LR at step {max(at - 1, 0)} "
+        state.decays = [*state.decays, [at, new_total]]
+    schedule = build_schedule(config, timeline, old_total, state.decays)
+    say(f"resume_policy {policy}: max_steps {planned_end} -> {new_total}; LR at step {max(at - 1, 0)} "
         f"(before the resume point) {before:.3e}, at step {at} {schedule(at):.3e}, at the end "
-        f"{schedule(config.max_steps - 1):.3e}")
+        f"{schedule(new_total - 1):.3e}")
     return schedule
+
+
+def _length_key(config) -> str:
+    return "max_steps" if config.duration is None else "duration"
