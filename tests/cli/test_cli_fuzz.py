@@ -23,7 +23,7 @@ from cli_runner import run_keel_train  # pytest's prepend import mode puts this 
 # Every key of the typed config, and the free-form blocks' usual keys.
 KNOWN_KEYS = [
     "task", "task_args", "task_args.x", "init_from", "init_from_strict", "init_from_exclude", "seed", "max_steps",
-    "out_dir", "grad_accum", "precision", "device", "threads", "eval_interval", "log_interval",
+    "out_dir", "grad_accum", "precision", "device", "deterministic", "threads", "eval_interval", "log_interval",
     "checkpoint_interval", "keep_last", "tensorboard", "progress_interval",
     "data", "data.source", "data.val_fraction", "data.batch_size", "data.vocab_size", "data.eval_tokens",
     "model", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.dropout", "model.bias",
