@@ -48,7 +48,7 @@ KNOWN_KEYS = [
 ]
 # Small sizes put first on every generated line (the generated items come after and override them), so that a
 # line that is accepted builds a model in milliseconds.
-SMALL = ["threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
+SMALL = ["device=cpu", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
          "data.batch_size=2", "data.eval_tokens=256"]
 NAMES = ["adamw", "adam", "sgd", "momentum", "lion", "muon", "soap", "ademamix", "adafactor", "cosine", "wsd",
          "linear", "constant", "join", "warmup", "plateau", "noam", "lm", "digits", "cpu", "auto", "cuda", "cuda:7",

@@ -9,7 +9,7 @@ from keel.cli.main import main
 from keel.config import load_config
 from keel.train import train
 
-DIGITS = ["task=digits", "max_steps=12", "eval_interval=6", "checkpoint_interval=6", "threads=1"]
+DIGITS = ["task=digits", "max_steps=12", "eval_interval=6", "checkpoint_interval=6", "device=cpu", "threads=1"]
 
 
 @pytest.fixture(autouse=True)

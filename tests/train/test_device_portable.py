@@ -166,3 +166,15 @@ def test_a_deterministic_workspace_already_set_is_kept(monkeypatch):
     assert devices.set_cublas_workspace() is None and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
     assert devices.set_cublas_workspace() is None and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line(monkeypatch):
+    from keel.errors import KeelError
+    from keel.train.loop import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(KeelError, match=r"^device: 'cuda:7' was asked for but this machine has 2 CUDA devices; "
+                                        r"allowed: auto, cpu, cuda, cuda:0 to cuda:1$"):
+        resolve_device("cuda:7")

@@ -75,7 +75,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KeelError(f"device: '{name}' was asked for but CUDA is not available; allowed here: auto, cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise KeelError(f"device: '{name}' was asked for but this machine has {count} CUDA device"
+                        f"{'s' if count != 1 else ''}; allowed: auto, cpu, cuda, cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def default_run_dir() -> Path:
