@@ -103,7 +103,8 @@ def _tensors(tree: Any) -> Iterator[torch.Tensor]:
 
 def describe_move(name: str, payload: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device) -> str:
     """One line for a resume whose checkpoint was written on another type of device: what was moved where."""
-    states = [key for key, value in payload.get("callbacks", {}).items()
+    callbacks = payload.get("callbacks")
+    states = [key for key, value in (callbacks.items() if isinstance(callbacks, dict) else ())
               if isinstance(value, dict) and (count_tensors(value) or "shadow_file" in value)]
     moved = [f"{len(weights)} weight tensors", f"{count_tensors(payload.get('optimizer'))} optimizer-state tensors"]
     if states:

@@ -480,8 +480,6 @@ class Trainer:
         """Apply a checkpoint read on the CPU: weights, optimizer, schedule, precision, clipper, spike detector,
         callbacks, counters and RNG; the model's and the optimizer's load_state_dict move tensors to the device."""
         self.dist.check_resume(payload, found.name, self.allow_world_size_change)
-        if torch.device(devices.saved_device(payload)).type != self.device.type:
-            self._say(devices.describe_move(found.name, payload, weights, self.device))
         try:
             self.dist.load_model_state_dict(self.model, weights)
             self.dist.load_optimizer_state_dict(self.model, self.optimizer, payload["optimizer"])
@@ -489,6 +487,8 @@ class Trainer:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise KeelError(f"--resume: checkpoint {found.name} does not fit this run's model or optimizer "
                             f"({first}); allowed: resume with the config the run was trained with") from None
+        if devices.saved_device(payload).split(":")[0] != self.device.type:
+            self._say(devices.describe_move(found.name, payload, weights, self.device))
         self._load_schedule_state(payload)
         self.precision.load_state_dict(payload["precision"])
         self.clipper.load_state_dict(payload["clipper"])
