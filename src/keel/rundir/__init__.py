@@ -7,11 +7,14 @@ Layout::
       config.yaml             the resolved config
       metrics.jsonl           one strict-JSON record per line (keel.rundir.metrics)
       loss.png  tensorboard/  snapshots/step_XXXXXXXX.safetensors
+      model.safetensors       the final weights, written when the run ends
+      diagnosis.json  recommended.yaml  grad_norm.png  update_ratio.png     written by ``keel diagnose RUN``
       checkpoints/
         step_00000100/        one checkpoint: exactly "step_" and 8 digits
           model.safetensors   the weights
           state.pt            everything else: tensors and plain containers, read with torch.load(weights_only=True)
-          ema.safetensors ... files callbacks add
+          ema.safetensors ... files callbacks add (raw.safetensors: the raw weights where model.safetensors holds
+                              the EMA)
           manifest.json       written last, the completion marker: {"step", "files": {name: {"bytes", "sha256"}},
                               "meta"}; meta["config"] holds the run's config text when the trainer stores it
         latest  best          the names of the newest and the best checkpoint written
@@ -31,39 +34,67 @@ Rules (torchtitan treats a checkpoint without its completion marker as absent; s
 * A checkpoint is written into ``.tmp-step_X/``, each file fsynced, the manifest last, then renamed into place, so a
   crash or a full disk at any moment leaves the older checkpoints as they were.
 
-Parts: ``layout`` (names and listings), ``files`` (durable writes), ``manifest`` (the completion marker and the
+Every name above is spelled in ``keel.rundir.layout`` only; other code asks ``RunDir(path)`` for the paths.
+
+Parts: ``layout`` (names, ``RunDir``, listings), ``files`` (durable writes), ``manifest`` (the completion marker and the
 intact check), ``checkpoint`` (write, load, prune), ``lock`` (RunLock), ``start`` (starting and resuming),
 ``metrics`` (metrics.jsonl). This module re-exports their public names.
 """
 
 from keel.errors import KeelError
-from keel.rundir.checkpoint import load_checkpoint, load_latest, newest_intact, point_latest, prune, write_checkpoint
+from keel.rundir.checkpoint import (
+    load_checkpoint,
+    load_latest,
+    newest_intact,
+    point_best,
+    point_latest,
+    prune,
+    write_checkpoint,
+)
 from keel.rundir.files import Report, atomic_write_text
 from keel.rundir.layout import (
+    BEST,
     CHECKPOINTS,
     CONFIG,
     CONFIG_META_KEY,
+    DIAGNOSIS,
+    GRAD_NORM_PLOT,
     LATEST,
     LOCK,
+    LOSS_PLOT,
     MANIFEST,
     METRICS,
+    MODEL_WEIGHTS,
+    RAW_WEIGHTS,
+    RECOMMENDED,
     REQUIRED_FILES,
     SNAPSHOT_FILE,
+    SNAPSHOTS,
+    STATE,
     STEP_DIR,
+    TENSORBOARD,
+    UPDATE_RATIO_PLOT,
+    RunDir,
     checkpoint_step,
+    checkpoint_weights,
     list_checkpoints,
     list_snapshots,
+    run_of_checkpoint,
+    snapshot_name,
     step_dir_name,
     step_dirs,
+    weights_name,
 )
 from keel.rundir.lock import RunLock
 from keel.rundir.manifest import read_manifest, verify
 from keel.rundir.start import check_new_run_dir, prepare_run_dir, read_run_config
 
 __all__ = [
-    "CHECKPOINTS", "CONFIG", "CONFIG_META_KEY", "LATEST", "LOCK", "MANIFEST", "METRICS", "REQUIRED_FILES",
-    "SNAPSHOT_FILE", "STEP_DIR", "KeelError", "Report", "RunLock", "atomic_write_text", "check_new_run_dir",
-    "checkpoint_step", "list_checkpoints", "list_snapshots", "load_checkpoint", "load_latest", "newest_intact",
-    "point_latest", "prepare_run_dir", "prune", "read_manifest", "read_run_config", "step_dir_name", "step_dirs",
-    "verify", "write_checkpoint",
+    "BEST", "CHECKPOINTS", "CONFIG", "CONFIG_META_KEY", "DIAGNOSIS", "GRAD_NORM_PLOT", "LATEST", "LOCK", "LOSS_PLOT",
+    "MANIFEST", "METRICS", "MODEL_WEIGHTS", "RAW_WEIGHTS", "RECOMMENDED", "REQUIRED_FILES", "SNAPSHOTS",
+    "SNAPSHOT_FILE", "STATE", "STEP_DIR", "TENSORBOARD", "UPDATE_RATIO_PLOT", "KeelError", "Report", "RunDir",
+    "RunLock", "atomic_write_text", "check_new_run_dir", "checkpoint_step", "checkpoint_weights", "list_checkpoints",
+    "list_snapshots", "load_checkpoint", "load_latest", "newest_intact", "point_best", "point_latest",
+    "prepare_run_dir", "prune", "read_manifest", "read_run_config", "run_of_checkpoint", "snapshot_name",
+    "step_dir_name", "step_dirs", "verify", "weights_name", "write_checkpoint",
 ]

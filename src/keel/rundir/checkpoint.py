@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from keel.errors import KeelError, naming_the_file
 from keel.rundir.files import Report, _describe, _fsync_dir, _sha256, atomic_write_text
-from keel.rundir.layout import LATEST, MANIFEST, list_checkpoints, step_dir_name
+from keel.rundir.layout import BEST, LATEST, MANIFEST, MODEL_WEIGHTS, STATE, list_checkpoints, step_dir_name
 from keel.rundir.manifest import _check, _Corrupt
 
 # keel.safetensors_io is imported inside the functions that use it: keel.averaging imports this module.
@@ -77,8 +77,8 @@ def write_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        write_safetensors(tmp / "model.safetensors", weights)
-        _save_state(state, tmp / "state.pt")
+        write_safetensors(tmp / MODEL_WEIGHTS, weights)
+        _save_state(state, tmp / STATE)
         if extra is not None:
             extra(tmp)
         files = {}
@@ -105,13 +105,21 @@ def write_checkpoint(
 def point_latest(root: Path, ckpt: Path) -> None:
     """Make ``root/latest`` name ``ckpt`` (unless it already does): after each save, and on resume, where a kill
     between a checkpoint's rename and this update left it naming an older one."""
-    pointer = Path(root) / LATEST
+    _point(Path(root) / LATEST, Path(ckpt).name)
+
+
+def point_best(root: Path, ckpt: Path | str) -> None:
+    """Make ``root/best`` name checkpoint ``ckpt`` (a path or a name), the best by the tracked metric."""
+    _point(Path(root) / BEST, Path(ckpt).name)
+
+
+def _point(pointer: Path, name: str) -> None:
     try:
-        if pointer.read_text().strip() == ckpt.name:
+        if pointer.read_text().strip() == name:
             return
     except (FileNotFoundError, UnicodeDecodeError):
         pass
-    atomic_write_text(pointer, ckpt.name + "\n")
+    atomic_write_text(pointer, name + "\n")
 
 
 def _replace_dir(new: Path, final: Path) -> None:
@@ -148,18 +156,18 @@ def load_checkpoint(
 def _load(ckpt_dir: Path, device: torch.device, required: tuple[str, ...]):
     _check(ckpt_dir)
     try:
-        weights = load_file(str(ckpt_dir / "model.safetensors"), device=str(device))
+        weights = load_file(str(ckpt_dir / MODEL_WEIGHTS), device=str(device))
     except Exception as error:  # noqa: BLE001 (safetensors raises its own error types)
-        raise _Corrupt(f"model.safetensors cannot be loaded ({_one_line(error)})") from None
+        raise _Corrupt(f"{MODEL_WEIGHTS} cannot be loaded ({_one_line(error)})") from None
     try:
-        payload = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=True)
+        payload = torch.load(ckpt_dir / STATE, map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 (UnpicklingError, RuntimeError, EOFError, ...)
-        raise _Corrupt(f"state.pt cannot be loaded with weights_only=True ({_one_line(error)})") from None
+        raise _Corrupt(f"{STATE} cannot be loaded with weights_only=True ({_one_line(error)})") from None
     if not isinstance(payload, dict):
-        raise _Corrupt(f"state.pt holds a {type(payload).__name__}, not a dict")
+        raise _Corrupt(f"{STATE} holds a {type(payload).__name__}, not a dict")
     missing = [key for key in required if key not in payload]
     if missing:
-        raise _Corrupt(f"state.pt lacks {', '.join(map(repr, missing))}")
+        raise _Corrupt(f"{STATE} lacks {', '.join(map(repr, missing))}")
     return weights, payload
 
 
