@@ -3,7 +3,7 @@
 Layout::
 
     RUN/
-      LOCK                    {"pid", "host", "started"} while a process trains in RUN (RunLock)
+      LOCK                    flocked while a process trains in RUN; its text {"pid", "host", "started"} (RunLock)
       config.yaml             the resolved config
       metrics.jsonl           one strict-JSON record per line (keel.rundir.metrics)
       loss.png  tensorboard/  snapshots/step_XXXXXXXX.safetensors

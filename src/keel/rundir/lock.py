@@ -1,4 +1,19 @@
-"""The run directory's lock: one process at a time writes a run (``RUN/LOCK``)."""
+"""The run directory's lock: one process at a time trains in a run (``RUN/LOCK``).
+
+The operating system holds the lock: ``fcntl.flock`` on ``RUN/LOCK``, taken when the run starts and held for its
+whole life. The kernel lets go of a flock when the last descriptor of its open file is closed, so a process that
+dies in any way (SIGKILL, out of memory, a crash) leaves a lock that the next run simply takes. Whether a lock is
+held is the only question asked: no PID is looked up, so a PID reused by an unrelated process, PID 1 in a container
+or a holder on another host never makes a stale lock look alive. The file's text, ``{"pid", "host", "started"}``,
+only tells the messages who holds or held it.
+
+Filesystems without ``flock`` (``ENOLCK``, ``EOPNOTSUPP``: an NFS mount without a lock manager, some FUSE
+filesystems): the file's existence is the lock. A LOCK left there is taken over only when it names this host and a
+PID that is not running; otherwise the run is refused, saying that the filesystem has no locks and that LOCK may be
+deleted by hand once its process is gone. Network filesystems whose locks work across hosts (NFSv4, NFSv3 with
+lockd) need nothing of this; one mounted so that each host sees only its own locks (``nolock``,
+``local_lock=flock``) cannot keep two hosts out of one run directory.
+"""
 
 from __future__ import annotations
 
@@ -15,20 +30,22 @@ from keel.errors import KeelError
 from keel.rundir.files import Report, _describe
 from keel.rundir.layout import LOCK
 
+_HELD, _FREE, _NO_LOCKS = "held", "free", "no locks"
+
 
 class RunLock:
-    """Exclusive use of a run directory: the file ``RUN/LOCK`` holding ``{"pid", "host", "started"}``.
+    """Exclusive use of a run directory: ``fcntl.flock`` on the file ``RUN/LOCK``, held while the lock is.
 
-    Created with O_CREAT|O_EXCL (atomic) and held with ``fcntl.flock`` for as long as the lock is. A second process
-    is refused with a KeelError naming the holder's PID and host. A lock left by a process that is gone (same host,
-    PID not running, flock free) is taken over with a message; one from another host is never taken over, since its
-    process cannot be checked from here. ``release`` (or leaving the ``with`` block) deletes the file.
+    A second process is refused with a KeelError naming the holder's PID and host (the file's text). A LOCK file
+    whose flock nobody holds is stale, whatever PID or host it names: it is taken over with a message.
+    ``release`` (or leaving the ``with`` block) deletes the file and lets go of the flock.
 
         with RunLock(run_dir):
             ...  # train
     """
 
-    unreadable_grace_s = 1.0  # how long an unreadable LOCK is given to show its JSON before it counts as stale
+    unreadable_grace_s = 1.0  # how long a held LOCK is given to show its JSON before it is reported as unreadable
+    _held_here: set[Path] = set()  # LOCKs this process holds (without flock, its own PID alone cannot tell)
 
     def __init__(self, run_dir: Path, report: Report = print) -> None:
         self.path = Path(run_dir) / LOCK
@@ -43,83 +60,101 @@ class RunLock:
         if self._fd is not None:
             return self
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        stale_fd = None
-        try:
-            for _ in range(50):
-                try:
-                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                except FileExistsError:
-                    taken = self._examine(me)  # raises when the holder is alive; else the stale lock's fd
-                    if taken is not None:
-                        if stale_fd is not None:
-                            os.close(stale_fd)
-                        stale_fd = taken
-                    continue
-                try:
-                    os.write(fd, (json.dumps(me) + "\n").encode())
-                    os.fsync(fd)
-                    _flock(fd, blocking=True)  # someone examining the new file holds it for a moment at most
-                except BaseException:
-                    os.close(fd)
-                    self.path.unlink(missing_ok=True)
-                    raise
+        for _ in range(50):
+            fd, created = self._open()
+            if fd is None:
+                continue  # removed between two looks: look again
+            try:
+                taken = self._take(fd, created, me)
+            except BaseException as error:
+                os.close(fd)
+                if isinstance(error, OSError):
+                    raise KeelError(
+                        f"run directory '{self.path.parent}': cannot take {LOCK} ({_describe(error)})") from None
+                raise
+            if taken:
                 self._fd = fd
+                RunLock._held_here.add(self.path.absolute())
                 return self
-        except OSError as error:
-            raise KeelError(f"run directory '{self.path.parent}': cannot create {LOCK} ({_describe(error)})") from None
-        finally:
-            if stale_fd is not None:
-                os.close(stale_fd)
+            os.close(fd)  # the file was replaced or removed meanwhile: look again
         raise KeelError(f"run directory '{self.path.parent}': could not take {LOCK} (other processes keep taking it)")
 
-    def _examine(self, me: dict[str, Any]) -> int | None:
-        """Look at an existing lock: raise when its holder may be alive; else remove it and return its open fd."""
+    def _open(self) -> tuple[int | None, bool]:
+        """An open descriptor of LOCK, creating it if it is not there, and whether this call created it."""
+        flags = os.O_RDWR | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            return os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise KeelError(f"run directory '{self.path.parent}': cannot create {LOCK} ({_describe(error)})") from None
+        try:
+            return os.open(self.path, flags), False
         except FileNotFoundError:
-            return None  # released meanwhile: try again
-        try:
+            return None, False
+        except OSError as error:
+            raise KeelError(f"run directory '{self.path.parent}': cannot open {LOCK} ({_describe(error)})") from None
+
+    def _take(self, fd: int, created: bool, me: dict[str, Any]) -> bool:
+        """Take the lock through ``fd``: True when taken, False when LOCK changed meanwhile; KeelError when held."""
+        state = _flock(fd)
+        if state == _HELD:
+            self._refuse(fd, me)
+        if state == _NO_LOCKS:
+            return self._take_by_existence(fd, created, me)
+        if not _is_current(fd, self.path):
+            return False  # its holder released it (deleting it) between our open and our flock
+        if not created:
+            self.report(f"took over the stale lock {self.path} of {_who(_read_holder(fd))} (no process holds it)")
+        os.ftruncate(fd, 0)
+        _write_holder(fd, me)
+        return True
+
+    def _refuse(self, fd: int, me: dict[str, Any]) -> None:
+        """Raise the KeelError for a lock another open file holds, naming its holder as LOCK's text gives it."""
+        holder = _read_holder(fd)
+        deadline = time.monotonic() + self.unreadable_grace_s
+        while holder is None and time.monotonic() < deadline:  # a lock just taken may not hold its JSON yet
+            time.sleep(0.02)
             holder = _read_holder(fd)
-            deadline = time.monotonic() + self.unreadable_grace_s
-            while holder is None and time.monotonic() < deadline:  # a lock just created may not hold its JSON yet
-                time.sleep(0.02)
-                holder = _read_holder(fd)
-            free = _flock(fd, blocking=False)
-            pid, host = (holder or {}).get("pid"), (holder or {}).get("host")
-            who = f"PID {pid} on host {host}" if holder is not None else "an unknown process (LOCK is unreadable)"
-            alive = holder is not None and (host != me["host"] or (pid != me["pid"] and _pid_alive(pid)))
-            if not free or alive:
-                if not free and holder is not None and host == me["host"] and not _pid_alive(pid):
-                    who += " (that PID is gone, but a process, perhaps a child of it, still holds the lock)"
-                elif host != me["host"] and holder is not None:
-                    who += f", another host, whose process cannot be checked from here (delete {self.path} only if " \
-                        "that process is gone)"
-                raise KeelError(
-                    f"run directory '{self.path.parent}' is in use: {LOCK} is held by {who}; "
-                    "allowed: wait for that run to end, or another --out"
-                )
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                return None  # replaced meanwhile: look again
-            os.unlink(self.path)
-            self.report(f"took over the stale lock {self.path} of {who} (that process is gone)")
-            return fd  # held (and flocked) until the new lock exists, so no one else takes over the same one
-        except BaseException:
-            os.close(fd)
-            raise
+        who = _who(holder)
+        if holder is not None and holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
+            who += " (that PID is gone, but a process, perhaps a child of it, still holds the lock)"
+        raise KeelError(f"run directory '{self.path.parent}' is in use: {LOCK} is held by {who}; "
+                        "allowed: wait for that run to end, or another --out")
+
+    def _take_by_existence(self, fd: int, created: bool, me: dict[str, Any]) -> bool:
+        """Without flock: the file is the lock. Ours when we created it; a stale one only when its PID (this host)
+        is not running, removed so the next look creates ours."""
+        if created:
+            _write_holder(fd, me)
+            self.report(f"{self.path.parent}: this filesystem has no file locks; {LOCK} itself marks the run as in "
+                        f"use, and a run killed here leaves it behind")
+            return True
+        holder = _read_holder(fd)
+        pid, host = (holder or {}).get("pid"), (holder or {}).get("host")
+        mine = pid == me["pid"] and self.path.absolute() in RunLock._held_here
+        if holder is None or host != me["host"] or mine or (pid != me["pid"] and _pid_alive(pid)):
+            raise KeelError(
+                f"run directory '{self.path.parent}' is in use: {LOCK} is held by {_who(holder)}, and this "
+                f"filesystem has no file locks to tell whether that process is alive; allowed: wait for that run "
+                f"to end, delete {self.path} if that process is gone, or another --out"
+            )
+        if not _is_current(fd, self.path):
+            return False
+        os.unlink(self.path)
+        self.report(f"took over the stale lock {self.path} of {_who(holder)} (that process is gone)")
+        return False  # look again: the next look creates ours
 
     def release(self) -> None:
         """Delete ``LOCK`` (if it is still this lock's file) and let go of it."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        RunLock._held_here.discard(self.path.absolute())
         try:
-            if os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                os.unlink(self.path)
+            if _is_current(fd, self.path):
+                os.unlink(self.path)  # while the flock is held: whoever opens it next sees it replaced
         except OSError:
             pass
         finally:
@@ -132,17 +167,31 @@ class RunLock:
         self.release()
 
 
-def _flock(fd: int, blocking: bool) -> bool:
-    """Take an exclusive flock; False when another open file holds it. Filesystems without flock count as free."""
+def _flock(fd: int) -> str:
+    """Try to take an exclusive flock on ``fd`` without waiting: taken (``_FREE``), ``_HELD`` by another open file,
+    or ``_NO_LOCKS`` where the filesystem has none."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return False
+            return _HELD
         if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            return True  # the PID check alone decides
+            return _NO_LOCKS
         raise
-    return True
+    return _FREE
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not removed or replaced)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _write_holder(fd: int, me: dict[str, Any]) -> None:
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    os.fsync(fd)
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:
@@ -152,6 +201,12 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return holder if isinstance(holder, dict) else None
+
+
+def _who(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "an unknown process (LOCK is unreadable)"
+    return f"PID {holder.get('pid')} on host {holder.get('host')}"
 
 
 def _pid_alive(pid: object) -> bool:
