@@ -144,7 +144,9 @@ def load_checkpoint(
     """Weights and payload (``state.pt``) of checkpoint ``ckpt_dir``, checked by ``verify`` first.
 
     ``state.pt`` is read with ``torch.load(weights_only=True)``; it must hold a dict with every key in ``required``.
-    Any failure is a KeelError naming the checkpoint and the reason.
+    Every tensor arrives on ``device``: by default the CPU, whatever device the checkpoint was written from (a CUDA
+    run's checkpoint loads on a machine without a GPU); the caller moves what belongs on its device and leaves the
+    rest (RNG states) on the CPU. Any failure is a KeelError naming the checkpoint and the reason.
     """
     device = _check_device(device)
     try:
@@ -154,6 +156,7 @@ def load_checkpoint(
 
 
 def _load(ckpt_dir: Path, device: torch.device, required: tuple[str, ...]):
+    """Weights and payload on ``device``: storages saved from any device are mapped onto it (map_location)."""
     _check(ckpt_dir)
     try:
         weights = load_file(str(ckpt_dir / MODEL_WEIGHTS), device=str(device))
@@ -182,7 +185,8 @@ def load_latest(
     Every newer checkpoint that fails (``verify``, a malformed safetensors header, ``state.pt`` not loadable with
     ``weights_only=True``, not a dict, or lacking a key of ``required``) is reported in one line,
     ``checkpoint step_X is corrupt (<reason>); using step_Y``, and left in place. None when no checkpoint loads
-    (or there is none; directories without a manifest do not count).
+    (or there is none; directories without a manifest do not count). Tensors arrive on ``device`` (by default the
+    CPU), as with ``load_checkpoint``.
     """
     device = _check_device(device)
     required = tuple(required)
