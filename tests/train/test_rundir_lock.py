@@ -162,7 +162,7 @@ def no_file_locks(monkeypatch):
     monkeypatch.setattr(fcntl, "flock", flock)
 
 
-def test_without_file_locks_the_file_is_the_lock(tmp_path, no_file_locks):
+def test_without_file_locks_the_file_is_the_lock(tmp_path, no_file_locks, monkeypatch):
     messages = []
     with RunLock(tmp_path, report=messages.append):
         assert "this filesystem has no file locks" in messages[0]
@@ -174,6 +174,11 @@ def test_without_file_locks_the_file_is_the_lock(tmp_path, no_file_locks):
     messages = []
     with RunLock(tmp_path, report=messages.append):
         assert f"took over the stale lock {tmp_path / LOCK} of PID {pid}" in messages[0]
+    (tmp_path / LOCK).write_text("{not json")  # unreadable once its grace is over: stale too
+    monkeypatch.setattr(RunLock, "unreadable_grace_s", 0.05)
+    messages = []
+    with RunLock(tmp_path, report=messages.append):
+        assert "an unknown process" in messages[0]
 
 
 @pytest.mark.parametrize("pid, host", [(os.getppid(), socket.gethostname()), (4242, "another-host.example")],

@@ -8,8 +8,8 @@ or a holder on another host never makes a stale lock look alive. The file's text
 only tells the messages who holds or held it.
 
 Filesystems without ``flock`` (``ENOLCK``, ``EOPNOTSUPP``: an NFS mount without a lock manager, some FUSE
-filesystems): the file's existence is the lock. A LOCK left there is taken over only when it names this host and a
-PID that is not running; otherwise the run is refused, saying that the filesystem has no locks and that LOCK may be
+filesystems): the file's existence is the lock. A LOCK left there is taken over only when it is unreadable or names
+this host and a PID that is not running; otherwise the run is refused, saying that the filesystem has no locks and that LOCK may be
 deleted by hand once its process is gone. Network filesystems whose locks work across hosts (NFSv4, NFSv3 with
 lockd) need nothing of this; one mounted so that each host sees only its own locks (``nolock``,
 ``local_lock=flock``) cannot keep two hosts out of one run directory.
@@ -112,29 +112,34 @@ class RunLock:
 
     def _refuse(self, fd: int, me: dict[str, Any]) -> None:
         """Raise the KeelError for a lock another open file holds, naming its holder as LOCK's text gives it."""
-        holder = _read_holder(fd)
-        deadline = time.monotonic() + self.unreadable_grace_s
-        while holder is None and time.monotonic() < deadline:  # a lock just taken may not hold its JSON yet
-            time.sleep(0.02)
-            holder = _read_holder(fd)
+        holder = self._read_holder_waiting(fd)
         who = _who(holder)
         if holder is not None and holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
             who += " (that PID is gone, but a process, perhaps a child of it, still holds the lock)"
         raise KeelError(f"run directory '{self.path.parent}' is in use: {LOCK} is held by {who}; "
                         "allowed: wait for that run to end, or another --out")
 
+    def _read_holder_waiting(self, fd: int) -> dict[str, Any] | None:
+        """LOCK's text, given ``unreadable_grace_s`` to appear: a lock just taken may not hold its JSON yet."""
+        holder = _read_holder(fd)
+        deadline = time.monotonic() + self.unreadable_grace_s
+        while holder is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            holder = _read_holder(fd)
+        return holder
+
     def _take_by_existence(self, fd: int, created: bool, me: dict[str, Any]) -> bool:
-        """Without flock: the file is the lock. Ours when we created it; a stale one only when its PID (this host)
-        is not running, removed so the next look creates ours."""
+        """Without flock: the file is the lock. Ours when we created it; a stale one (unreadable, or naming a PID of
+        this host that is not running) is removed so the next look creates ours; any other is refused."""
         if created:
             _write_holder(fd, me)
             self.report(f"{self.path.parent}: this filesystem has no file locks; {LOCK} itself marks the run as in "
                         f"use, and a run killed here leaves it behind")
             return True
-        holder = _read_holder(fd)
+        holder = self._read_holder_waiting(fd)
         pid, host = (holder or {}).get("pid"), (holder or {}).get("host")
         mine = pid == me["pid"] and self.path.absolute() in RunLock._held_here
-        if holder is None or host != me["host"] or mine or (pid != me["pid"] and _pid_alive(pid)):
+        if holder is not None and (host != me["host"] or mine or (pid != me["pid"] and _pid_alive(pid))):
             raise KeelError(
                 f"run directory '{self.path.parent}' is in use: {LOCK} is held by {_who(holder)}, and this "
                 f"filesystem has no file locks to tell whether that process is alive; allowed: wait for that run "
