@@ -19,7 +19,8 @@ from keel.cli.main import main  # noqa: E402
 from keel.config import load_config  # noqa: E402
 
 SRC = str(Path(keel.__file__).resolve().parents[1])
-DIGITS = {"task": "digits", "max_steps": 30, "eval_interval": 10, "checkpoint_interval": 10, "threads": 1}
+DIGITS = {"task": "digits", "max_steps": 30, "eval_interval": 10, "checkpoint_interval": 10, "device": "cpu",
+          "threads": 1}
 
 
 def write_config(path: Path, sweep: dict, options: dict | None = None, **changes) -> Path:
@@ -66,8 +67,8 @@ def test_a_users_task_is_searched_in_worker_processes(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(tasks_dir)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([SRC, tasks_dir, os.environ.get("PYTHONPATH", "")]))
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"task": "user_task:make", "max_steps": 20, "eval_interval": 10, "threads": 1,
-                                      "sweep": {"task_args.hidden": [8, 16]}}))
+    config.write_text(yaml.safe_dump({"task": "user_task:make", "max_steps": 20, "eval_interval": 10, "device": "cpu",
+                                      "threads": 1, "sweep": {"task_args.hidden": [8, 16]}}))
     out = tmp_path / "sweep"
     assert main(["sweep", str(config), "--workers", "2", "--out", str(out)]) == 0
     rows = read_trials(out / "trials.csv")
