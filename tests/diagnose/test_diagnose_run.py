@@ -174,3 +174,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "learning curves" in err and "at least 20" in err
     assert (short / "diagnosis.json").is_file()  # the partial diagnosis is written
     assert {s.procedure for s in read_diagnosis(short).skipped} >= {"learning curves", "gradient norms"}
+
+
+def test_recommended_config_of_a_python_api_run_says_how_to_use_it(tmp_path, capsys):
+    """A run made with keel.train(model=...) records task: python, which keel train cannot rebuild: the file says
+    so at its top and how to use it, and the way it names works."""
+    import torch
+    from torch import nn
+
+    from keel.train import train
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 4)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    run = tmp_path / "run"
+    config = load_config(None, ["max_steps=30", "eval_interval=10", "threads=1", "data.batch_size=16",
+                                f"out_dir={run}"])
+    train(config, model=nn.Linear(4, 2), train_data=data, val_data=data, quiet=True)
+    assert main(["diagnose", str(run)]) == 0
+    capsys.readouterr()
+    text = (run / "recommended.yaml").read_text()
+    head = text[:text.index("\ntask: python")]
+    assert "keel train cannot rebuild" in head and "train(load_config('recommended.yaml'), task=your_task)" in head
+    assert "task: package.module:factory" in head
+    assert main(["train", str(run / "recommended.yaml")]) == 2  # as the file says
+    assert "task: 'python'" in capsys.readouterr().err
+    again = train(load_config(run / "recommended.yaml", ["max_steps=5", f"out_dir={tmp_path / 'again'}"]),
+                  model=nn.Linear(4, 2), train_data=data, val_data=data, quiet=True)
+    assert again["step"] == 5

@@ -58,13 +58,9 @@ def _run_dir(run_dir: Path, quiet: bool) -> int:
     written = [path.name]
     records, _ = load_run(run_dir)
     written += [p.name for p in write_plots(run_dir, records, raw)]
-    notes = []
     if raw is not None:
-        if raw.get("task") == "python":
-            notes.append("task 'python' was passed to keel.train() in Python: pass it again; keel train cannot "
-                         "rebuild it")
         try:
-            write_recommended(run_dir, raw, diagnosis.changes, str(run_dir), notes)
+            write_recommended(run_dir, raw, diagnosis.changes, str(run_dir))
             written.append("recommended.yaml")
         except KeelError as error:
             print(f"recommended.yaml not written: {error}")
