@@ -892,7 +892,7 @@ class Session:
                 {"your_schedule": self.schedule_replaced, "used": dict(used)},
                 "tune the schedule last (the training-dynamics notes): once the LR, warmup and clipping are settled, "
                 "compare decays over the whole run, e.g. keel sweep recommended.yaml "
-                "'sweep.schedule.name=[constant, cosine, wsd]'"))
+                "'sweep.schedule.name=[constant, cosine, linear]'"))
         if changes:
             self.diagnosis.add(Finding(
                 "recommended_changes", "info",
