@@ -181,3 +181,24 @@ def test_schedule_option_goes_with_config_only(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "run"), "--schedule", "constant"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--schedule" in err
+
+
+def test_schedule_option_reaches_the_session(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from keel.diagnose import active
+    from keel.diagnose.findings import Diagnosis
+
+    seen = {}
+
+    def fake(raw, out, budget, **options):
+        seen.update(options)
+        return type("S", (), {"diagnosis": Diagnosis("config", "c.yaml")})()
+
+    monkeypatch.setattr(active, "diagnose_config", fake)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(STABLE))
+    assert main(["diagnose", "--config", str(config), "--schedule", "constant", "--out", str(tmp_path / "o")]) == 0
+    assert seen["schedule"] == "constant"
+    assert main(["diagnose", "--config", str(config), "--out", str(tmp_path / "p")]) == 0
+    assert seen["schedule"] == "config"
