@@ -108,3 +108,21 @@ def test_the_examples_of_docs_recipes_validate():
         load_config(None, shlex.split(command)[2:])
     configs = [yaml.safe_load(body) for lang, body in blocks if lang == "yaml"]
     assert configs and all(validate(raw).recipe == raw["recipe"] for raw in configs)
+
+
+def test_a_key_in_another_spelling_replaces_the_recipes():
+    """Under the default recipe (fast: wsd with decay_steps 20%), a schedule written with the short spelling
+    'decay' is the user's: no 'given twice' error, and the user's value is the one used."""
+    config = validate({"schedule": {"name": "wsd", "warmup": 4, "decay": 4}})
+    assert config.recipe == "fast"
+    assert config.schedule == {"name": "wsd", "warmup": 4, "decay": 4, "shape": "1-sqrt"}
+
+
+def test_the_recipe_follows_a_task_given_after_loading():
+    config = load_config(None, ["max_steps=10", "optimizer.lr=1e-2"])
+    assert config.recipe == "fast" and config.optimizer["name"] == "muon"  # task lm, so far
+    python = config.for_task("python")
+    assert python.recipe == "baseline" and python.optimizer["name"] == "adamw" and python.optimizer["lr"] == 1e-2
+    assert python.schedule["name"] == "cosine" and python.max_steps == 10
+    kept = load_config(None, ["recipe=fast"]).for_task("python")
+    assert kept.recipe == "fast"  # a recipe the config names stays

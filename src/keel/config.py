@@ -6,6 +6,7 @@ what is allowed, raised before any training starts.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -13,13 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from keel.data.corpora import BUILTIN_CORPORA
 from keel.data.sources import train_token_count
 from keel.errors import KeelError
 from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
-from keel.recipes import RECIPES, apply_recipe
+from keel.recipes import RECIPES, apply_recipe, fill_in
 from keel.techniques import techniques
 from keel.timeunits import Time, stand_in
 
@@ -324,7 +325,29 @@ class TrainConfig(_Block):
         "seconds ('30s'), or a length (100 steps, '0.1ep', '10%').",
     )
 
-    @model_validator(mode="before")
+    #: The keys the config was given, before its recipe filled in the rest (``for_task`` validates them again).
+    _given: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_given(cls, raw: Any, handler: Any) -> Any:
+        given = copy.deepcopy(raw) if isinstance(raw, dict) else None
+        config = handler(cls._complete_default_recipe(raw))
+        if given is not None:
+            config._given = given
+        return config
+
+    def __eq__(self, other: object) -> bool:
+        """Configs that resolve to the same values are equal, however they were given."""
+        if not isinstance(other, TrainConfig):
+            return NotImplemented
+        return self.__dict__ == other.__dict__ and self.__pydantic_extra__ == other.__pydantic_extra__
+
+    def for_task(self, task: str) -> TrainConfig:
+        """This config for another task (``keel.train`` handed a model or task object): the keys it was given,
+        validated again with ``task``, so the recipe and every default that depends on the task follow it."""
+        return validate({**copy.deepcopy(self._given), "task": task})
+
     @classmethod
     def _complete_default_recipe(cls, raw: Any) -> Any:
         """The recipe (``recipe:``, else the task's default; ``keel.recipes``) fills in the keys the config leaves
@@ -340,10 +363,10 @@ class TrainConfig(_Block):
         raw = apply_recipe(dict(raw))
         optimizer = raw.get("optimizer", {})
         if isinstance(optimizer, dict) and optimizer.get("name", DEFAULT_OPTIMIZER["name"]) == DEFAULT_OPTIMIZER["name"]:
-            raw["optimizer"] = optimizer = {**DEFAULT_OPTIMIZER, **optimizer}
+            raw["optimizer"] = optimizer = fill_in("optimizer", DEFAULT_OPTIMIZER, optimizer)
         schedule = raw.get("schedule", {})
         if isinstance(schedule, dict) and schedule.get("name", DEFAULT_SCHEDULE["name"]) == DEFAULT_SCHEDULE["name"]:
-            schedule = {**DEFAULT_SCHEDULE, **schedule}
+            schedule = fill_in("schedule", DEFAULT_SCHEDULE, schedule)
             if "min_lr" not in schedule:
                 from keel.optim import check_config
 

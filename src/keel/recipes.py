@@ -6,7 +6,9 @@ Without ``recipe:``, a language model (task ``lm``) trains with ``fast``, every 
 A recipe is a set of config values (optimizer, schedule, clipping, techniques). The keys a config gives itself
 win, key by key: ``optimizer.lr`` refines the recipe's optimizer, while another ``optimizer.name`` replaces it
 (as with keel's default recipe); a technique block (``ema:``, ``seq_warmup:``) given in the config is merged over
-the recipe's. ``config.yaml`` records the recipe's name and every value it resolved to, so a run stays
+the recipe's. A key the config gives in another spelling replaces the recipe's (``schedule.decay`` over the
+recipe's ``decay_steps``): the config's spelling wins. The recipe is chosen once the task is known, wherever it
+comes from (``task:``, a factory, a Python object handed to ``keel.train``). ``config.yaml`` records the recipe's name and every value it resolved to, so a run stays
 reproducible if a recipe is changed in a later version.
 
 - ``baseline``: the GPT training loop's recipe (AdamW with betas (0.9, 0.95) and decoupled weight decay 0.1,
@@ -66,6 +68,24 @@ def apply_recipe(raw: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(given, dict) and isinstance(value, dict):
             if key in NAMED_BLOCKS and given.get("name", value.get("name")) != value.get("name"):
                 continue  # another optimizer or schedule: the config's block alone
-            merged[key] = {**copy.deepcopy(value), **given}
+            merged[key] = fill_in(key, value, given)
     return merged
+
+
+def fill_in(block: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` (a config's block) with the ``defaults`` it leaves out; a key it gives in another spelling
+    (``decay`` for ``decay_steps``) replaces the default's, so the config's spelling wins."""
+    spelled = {_spelling(block, k) for k in given}
+    kept = {k: v for k, v in defaults.items() if _spelling(block, k) not in spelled}
+    return {**copy.deepcopy(kept), **given}
+
+
+def _spelling(block: str, key: str) -> str:
+    """What ``key`` of ``block`` sets, whatever its spelling: a schedule's ``decay`` and ``decay_steps`` are one
+    argument (``keel.schedules.config``)."""
+    if block == "schedule":
+        from keel.schedules.config import argument_of
+
+        return argument_of(key)
+    return key
 

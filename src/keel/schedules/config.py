@@ -123,6 +123,11 @@ class _Context:
         return self.timeline.steps(value, name)
 
 
+def argument_of(field: str) -> str:
+    """The argument a spec field sets, however it is spelled: ``decay`` and ``decay_steps`` are ``decay``."""
+    return field.removesuffix("_steps") if isinstance(field, str) else field
+
+
 def _lookup(name: Any, key: str) -> tuple[str, _Entry]:
     allowed = ", ".join(SCHEDULES)
     if not isinstance(name, str):

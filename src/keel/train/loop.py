@@ -240,7 +240,8 @@ class Trainer:
             self._say(line)
         tokens = self.timeline.counts(state.step)[1]
         length = "" if config.duration is None else f" ({self.total_steps:,} steps projected)"
-        self._say(f"task: {config.task}; model: {sum(p.numel() for p in model.parameters()):,} parameters; "
+        self._say(f"task: {config.task}; recipe: {config.recipe} ({self._recipe_summary()}); "
+                  f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
                   f"{tokens:,.0f} {self._counted} per step; run length {config.run_length}{length}; "
                   f"run directory: {self.run_dir}")
         for line in self._describe_ranks():
@@ -669,6 +670,12 @@ class Trainer:
             callback.should_stop = stop
         return improved
 
+    def _recipe_summary(self) -> str:
+        """What the recipe resolved to, in a few words: optimizer, schedule, clipping."""
+        clip = self.config.clip
+        clipping = {"none": "no clipping", "norm": f"clip {clip.max_norm:g}"}.get(clip.mode, f"clip {clip.mode}")
+        return f"{self.config.optimizer['name']}, {self.config.schedule['name']}, {clipping}"
+
     def _describe_ranks(self) -> list[str]:
         """Start lines for data parallelism and LR scaling (none for one process without scaling)."""
         config, lines = self.config, []
@@ -791,6 +798,6 @@ def train(
     elif train_data is not None or val_data is not None or loss_fn is not None:
         raise KeelError("train: train_data, val_data and loss_fn go with model=; allowed: model=... too, or a task")
     if task is not None and config.task == "lm":
-        config = config.model_copy(update={"task": "python"})
+        config = config.for_task(tasks.PYTHON_TASK)  # the recipe follows the task: baseline, not the lm's fast
     return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
                    allow_world_size_change=allow_world_size_change).fit()
