@@ -14,26 +14,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
 
-from keel.data.corpora import BUILTIN_CORPORA
-from keel.data.sources import train_token_count
 from keel.errors import KeelError
 from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
 from keel.recipes import RECIPES, apply_recipe, fill_in
+from keel.task_registry import check_task_name, task_spec, task_specs
 from keel.techniques import techniques
 from keel.timeunits import Time, stand_in
 
 # Hard bounds on sizes, far above any run this toolkit is for, so an absurd value fails here with its key rather
-# than as a failed allocation or a hang; what fits in memory is checked against the machine in TrainConfig.
-MAX_LAYERS = 1024
-MAX_WIDTH = 65536
-MAX_BLOCK_SIZE = 1 << 24
+# than as a failed allocation or a hang; what fits in memory is checked against the machine by the task.
 MAX_BATCH_SIZE = 1 << 20
 MAX_GRAD_ACCUM = 1 << 16
 MAX_RUN_STEPS = 10**12
-MAX_EVAL_TOKENS = 10**12
-MAX_SAMPLE_TOKENS = 1 << 16
 SEED_LIMIT = 2**32  # numpy's legacy seeding takes 0 <= seed < 2**32
 THREADS_PER_CPU = 4
 MAX_CONFIG_DEPTH = 64  # nesting levels of a config file or override value
@@ -45,16 +40,10 @@ class _Block(BaseModel):
 
 
 class DataConfig(_Block):
-    """Where the tokens come from and how batches are drawn (documents, tokenizers, packing: docs/data.md)."""
+    """How batches are drawn, whatever the task: the batch size and the validation share. A task may extend the
+    block with its own keys (the language model's data.source, data.tokenizer, ...: docs/data.md)."""
 
-    source: str = Field(
-        "pydoc",
-        description="'pydoc' (CPython's reference topics), 'stdlib' (the standard library's source), a text "
-        "file, a folder of text files (one document each), a .jsonl file (one document per line), "
-        "'hf:FORMAT:PATH' (local files through Hugging Face datasets, e.g. hf:json:data/*.jsonl), a .bin uint16 "
-        "token file, or a folder with train.bin and val.bin.",
-    )
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the tokens kept for validation.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the data kept for validation.")
     batch_size: int = Field(
         32, ge=1, le=MAX_BATCH_SIZE, description="Sequences (examples) per micro-batch on each rank (at most 2**20; "
         "what fits in memory is checked); derived from global_batch_size when that is set.",
@@ -64,131 +53,6 @@ class DataConfig(_Block):
         "micro-batches; when set, batch_size = global_batch_size / (world size x grad_accum), which must divide it, "
         "so a run sees the same batches whatever its number of processes (docs/distributed.md).",
     )
-    vocab_size: int | None = Field(
-        None, ge=2, description="Vocabulary size of a token file (default: largest id + 1) or of a tokenizer "
-        "(default: its own); byte text is 256 (257 with an end-of-document token).",
-    )
-    eval_tokens: int = Field(65536, ge=1, le=MAX_EVAL_TOKENS,
-                             description="Validation tokens per evaluation (from the split's start; at most 10**12).")
-    text_field: str = Field("text", description="The field holding the text in JSONL lines and hf: datasets.")
-    tokenizer: str | dict[str, int] = Field(
-        "bytes", description="'bytes' (no training), {bpe: VOCAB} (a byte-level BPE trained on the training split "
-        "with Hugging Face tokenizers, cached under cache_dir), or the path of a tokenizer.json.",
-    )
-    packing: bool = Field(
-        True, description="true: documents are concatenated into full windows (keel's behaviour); false: one "
-        "document per sequence, cut at the context length, batched by length under batch_tokens.",
-    )
-    batch_tokens: int | None = Field(
-        None, ge=1, description="With packing false: padded tokens per micro-batch (rows x longest row; default "
-        "batch_size x model.block_size); sequences of similar length share a batch.",
-    )
-    long_documents: Literal["split", "truncate"] = Field(
-        "split", description="With packing false: a document longer than the context is split into several "
-        "sequences ('split') or cut to its first ('truncate').",
-    )
-    eod: bool | None = Field(
-        None, description="End-of-document token after each document. null: on for BPE and tokenizer files that "
-        "have one, and for bytes without packing (vocabulary 257, id 256); off for packed bytes (keel's byte "
-        "stream, vocabulary 256).",
-    )
-    cache_dir: str | None = Field(
-        None, description="Where trained tokenizers and tokenized data are cached (default: $KEEL_CACHE_DIR or "
-        "~/.cache/keel).",
-    )
-
-    @field_validator("source")
-    @classmethod
-    def _source_exists(cls, value: str) -> str:
-        from keel.data.documents import is_hf_source, parse_hf_source
-
-        if is_hf_source(value):
-            parse_hf_source(value)
-        elif value not in BUILTIN_CORPORA and not Path(value).expanduser().exists():
-            raise ValueError(
-                f"'{value}' does not exist; allowed: {', '.join(BUILTIN_CORPORA)}, a text file, a folder of "
-                "text files, a .jsonl file, hf:FORMAT:PATH, a .bin uint16 token file, or a folder with train.bin "
-                "and val.bin"
-            )
-        return value
-
-    @field_validator("tokenizer")
-    @classmethod
-    def _tokenizer_syntax(cls, value: str | dict[str, int]) -> str | dict[str, int]:
-        from keel.data.tokenizer import BPE_MIN_VOCAB
-
-        if isinstance(value, dict):
-            if set(value) != {"bpe"}:
-                raise KeelError(f"data.tokenizer: {value!r}; allowed: bytes, {{bpe: VOCAB}} or a tokenizer.json path")
-            if value["bpe"] < BPE_MIN_VOCAB:
-                raise KeelError(f"data.tokenizer.bpe: {value['bpe']} is too small a vocabulary for the data (a "
-                                f"byte-level BPE needs the 256 bytes and <|endoftext|>); allowed: at least "
-                                f"{BPE_MIN_VOCAB}")
-        elif value != "bytes" and not Path(value).expanduser().is_file():
-            raise KeelError(f"data.tokenizer: '{value}' is not a file; allowed: bytes, {{bpe: VOCAB}} or the path of "
-                            "a tokenizer.json")
-        return value
-
-    @model_validator(mode="after")
-    def _batch_tokens_without_packing(self) -> "DataConfig":
-        if self.batch_tokens is not None and self.packing:
-            raise KeelError(f"data.batch_tokens: {self.batch_tokens} is for data.packing: false (packed windows are "
-                             "data.batch_size x model.block_size); allowed: null, or data.packing: false")
-        return self
-
-
-class ModelConfig(_Block):
-    """The language model of task lm: keel's decoder-only GPT, or a Hugging Face causal LM (extra keel[hf])."""
-
-    n_layer: int = Field(4, ge=1, le=MAX_LAYERS, description="Transformer blocks (depth; at most 1024).")
-    n_head: int = Field(4, ge=1, le=MAX_WIDTH, description="Attention heads; must divide n_embd.")
-    n_embd: int = Field(128, ge=1, le=MAX_WIDTH, description="Width of the residual stream (at most 65536).")
-    block_size: int = Field(128, ge=2, le=MAX_BLOCK_SIZE, description="Context length in tokens (at most 2**24, "
-                            "and shorter than the training split).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
-    bias: bool = Field(True, description="Biases in linear layers and layer norms.")
-    norm_position: Literal["pre", "post", "residual"] = Field(
-        "pre", description="Where each block's LayerNorm sits: 'pre' x + f(Norm(x)) (GPT-2), 'post' Norm(x + f(x)) "
-        "(original Transformer), 'residual' x + Norm(f(x)) (Tuning Playbook: norm as the last operation of the "
-        "residual branch).",
-    )
-    zero_init_residual: bool = Field(
-        False, description="Gate each residual branch by a learned scalar initialised to 0 (ReZero): every block "
-        "starts as the identity.",
-    )
-    hf_config: dict[str, Any] | None = Field(
-        None, description="A transformers config of a causal LM to build instead of the GPT (randomly initialised), "
-        "e.g. {model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 2}; vocab_size defaults to the data's.",
-    )
-    hf_pretrained: str | None = Field(
-        None, description="A local directory written by transformers' save_pretrained, loaded instead of the GPT.",
-    )
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelConfig":
-        if self.hf_config is not None and self.hf_pretrained is not None:
-            raise ValueError("model.hf_config and model.hf_pretrained are both set; allowed: at most one")
-        if (self.hf_config is not None or self.hf_pretrained is not None) and (
-                self.norm_position != "pre" or self.zero_init_residual):
-            raise ValueError("model.norm_position and model.zero_init_residual are options of keel's GPT, not of a "
-                             "Hugging Face model; allowed with hf_config/hf_pretrained: norm_position pre, "
-                             "zero_init_residual false")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"model.n_head: {self.n_head} does not divide model.n_embd: {self.n_embd}; "
-                "allowed: a divisor of n_embd"
-            )
-        return self
-
-
-class SampleConfig(_Block):
-    """The short text generated at each evaluation."""
-
-    prompt: str = Field("The ", description="Fixed prompt the sample continues.")
-    tokens: int = Field(64, ge=0, le=MAX_SAMPLE_TOKENS,
-                        description="Tokens to generate (0 turns samples off; at most 65536).")
-    temperature: float = Field(0.8, gt=0.0, description="Sampling temperature.")
-    top_k: int | None = Field(40, ge=1, description="Sample among the k most likely tokens (null: all).")
 
 
 class LrScalingConfig(_Block):
@@ -235,7 +99,8 @@ class TrainConfig(_Block):
     """A whole training run. Lengths given as time units accept steps, '2%' of the run, '3ep' or '2Mtok'.
 
     Besides the fields below, every registered technique (``keel.techniques``) adds its block (``ema``, ``swa``,
-    ``early_stopping``, ...), validated by the technique's own config model.
+    ``early_stopping``, ...), validated by the technique's own config model, and the task adds the blocks it owns
+    (``keel.task_registry``: the language model's ``model`` and ``sample``, and its keys of ``data``).
     """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
@@ -292,8 +157,7 @@ class TrainConfig(_Block):
         "fully_shard: parameters, gradients and optimizer state sharded over the ranks). One process ignores it.",
     )
     lr_scaling: LrScalingConfig = Field(default_factory=LrScalingConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: SerializeAsAny[DataConfig] = Field(default_factory=DataConfig)  # a task's data model may extend it
     optimizer: dict[str, Any] = Field(
         default_factory=lambda: dict(DEFAULT_OPTIMIZER),
         description="Optimizer: name and hyperparameters (see `keel.optim.names()`); no weight decay on "
@@ -318,7 +182,6 @@ class TrainConfig(_Block):
         "resume point a cosine decay from the current LR to the schedule's final LR over the new length).",
     )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
-    sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
     progress_interval: Time | str = Field(
         "30s", description="Without a terminal (CI, nohup, cluster logs), print a progress line every this long: "
@@ -332,7 +195,7 @@ class TrainConfig(_Block):
     @classmethod
     def _remember_given(cls, raw: Any, handler: Any) -> Any:
         given = copy.deepcopy(raw) if isinstance(raw, dict) else None
-        config = handler(cls._complete_default_recipe(raw))
+        config = handler(cls._task_data(cls._complete_default_recipe(raw)))
         if given is not None:
             config._given = given
         return config
@@ -343,10 +206,32 @@ class TrainConfig(_Block):
             return NotImplemented
         return self.__dict__ == other.__dict__ and self.__pydantic_extra__ == other.__pydantic_extra__
 
+    def gave(self, key: str) -> bool:
+        """Whether the config was given ``key`` (top-level), rather than a default or its recipe's value."""
+        return key in self._given
+
     def for_task(self, task: str) -> TrainConfig:
         """This config for another task (``keel.train`` handed a model or task object): the keys it was given,
         validated again with ``task``, so the recipe and every default that depends on the task follow it."""
         return validate({**copy.deepcopy(self._given), "task": task})
+
+    @classmethod
+    def _task_data(cls, raw: Any) -> Any:
+        """The ``data`` block validated with the task's own data model, when it has one (the language model's
+        data.source, data.tokenizer, ...); the core keys alone otherwise."""
+        if not isinstance(raw, dict):
+            return raw
+        spec = task_spec(raw.get("task", cls.model_fields["task"].default))
+        model = spec.settings.get("data") if spec is not None else None
+        block = raw.get("data")
+        if model is None or isinstance(block, model) or not isinstance(block, (dict, type(None), DataConfig)):
+            return raw
+        if isinstance(block, DataConfig):
+            block = block.model_dump()
+        try:
+            return {**raw, "data": model.model_validate(block or {})}
+        except ValidationError as error:
+            raise KeelError(_describe(error.errors()[0], model, prefix=["data"])) from None
 
     @classmethod
     def _complete_default_recipe(cls, raw: Any) -> Any:
@@ -360,7 +245,7 @@ class TrainConfig(_Block):
                 raise KeelError(f"duration: {raw['duration']!r} and max_steps: {raw['max_steps']!r} are both given; "
                                 "allowed: one of the two (max_steps is the run length in steps)")
             raw = {**raw, "max_steps": None}
-        raw = apply_recipe(dict(raw))
+        raw = apply_recipe(dict(raw), default_task=cls.model_fields["task"].default)
         optimizer = raw.get("optimizer", {})
         if isinstance(optimizer, dict) and optimizer.get("name", DEFAULT_OPTIMIZER["name"]) == DEFAULT_OPTIMIZER["name"]:
             raw["optimizer"] = optimizer = fill_in("optimizer", DEFAULT_OPTIMIZER, optimizer)
@@ -381,8 +266,6 @@ class TrainConfig(_Block):
     @field_validator("task")
     @classmethod
     def _task_syntax(cls, value: str) -> str:
-        from keel.tasks import check_task_name
-
         return check_task_name(value)
 
     @field_validator("progress_interval", mode="before")
@@ -428,15 +311,29 @@ class TrainConfig(_Block):
 
     @model_validator(mode="after")
     def _technique_blocks(self) -> "TrainConfig":
-        """Validate each technique's block with its registered model; unknown keys are errors."""
+        """Validate the blocks the task owns, then each technique's block, with their registered models; unknown
+        keys are errors (a block of another task says whose it is)."""
         registry = techniques()
+        spec = task_spec(self.task)
+        owned = {k: m for k, m in (spec.settings.items() if spec is not None else ()) if k != "data"}
         extra = self.__pydantic_extra__
         for key in list(extra):
-            if key not in registry:
-                allowed = [*type(self).model_fields, *registry]
+            if key not in registry and key not in owned:
+                allowed = [*type(self).model_fields, *owned, *registry]
+                owner = next((name for name, other in task_specs().items() if key in other.settings), None)
+                if owner is not None:
+                    raise KeelError(f"{key}: a setting of task {owner}, not of task {self.task!r}; allowed here: "
+                                    f"{', '.join(allowed)}")
                 close = _nested_match(key) or difflib.get_close_matches(key, allowed, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise KeelError(f"unknown key '{key}'{hint} allowed here: {', '.join(allowed)}")
+        for key, model in owned.items():
+            block = extra.get(key)
+            if not isinstance(block, model):
+                try:
+                    extra[key] = model.model_validate({} if block is None else block)
+                except ValidationError as error:
+                    raise KeelError(_describe(error.errors()[0], model, prefix=[key])) from None
         for key, technique in registry.items():
             block = extra.get(key)
             if not isinstance(block, technique.config):
@@ -477,10 +374,9 @@ class TrainConfig(_Block):
         from keel.schedules import from_config
 
         optimizer = check_config(self.optimizer, key="optimizer")
-        if self.task == "lm":
-            train_tokens = train_token_count(self.data.source, self.data.val_fraction)
-            if self.model.hf_config is None and self.model.hf_pretrained is None:
-                self._check_lm_sizes(train_tokens, optimizer["name"])
+        spec = task_spec(self.task)
+        if spec is not None and spec.check is not None:
+            spec.check(self)  # the task's own checks: sizes, memory
         # Lengths in examples, tokens and epochs need the task's counts: the trainer resolves them once it is built.
         from_config(self.schedule, base_lr=float(optimizer["lr"]), timeline=stand_in(self.run_length), key="schedule")
         if self.tensorboard:
@@ -492,41 +388,6 @@ class TrainConfig(_Block):
                     "allowed without it: false"
                 ) from error
         return self
-
-    def _check_lm_sizes(self, train_tokens: int, optimizer: str) -> None:
-        """Task lm with keel's GPT: a window fits in the training split, and a step fits in memory (estimated by
-        ``keel.models.memory``, before anything is allocated; a token file's vocabulary, unknown until it is read,
-        counts as ``data.vocab_size`` or else 256, so the estimate stays a lower bound)."""
-        from keel.models.memory import available_memory, estimate_gpt_training, format_bytes
-
-        block_size = self.model.block_size
-        if block_size + 1 >= train_tokens:
-            raise KeelError(
-                f"model.block_size: {block_size} is too long for the {train_tokens:,} training tokens of data.source "
-                f"'{self.data.source}'; allowed: at most {max(train_tokens - 2, 0):,}, or a larger source"
-            )
-        estimate = estimate_gpt_training(
-            n_layer=self.model.n_layer, n_embd=self.model.n_embd, vocab_size=self.data.vocab_size or 256,
-            block_size=block_size, batch_size=self.data.batch_size, grad_accum=self.grad_accum,
-            precision=self.precision, optimizer=optimizer, bias=self.model.bias,
-        )
-        device = self.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        checks = [(device, estimate.total)]
-        if device != "cpu":
-            checks.append(("cpu", estimate.parameters))  # the model is built on the CPU, then moved
-        for where, needed in checks:
-            available = available_memory(where)
-            if available is not None and needed > available:
-                what = f"({estimate.breakdown()})" if needed == estimate.total else "for the parameters while the " \
-                    "model is built"
-                raise KeelError(
-                    f"model: about {format_bytes(needed)} needed {what}, {format_bytes(available)} available on "
-                    f"{where}; allowed: a smaller model.n_layer/n_embd/block_size or data.batch_size/grad_accum"
-                )
 
     def technique(self, key: str) -> BaseModel:
         """The validated block of technique ``key`` (also reachable as ``config.<key>``)."""
@@ -740,8 +601,9 @@ def _nested_match(key: str) -> list[str]:
     for block, keys in blocks.items():
         if key in keys:
             return [f"{block}.{key}"]
-    for name, field in TrainConfig.model_fields.items():
-        annotation = field.annotation
+    blocks = [(name, field.annotation) for name, field in TrainConfig.model_fields.items()]
+    blocks += [(name, model) for name, (_, model) in task_blocks().items()]
+    for name, annotation in blocks:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel) and key in annotation.model_fields:
             return [f"{name}.{key}"]
     return []
@@ -754,6 +616,9 @@ def _describe(error: dict[str, Any], model: type[BaseModel], prefix: list[str] |
         allowed = _field_names(model, loc[len(prefix or []):-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
         hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
+        block = task_blocks().get(loc[0]) if len(loc) == 2 and model is TrainConfig else None
+        if block is not None and loc[1] in block[1].model_fields:
+            hint = f" (a setting of task {block[0]});"
         return f"unknown key '{key}'{hint} allowed here: {', '.join(allowed)}"
     message = error["msg"]
     if error["type"] == "value_error":
@@ -776,29 +641,36 @@ def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-#: Keys only the language-model task reads: left out of another task's config.yaml so it does not describe a GPT.
-LM_ONLY = {"model": True, "sample": True, "data": {"source", "vocab_size", "eval_tokens", "text_field", "tokenizer",
-                                                   "packing", "batch_tokens", "long_documents", "eod", "cache_dir"}}
-
-
 def dump_config(config: TrainConfig) -> str:
-    """The fully resolved config as YAML (what ``config.yaml`` in a run directory holds); a task other than ``lm``
-    leaves out the keys only the language model reads (their defaults apply if the file is loaded again)."""
-    exclude = None if config.task == "lm" else LM_ONLY
-    return yaml.safe_dump(config.model_dump(mode="json", exclude=exclude), sort_keys=False)
+    """The fully resolved config as YAML (what ``config.yaml`` in a run directory holds): the core keys, the blocks
+    its task owns and every technique's block."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
-    """One line per config key: dotted name, default and description (for ``keel train --help``)."""
+def task_blocks() -> dict[str, tuple[str, type[BaseModel]]]:
+    """Every block a registered task owns, by dotted prefix: ``{"model": ("lm", ModelConfig), ...}``; a task's
+    ``data`` model is listed under ``data`` (its keys beside the core ones)."""
+    return {key: (name, model) for name, spec in task_specs().items() for key, model in spec.settings.items()}
+
+
+def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "", only: set[str] | None = None,
+                    note: str = "") -> list[str]:
+    """One line per config key: dotted name, default and description (for ``keel train --help``); ``only``: those
+    fields alone; ``note``: said after each description (whose key it is)."""
     lines = []
     if model is TrainConfig:
         for key, technique in techniques().items():
             lines.extend(describe_fields(technique.config, f"{key}."))
+        for key, (task, block) in task_blocks().items():
+            core = set(DataConfig.model_fields) if key == "data" else set()
+            lines.extend(describe_fields(block, f"{key}.", set(block.model_fields) - core, f" (task {task})"))
     for name, field in model.model_fields.items():
+        if only is not None and name not in only:
+            continue
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             lines.extend(describe_fields(annotation, f"{prefix}{name}."))
             continue
         default = field.get_default(call_default_factory=True)
-        lines.append(f"  {prefix}{name} = {default!r}\n      {field.description or ''}")
+        lines.append(f"  {prefix}{name} = {default!r}\n      {field.description or ''}{note}")
     return lines

@@ -1,7 +1,7 @@
 """Named recipes: ``recipe: baseline`` and ``recipe: fast`` in a run config fill in the keys that make a recipe.
 
-Without ``recipe:``, a language model (task ``lm``) trains with ``fast``, every other task with ``baseline``
-(``default_recipe``).
+Without ``recipe:``, a config gets its task's recipe (``default_recipe``): a language model (task ``lm``) trains
+with ``fast``, every other task with ``baseline``.
 
 A recipe is a set of config values (optimizer, schedule, clipping, techniques). The keys a config gives itself
 win, key by key: ``optimizer.lr`` refines the recipe's optimizer, while another ``optimizer.name`` replaces it
@@ -47,17 +47,22 @@ NAMED_BLOCKS = ("optimizer", "schedule")  # blocks with a name: another name rep
 
 
 def default_recipe(task: Any) -> str:
-    """The recipe a config without ``recipe:`` gets: ``fast`` for the language model, where it was measured to beat
-    the tuned baseline on every seed; ``baseline`` for every other task, where nothing measured says otherwise."""
-    return "fast" if task in (None, "lm") else "baseline"
+    """The recipe a config without ``recipe:`` gets: the one its task registered (``keel.task_registry``: the
+    language model's ``fast``, measured to beat the tuned baseline on every seed), ``baseline`` for every other
+    task, where nothing measured says otherwise."""
+    from keel.task_registry import DEFAULT_RECIPE, task_spec
+
+    spec = task_spec(task)
+    return spec.recipe if spec is not None else DEFAULT_RECIPE
 
 
-def apply_recipe(raw: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` with the values of its ``recipe`` (or the task's default recipe) filled in under the keys it gives,
-    and ``recipe`` set to the name used (unchanged for an unknown name: the ``recipe`` field reports it)."""
+def apply_recipe(raw: dict[str, Any], default_task: str = "lm") -> dict[str, Any]:
+    """``raw`` with the values of its ``recipe`` (or its task's default recipe; ``default_task`` when it names
+    none) filled in under the keys it gives, and ``recipe`` set to the name used (unchanged for an unknown name:
+    the ``recipe`` field reports it)."""
     name = raw.get("recipe")
     if name is None:
-        name = default_recipe(raw.get("task", "lm"))
+        name = default_recipe(raw.get("task", default_task))
     if not isinstance(name, str) or name not in RECIPES:
         return raw
     merged = {**raw, "recipe": name}

@@ -49,7 +49,7 @@ def test_lengths_are_multiples_of_8_monotone_and_within_bounds(start, extra, dur
 def test_bad_start_is_one_line_and_nothing_is_written(tmp_path, tiny_overrides, capsys):
     from keel.cli.main import main
 
-    for value, message in (("40", "seq_warmup.start: 40 is above the context (model.block_size 32); allowed: 8 to 32"),
+    for value, message in (("40", "seq_warmup.start: 40 is above the context (32 tokens, task lm); allowed: 8 to 32"),
                            ("4", "seq_warmup.start: 4 is below 8; allowed: 8 to model.block_size")):
         code = main(["train", *tiny_overrides, "seq_warmup.enabled=true", f"seq_warmup.start={value}",
                      "--out", str(tmp_path / "r")])

@@ -22,7 +22,7 @@ from typing import Any
 
 from keel import schedules
 from keel.config import set_dotted, validate
-from keel.diagnose.active import PROBE_SETTINGS, Session
+from keel.diagnose.active import Session, probe_settings
 from keel.diagnose.probes import Display, LRRangeCallback, ProbeResult
 
 
@@ -54,7 +54,7 @@ class Synthetic:
               task: Any = None, step_limit: int | None = None, callbacks: tuple = (), eval_interval: int | None = None,
               time_limit: float | None = None, done=None, keep_length: bool = False) -> ProbeResult:
         raw = copy.deepcopy(session.raw)
-        for key, value in {**PROBE_SETTINGS, **overrides}.items():
+        for key, value in {**probe_settings(session.config), **overrides}.items():
             set_dotted(raw, key, value)
         if not keep_length:
             raw["max_steps"] = steps

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keel.errors import KeelError
 from keel.grad.accumulate import IGNORE_INDEX
+from keel.task_registry import task_spec
 from keel.techniques import Callback, register_technique
 from keel.timeunits import Time, Timeline, whole_count
 
@@ -182,15 +183,20 @@ class SeqWarmupConfig(BaseModel):
 
 
 def check_seq_warmup(block: SeqWarmupConfig, config: Any) -> None:
-    """Checks against the rest of the run config, when it is loaded: the start fits the context."""
+    """Checks against the rest of the run config, when it is loaded: the task has sequences, and the start fits
+    their context (a registered task says its context length; other tasks are checked when the run starts)."""
     if block.enabled is not True:  # off, or 'auto': decided by the task at run start
         return
-    if config.task == "digits":
-        raise KeelError("seq_warmup.enabled: task digits has no sequences; allowed: task lm, or a task whose batches "
-                        "are sequences (with a block_size attribute)")
-    if config.task == "lm" and block.start > config.model.block_size:
-        raise KeelError(f"seq_warmup.start: {block.start} is above the context (model.block_size "
-                        f"{config.model.block_size}); allowed: {MULTIPLE} to {config.model.block_size}")
+    spec = task_spec(config.task)
+    if spec is None or spec.context_length is None:
+        return
+    context = spec.context_length(config)
+    if context is None:
+        raise KeelError(f"seq_warmup.enabled: task {config.task} has no sequences; allowed: a task whose batches "
+                        "are sequences (task lm, or a task with a block_size attribute)")
+    if block.start > context:
+        raise KeelError(f"seq_warmup.start: {block.start} is above the context ({context} tokens, task "
+                        f"{config.task}); allowed: {MULTIPLE} to {context}")
 
 
 class SeqWarmupCallback(Callback):

@@ -118,6 +118,13 @@ PROBE_SETTINGS: dict[str, Any] = {
 }
 
 
+def probe_settings(config: Any) -> dict[str, Any]:
+    """``PROBE_SETTINGS`` that apply to ``config``: a block its task does not own (a digits run has no ``sample``)
+    is left out."""
+    blocks = {*type(config).model_fields, *(config.model_extra or {})}
+    return {key: value for key, value in PROBE_SETTINGS.items() if key.split(".")[0] in blocks}
+
+
 class Session:
     """One ``keel diagnose --config`` run: the procedures in order, the budget, the findings."""
 
@@ -220,7 +227,7 @@ class Session:
         self._count += 1
         run_dir = self.out / "probes" / f"{self._count:02d}-{name}"
         raw = copy.deepcopy(self.raw)
-        for key, value in {**PROBE_SETTINGS, **overrides}.items():
+        for key, value in {**probe_settings(self.config), **overrides}.items():
             set_dotted(raw, key, value)
         if not keep_length:
             raw["max_steps"] = steps

@@ -221,13 +221,17 @@ def _resolve(parts: list[str], model: type[BaseModel], prefix: str) -> Any:
     """The annotation of the field ``parts`` names under ``model`` (``Any`` inside free-form dicts)."""
     from keel.techniques import techniques
 
-    fields = dict(model.model_fields)
+    fields = {name: field.annotation for name, field in model.model_fields.items()}
     extra = {}
     if prefix == "":
+        from keel.config import task_blocks
+
         extra = {name: t.config for name, t in techniques().items() if name not in _NOT_SEARCHABLE}
+        for name, (_, block) in task_blocks().items():  # a task's blocks (model.n_embd), its data keys (data.source)
+            (fields if name in fields else extra)[name] = block
     name = parts[0]
     if name in fields:
-        annotation = fields[name].annotation
+        annotation = fields[name]
     elif name in extra:
         annotation = extra[name]
     else:

@@ -797,7 +797,7 @@ def train(
         task = tasks.PlainTask(model, train_data, val_data, loss_fn)
     elif train_data is not None or val_data is not None or loss_fn is not None:
         raise KeelError("train: train_data, val_data and loss_fn go with model=; allowed: model=... too, or a task")
-    if task is not None and config.task == "lm":
-        config = config.for_task(tasks.PYTHON_TASK)  # the recipe follows the task: baseline, not the lm's fast
+    if task is not None and not config.gave("task"):  # the config names no task: it is this one
+        config = config.for_task(tasks.PYTHON_TASK)  # its recipe and blocks follow the task: baseline, not lm's fast
     return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
                    allow_world_size_change=allow_world_size_change).fit()
