@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from integration_helpers import BATCH, Batches, assert_close_tensors, keel_config, keel_run, make_net
+from integration_helpers import Batches, assert_close_tensors, keel_config, keel_run, make_net
 from torch import nn
 
 L = pytest.importorskip("lightning")
@@ -240,7 +240,6 @@ def test_bad_arguments_are_one_line_keel_errors():
         NonFinite(0)
     with pytest.raises(KeelError, match="checkpoint_weights"):
         EMA(0.9, checkpoint_weights="both")
-    assert BATCH == 8
 
 
 @pytest.mark.slow
