@@ -129,6 +129,7 @@ def test_keels_own_diverging_run_is_flagged_alike(tmp_path):
     assert UNSTABLE & kinds(tmp_path / "keel")
 
 
+@pytest.mark.slow
 def test_keel_report_reads_lightning_and_hf_runs(tmp_path):
     pytest.importorskip("lightning")
     pytest.importorskip("transformers")
