@@ -55,3 +55,14 @@ def test_hf_example_trains_and_keel_diagnose_reads_its_state(tmp_path, monkeypat
     assert (tmp_path / "runs" / "hf" / "checkpoint-200" / "keel_ema.safetensors").is_file()
     out = diagnose(tmp_path / "runs" / "hf", capsys)
     assert "reading Hugging Face trainer_state.json" in out and "clip_threshold" in out
+
+
+def test_readme_lightning_snippet_builds_a_trainer_with_keels_callbacks():
+    pytest.importorskip("lightning")
+    readme = DOC.parents[1] / "README.md"
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+                 if "keel.integrations.lightning" in b)
+    namespace: dict = {}
+    exec(compile(block, str(readme), "exec"), namespace)
+    names = {type(c).__name__ for c in namespace["trainer"].callbacks}
+    assert {"EMA", "Clip", "NonFinite"} <= names
