@@ -436,20 +436,22 @@ class CheckpointAverage(KeelCallback):
         if not self._stepped(trainer) or update_skipped(trainer):
             return
         step = applied_steps(trainer)
-        if step % self.every or not trainer.is_global_zero:
+        if step % self.every:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step_{step:08d}.safetensors"
-        write_safetensors(path, {k: v.detach() for k, v in pl_module.state_dict().items()},
-                          metadata={"format": "pt", "step": str(step)})
-        self.files = [f for f in self.files if f != str(path)] + [str(path)]
-        for old in self.files[: -self.last]:
-            Path(old).unlink(missing_ok=True)
-        self.files = self.files[-self.last:]
+        files = [*[f for f in self.files if f != str(path)], str(path)]
+        if trainer.is_global_zero:  # one writer; every rank keeps the list (the same weights on every rank)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_safetensors(path, {k: v.detach() for k, v in pl_module.state_dict().items()},
+                              metadata={"format": "pt", "step": str(step)})
+            for old in files[: -self.last]:
+                Path(old).unlink(missing_ok=True)
+        self.files = files[-self.last:]
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.files:
             return
+        trainer.strategy.barrier()  # the newest snapshot is written before any rank reads it
         averaged = average_checkpoints(self.files)
         if trainer.is_global_zero:
             self.averaged = self.folder / "averaged.safetensors"
