@@ -4,11 +4,11 @@ they are compared with (``keel.train`` on the same model, data order and setting
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from keel import rundir
 from keel.config import validate
 from keel.rundir.metrics import read_metrics
 from keel.safetensors_io import SafetensorsReader
@@ -80,11 +80,11 @@ def keel_run(config, net: nn.Module) -> dict:
 
     model = copy.deepcopy(net)
     train(config, model=model, train_data=batch, val_data=batch, loss_fn=nn.functional.mse_loss, quiet=True)
-    run = config.out_dir
-    records = read_metrics(f"{run}/metrics.jsonl")
+    run = rundir.RunDir(config.out_dir)
+    records = read_metrics(run.metrics)
     lrs = [r["lr"] for r in records if r.get("kind") == "step" and "lr" in r]
-    last = sorted(p for p in Path(run, "checkpoints").iterdir() if p.name.startswith("step_"))[-1]
-    with SafetensorsReader(last / "ema.safetensors") as reader:
+    last = rundir.list_checkpoints(run.checkpoints)[-1]
+    with SafetensorsReader(rundir.checkpoint_weights(last, "ema")) as reader:
         ema = {name: reader.read(name) for name in reader.tensors}
     return {"lrs": lrs, "ema": ema, "weights": [p.detach().clone() for p in model.parameters()], "records": records}
 

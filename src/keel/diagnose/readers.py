@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from keel import rundir
 from keel.diagnose.update_ratio import RECORD_TYPE
 from keel.errors import KeelError
 
@@ -57,7 +58,7 @@ def find_other_run(path: str | Path) -> tuple[str, Path] | None:
         if path.name.startswith("events.out.tfevents."):
             return "tensorboard", path.parent
         return None
-    if not path.is_dir() or (path / "metrics.jsonl").exists():
+    if not path.is_dir() or rundir.RunDir(path).metrics.exists():  # a keel run: keel's own reader
         return None
     if (path / "trainer_state.json").is_file():
         return "hf", path / "trainer_state.json"

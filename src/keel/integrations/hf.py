@@ -36,6 +36,7 @@ import torch
 
 try:
     from transformers import TrainerCallback
+    from transformers.utils import SAFE_WEIGHTS_NAME  # the weights file of each checkpoint-N the Trainer writes
 except ImportError:  # pragma: no cover - exercised where transformers is missing
     raise ImportError("keel.integrations.hf needs transformers: pip install 'keel[hf]'") from None
 if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover
@@ -365,8 +366,8 @@ class CheckpointAverage(TrainerCallback):
         self.files: list[Path] = []
 
     def on_train_end(self, args, state, control, model=None, **kwargs) -> None:
-        found = sorted((int(m.group(1)), p / "model.safetensors") for p in Path(args.output_dir).glob("checkpoint-*")
-                       if (m := CHECKPOINT.fullmatch(p.name)) and (p / "model.safetensors").is_file())
+        found = sorted((int(m.group(1)), p / SAFE_WEIGHTS_NAME) for p in Path(args.output_dir).glob("checkpoint-*")
+                       if (m := CHECKPOINT.fullmatch(p.name)) and (p / SAFE_WEIGHTS_NAME).is_file())
         self.files = [file for _, file in found[-self.last:]]
         if not self.files:
             return
