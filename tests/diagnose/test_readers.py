@@ -115,6 +115,9 @@ def test_bad_logs_are_one_line_errors(tmp_path, capsys, monkeypatch):
     write_csv(tmp_path / "noloss", [{"step": 0, "val_loss": 1.0}])
     with pytest.raises(KeelError, match="holds no training loss.*train_loss"):
         read_other_run(tmp_path / "noloss")
+    write_csv(tmp_path / "odd", [{"step": "1e300", "train_loss": 1.0}, {"step": "-3", "train_loss": 1.0},
+                                 {"step": "x", "train_loss": 1.0}, {"step": 2, "train_loss": "nan"}])
+    assert [r["step"] for r in read_other_run(tmp_path / "odd") if r["kind"] == "step"] == [2]
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "trainer_state.json").write_text("{not json")
     assert main(["diagnose", str(tmp_path / "broken")]) == 2

@@ -116,6 +116,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _step(value: Any) -> int | None:
+    """A logged step: a whole number from 0 to 2**53 (anything else is not a step a trainer wrote)."""
+    number = _number(value)
+    if number is None or not math.isfinite(number) or not 0 <= number <= 2**53:
+        return None
+    return int(number)
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
@@ -163,12 +171,16 @@ def read_tensorboard_rows(folder: Path) -> list[dict[str, Any]]:
     except ImportError:
         raise KeelError(f"'{folder}' holds TensorBoard event files; reading them needs the tensorboard package: "
                         "pip install 'keel[tensorboard]' (or log with Lightning's CSVLogger)") from None
-    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    accumulator.Reload()
     by_step: dict[int, dict[str, Any]] = {}
-    for tag in accumulator.Tags().get("scalars", []):
-        for event in accumulator.Scalars(tag):
-            by_step.setdefault(int(event.step), {"step": int(event.step)})[tag] = float(event.value)
+    try:
+        accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags().get("scalars", []):
+            for event in accumulator.Scalars(tag):
+                by_step.setdefault(int(event.step), {"step": int(event.step)})[tag] = float(event.value)
+    except Exception as error:  # noqa: BLE001 - a damaged event file: one line, whatever tensorboard raised
+        raise KeelError(f"'{folder}': the TensorBoard event files cannot be read ({type(error).__name__}); allowed: "
+                        "event files of a SummaryWriter, or Lightning's CSVLogger metrics.csv") from None
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -176,10 +188,9 @@ def lightning_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """keel's records from Lightning's logged rows (CSV or TensorBoard): see the module docstring."""
     merged: dict[int, dict[str, Any]] = {}
     for row in rows:
-        step = _number(row.get("step"))
-        if step is None or not math.isfinite(step):
-            continue
-        merged.setdefault(int(step), {}).update(row)
+        step = _step(row.get("step"))
+        if step is not None:
+            merged.setdefault(step, {}).update(row)
     records: list[dict[str, Any]] = []
     skipped = 0.0
     for step in sorted(merged):
@@ -239,10 +250,9 @@ def hf_records(state: dict[str, Any]) -> list[dict[str, Any]]:
     for entry in state["log_history"]:
         if not isinstance(entry, dict) or "train_runtime" in entry:  # the summary at the end of training
             continue
-        step = _number(entry.get("step"))
-        if step is None or not math.isfinite(step):
+        step = _step(entry.get("step"))
+        if step is None:
             continue
-        step = int(step)
         loss = _number(entry.get("loss"))
         if loss is not None:
             record: dict[str, Any] = {"kind": "step", "step": step - 1, "loss": loss}
