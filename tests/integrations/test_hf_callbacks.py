@@ -145,3 +145,17 @@ def test_clip_refuses_the_trainers_own_clipping(tmp_path):
     config = keel_config(4, tmp_path / "unused")
     with pytest.raises(KeelError, match="max_grad_norm"):
         train(tmp_path, Regression(make_net()), config, 4, [Clip()], max_grad_norm=1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_trainer_callbacks_skip_average_and_evaluate(tmp_path):
+    steps = 8
+    config = keel_config(steps, tmp_path / "unused")
+    module, recorder, guard, ema = Regression(make_net(), poison={3: float("nan")}), Recorder(), NonFinite(), EMA(0.9)
+    trainer = train(tmp_path, module, config, steps, [recorder, guard, ema, Clip(max_norm=1.0)], use_cpu=False,
+                    eval_strategy="steps", eval_steps=steps)
+    assert all(t.device.type == "cuda" for t in ema.unit.shadow.values())
+    assert guard.skipped == 1 and ema.unit.num_updates == steps - 1 and recorder.lrs[4] == recorder.lrs[3]
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert any("eval_loss_ema" in r for r in trainer.state.log_history)

@@ -265,3 +265,36 @@ def test_sigkill_then_resume_from_the_last_checkpoint_continues_with_the_same_em
         assert torch.equal(resumed_ema.unit.shadow[name], value), name
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_callbacks_skip_average_clip_and_resume(tmp_path):
+    """On CUDA (float64): the EMA shadow lives beside the weights, a NaN update is skipped, and a resume from
+    Lightning's checkpoint continues with the same EMA as a run never stopped."""
+    steps, stop = 10, 6
+    config = keel_config(steps, tmp_path / "unused")
+
+    def run(max_steps, ckpt_path=None, start=0, every=100):
+        module = Regression(make_net(), config, poison={3: float("nan")})
+        callbacks = [Recorder(), NonFinite(), EMA(0.9, dynamic_decay=True), Clip("percentile", window=8,
+                     calibration_steps=2), UpdateRatio(2),
+                     L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every,
+                                                         save_top_k=-1)]
+        trainer = L.Trainer(max_steps=max_steps, accelerator="gpu", devices=1, logger=False, callbacks=callbacks,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        loader = torch.utils.data.DataLoader(Batches(max_steps - start, start), batch_size=None)
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return module, callbacks
+
+    whole, straight = run(steps)
+    assert straight[0].steps == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8] and straight[1].skipped == 1
+    assert all(t.device.type == "cuda" for t in straight[2].unit.shadow.values())
+    run(stop, every=stop)
+    resumed_module, resumed = run(steps, ckpt_path=str(tmp_path / "ckpt" / f"epoch=0-step={stop}.ckpt"), start=stop)
+    assert resumed[2].unit.num_updates == straight[2].unit.num_updates == steps - 1
+    for name, value in straight[2].unit.shadow.items():
+        torch.testing.assert_close(resumed[2].unit.shadow[name], value, rtol=1e-12, atol=1e-12)
+    for a, b in zip(whole.parameters(), resumed_module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert resumed[0].lrs == straight[0].lrs[stop:]
