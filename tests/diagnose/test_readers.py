@@ -33,8 +33,9 @@ def lightning_rows(losses, evaluate_every=10):
     rows = []
     for step, loss in enumerate(losses):
         rows.append({"step": step, "lr-AdamW": 1e-3})  # LearningRateMonitor writes its own row
+        ratio = {"update_ratio/net.0.weight": 1e-3} if step % 5 == 0 else {}
         rows.append({"step": step, "epoch": 0, "train_loss": loss, "grad_norm": 0.5 + 0.01 * step,
-                     "skipped": 1 if step >= 7 else 0, **({"update_ratio/net.0.weight": 1e-3} if step % 5 == 0 else {})})
+                     "skipped": 1 if step >= 7 else 0, **ratio})
         if (step + 1) % evaluate_every == 0:
             rows.append({"step": step, "epoch": 0, "val_loss": loss + 0.1, "val_loss_ema": loss})
     return rows
