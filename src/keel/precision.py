@@ -168,3 +168,32 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if state.get("scaler") is not None and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _tf32_now() -> tuple[str, object]:
+    """Which of torch's two TF32 switches for CUDA matmuls is in use, and its value (reading the legacy one after
+    the new one was set is an error in torch >= 2.9, and the reverse is not)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return "legacy", matmul.allow_tf32
+    except RuntimeError:
+        return "new", matmul.fp32_precision
+
+
+def _set_tf32(api: str, value: object) -> None:
+    if api == "legacy":
+        torch.backends.cuda.matmul.allow_tf32 = bool(value)
+    else:
+        torch.backends.cuda.matmul.fp32_precision = value
+
+
+@contextlib.contextmanager
+def cuda_tf32(enabled: bool):
+    """float32 matrix products on CUDA run on TF32 tensor cores (`enabled`) or in full float32 inside the block;
+    the previous setting is restored after it. Affects only CUDA (CPU products are never TF32)."""
+    api, before = _tf32_now()
+    _set_tf32(api, enabled if api == "legacy" else ("tf32" if enabled else "ieee"))
+    try:
+        yield
+    finally:
+        _set_tf32(api, before)

@@ -30,7 +30,7 @@ from keel.optim.registry import (
     register,
     unit_interval,
 )
-from keel.optim.soap import SOAP
+from keel.optim.soap import MATMUL_PRECISIONS, SOAP
 
 _WD = Hparam(0.0, nonnegative, "weight decay (coupled: added to the gradient)")
 _FUSED = Hparam(None, optional(boolean), "torch's fused kernel (null: keel uses it where torch has one for the device)")
@@ -338,6 +338,11 @@ register(
             "merge_dims": Hparam(False, boolean, "merge consecutive dims while their product <= max_precondition_dim"),
             "precondition_1d": Hparam(False, boolean, "rotate 1-D parameters too"),
             "correct_bias": Hparam(True, boolean, "Adam's bias correction"),
+            "batched": Hparam(None, optional(boolean), "same-shape 2-D parameters stepped as stacks, batched products "
+                              "(null: on CUDA)"),
+            "matmul_precision": Hparam(None, optional(one_of(*MATMUL_PRECISIONS)),
+                                       "precision of the products: highest, tf32 or bfloat16 (null: tf32 on CUDA, "
+                                       "highest elsewhere)"),
         },
         build=lambda groups, lr, **kw: SOAP(groups, lr=lr, **kw),
     )
