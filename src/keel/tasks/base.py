@@ -92,6 +92,11 @@ class Task:
         ``pad_fraction``); none by default."""
         return {}
 
+    def flops_per_token(self, model: nn.Module, batch: Any = None) -> float | None:
+        """Model FLOPs of one training token (forward and backward) for ``model`` (on ``batch``, whose sequence
+        length may matter), for MFU in the step records and for ``compile: auto``; None (the default): unknown."""
+        return None
+
     def run_files(self) -> dict[str, str]:
         """Text files the run directory keeps beside ``config.yaml`` (a trained tokenizer's ``tokenizer.json``)."""
         return {}
