@@ -129,8 +129,14 @@ def _tensors(batch: Any) -> Iterator[torch.Tensor]:
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` (a tensor, or tuples, lists and dicts of them) on ``device``; other values pass through."""
+    """``batch`` (a tensor, or tuples, lists and dicts of them) on ``device``; other values pass through.
+
+    To a CUDA device a CPU tensor goes through pinned memory: the copy is queued behind the GPU's work instead of
+    making the host wait for it (a copy from pageable memory larger than 64 KB blocks until the device has caught
+    up, so the next step's kernels would be launched only once the GPU is idle)."""
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned():
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: move_to_device(v, device) for k, v in batch.items()}
