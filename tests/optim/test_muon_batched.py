@@ -42,9 +42,10 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_batched_path_equals_torchs_muon_within_bfloat16_rounding():
-    torch_path, reference = _train(batched=False)
-    batched, moved = _train(batched=True)
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_path_equals_torchs_muon_within_bfloat16_rounding(nesterov):
+    torch_path, reference = _train(batched=False, nesterov=nesterov)
+    batched, moved = _train(batched=True, nesterov=nesterov)
     assert not torch_path.uses_batched() and batched.uses_batched()
     for shape, a, b in zip(SHAPES, moved, reference):
         assert _relative(a, b) <= BF16_TOLERANCE, shape

@@ -248,21 +248,23 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 buffers.append(state["momentum_buffer"])
             if not params:
                 continue
-            momentum = group["momentum"]
-            torch._foreach_lerp_(buffers, grads, 1 - momentum)
-            inputs = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
             settings = (tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"])
-            for p, x in zip(params, inputs):
-                rows, cols = x.shape
+            for p, grad, buffer in zip(params, grads, buffers):
+                rows, cols = p.shape
                 transposed = rows > cols
-                key = ((cols, rows) if transposed else (rows, cols), x.device, settings)
-                stacks.setdefault(key, []).append((p, group, x, transposed))
+                key = ((cols, rows) if transposed else (rows, cols), p.device, settings)
+                stacks.setdefault(key, []).append((p, group, grad, buffer, transposed))
         for ((rows, cols), device, (coefficients, steps, eps)), members in stacks.items():
             stack = torch.empty((len(members), rows, cols), dtype=dtype, device=device)
-            for i, (_, _, x, transposed) in enumerate(members):
-                stack[i].copy_(x.mT if transposed else x)
+            for i, (_, group, grad, buffer, transposed) in enumerate(members):
+                into = stack[i].mT if transposed else stack[i]
+                if group["nesterov"]:  # g + mu (B - g), computed in float32 and rounded once into the stack
+                    torch.lerp(grad, buffer, group["momentum"], out=into)
+                else:
+                    into.copy_(buffer)
             orthogonal = newton_schulz(stack, coefficients, steps, eps)
-            for i, (p, group, _, transposed) in enumerate(members):
+            for i, (p, group, _, _, transposed) in enumerate(members):
                 lr, weight_decay = group["lr"], group["weight_decay"]
                 update = orthogonal[i].mT if transposed else orthogonal[i]
                 p.mul_(1 - lr * weight_decay)
