@@ -176,7 +176,8 @@ def lm_config(budget: dict, data: Path, device: torch.device, run_dir: Path, **c
 
 class BareLoop:
     """A hand-written nanoGPT-style step on the task's model and batches: set the LR, forward under autocast, backward,
-    clip at 1.0, torch's fused AdamW (keel's parameter groups), read the loss. `precision`: bf16, fp32 or tf32."""
+    clip at 1.0, torch's fused AdamW (keel's parameter groups), read the loss. `precision`: bf16 (with TF32 for
+    what autocast leaves in float32, as keel's defaults), fp32 (full float32) or tf32 (float32 on TF32 cores)."""
 
     def __init__(self, config, device: torch.device, precision: str = "bf16", compiled: bool = False) -> None:
         from keel import tasks
@@ -204,7 +205,7 @@ class BareLoop:
         if self.device.type == "cuda":
             from keel.precision import cuda_tf32
 
-            tf32 = cuda_tf32(self.precision == "tf32")
+            tf32 = cuda_tf32(self.precision != "fp32")  # bf16 as keel's default: TF32 for what stays float32
         with tf32:
             with autocast:
                 loss = self.task.loss(self.forward, (x, y)) / count
@@ -424,6 +425,7 @@ def section_muon(ctx: dict) -> dict:
     hidden = [p for n, p in model.named_parameters() if label(n, p) == "muon"]
     contenders = {"keel muon (hybrid, auto)": ko.create("muon", model),
                   "keel muon (hybrid, one matrix at a time)": ko.create("muon", model, batched=False),
+                  "keel muon (hidden matrices only, auto)": ko.MuonWithAdamW([{"params": hidden, "kind": "muon"}]),
                   "torch.optim.Muon (hidden matrices only)": torch.optim.Muon(hidden, lr=0.02, weight_decay=0.01)}
     for opt in contenders.values():
         opt.step()
@@ -678,11 +680,20 @@ def report(data: dict) -> str:
                          f"{r['eta']:.2f} | {r['first_step_s']:.1f} | {repay} |" if "eta" in r else
                          f"| {r['optimizer']} | {options} | {r['path']} | {r['step_ms']:.2f} | - | "
                          f"{r['first_step_s']:.1f} | {repay} |")
+        from keel.optim.multi_tensor import CUDA_COMPILE_PAYS_ELEMENT_STEPS
+
+        lines.append("")
         for name in ("lion", "ademamix"):
-            auto = _row(o["rows"], name, {})
-            if auto and "eta" in auto:
-                lines.append(f"\n{name} (auto path) eta {auto['eta']:.2f}: target >= {TARGETS[f'{name} eta']} "
-                             f"({_verdict(auto['eta'], TARGETS[f'{name} eta'])}); before {BEFORE[f'{name} eta']}.")
+            fused, eager = _row(o["rows"], name, {"fused": True}), _row(o["rows"], name, {"fused": False})
+            if fused and eager:
+                target = TARGETS[f"{name} eta"]
+                repay = fused.get("steps_to_repay_compile")
+                lines.append(f"- {name}: compiled eta {fused['eta']:.2f} (target >= {target}: "
+                             f"{_verdict(fused['eta'], target)}; before {BEFORE[f'{name} eta']}), eager "
+                             f"{eager['eta']:.2f}; `fused: null` compiles on CUDA for runs of at least "
+                             f"{CUDA_COMPILE_PAYS_ELEMENT_STEPS / o['numel']:,.0f} steps at these shapes; the first "
+                             f"compiled step took {fused['first_step_s']:.0f} s"
+                             + (f", repaid after {repay:,.0f} steps." if repay else "."))
         lines.append("")
     if "muon" in s and "steps_ms" in s["muon"]:
         mu = s["muon"]

@@ -27,7 +27,10 @@ def resolve_precision(mode: str, device: torch.device | str) -> tuple[str, str]:
         return mode, "given"
     if device.type != "cuda":
         return "fp32", f"auto: fp32 on {device.type}"
-    capability = torch.cuda.get_device_capability(device)
+    try:
+        capability = torch.cuda.get_device_capability(device)
+    except (AssertionError, RuntimeError):  # no CUDA here (a config checked away from its GPU): assume a current one
+        return "bf16", "auto: bf16 (CUDA is not available here to ask the device)"
     if capability >= (8, 0):
         return "bf16", f"auto: bf16 autocast on a CUDA device with bf16 (compute capability {capability[0]}.{capability[1]})"
     return "fp16", (f"auto: fp16 autocast with loss scaling on a CUDA device without bf16 (compute capability "

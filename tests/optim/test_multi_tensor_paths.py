@@ -81,5 +81,8 @@ def test_on_cuda_the_compiled_step_equals_the_eager_one(cls):
             opt.step()
         results.append([p.detach().cpu() for p in params])
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if cls is ko.Lion:  # sign() of an average that rounds to either side of 0 may flip: a rare element
+            assert (a - b).abs().gt(1e-5).float().mean() < 1e-4
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert multi_tensor._to_device([[1.0]], torch.device("cuda")).is_cuda
