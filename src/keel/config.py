@@ -283,6 +283,11 @@ class TrainConfig(_Block):
         "line) is measured against; null: the GPU's dense bf16 peak from keel's table (none on the CPU).",
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    deterministic: bool = Field(
+        False, description="Deterministic kernels on CUDA: torch.use_deterministic_algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts, cuDNN benchmark off (docs/gpu.md). Without it a "
+        "resume restores every state exactly, but GPU kernels may sum in another order.",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default; at most "
                                 "4 per CPU core of the machine).")
     strategy: Literal["ddp", "fsdp"] = Field(

@@ -73,7 +73,7 @@ class AveragingCallback(Callback):
     def on_checkpoint(self, trainer, ckpt_dir: Path) -> None:
         if self.config.save and self.unit.num_updates > 0:
             self.prepare(trainer)
-            self.unit.export(ckpt_dir / f"{self.name}.safetensors", metadata={"step": str(trainer.state.step)})
+            self.unit.export(ckpt_dir / rundir.weights_name(self.name), metadata={"step": str(trainer.state.step)})
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
         losses = {k: v for k, v in summary.items() if k.startswith("val_loss") and isinstance(v, float)}
@@ -87,7 +87,7 @@ class AveragingCallback(Callback):
     # ---- state -------------------------------------------------------------------------------------------------
     def _shadow_file(self) -> str | None:
         """The checkpoint file holding the shadow bit for bit, if this callback writes one."""
-        return f"{self.name}.safetensors" if self.config.save else None
+        return rundir.weights_name(self.name) if self.config.save else None
 
     def state_dict(self) -> dict[str, Any]:
         if self.unit is None:
@@ -134,24 +134,24 @@ class EMACallback(AveragingCallback):
         )
 
     def _shadow_file(self) -> str | None:
-        return "ema.safetensors" if (self.config.save or self.config.checkpoint_weights == "ema") else None
+        return rundir.weights_name("ema") if (self.config.save or self.config.checkpoint_weights == "ema") else None
 
     def on_checkpoint(self, trainer, ckpt_dir: Path) -> None:
         if self.unit.num_updates == 0:
             return
         if self._shadow_file() is not None:
-            self.unit.export(ckpt_dir / "ema.safetensors", metadata={"step": str(trainer.state.step)})
+            self.unit.export(ckpt_dir / rundir.weights_name("ema"), metadata={"step": str(trainer.state.step)})
         if self.config.checkpoint_weights == "ema":
             # OpenNMT-tf: the checkpoint's weights are the averaged ones; the raw ones stay beside them for resume.
             raw = {k: v.detach() for k, v in trainer.model.state_dict().items()}
-            write_safetensors(ckpt_dir / "raw.safetensors", raw)
+            write_safetensors(ckpt_dir / rundir.RAW_WEIGHTS, raw)
             averaged = self.unit.averaged_state_dict()
-            write_safetensors(ckpt_dir / "model.safetensors", averaged, dtypes={k: v.dtype for k, v in raw.items()})
+            write_safetensors(ckpt_dir / rundir.MODEL_WEIGHTS, averaged, dtypes={k: v.dtype for k, v in raw.items()})
 
     def _restore(self, trainer, state: dict[str, Any]) -> None:
         super()._restore(trainer, state)
         if self.config.checkpoint_weights == "ema" and state.get("num_updates", 0) > 0:
-            path = trainer.restored_from / "raw.safetensors"
+            path = trainer.restored_from / rundir.RAW_WEIGHTS
             if not path.is_file():
                 raise KeelError(f"ema: resume needs the raw weights {str(path)!r}, which are missing")
             targets = model_tensors(trainer.model)
@@ -233,11 +233,11 @@ class SnapshotCallback(Callback):
         step = trainer.state.step
         if step not in self.ends or trainer.rank != 0:  # several ranks: rank 0 alone writes
             return
-        folder = trainer.run_dir / "snapshots"
+        folder = rundir.RunDir(trainer.run_dir).snapshots
         folder.mkdir(exist_ok=True)
         index = sorted(self.ends).index(step)
         tensors = {k: v.detach() for k, v in trainer.model.state_dict().items()}
-        write_safetensors(folder / f"{rundir.step_dir_name(step)}.safetensors", tensors,
+        write_safetensors(folder / rundir.snapshot_name(step), tensors,
                           metadata={"format": "pt", "keel_snapshot": str(index), "step": str(step)})
         if self.config.keep is not None:
             existing = rundir.list_snapshots(folder)

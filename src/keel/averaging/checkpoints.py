@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,14 +27,6 @@ from keel.safetensors_io import SafetensorsReader, TensorInfo, read_header, writ
 _CHUNK_BYTES = 1 << 20  # read slice: small enough to stay in cache between the read and the addition
 
 PathLike = str | os.PathLike
-
-
-def _weights_file(weights: str) -> str:
-    if weights == "raw":
-        return "model.safetensors"
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", weights):
-        raise KeelError(f"weights: {weights!r} is not a weights name; allowed: raw, ema, polyak, swa, ...")
-    return f"{weights}.safetensors"
 
 
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
@@ -78,7 +69,7 @@ def resolve_checkpoints(
         raise KeelError("average: --last and --best are both given; allowed: one of them")
     if mode not in ("min", "max"):
         raise KeelError(f"mode: {mode!r} is not a mode; allowed: min, max")
-    filename = _weights_file(weights)
+    filename = rundir.weights_name(weights)
     entries: list[tuple[Path, int | None, Path | None]] = []  # (file, step, run_dir)
     for raw in inputs:
         path = Path(raw)
@@ -90,22 +81,19 @@ def resolve_checkpoints(
                 f"average: {str(raw)!r} does not exist; allowed: .safetensors files, checkpoint or run directories"
             )
         step = rundir.checkpoint_step(path.name)
-        if step is not None and (path / "model.safetensors").exists():
-            steps = [(step, path)]
-            run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        elif (path / "checkpoints").is_dir():
-            steps, run_dir = _step_dirs(path / "checkpoints"), path
+        if step is not None and (path / rundir.MODEL_WEIGHTS).exists():
+            steps, run_dir = [(step, path)], rundir.run_of_checkpoint(path)
+        elif rundir.RunDir(path).checkpoints.is_dir():
+            steps, run_dir = _step_dirs(rundir.RunDir(path).checkpoints), path
         else:
-            steps, run_dir = _step_dirs(path), (path.parent if path.name == "checkpoints" else None)
+            steps, run_dir = _step_dirs(path), rundir.run_of_checkpoint(path)
         if not steps:
             raise KeelError(
                 f"average: {str(raw)!r} holds no checkpoints (no step_XXXXXXXX/ with model.safetensors and "
                 "manifest.json)"
             )
         for step, step_dir in steps:
-            file = step_dir / filename
-            if weights == "raw" and (step_dir / "raw.safetensors").exists():
-                file = step_dir / "raw.safetensors"  # ema.checkpoint_weights=ema: model.safetensors holds the EMA
+            file = rundir.checkpoint_weights(step_dir, weights)
             if not file.exists():
                 raise KeelError(
                     f"average: {str(step_dir)!r} has no {filename} (weights={weights!r}); "

@@ -25,6 +25,7 @@ import numpy as np
 
 from keel import rundir
 from keel.diagnose import signals
+from keel.diagnose.clipping import run_clip_harder
 from keel.diagnose.findings import Diagnosis, Finding
 from keel.diagnose.update_ratio import HEALTHY_RATIO, RECORD_TYPE
 from keel.errors import KeelError
@@ -91,6 +92,7 @@ def diagnose_run(run_dir: str | Path, report=lambda message: None) -> tuple[Diag
     gradient_norms(diagnosis, records, context)
     update_ratios(diagnosis, records, context)
     instability_events(diagnosis, records, context)
+    diagnosis.add(run_clip_harder(diagnosis, records.lrs, records.step_numbers, records.norms, config))
     return diagnosis, raw
 
 
@@ -108,11 +110,11 @@ def write_plots(run_dir: str | Path, records: RunRecords, raw: dict[str, Any] | 
         clipped = [bool(r.get("clipped")) for r in records.steps if "grad_norm" in r]
         png = plots.grad_norm_figure(steps, records.norms, clipped, signals.percentile(records.norms, 90),
                                      threshold, run_dir.name or str(run_dir))
-        _write_bytes(run_dir / "grad_norm.png", png)
-        written.append(run_dir / "grad_norm.png")
+        _write_bytes(run_dir / rundir.GRAD_NORM_PLOT, png)
+        written.append(run_dir / rundir.GRAD_NORM_PLOT)
     if records.ratios:
-        _write_bytes(run_dir / "update_ratio.png", plots.update_ratio_figure(records.ratios, run_dir.name))
-        written.append(run_dir / "update_ratio.png")
+        _write_bytes(run_dir / rundir.UPDATE_RATIO_PLOT, plots.update_ratio_figure(records.ratios, run_dir.name))
+        written.append(run_dir / rundir.UPDATE_RATIO_PLOT)
     return written
 
 
@@ -440,7 +442,8 @@ def instability_events(diagnosis: Diagnosis, records: RunRecords, context: dict[
             "check with `keel diagnose --config` which warmup the LR needs",
             {"schedule.warmup": warmup}))
     if sudden:
-        changes = {"clip.mode": "norm", "clip.max_norm": _round(p90)} if p90 else {}
+        clipping = context["config"] is not None and context["config"].clip.mode in ("norm", "percentile")
+        changes = {"clip.mode": "norm", "clip.max_norm": _round(p90)} if p90 and not clipping else {}  # clip_harder
         diagnosis.add(Finding(
             "instability_sudden", "error" if stopped and sudden[-1]["event"] == "stopped" else "warning",
             f"{len(sudden)} instability event(s) mid-run: "

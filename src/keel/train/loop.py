@@ -33,7 +33,7 @@ from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import resolve_steps
-from keel.train import distributed
+from keel.train import devices, distributed
 from keel.train.init import load_initial_weights
 from keel.train.performance import MfuMeter, choose_compile, peak_tflops
 from keel.train.plot import plot_run
@@ -77,7 +77,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KeelError(f"device: '{name}' was asked for but CUDA is not available; allowed here: auto, cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise KeelError(f"device: '{name}' was asked for but this machine has {count} CUDA device"
+                        f"{'s' if count != 1 else ''}; allowed: auto, cpu, cuda, cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def default_run_dir() -> Path:
@@ -108,10 +113,13 @@ class Trainer:
     ):
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        late_workspace = devices.set_cublas_workspace() if config.deterministic else None  # before any CUDA use
         self.dist = distributed.setup(config, resolve_device(config.device))  # one process: no process group
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.config = config = distributed.resolve_for_world(config, self.world_size)  # per-rank batch, LR scaling
         self.quiet = quiet or not self.dist.is_main
+        if late_workspace:
+            self._say(late_workspace)
         self.allow_world_size_change = allow_world_size_change
         self.run_dir = Path(self.dist.broadcast_object(str(run_dir or config.out_dir or default_run_dir())))
         self.dist.on_main(lambda: self._check_run_dir(resume))
@@ -186,6 +194,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` updates are applied (or a callback stops the run); return the summary."""
+        kernels = devices.use_deterministic(self.config.deterministic)  # deterministic: true, for this run
         try:
             with contextlib.ExitStack() as lock:  # rank 0 takes the lock; a second process on this run is refused
                 self.dist.on_main(lambda: lock.enter_context(rundir.RunLock(
@@ -194,6 +203,7 @@ class Trainer:
                     lock.enter_context(cuda_tf32(self.config.tf32))
                 return self._fit()
         finally:
+            devices.restore(kernels)
             self.train_model = self.model  # DDP's reducer goes before the process group it holds
             self.dist.shutdown()
 
@@ -316,7 +326,7 @@ class Trainer:
         """One forward pass of the first training batch in eval mode, without gradients and with every RNG put
         back: a batch of the wrong shape or dtype, or a loss that is not a scalar, fails here as bad input."""
         batch = self.task.train_batch(0, self.rank, self.world_size)
-        rng = _rng_state(self.device)
+        rng = devices.rng_state(self.device)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -333,7 +343,7 @@ class Trainer:
                             f"(got {_describe_batch(batch)})") from None
         finally:
             self.model.train(was_training)
-            _set_rng_state(rng, self.device)
+            devices.set_rng_state(rng, self.device)
         if not isinstance(count, int) or count < 1:
             raise KeelError(f"task {self.config.task!r}: the first batch counts {count!r} loss terms; allowed: an "
                             "int >= 1")
@@ -422,7 +432,7 @@ class Trainer:
         root = self.run_dir / rundir.CHECKPOINTS
         weights = self.dist.model_state_dict(self.model)  # whole, on rank 0 (gathered when sharded)
         optimizer_state = self.dist.optimizer_state_dict(self.model, self.optimizer)
-        ranks = self.dist.checkpoint_payload(_rng_state(self.device))  # world size, every rank's RNG
+        ranks = self.dist.checkpoint_payload(devices.rng_state(self.device))  # world size, every rank's RNG
         if not self.dist.is_main:
             self.dist.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
             return root / name
@@ -433,7 +443,8 @@ class Trainer:
             "precision": self.precision.state_dict(),
             "clipper": self.clipper.state_dict(),
             "spike": self.spike_detector.state_dict() if self.spike_detector is not None else None,
-            "rng": _rng_state(self.device),
+            "rng": devices.rng_state(self.device),
+            "device": str(self.device),  # where it was written (a resume elsewhere says what it moved)
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "metrics_offset": self.metrics.offset(),
             **ranks,
@@ -448,7 +459,7 @@ class Trainer:
         try:
             path = rundir.write_checkpoint(root, state.step, weights, payload, meta, extra)
             if state.best_checkpoint:
-                rundir.atomic_write_text(root / "best", state.best_checkpoint + "\n")
+                rundir.point_best(root, state.best_checkpoint)
             rundir.prune(root, self.config.keep_last, protect={state.best_checkpoint})
         finally:
             self.dist.barrier()
@@ -459,7 +470,7 @@ class Trainer:
         state = self.state
         if not state.best_checkpoint or state.best_step == state.step:
             return
-        weights, _ = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINTS / state.best_checkpoint, self.device)
+        weights, _ = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINTS / state.best_checkpoint, "cpu")
         self.dist.load_model_state_dict(self.model, weights)
         self._say(f"restored the best weights, from {state.best_checkpoint} (step {state.best_step})")
 
@@ -480,12 +491,13 @@ class Trainer:
         return int(payload["metrics_offset"])
 
     def _load_latest(self):
-        return rundir.load_latest(self.run_dir / rundir.CHECKPOINTS, self.device, report=self._say,
+        # Read to the CPU, whatever device wrote it: _load_checkpoint moves what belongs on this run's device.
+        return rundir.load_latest(self.run_dir / rundir.CHECKPOINTS, "cpu", report=self._say,
                                   required=_PAYLOAD_KEYS)
 
     def _load_checkpoint(self, found: Path, weights: dict[str, torch.Tensor], payload: dict[str, Any]):
-        """Apply a loaded checkpoint: weights, optimizer, schedule, precision, clipper, spike detector, callbacks,
-        counters and RNG."""
+        """Apply a checkpoint read on the CPU: weights, optimizer, schedule, precision, clipper, spike detector,
+        callbacks, counters and RNG; the model's and the optimizer's load_state_dict move tensors to the device."""
         self.dist.check_resume(payload, found.name, self.allow_world_size_change)
         try:
             self.dist.load_model_state_dict(self.model, weights)
@@ -494,6 +506,8 @@ class Trainer:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise KeelError(f"--resume: checkpoint {found.name} does not fit this run's model or optimizer "
                             f"({first}); allowed: resume with the config the run was trained with") from None
+        if devices.saved_device(payload).split(":")[0] != self.device.type:
+            self._say(devices.describe_move(found.name, payload, weights, self.device))
         self._load_schedule_state(payload)
         self.precision.load_state_dict(payload["precision"])
         self.clipper.load_state_dict(payload["clipper"])
@@ -508,8 +522,9 @@ class Trainer:
         for key, value in asdict(restored).items():
             setattr(self.state, key, value)  # in place: fit() holds a reference to self.state
         rng = self.dist.rank_rng(payload)  # this rank's own stream (a rank the checkpoint lacked keeps its seed)
-        if rng is not None:
-            _set_rng_state(rng, self.device)
+        note = devices.set_rng_state(rng, self.device) if rng is not None else None
+        if note is not None:
+            self._say(note)
         return payload
 
     def _skip_update(self, loss_value: float, grad_norm: float) -> None:
@@ -572,7 +587,7 @@ class Trainer:
         self.log({"step": self.state.step, "event": "stopped", "skipped": self.state.skipped})
         self.metrics.close()
         if self.dist.is_main:
-            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / "loss.png", self.tokens_per_step,
+            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / rundir.LOSS_PLOT, self.tokens_per_step,
                      title=str(self.run_dir), counted=self._counted)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
         raise TrainingUnstableError(f"{message}; {where}")
@@ -581,7 +596,7 @@ class Trainer:
         self.metrics.close()
         history = self.dist.from_main(lambda: read_metrics(self.run_dir / rundir.METRICS))
         if self.dist.is_main:
-            plot_run(history, self.run_dir / "loss.png", self.tokens_per_step, title=str(self.run_dir),
+            plot_run(history, self.run_dir / rundir.LOSS_PLOT, self.tokens_per_step, title=str(self.run_dir),
                      counted=self._counted)
         train_losses = [r["loss"] for r in history if "grad_norm" in r]
         evals = [r for r in history if "val_loss" in r]
@@ -601,7 +616,7 @@ class Trainer:
             callback.on_run_end(self, summary)
         weights = self.dist.model_state_dict(self.model)
         if self.dist.is_main:
-            write_safetensors(self.run_dir / "model.safetensors", {k: v.detach() for k, v in weights.items()})
+            write_safetensors(self.run_dir / rundir.MODEL_WEIGHTS, {k: v.detach() for k, v in weights.items()})
         summary["history"] = history
         reference = "".join(f" vs {k.replace('_', ' ')} {v:.4f}" for k, v in self.task.reference_metrics().items())
         accuracy = f", val_accuracy {summary['val_accuracy']:.4f}" if "val_accuracy" in summary else ""
@@ -610,7 +625,8 @@ class Trainer:
                   f"{self.state.step} steps ({self.state.examples:,} examples, {self.state.tokens:,} "
                   f"{self._counted}, {self.state.elapsed:.1f} s, "
                   f"{self.state.skipped} skipped){best}")
-        self._say(f"wrote {self.run_dir}/config.yaml, metrics.jsonl, loss.png, model.safetensors, checkpoints/")
+        self._say(f"wrote {self.run_dir}/{rundir.CONFIG}, {rundir.METRICS}, {rundir.LOSS_PLOT}, {rundir.MODEL_WEIGHTS}, "
+                  f"{rundir.CHECKPOINTS}/")
         return summary
 
     def _open_metrics(self, truncate_to: int | None, step: int) -> None:
@@ -622,7 +638,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / rundir.METRICS, truncate_to=truncate_to, step=step, report=self._say,
                                   sinks=sinks)
         if self.config.tensorboard:
-            self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
+            self.metrics.enable_tensorboard(self.run_dir / rundir.TENSORBOARD)
 
     def _agree_with_main(self, improved: bool) -> bool:
         """Rank 0's view of an evaluation's outcome (improved; which callbacks stop) on every rank, so all of them
@@ -667,7 +683,7 @@ class Trainer:
         if resume:
             if not (self.run_dir / rundir.CONFIG).is_file() and not rundir.list_checkpoints(
                     self.run_dir / rundir.CHECKPOINTS):
-                raise KeelError(f"--resume: '{self.run_dir}' is not a keel run directory (no config.yaml and no "
+                raise KeelError(f"--resume: '{self.run_dir}' is not a keel run directory (no {rundir.CONFIG} and no "
                                 "checkpoint)")
         else:
             rundir.check_new_run_dir(self.run_dir)
@@ -731,29 +747,6 @@ def _applied_lr(optimizer: torch.optim.Optimizer, default: float) -> float:
         if group.get("lr_scale", 1.0):
             return float(group["lr"]) / group.get("lr_scale", 1.0)
     return default
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(
