@@ -214,7 +214,7 @@ def test_on_cuda_auto_picks_bf16_tf32_and_mfu_from_the_table(tmp_path, tiny_over
 def test_batches_reach_the_gpu_through_pinned_memory_with_their_values():
     from keel.tasks import move_to_device
 
-    x = torch.arange(300_000).reshape(3, -1)  # 2.4 MB: a pageable copy this large would block the host
+    x = torch.arange(300_000).reshape(3, -1)  # 2.4 MB
     moved = move_to_device({"x": x, "pair": (x, 1)}, torch.device("cuda"))
     assert moved["x"].is_cuda and moved["pair"][1] == 1 and not x.is_pinned()
     assert torch.equal(moved["x"].cpu(), x) and torch.equal(moved["pair"][0].cpu(), x)

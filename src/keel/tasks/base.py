@@ -131,9 +131,9 @@ def _tensors(batch: Any) -> Iterator[torch.Tensor]:
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` (a tensor, or tuples, lists and dicts of them) on ``device``; other values pass through.
 
-    To a CUDA device a CPU tensor goes through pinned memory: the copy is queued behind the GPU's work instead of
-    making the host wait for it (a copy from pageable memory larger than 64 KB blocks until the device has caught
-    up, so the next step's kernels would be launched only once the GPU is idle)."""
+    To a CUDA device a CPU tensor goes through pinned memory, so the copy is queued behind the GPU's work: a copy
+    from pageable memory is staged by the driver and can hold the host until it is done, which delays the launches
+    of the next step's kernels (PyTorch's guide to `non_blocking` and `pin_memory`)."""
     if isinstance(batch, torch.Tensor):
         if device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned():
             batch = batch.pin_memory()
