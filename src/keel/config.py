@@ -267,8 +267,20 @@ class TrainConfig(_Block):
     out_dir: str | None = Field(None, description="Run directory (default: runs/<date>-<time>).")
     grad_accum: int = Field(1, ge=1, le=MAX_GRAD_ACCUM,
                             description="Micro-batches accumulated into one optimizer update (at most 65536).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast dtype for forward passes; weights and optimizer state stay fp32."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype for forward passes; weights and optimizer state stay fp32. 'auto': bf16 "
+        "on a CUDA device with bf16 (A100, H100, ...), fp16 with loss scaling on older CUDA devices, fp32 on the CPU."
+    )
+    tf32: bool = Field(True, description="On CUDA, float32 matrix products run on TF32 tensor cores (Ampere and "
+                       "later; about 2-3x faster, 10 mantissa bits in the inputs); false: full float32.")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the model (and keel's own optimizers' update kernels). 'auto': on CUDA "
+        "when the run is long enough to repay the compile (its estimated eager training time >= 10 minutes; "
+        "docs/performance.md); never on the CPU.",
+    )
+    mfu_peak_tflops: float | None = Field(
+        None, gt=0, description="Peak TFLOP/s that MFU (model FLOPs utilisation, in step records and the progress "
+        "line) is measured against; null: the GPU's dense bf16 peak from keel's table (none on the CPU).",
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
     deterministic: bool = Field(
@@ -347,6 +359,13 @@ class TrainConfig(_Block):
         from keel.tasks import check_task_name
 
         return check_task_name(value)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_choice(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"{value!r} is not a choice; allowed: auto, true, false")
 
     @field_validator("progress_interval")
     @classmethod
@@ -442,7 +461,7 @@ class TrainConfig(_Block):
         estimate = estimate_gpt_training(
             n_layer=self.model.n_layer, n_embd=self.model.n_embd, vocab_size=self.data.vocab_size or 256,
             block_size=block_size, batch_size=self.data.batch_size, grad_accum=self.grad_accum,
-            precision=self.precision, optimizer=optimizer, bias=self.model.bias,
+            precision=self._precision_on(self.device), optimizer=optimizer, bias=self.model.bias,
         )
         device = self.device
         if device == "auto":
@@ -461,6 +480,18 @@ class TrainConfig(_Block):
                     f"model: about {format_bytes(needed)} needed {what}, {format_bytes(available)} available on "
                     f"{where}; allowed: a smaller model.n_layer/n_embd/block_size or data.batch_size/grad_accum"
                 )
+
+    def _precision_on(self, device: str) -> str:
+        """``precision`` with auto resolved for ``device`` (``keel.precision.resolve_precision``)."""
+        if self.precision != "auto":
+            return self.precision
+        import torch
+
+        from keel.precision import resolve_precision
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_precision("auto", device)[0]
 
     def steps_per_epoch(self, train_tokens: int) -> int:
         """Optimizer steps in one epoch of ``train_tokens`` (whole batches of windows, at least 1)."""

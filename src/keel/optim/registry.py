@@ -66,6 +66,14 @@ def positive_int(value: Any) -> str | None:
     return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "an integer >= 1"
 
 
+def integer_in(low: int, high: int) -> Callable[[Any], str | None]:
+    def check_integer(value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return None if ok else f"an integer in [{low}, {high}]"
+
+    return check_integer
+
+
 def length(value: Any) -> str | None:
     """A length of at least one step in keel's time units; only its syntax is checked (the run length may be unknown)."""
     problem = f"a length of at least 1 step: {SYNTAX}"

@@ -26,7 +26,8 @@ from keel import optim, rundir, schedules, tasks
 from keel.config import TrainConfig, dump_config
 from keel.errors import KeelError
 from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
-from keel.precision import Precision
+from keel.optim.multi_tensor import follow_compile_choice
+from keel.precision import Precision, cuda_tf32
 from keel.rundir.metrics import MetricsLog, decode_line, read_metrics
 from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
@@ -34,6 +35,7 @@ from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import resolve_steps
 from keel.train import devices, distributed
 from keel.train.init import load_initial_weights
+from keel.train.performance import MfuMeter, choose_compile, peak_tflops
 from keel.train.plot import plot_run
 from keel.train.resume_policy import build_schedule, resume_schedule
 
@@ -154,6 +156,13 @@ class Trainer:
         self._last_eval: dict[str, Any] = {}
         self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
         self._check_first_batch()
+        self.peak_tflops = peak_tflops(self.device, config.mfu_peak_tflops)  # for MFU; None: unknown
+        self.compiled, self._compile_reason = choose_compile(
+            config.compile, self.device, self.task.flops_per_token(self.model), self.tokens_per_step,
+            config.max_steps, self.peak_tflops)
+        if self.compiled:  # the forward pass compiled; self.model (checkpoints, evaluation) stays the module itself
+            self.train_model = torch.compile(self.train_model)
+        follow_compile_choice(self.optimizer, config.compile)  # true/false also decide keel's update kernels
         self._config_text = dump_config(config)
         self.step_metrics: dict[str, Any] = {}  # callbacks' keys for the next step record (e.g. seq_len)
 
@@ -190,6 +199,8 @@ class Trainer:
             with contextlib.ExitStack() as lock:  # rank 0 takes the lock; a second process on this run is refused
                 self.dist.on_main(lambda: lock.enter_context(rundir.RunLock(
                     rundir.prepare_run_dir(self.run_dir, self._resume), report=self._say)))
+                if self.device.type == "cuda":  # TF32 matmuls for float32 work (tf32), restored afterwards
+                    lock.enter_context(cuda_tf32(self.config.tf32))
                 return self._fit()
         finally:
             devices.restore(kernels)
@@ -209,6 +220,7 @@ class Trainer:
         self._say(f"task: {config.task}; model: {sum(p.numel() for p in model.parameters()):,} parameters; "
                   f"{self.tokens_per_step:,} {self._counted} per step; "
                   f"run directory: {self.run_dir}")
+        self._say(self._describe_speed())
         for line in self._describe_ranks():
             self._say(line)
         for callback in self.callbacks:
@@ -223,8 +235,10 @@ class Trainer:
                              unit=f"{self._counted}/s")
         started, tokens_at_start = time.perf_counter(), state.tokens
         elapsed_at_start = state.elapsed
+        meter, mfu = MfuMeter(self.peak_tflops, self.world_size), None
 
         while state.step < config.max_steps and not any(cb.should_stop for cb in self.callbacks):
+            meter.start_step()
             lr = self.schedule(state.step) * state.lr_multiplier * self.lr_factor
             schedules.set_lr(optimizer, lr)
             for callback in self.callbacks:
@@ -272,19 +286,24 @@ class Trainer:
 
             tokens_before = state.tokens
             state.advance(n_examples, n_targets)
+            meter.end_step(n_targets)
             state.elapsed = elapsed_at_start + time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_step_end(self)
             if (state.step - 1) % config.log_interval == 0 or state.step == config.max_steps:
+                if meter.peak is not None:  # MFU of the steps since the last record (known peak and FLOPs)
+                    mfu = meter.read(task.flops_per_token(self.model, micro_batches[0]))
                 self.log({"step": state.step - 1, "tokens": tokens_before, "lr": lr, "loss": loss_value,
                           "grad_norm": clip.norm, "clipped": clip.clipped, "skipped": state.skipped,
-                          "time": round(state.elapsed, 4), **task.step_metrics(micro_batches), **self.step_metrics})
+                          "time": round(state.elapsed, 4), **({"mfu": round(mfu, 4)} if mfu is not None else {}),
+                          **task.step_metrics(micro_batches), **self.step_metrics})
             if not bar.disable or progress.enabled:
                 speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}",
+                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}), refresh=False)
                 bar.update(1)
                 progress.maybe_print(state, config.max_steps, loss_value, lr, speed,
-                                     state.elapsed - elapsed_at_start)
+                                     state.elapsed - elapsed_at_start, mfu)
 
             last = state.step == config.max_steps or any(cb.should_stop for cb in self.callbacks)
             improved = False
@@ -631,6 +650,17 @@ class Trainer:
             callback.should_stop = stop
         return improved
 
+    def _describe_speed(self) -> str:
+        """The start line saying what was chosen for speed: device, precision, TF32, compile, the MFU peak."""
+        cuda = self.device.type == "cuda"
+        device = f"{self.device} ({torch.cuda.get_device_name(self.device)})" if cuda else str(self.device)
+        precision = self.precision.mode + ("" if self.precision.reason == "given" else f" ({self.precision.reason})")
+        tf32 = f"; TF32 matmuls {'on' if self.config.tf32 else 'off (tf32: false)'}" if cuda else ""
+        compiled = f"compile {'on' if self.compiled else 'off'} ({self._compile_reason})"
+        peak = "MFU not measured (no peak known: set mfu_peak_tflops)" if self.peak_tflops is None else \
+            f"MFU against {self.peak_tflops:g} TFLOP/s"
+        return f"speed: {device}; precision {precision}{tf32}; {compiled}; {peak}"
+
     def _describe_ranks(self) -> list[str]:
         """Start lines for data parallelism and LR scaling (none for one process without scaling)."""
         config, lines = self.config, []
@@ -674,7 +704,7 @@ class _Progress:
         self._last = time.perf_counter()
 
     def maybe_print(self, state: TrainState, max_steps: int, loss: float, lr: float, speed: float,
-                    elapsed: float) -> None:
+                    elapsed: float, mfu: float | None = None) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -684,7 +714,8 @@ class _Progress:
         self._last = now
         rate = state.step / max(elapsed, 1e-9)
         eta = (max_steps - state.step) / rate if state.step else math.nan
-        print(f"step {state.step}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {speed:,.0f} {self.unit} | "
+        shown = f" | MFU {mfu:.1%}" if mfu is not None else ""
+        print(f"step {state.step}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {speed:,.0f} {self.unit}{shown} | "
               f"ETA {_duration(eta)}", flush=True)
 
 
