@@ -302,7 +302,8 @@ class TrainConfig(_Block):
         "schedule keeps the planned length; after it the LR stays at its final value) or 'new_decay' (from the "
         "resume point a cosine decay from the current LR to the schedule's final LR over the new length).",
     )
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
+    keep_last: int = Field(5, ge=1, description="Checkpoints kept besides the best by validation loss (5: `keel "
+                           "average RUN --last 5` works on a default run; average.last raises it).")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
     progress_interval: int | str = Field(

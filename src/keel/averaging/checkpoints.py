@@ -30,12 +30,25 @@ _CHUNK_BYTES = 1 << 20  # read slice: small enough to stay in cache between the 
 PathLike = str | os.PathLike
 
 
+#: The default of ``weights``: what each checkpoint holds as its weights (``model.safetensors``).
+CHECKPOINT_WEIGHTS = "model"
+
+
 def _weights_file(weights: str) -> str:
-    if weights == "raw":
+    if weights in (CHECKPOINT_WEIGHTS, "raw"):
         return "model.safetensors"
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", weights):
-        raise KeelError(f"weights: {weights!r} is not a weights name; allowed: raw, ema, polyak, swa, ...")
+        raise KeelError(f"weights: {weights!r} is not a weights name; allowed: model, raw, ema, polyak, swa, ...")
     return f"{weights}.safetensors"
+
+
+def checkpoint_weights_file(step_dir: Path, weights: str = CHECKPOINT_WEIGHTS) -> Path:
+    """The file of a checkpoint directory that holds ``weights``: ``model`` its ``model.safetensors`` (the raw
+    weights, or the EMA under ``ema.checkpoint_weights: ema``), ``raw`` the trained weights (``raw.safetensors``
+    where ``model.safetensors`` holds the EMA), ``ema``/``polyak``/``swa`` the average saved beside them."""
+    if weights == "raw" and (step_dir / "raw.safetensors").is_file():
+        return step_dir / "raw.safetensors"
+    return step_dir / _weights_file(weights)
 
 
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
@@ -64,13 +77,13 @@ def resolve_checkpoints(
     best: int | None = None,
     metric: str = "val_loss",
     mode: str = "min",
-    weights: str = "raw",
+    weights: str = CHECKPOINT_WEIGHTS,
 ) -> list[Path]:
     """The weight files named by `inputs`, oldest first.
 
-    Each input is a `.safetensors` file, a keel checkpoint directory (step_XXXXXXXX, whose raw weights
-    `model.safetensors`, or `raw.safetensors` where the checkpoint holds EMA weights, or `<weights>.safetensors` is
-    taken), a run's `checkpoints/` folder, or a run directory (all its checkpoints).
+    Each input is a `.safetensors` file, a keel checkpoint directory (step_XXXXXXXX: the file of `weights` in it,
+    see `checkpoint_weights_file`; by default its `model.safetensors`, what the checkpoint holds), a run's
+    `checkpoints/` folder, or a run directory (all its checkpoints).
     `last=N` keeps the newest N; `best=k` keeps the k with the best `metric` in the run's metrics.jsonl
     (lowest for mode "min"), in step order.
     """
@@ -103,13 +116,11 @@ def resolve_checkpoints(
                 "manifest.json)"
             )
         for step, step_dir in steps:
-            file = step_dir / filename
-            if weights == "raw" and (step_dir / "raw.safetensors").exists():
-                file = step_dir / "raw.safetensors"  # ema.checkpoint_weights=ema: model.safetensors holds the EMA
+            file = checkpoint_weights_file(step_dir, weights)
             if not file.exists():
                 raise KeelError(
                     f"average: {str(step_dir)!r} has no {filename} (weights={weights!r}); "
-                    f"enable that average in training or use weights='raw'"
+                    f"enable that average in training or use weights='model'"
                 )
             entries.append((file, step, run_dir))
     if not entries:
@@ -140,7 +151,9 @@ def resolve_checkpoints(
                 raise KeelError(f"last: {last!r} is not positive")
             if last > len(files):
                 raise KeelError(f"last: {last} checkpoints asked for, but only {len(files)} exist in "
-                                f"{', '.join(repr(str(p)) for p in inputs)}; allowed: --last {len(files)} or fewer")
+                                f"{', '.join(repr(str(p)) for p in inputs)}; allowed: --last {len(files)} or fewer "
+                                f"(a run keeps its last keep_last checkpoints and the best: train with keep_last: "
+                                f"{last} or average.last: {last} to keep {last})")
             files = files[-last:]
     checkpoint_files = {file for file, step, _ in entries if step is not None}
     for file in files:
@@ -250,7 +263,7 @@ def _average(inputs, *, weights, prefix, dtype, last=None, best=None, metric="va
 def average_checkpoints(
     paths: Sequence[PathLike],
     *,
-    weights: str = "raw",
+    weights: str = CHECKPOINT_WEIGHTS,
     prefix: str | None = None,
     dtype: str | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -275,7 +288,7 @@ def average_checkpoints_to_file(
     best: int | None = None,
     metric: str = "val_loss",
     mode: str = "min",
-    weights: str = "raw",
+    weights: str = CHECKPOINT_WEIGHTS,
     prefix: str | None = None,
     dtype: str | None = None,
 ) -> dict:

@@ -19,8 +19,10 @@ def add_parser(subparsers) -> None:
         "directories (their newest checkpoint) or a run's snapshots/ folder (every snapshot in it).",
     )
     parser.add_argument("members", nargs="+", metavar="MEMBER", help="weights files, checkpoints, runs, snapshots/")
-    parser.add_argument("--weights", default="raw", metavar="NAME",
-                        help="for checkpoints and runs: raw (model.safetensors) or ema, polyak, swa")
+    parser.add_argument("--weights", default="model", metavar="NAME",
+                        help="for checkpoints and runs: model (each checkpoint's model.safetensors, what it holds: the "
+                        "EMA under ema.checkpoint_weights: ema; default), raw (the trained weights), or a saved "
+                        "average: ema, polyak, swa")
     parser.add_argument("--config", metavar="FILE", help="run config (default: each member's run config.yaml)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -31,12 +33,10 @@ def resolve_members(members: list[str], weights: str) -> list[Path]:
     """The weights file of each member; a snapshots folder expands to its snapshots, a run to its newest intact
     checkpoint (newer corrupt ones are reported on stderr and passed over)."""
     from keel import rundir
-    from keel.averaging.checkpoints import _weights_file
+    from keel.averaging.checkpoints import checkpoint_weights_file
 
     def weights_file(step_dir: Path) -> Path:
-        if weights == "raw" and (step_dir / "raw.safetensors").is_file():
-            return step_dir / "raw.safetensors"  # ema.checkpoint_weights=ema: model.safetensors holds the EMA
-        return step_dir / _weights_file(weights)
+        return checkpoint_weights_file(step_dir, weights)
 
     def report(message: str) -> None:
         print(message, file=sys.stderr)

@@ -32,7 +32,7 @@ from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import resolve_steps
-from keel.train import distributed
+from keel.train import distributed, export
 from keel.train.init import load_initial_weights
 from keel.train.plot import plot_run
 from keel.train.resume_policy import build_schedule, resume_schedule
@@ -145,6 +145,8 @@ class Trainer:
         self._resume = resume
         self._last_eval: dict[str, Any] = {}
         self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
+        self.export = export.ExportRequest()  # which weights model.safetensors gets (callbacks may ask for others)
+        self.keep_last = config.keep_last  # checkpoints kept besides the best (callbacks may raise it: keep_at_least)
         self._check_first_batch()
         self._config_text = dump_config(config)
         self.step_metrics: dict[str, Any] = {}  # callbacks' keys for the next step record (e.g. seq_len)
@@ -166,6 +168,10 @@ class Trainer:
     def resolve_length(self, value: int | str, name: str) -> int:
         """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run."""
         return resolve_steps(value, name=name, **self.lengths)
+
+    def keep_at_least(self, count: int) -> None:
+        """Keep at least the newest ``count`` checkpoints (e.g. for averaging them at the end)."""
+        self.keep_last = max(self.keep_last, count)
 
     def track_best(self, metric: str, mode: str, min_delta: float = 0.0) -> None:
         """Track the best evaluation by ``metric`` (``min`` or ``max``, improving by more than ``min_delta``)
@@ -430,7 +436,7 @@ class Trainer:
             path = rundir.write_checkpoint(root, state.step, weights, payload, meta, extra)
             if state.best_checkpoint:
                 rundir.atomic_write_text(root / "best", state.best_checkpoint + "\n")
-            rundir.prune(root, self.config.keep_last, protect={state.best_checkpoint})
+            rundir.prune(root, self.keep_last, protect={state.best_checkpoint})
         finally:
             self.dist.barrier()
         return path
@@ -580,6 +586,7 @@ class Trainer:
         }
         for callback in self.callbacks:
             callback.on_run_end(self, summary)
+        exported = export.finish(self, summary, evals)
         weights = self.dist.model_state_dict(self.model)
         if self.dist.is_main:
             write_safetensors(self.run_dir / "model.safetensors", {k: v.detach() for k, v in weights.items()})
@@ -587,10 +594,13 @@ class Trainer:
         reference = "".join(f" vs {k.replace('_', ' ')} {v:.4f}" for k, v in self.task.reference_metrics().items())
         accuracy = f", val_accuracy {summary['val_accuracy']:.4f}" if "val_accuracy" in summary else ""
         best = f"; best step {summary['best_step']}" if "best_step" in summary else ""
-        self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f}{reference}{accuracy} after "
+        self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f}{reference}{accuracy}{exported} after "
                   f"{self.state.step} steps ({self.state.examples:,} examples, {self.state.tokens:,} "
                   f"{self._counted}, {self.state.elapsed:.1f} s, "
                   f"{self.state.skipped} skipped){best}")
+        if "last" in summary:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["last"].items() if k != "step")
+            self._say(f"  last evaluation (step {summary['last']['step']}): {shown}")
         self._say(f"wrote {self.run_dir}/config.yaml, metrics.jsonl, loss.png, model.safetensors, checkpoints/")
         return summary
 

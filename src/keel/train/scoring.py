@@ -80,12 +80,22 @@ class ValidationScorer:
         return float(-self.log_probs(weights).mean())
 
 
-def scorer_for(inputs: list[Path], config: str | Path | None, device: str) -> ValidationScorer:
-    """A scorer from `config`, or from the run config.yaml found beside the first input."""
+def scorer_for(inputs: list[Path], config: str | Path | None, device: str, option: str = "--config") -> ValidationScorer:
+    """A scorer from `config`, or from the run config.yaml found beside the first input. A run trained through the
+    Python API (``task: python``) cannot be rebuilt: a KeelError naming ``option`` says so before anything is built."""
+    from keel.config import read_yaml
+    from keel.tasks import PYTHON_TASK
+
     path = Path(config) if config is not None else find_run_config(inputs[0])
     if path is None:
         raise KeelError(
             f"--config: none given and no config.yaml found beside {str(inputs[0])!r}; "
             "allowed: --config RUN_DIR/config.yaml"
+        )
+    if read_yaml(path).get("task") == PYTHON_TASK:
+        raise KeelError(
+            f"{option}: the run of {str(path)!r} was trained through the Python API (task: python), so keel cannot "
+            "rebuild its model and data to score weights; allowed: without --eval (then load the averaged file into "
+            "your model in Python), or --config naming a task keel builds (lm, digits or package.module:factory)"
         )
     return ValidationScorer.from_config_file(path, device=device)
