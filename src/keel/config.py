@@ -243,11 +243,12 @@ class TrainConfig(_Block):
         "digits, a small CNN), or 'package.module:factory' returning a keel Task.",
     )
     task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task's factory.")
-    recipe: Literal["baseline", "fast"] | None = Field(
+    recipe: Literal["baseline", "gpt-loop", "fast"] | None = Field(
         None, description="A named recipe that fills in optimizer, schedule, clipping and techniques (keys the "
         "config gives win, key by key): 'fast' (Muon + warmup-stable-decay + sequence-length warmup, the measured "
-        "winner of benchmarks/bench_recipes.py; docs/recipes.md) or 'baseline' (AdamW, warmup, cosine to a tenth "
-        "of the peak, clipping at 1.0). null: fast for task lm, baseline for other tasks.",
+        "winner of benchmarks/bench_recipes.py; docs/recipes.md), 'baseline' (AdamW, warmup from 0, cosine to a "
+        "tenth of the peak, clipping at 1.0) or 'gpt-loop' (the GPT training loop exactly: warmup from 3e-5, cosine "
+        "to 1e-6, clipping from the end of warmup). null: fast for task lm, baseline for other tasks.",
     )
     init_from: str | None = Field(
         None, description="Start from pretrained weights: a keel run directory (its best, else newest, checkpoint), "

@@ -26,6 +26,7 @@ from keel import optim, rundir, schedules, tasks
 from keel.config import TrainConfig, dump_config
 from keel.errors import KeelError
 from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
+from keel.optim.unfreezing import unfreeze_callbacks
 from keel.precision import Precision
 from keel.rundir.metrics import MetricsLog, decode_line, read_metrics
 from keel.safetensors_io import write_safetensors
@@ -138,7 +139,7 @@ class Trainer:
         spike = config.spike
         self.spike_detector = LossSpikeDetector(spike.window, spike.factor, spike.min_history, spike.min_rise) \
             if spike.enabled else None
-        self.callbacks = [*make_callbacks(config), *callbacks]
+        self.callbacks = [*make_callbacks(config), *unfreeze_callbacks(self.optimizer, self.world_size), *callbacks]
         check_unique_names(self.callbacks)
         self.state = TrainState(schedule_steps=config.max_steps)
         self.restored_from: Path | None = None

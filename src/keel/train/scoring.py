@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from keel.averaging.ensemble import target_log_probs
+from keel.averaging.ensemble import Predictions, predictions
 from keel.errors import KeelError
 from keel.safetensors_io import SafetensorsReader
 
@@ -69,11 +69,15 @@ class ValidationScorer:
             raise KeelError(f"weights do not fit the run's model: {' '.join(first[:3])}") from None
         return self._model
 
-    def log_probs(self, weights: dict[str, torch.Tensor] | str | Path) -> torch.Tensor:
-        """log p(target) of every validation target under `weights` (the task's ``target_log_probs``)."""
+    def predictions(self, weights: dict[str, torch.Tensor] | str | Path) -> Predictions:
+        """log p(target) of every validation target under `weights`, and a classifier's distributions."""
         model = self.model(weights)
-        return target_log_probs(model, self.batches, device=self.device, autocast=self.precision.autocast,
-                                forward=self.task.logits)
+        return predictions(model, self.batches, device=self.device, autocast=self.precision.autocast,
+                           forward=self.task.logits)
+
+    def log_probs(self, weights: dict[str, torch.Tensor] | str | Path) -> torch.Tensor:
+        """log p(target) of every validation target under `weights`."""
+        return self.predictions(weights).log_probs
 
     def loss(self, weights: dict[str, torch.Tensor] | str | Path) -> float:
         """Mean validation cross-entropy (nats per target) of `weights`."""
