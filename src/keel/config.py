@@ -303,6 +303,11 @@ class TrainConfig(_Block):
         "schedule keeps the planned length; after it the LR stays at its final value) or 'new_decay' (from the "
         "resume point a cosine decay from the current LR to the schedule's final LR over the new length).",
     )
+    restarts: int = Field(
+        0, ge=0, le=1000, description="When the run diverges (stopped for non-finite updates or a loss spike it "
+        "cannot roll back), start it again with seed + 1, up to this many times; each failed attempt moves to "
+        "restarts/attempt_<k>_seed_<seed>/ in the run directory (docs/stability.md).",
+    )
     keep_last: int = Field(5, ge=1, description="Checkpoints kept besides the best by validation loss (5: `keel "
                            "average RUN --last 5` works on a default run; average.last raises it).")
     sample: SampleConfig = Field(default_factory=SampleConfig)

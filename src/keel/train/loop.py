@@ -33,7 +33,7 @@ from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import resolve_steps
-from keel.train import distributed, export
+from keel.train import distributed, export, restarts
 from keel.train.init import load_initial_weights
 from keel.train.plot import plot_run
 from keel.train.resume_policy import build_schedule, resume_schedule
@@ -563,7 +563,9 @@ class Trainer:
             plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / "loss.png", self.tokens_per_step,
                      title=str(self.run_dir), counted=self._counted)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
-        raise TrainingUnstableError(f"{message}; {where}")
+        restart = "" if self.config.restarts else ("; to start a diverged run again with a new seed, set restarts: N "
+                                                    "(docs/stability.md)")
+        raise TrainingUnstableError(f"{message}; {where}{restart}")
 
     def _finish(self) -> dict[str, Any]:
         self.metrics.close()
@@ -768,5 +770,15 @@ def train(
         raise KeelError("train: train_data, val_data and loss_fn go with model=; allowed: model=... too, or a task")
     if task is not None and config.task == "lm":
         config = config.model_copy(update={"task": "python"})
-    return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
-                   allow_world_size_change=allow_world_size_change).fit()
+    if not config.restarts:
+        return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
+                       allow_world_size_change=allow_world_size_change).fit()
+    initial = restarts.initial_weights(task)  # a model built before train(): each attempt starts from its weights
+
+    def attempt(config: TrainConfig, resume: bool) -> dict[str, Any]:
+        restarts.restore(task, initial)
+        return Trainer(config, callbacks, run_dir=where, resume=resume, quiet=quiet, task=task,
+                       allow_world_size_change=allow_world_size_change).fit()
+
+    where = Path(run_dir or config.out_dir or default_run_dir())
+    return restarts.fit(config, attempt, where, resume, say=(lambda _: None) if quiet else print)
