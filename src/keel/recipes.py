@@ -1,4 +1,4 @@
-"""Named recipes: ``recipe: baseline``, ``gpt-loop`` and ``fast`` in a run config fill in the keys of a recipe.
+"""Named recipes: ``recipe: baseline``, ``recipe: gpt-loop`` and ``recipe: fast`` fill in the keys of a recipe.
 
 Without ``recipe:``, a language model (task ``lm``) trains with ``fast``, every other task with ``baseline``
 (``default_recipe``).

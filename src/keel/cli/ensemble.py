@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if classifier:
         accuracy = ensemble_accuracy(probs, targets)
         result.update(ensemble_val_accuracy=accuracy, best_member_val_accuracy=max(accuracies),
+                      mean_member_val_accuracy=sum(accuracies) / len(accuracies),
                       accuracy_gain=accuracy - max(accuracies))
     if args.json:
         print(json.dumps(result, indent=1))
@@ -119,5 +120,6 @@ def run(args: argparse.Namespace) -> int:
           f"nats/{'example' if classifier else 'token'} ({result['tokens']:,} {'examples' if classifier else 'tokens'})")
     if classifier:
         print(f"ensemble val_accuracy {result['ensemble_val_accuracy']:.4f} (argmax of the mean distribution); best "
-              f"member {result['best_member_val_accuracy']:.4f}; gain {result['accuracy_gain']:+.4f}")
+              f"member {result['best_member_val_accuracy']:.4f}; mean member {result['mean_member_val_accuracy']:.4f}; "
+              f"gain over the best member {result['accuracy_gain']:+.4f}")
     return 0
