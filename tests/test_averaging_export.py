@@ -132,3 +132,13 @@ def test_early_stopping_exports_the_weights_it_names_and_reports_them(tmp_path, 
     assert "train_eval_loss" not in result or name == "raw"  # the averages are scored on the validation split only
     assert result["last"]["step"] == last and result["last"]["val_loss"] == evals[last]["val_loss"]
     assert f"final val_loss {sets[name]:.4f}" in out
+
+
+def test_an_ema_that_never_started_leaves_the_raw_weights_exported(tmp_path, capsys):
+    run = tmp_path / "r"
+    config = load_config(None, DIGITS + ["max_steps=10", "ema.enabled=true", "ema.start=50",
+                                         "ema.checkpoint_weights=ema", f"out_dir={run}"])
+    result = train(config)
+    assert "ema weights: " in capsys.readouterr().out and result["weights"] == "raw"
+    assert same(load_file(str(run / "model.safetensors")), load_file(str(run / "checkpoints" / "step_00000010" /
+                                                                          "model.safetensors")))

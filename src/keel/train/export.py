@@ -144,16 +144,17 @@ def finish(trainer, summary: dict[str, Any], evals: list[dict[str, Any]]) -> str
     sets = [cb.name for cb in trainer.callbacks if getattr(cb, "weight_set", False)]
     root = trainer.run_dir / rundir.CHECKPOINTS
     last_step = trainer.state.step
-    choice = choose(trainer.export, evals, sets, last_step, lambda s: root / rundir.step_dir_name(s))
+    choice = trainer.dist.from_main(  # rank 0's view of the checkpoints decides for every rank
+        lambda: choose(trainer.export, evals, sets, last_step, lambda s: root / rundir.step_dir_name(s)))
+    step_dir = root / rundir.step_dir_name(choice.step)
+    if choice.weights != RAW and not trainer.dist.from_main(checkpoint_file(step_dir, choice.weights).is_file):
+        # e.g. an average that had not started by then: the checkpoint holds the raw weights alone
+        trainer.say(f"{choice.weights} weights: {step_dir} holds none; exporting its raw weights")
+        choice = replace(choice, weights=RAW)
     if (choice.weights, choice.step) != (RAW, last_step):
-        file = checkpoint_file(root / rundir.step_dir_name(choice.step), choice.weights)
-        if not file.is_file():  # e.g. an average that never started: its checkpoints hold the raw weights
-            trainer.say(f"{choice.weights} weights: {file} does not exist; exporting the raw weights")
-            choice = replace(choice, weights=RAW, step=last_step)
-        else:
-            with SafetensorsReader(file) as reader:
-                weights = {name: reader.read(name) for name in reader.tensors}
-            trainer.dist.load_model_state_dict(trainer.model, weights)
+        with SafetensorsReader(checkpoint_file(step_dir, choice.weights)) as reader:
+            weights = {name: reader.read(name) for name in reader.tensors}
+        trainer.dist.load_model_state_dict(trainer.model, weights)
     describe(summary, choice, sets, evals[-1] if evals else None)
     if len(choice.scored) > 1:
         metric, best = choice.metric, best_of(choice.scored, trainer.export.mode)
