@@ -78,12 +78,12 @@ class AveragingCallback(Callback):
     def on_checkpoint(self, trainer, ckpt_dir: Path) -> None:
         if self.config.save and self.unit.num_updates > 0:
             self.prepare(trainer)
-            self.unit.export(ckpt_dir / f"{self.name}.safetensors", metadata={"step": str(trainer.state.step)})
+            self.unit.export(ckpt_dir / rundir.weights_name(self.name), metadata={"step": str(trainer.state.step)})
 
     # ---- state -------------------------------------------------------------------------------------------------
     def _shadow_file(self) -> str | None:
         """The checkpoint file holding the shadow bit for bit, if this callback writes one."""
-        return f"{self.name}.safetensors" if self.config.save else None
+        return rundir.weights_name(self.name) if self.config.save else None
 
     def state_dict(self) -> dict[str, Any]:
         if self.unit is None:
@@ -140,24 +140,24 @@ class EMACallback(AveragingCallback):
         )
 
     def _shadow_file(self) -> str | None:
-        return "ema.safetensors" if (self.config.save or self.config.checkpoint_weights == "ema") else None
+        return rundir.weights_name("ema") if (self.config.save or self.config.checkpoint_weights == "ema") else None
 
     def on_checkpoint(self, trainer, ckpt_dir: Path) -> None:
         if self.unit.num_updates == 0:
             return
         if self._shadow_file() is not None:
-            self.unit.export(ckpt_dir / "ema.safetensors", metadata={"step": str(trainer.state.step)})
+            self.unit.export(ckpt_dir / rundir.weights_name("ema"), metadata={"step": str(trainer.state.step)})
         if self.config.checkpoint_weights == "ema":
             # OpenNMT-tf: the checkpoint's weights are the averaged ones; the raw ones stay beside them for resume.
             raw = {k: v.detach() for k, v in trainer.model.state_dict().items()}
-            write_safetensors(ckpt_dir / "raw.safetensors", raw)
+            write_safetensors(ckpt_dir / rundir.RAW_WEIGHTS, raw)
             averaged = self.unit.averaged_state_dict()
-            write_safetensors(ckpt_dir / "model.safetensors", averaged, dtypes={k: v.dtype for k, v in raw.items()})
+            write_safetensors(ckpt_dir / rundir.MODEL_WEIGHTS, averaged, dtypes={k: v.dtype for k, v in raw.items()})
 
     def _restore(self, trainer, state: dict[str, Any]) -> None:
         super()._restore(trainer, state)
         if self.config.checkpoint_weights == "ema" and state.get("num_updates", 0) > 0:
-            path = trainer.restored_from / "raw.safetensors"
+            path = trainer.restored_from / rundir.RAW_WEIGHTS
             if not path.is_file():
                 raise KeelError(f"ema: resume needs the raw weights {str(path)!r}, which are missing")
             targets = model_tensors(trainer.model)
@@ -239,20 +239,16 @@ class SnapshotCallback(Callback):
         step = trainer.state.step
         if step not in self.ends or trainer.rank != 0:  # several ranks: rank 0 alone writes
             return
-        folder = trainer.run_dir / "snapshots"
+        folder = rundir.RunDir(trainer.run_dir).snapshots
         folder.mkdir(exist_ok=True)
         index = sorted(self.ends).index(step)
         tensors = {k: v.detach() for k, v in trainer.model.state_dict().items()}
-        write_safetensors(folder / f"{rundir.step_dir_name(step)}.safetensors", tensors,
+        write_safetensors(folder / rundir.snapshot_name(step), tensors,
                           metadata={"format": "pt", "keel_snapshot": str(index), "step": str(step)})
         if self.config.keep is not None:
             existing = rundir.list_snapshots(folder)
             for old in existing[: max(0, len(existing) - self.config.keep)]:
                 old.unlink()
-
-
-#: The file ``average.last`` writes in the run directory, beside ``model.safetensors``.
-AVERAGED_FILE = "averaged.safetensors"
 
 
 class CheckpointAverageCallback(Callback):
@@ -271,7 +267,8 @@ class CheckpointAverageCallback(Callback):
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
         from keel.averaging.checkpoints import average_checkpoints_to_file, resolve_checkpoints
 
-        root, out, wanted = trainer.run_dir / rundir.CHECKPOINTS, trainer.run_dir / AVERAGED_FILE, self.config.last
+        run = rundir.RunDir(trainer.run_dir)
+        root, out, wanted = run.checkpoints, run.averaged_weights, self.config.last
 
         def average() -> list[int] | None:  # on rank 0: the steps averaged, or None when fewer than 2 exist
             count = min(wanted, len(rundir.list_checkpoints(root)))
@@ -291,7 +288,7 @@ class CheckpointAverageCallback(Callback):
         metrics = trainer.evaluate()
         trainer.dist.load_model_state_dict(trainer.model, kept)
         summary["average"] = {"last": len(steps), "steps": steps, "weights": self.config.weights,
-                              "file": AVERAGED_FILE, **metrics}
+                              "file": out.name, **metrics}
         fewer = f" (of {wanted} asked for)" if len(steps) < wanted else ""
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         trainer.say(f"average of the last {len(steps)} checkpoints{fewer} (steps {', '.join(map(str, steps))}; "

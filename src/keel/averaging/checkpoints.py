@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,25 +29,8 @@ _CHUNK_BYTES = 1 << 20  # read slice: small enough to stay in cache between the 
 PathLike = str | os.PathLike
 
 
-#: The default of ``weights``: what each checkpoint holds as its weights (``model.safetensors``).
+#: The default of ``weights``: what each checkpoint holds as its weights (its model.safetensors; rundir.checkpoint_weights).
 CHECKPOINT_WEIGHTS = "model"
-
-
-def _weights_file(weights: str) -> str:
-    if weights in (CHECKPOINT_WEIGHTS, "raw"):
-        return "model.safetensors"
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", weights):
-        raise KeelError(f"weights: {weights!r} is not a weights name; allowed: model, raw, ema, polyak, swa, ...")
-    return f"{weights}.safetensors"
-
-
-def checkpoint_weights_file(step_dir: Path, weights: str = CHECKPOINT_WEIGHTS) -> Path:
-    """The file of a checkpoint directory that holds ``weights``: ``model`` its ``model.safetensors`` (the raw
-    weights, or the EMA under ``ema.checkpoint_weights: ema``), ``raw`` the trained weights (``raw.safetensors``
-    where ``model.safetensors`` holds the EMA), ``ema``/``polyak``/``swa`` the average saved beside them."""
-    if weights == "raw" and (step_dir / "raw.safetensors").is_file():
-        return step_dir / "raw.safetensors"
-    return step_dir / _weights_file(weights)
 
 
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
@@ -82,7 +64,7 @@ def resolve_checkpoints(
     """The weight files named by `inputs`, oldest first.
 
     Each input is a `.safetensors` file, a keel checkpoint directory (step_XXXXXXXX: the file of `weights` in it,
-    see `checkpoint_weights_file`; by default its `model.safetensors`, what the checkpoint holds), a run's
+    see `keel.rundir.checkpoint_weights`; by default its `model.safetensors`, what the checkpoint holds), a run's
     `checkpoints/` folder, or a run directory (all its checkpoints).
     `last=N` keeps the newest N; `best=k` keeps the k with the best `metric` in the run's metrics.jsonl
     (lowest for mode "min"), in step order.
@@ -91,7 +73,7 @@ def resolve_checkpoints(
         raise KeelError("average: --last and --best are both given; allowed: one of them")
     if mode not in ("min", "max"):
         raise KeelError(f"mode: {mode!r} is not a mode; allowed: min, max")
-    filename = _weights_file(weights)
+    filename = rundir.weights_name(weights)
     entries: list[tuple[Path, int | None, Path | None]] = []  # (file, step, run_dir)
     for raw in inputs:
         path = Path(raw)
@@ -103,20 +85,19 @@ def resolve_checkpoints(
                 f"average: {str(raw)!r} does not exist; allowed: .safetensors files, checkpoint or run directories"
             )
         step = rundir.checkpoint_step(path.name)
-        if step is not None and (path / "model.safetensors").exists():
-            steps = [(step, path)]
-            run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        elif (path / "checkpoints").is_dir():
-            steps, run_dir = _step_dirs(path / "checkpoints"), path
+        if step is not None and (path / rundir.MODEL_WEIGHTS).exists():
+            steps, run_dir = [(step, path)], rundir.run_of_checkpoint(path)
+        elif rundir.RunDir(path).checkpoints.is_dir():
+            steps, run_dir = _step_dirs(rundir.RunDir(path).checkpoints), path
         else:
-            steps, run_dir = _step_dirs(path), (path.parent if path.name == "checkpoints" else None)
+            steps, run_dir = _step_dirs(path), rundir.run_of_checkpoint(path)
         if not steps:
             raise KeelError(
                 f"average: {str(raw)!r} holds no checkpoints (no step_XXXXXXXX/ with model.safetensors and "
                 "manifest.json)"
             )
         for step, step_dir in steps:
-            file = checkpoint_weights_file(step_dir, weights)
+            file = rundir.checkpoint_weights(step_dir, weights)
             if not file.exists():
                 raise KeelError(
                     f"average: {str(step_dir)!r} has no {filename} (weights={weights!r}); "

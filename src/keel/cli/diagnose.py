@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_dir(run_dir: Path, quiet: bool) -> int:
-    from keel.diagnose.findings import write_recommended
+    from keel.diagnose.findings import RECOMMENDED, write_recommended
     from keel.diagnose.run import diagnose_run, load_run, write_plots
 
     diagnosis, raw = diagnose_run(run_dir, report=lambda m: None if quiet else print(m))
@@ -65,9 +65,9 @@ def _run_dir(run_dir: Path, quiet: bool) -> int:
                          "rebuild it")
         try:
             write_recommended(run_dir, raw, diagnosis.changes, str(run_dir), notes)
-            written.append("recommended.yaml")
+            written.append(RECOMMENDED)
         except KeelError as error:
-            print(f"recommended.yaml not written: {error}")
+            print(f"{RECOMMENDED} not written: {error}")
     print_findings(diagnosis)
     print(f"wrote {', '.join(str(run_dir / name) for name in written)}")
     return _finish(diagnosis)
@@ -76,6 +76,7 @@ def _run_dir(run_dir: Path, quiet: bool) -> int:
 def _run_config(args: argparse.Namespace) -> int:
     from keel.config import merge, parse_overrides, read_yaml
     from keel.diagnose.active import DEFAULT_BUDGET, diagnose_config, parse_budget
+    from keel.diagnose.findings import DIAGNOSIS, RECOMMENDED
     from keel.diagnose.probes import Display
 
     budget = parse_budget(args.budget if args.budget is not None else DEFAULT_BUDGET)
@@ -97,7 +98,7 @@ def _run_config(args: argparse.Namespace) -> int:
         print(f"  {name:<20} {seconds:8.1f} s  {seconds / max(total, 1e-9):6.1%}")
     print(f"  {'total':<20} {total:8.1f} s  (budget {budget:.0f} s)")
     extra = ", lr_sweep.png" if (out / "lr_sweep.png").is_file() else ""
-    print(f"wrote {out / 'diagnosis.json'}, {out / 'recommended.yaml'}{extra}, probe runs in {out / 'probes'}")
+    print(f"wrote {out / DIAGNOSIS}, {out / RECOMMENDED}{extra}, probe runs in {out / 'probes'}")
     return _finish(diagnosis)
 
 

@@ -34,10 +34,6 @@ def resolve_members(members: list[str], weights: str) -> list[Path]:
     """The weights file of each member; a snapshots folder expands to its snapshots, a run to its newest intact
     checkpoint (newer corrupt ones are reported on stderr and passed over)."""
     from keel import rundir
-    from keel.averaging.checkpoints import checkpoint_weights_file
-
-    def weights_file(step_dir: Path) -> Path:
-        return checkpoint_weights_file(step_dir, weights)
 
     def report(message: str) -> None:
         print(message, file=sys.stderr)
@@ -47,13 +43,13 @@ def resolve_members(members: list[str], weights: str) -> list[Path]:
         path = Path(raw)
         if path.is_file():
             files.append(path)
-        elif (path / "model.safetensors").is_file():
-            files.append(weights_file(path))
-        elif rundir.list_checkpoints(path / rundir.CHECKPOINTS):
-            newest = rundir.newest_intact(path / rundir.CHECKPOINTS, report=report)
+        elif (path / rundir.MODEL_WEIGHTS).is_file():
+            files.append(rundir.checkpoint_weights(path, weights))
+        elif rundir.list_checkpoints(rundir.RunDir(path).checkpoints):
+            newest = rundir.newest_intact(rundir.RunDir(path).checkpoints, report=report)
             if newest is None:
                 raise KeelError(f"ensemble: {raw!r} holds no intact checkpoint")
-            file = weights_file(newest)
+            file = rundir.checkpoint_weights(newest, weights)
             if not file.is_file():
                 raise KeelError(f"ensemble: {str(file)!r} does not exist (weights={weights!r})")
             files.append(file)

@@ -22,10 +22,9 @@ from typing import Any
 
 from keel.config import set_dotted
 from keel.errors import KeelError
+from keel.rundir.layout import DIAGNOSIS, RECOMMENDED
 
 SEVERITIES = ("info", "warning", "error")
-DIAGNOSIS = "diagnosis.json"
-RECOMMENDED = "recommended.yaml"
 
 
 @dataclass

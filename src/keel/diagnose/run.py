@@ -108,11 +108,11 @@ def write_plots(run_dir: str | Path, records: RunRecords, raw: dict[str, Any] | 
         clipped = [bool(r.get("clipped")) for r in records.steps if "grad_norm" in r]
         png = plots.grad_norm_figure(steps, records.norms, clipped, signals.percentile(records.norms, 90),
                                      threshold, run_dir.name or str(run_dir))
-        _write_bytes(run_dir / "grad_norm.png", png)
-        written.append(run_dir / "grad_norm.png")
+        _write_bytes(run_dir / rundir.GRAD_NORM_PLOT, png)
+        written.append(run_dir / rundir.GRAD_NORM_PLOT)
     if records.ratios:
-        _write_bytes(run_dir / "update_ratio.png", plots.update_ratio_figure(records.ratios, run_dir.name))
-        written.append(run_dir / "update_ratio.png")
+        _write_bytes(run_dir / rundir.UPDATE_RATIO_PLOT, plots.update_ratio_figure(records.ratios, run_dir.name))
+        written.append(run_dir / rundir.UPDATE_RATIO_PLOT)
     return written
 
 

@@ -77,10 +77,10 @@ def best_of(values: dict[str, float], mode: str) -> str:
 
 
 def checkpoint_file(step_dir: Path, name: str) -> Path:
-    """The file of weight set ``name`` in a checkpoint directory."""
-    from keel.averaging.checkpoints import checkpoint_weights_file
+    """The file of weight set ``name`` in a checkpoint directory (``keel.rundir.checkpoint_weights``)."""
+    from keel import rundir
 
-    return checkpoint_weights_file(step_dir, name)
+    return rundir.checkpoint_weights(step_dir, name)
 
 
 @dataclass(frozen=True)
@@ -142,11 +142,11 @@ def finish(trainer, summary: dict[str, Any], evals: list[dict[str, Any]]) -> str
     from keel.safetensors_io import SafetensorsReader
 
     sets = [cb.name for cb in trainer.callbacks if getattr(cb, "weight_set", False)]
-    root = trainer.run_dir / rundir.CHECKPOINTS
+    run = rundir.RunDir(trainer.run_dir)
     last_step = trainer.state.step
     choice = trainer.dist.from_main(  # rank 0's view of the checkpoints decides for every rank
-        lambda: choose(trainer.export, evals, sets, last_step, lambda s: root / rundir.step_dir_name(s)))
-    step_dir = root / rundir.step_dir_name(choice.step)
+        lambda: choose(trainer.export, evals, sets, last_step, run.checkpoint))
+    step_dir = run.checkpoint(choice.step)
     if choice.weights != RAW and not trainer.dist.from_main(checkpoint_file(step_dir, choice.weights).is_file):
         # e.g. an average that had not started by then: the checkpoint holds the raw weights alone
         trainer.say(f"{choice.weights} weights: {step_dir} holds none; exporting its raw weights")
@@ -161,8 +161,8 @@ def finish(trainer, summary: dict[str, Any], evals: list[dict[str, Any]]) -> str
         summary["best_weights"] = best
         shown = ", ".join(f"{metric if n == RAW else f'{metric}_{n}'} {v:.4f}" for n, v in choice.scored.items())
         where = "" if best == choice.weights else (
-            f" (checkpoints/{rundir.step_dir_name(choice.step)}/{checkpoint_file(Path(), best).name}); "
-            f"model.safetensors holds the {choice.weights} weights")
+            f" ({checkpoint_file(step_dir, best).relative_to(run.path)}); "
+            f"{rundir.MODEL_WEIGHTS} holds the {choice.weights} weights")
         when = "final" if choice.step == last_step else f"step {choice.step}"
         trainer.say(f"{when} {shown}; best: {best} weights{where}")
     if (choice.weights, choice.step) == (RAW, last_step):

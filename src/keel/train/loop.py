@@ -436,7 +436,7 @@ class Trainer:
         try:
             path = rundir.write_checkpoint(root, state.step, weights, payload, meta, extra)
             if state.best_checkpoint:
-                rundir.atomic_write_text(root / "best", state.best_checkpoint + "\n")
+                rundir.point_best(root, state.best_checkpoint)
             rundir.prune(root, self.keep_last, protect={state.best_checkpoint})
         finally:
             self.dist.barrier()
@@ -560,7 +560,7 @@ class Trainer:
         self.log({"step": self.state.step, "event": "stopped", "skipped": self.state.skipped})
         self.metrics.close()
         if self.dist.is_main:
-            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / "loss.png", self.tokens_per_step,
+            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / rundir.LOSS_PLOT, self.tokens_per_step,
                      title=str(self.run_dir), counted=self._counted)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
         restart = "" if self.config.restarts else ("; to start a diverged run again with a new seed, set restarts: N "
@@ -571,7 +571,7 @@ class Trainer:
         self.metrics.close()
         history = self.dist.from_main(lambda: read_metrics(self.run_dir / rundir.METRICS))
         if self.dist.is_main:
-            plot_run(history, self.run_dir / "loss.png", self.tokens_per_step, title=str(self.run_dir),
+            plot_run(history, self.run_dir / rundir.LOSS_PLOT, self.tokens_per_step, title=str(self.run_dir),
                      counted=self._counted)
         train_losses = [r["loss"] for r in history if "grad_norm" in r]
         evals = [r for r in history if "val_loss" in r]
@@ -592,7 +592,7 @@ class Trainer:
         exported = export.finish(self, summary, evals)
         weights = self.dist.model_state_dict(self.model)
         if self.dist.is_main:
-            write_safetensors(self.run_dir / "model.safetensors", {k: v.detach() for k, v in weights.items()})
+            write_safetensors(self.run_dir / rundir.MODEL_WEIGHTS, {k: v.detach() for k, v in weights.items()})
         summary["history"] = history
         reference = "".join(f" vs {k.replace('_', ' ')} {v:.4f}" for k, v in self.task.reference_metrics().items())
         accuracy = f", val_accuracy {summary['val_accuracy']:.4f}" if "val_accuracy" in summary else ""
@@ -604,7 +604,8 @@ class Trainer:
         if "last" in summary:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["last"].items() if k != "step")
             self._say(f"  last evaluation (step {summary['last']['step']}): {shown}")
-        self._say(f"wrote {self.run_dir}/config.yaml, metrics.jsonl, loss.png, model.safetensors, checkpoints/")
+        self._say(f"wrote {self.run_dir}/{rundir.CONFIG}, {rundir.METRICS}, {rundir.LOSS_PLOT}, {rundir.MODEL_WEIGHTS}, "
+                  f"{rundir.CHECKPOINTS}/")
         return summary
 
     def _open_metrics(self, truncate_to: int | None, step: int) -> None:
@@ -616,7 +617,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / rundir.METRICS, truncate_to=truncate_to, step=step, report=self._say,
                                   sinks=sinks)
         if self.config.tensorboard:
-            self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
+            self.metrics.enable_tensorboard(self.run_dir / rundir.TENSORBOARD)
 
     def _agree_with_main(self, improved: bool) -> bool:
         """Rank 0's view of an evaluation's outcome (improved; which callbacks stop) on every rank, so all of them
@@ -650,7 +651,7 @@ class Trainer:
         if resume:
             if not (self.run_dir / rundir.CONFIG).is_file() and not rundir.list_checkpoints(
                     self.run_dir / rundir.CHECKPOINTS):
-                raise KeelError(f"--resume: '{self.run_dir}' is not a keel run directory (no config.yaml and no "
+                raise KeelError(f"--resume: '{self.run_dir}' is not a keel run directory (no {rundir.CONFIG} and no "
                                 "checkpoint)")
         else:
             rundir.check_new_run_dir(self.run_dir)

@@ -24,13 +24,9 @@ from keel import rundir
 from keel.errors import KeelError, TrainingUnstableError
 from keel.config import SEED_LIMIT
 
-FOLDER = "restarts"
-RECORD = "restarts.jsonl"
-
-
 def used(run_dir: Path) -> list[dict[str, Any]]:
     """The restarts recorded in ``run_dir`` so far (oldest first)."""
-    path = Path(run_dir) / FOLDER / RECORD
+    path = rundir.RunDir(run_dir).restarts / rundir.RESTARTS_RECORD
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -38,14 +34,14 @@ def used(run_dir: Path) -> list[dict[str, Any]]:
 
 def set_aside(run_dir: Path, attempt: int, seed: int, step: int | None, reason: str) -> Path:
     """Move the failed attempt's files from ``run_dir`` into ``restarts/attempt_<k>_seed_<seed>/`` and record it."""
-    folder = Path(run_dir) / FOLDER
-    target = folder / f"attempt_{attempt}_seed_{seed}"
+    run = rundir.RunDir(run_dir)
+    target = run.restart_attempt(attempt, seed)
     target.mkdir(parents=True, exist_ok=False)
-    for entry in sorted(Path(run_dir).iterdir()):
-        if entry.name != FOLDER:
+    for entry in sorted(run.path.iterdir()):
+        if entry != run.restarts:
             os.replace(entry, target / entry.name)
     record = {"attempt": attempt, "seed": seed, "step": step, "reason": reason, "folder": target.name}
-    with open(folder / RECORD, "a") as handle:
+    with open(run.restarts / rundir.RESTARTS_RECORD, "a") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -55,7 +51,7 @@ def set_aside(run_dir: Path, attempt: int, seed: int, step: int | None, reason: 
 def _failed_step(run_dir: Path) -> int | None:
     from keel.rundir.metrics import read_metrics
 
-    path = Path(run_dir) / rundir.METRICS
+    path = rundir.RunDir(run_dir).metrics
     stops = [r for r in read_metrics(path) if r.get("event") == "stopped"] if path.is_file() else []
     return int(stops[-1]["step"]) if stops else None
 
@@ -80,7 +76,7 @@ def fit(config, attempt: Callable[[Any, bool], dict[str, Any]], run_dir: Path, r
             if len(history) >= config.restarts:
                 if config.restarts:
                     raise TrainingUnstableError(f"{error}; restarts: {config.restarts} used up (the earlier attempts "
-                                                f"are in {run_dir / FOLDER})") from None
+                                                f"are in {rundir.RunDir(run_dir).restarts})") from None
                 raise
             seed = (config.seed + 1) % SEED_LIMIT
             step = _failed_step(run_dir)

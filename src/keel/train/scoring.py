@@ -18,10 +18,12 @@ from keel.safetensors_io import SafetensorsReader
 
 def find_run_config(path: str | Path) -> Path | None:
     """The config.yaml of the run a weights file or directory belongs to (searched up to three levels up)."""
+    from keel.rundir import RunDir
+
     path = Path(path).resolve()
     for folder in [path if path.is_dir() else path.parent, *list(path.parents)[:3]]:
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
+        if RunDir(folder).config.is_file():
+            return RunDir(folder).config
     return None
 
 
