@@ -142,3 +142,11 @@ def test_an_ema_that_never_started_leaves_the_raw_weights_exported(tmp_path, cap
     assert "ema weights: " in capsys.readouterr().out and result["weights"] == "raw"
     assert same(load_file(str(run / "model.safetensors")), load_file(str(run / "checkpoints" / "step_00000010" /
                                                                           "model.safetensors")))
+
+
+def test_average_last_says_why_when_it_cannot_average(tmp_path, capsys):
+    config = load_config(None, DIGITS + ["max_steps=20", "average.last=3", "average.weights=ema",
+                                         f"out_dir={tmp_path / 'r'}"])
+    result = train(config)  # no EMA in the checkpoints: the run still ends well
+    assert "average.last: 3: nothing averaged (average: " in capsys.readouterr().out
+    assert "average" not in result and not (tmp_path / "r" / "averaged.safetensors").exists()

@@ -270,17 +270,20 @@ class CheckpointAverageCallback(Callback):
         run = rundir.RunDir(trainer.run_dir)
         root, out, wanted = run.checkpoints, run.averaged_weights, self.config.last
 
-        def average() -> list[int] | None:  # on rank 0: the steps averaged, or None when fewer than 2 exist
+        def average() -> list[int] | str:  # on rank 0: the steps averaged, or why nothing was
             count = min(wanted, len(rundir.list_checkpoints(root)))
             if count < 2:
-                return None
-            files = resolve_checkpoints([root], last=count, weights=self.config.weights)
+                return "the run holds fewer than 2 checkpoints"
+            try:
+                files = resolve_checkpoints([root], last=count, weights=self.config.weights)
+            except KeelError as error:  # e.g. average.weights: ema where the EMA started after some checkpoints
+                return str(error)
             average_checkpoints_to_file(files, out)
             return [rundir.checkpoint_step(f.parent.name) for f in files]
 
         steps = trainer.dist.from_main(average)
-        if steps is None:
-            trainer.say(f"average.last: {wanted}: the run holds fewer than 2 checkpoints; nothing averaged")
+        if isinstance(steps, str):  # the training itself went well: say why there is no average, do not fail
+            trainer.say(f"average.last: {wanted}: nothing averaged ({steps})")
             return
         kept = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         with SafetensorsReader(out) as reader:
