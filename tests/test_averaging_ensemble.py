@@ -57,7 +57,7 @@ def test_keel_ensemble_of_digits_runs_reports_the_ensembles_accuracy(tmp_path, c
     runs, results = [], []
     for seed in (1, 2, 3):
         run = tmp_path / f"seed{seed}"
-        config = load_config(None, ["task=digits", "threads=1", "max_steps=15", "eval_interval=15",
+        config = load_config(None, ["task=digits", "device=cpu", "threads=1", "max_steps=15", "eval_interval=15",
                                     "checkpoint_interval=15", f"seed={seed}", f"out_dir={run}"])
         results.append(train(config, quiet=True))
         runs.append(run)

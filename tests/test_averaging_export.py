@@ -12,7 +12,7 @@ from keel.config import load_config
 from keel.train import train
 from keel.train.scoring import ValidationScorer
 
-DIGITS = ["task=digits", "threads=1", "data.batch_size=32", "eval_interval=10", "checkpoint_interval=10"]
+DIGITS = ["task=digits", "device=cpu", "threads=1", "data.batch_size=32", "eval_interval=10", "checkpoint_interval=10"]
 
 
 def same(a, b):
@@ -96,7 +96,7 @@ def test_average_eval_of_a_python_api_run_says_why_before_writing(tmp_path, caps
     torch.manual_seed(0)
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     data = torch.utils.data.TensorDataset(x, y)
-    config = load_config(None, ["threads=1", "max_steps=4", "checkpoint_interval=2", "eval_interval=2",
+    config = load_config(None, ["device=cpu", "threads=1", "max_steps=4", "checkpoint_interval=2", "eval_interval=2",
                                 "data.batch_size=16", f"out_dir={tmp_path / 'run'}"])
     train(config, model=nn.Linear(4, 3), train_data=data, val_data=data, quiet=True)
     out = tmp_path / "avg.safetensors"
@@ -108,7 +108,7 @@ def test_average_eval_of_a_python_api_run_says_why_before_writing(tmp_path, caps
 
 def test_early_stopping_exports_the_weights_it_names_and_reports_them(tmp_path, capsys):
     run = tmp_path / "r"
-    config = load_config(None, ["task=digits", "threads=1", "max_steps=400", "eval_interval=10",
+    config = load_config(None, ["task=digits", "device=cpu", "threads=1", "max_steps=400", "eval_interval=10",
                                 "checkpoint_interval=1000", "optimizer.lr=3e-2", "schedule.warmup=0",
                                 "ema.enabled=true", "ema.decay=0.8", "early_stopping.patience=2",
                                 "early_stopping.metric=val_loss_ema", f"out_dir={run}"])

@@ -63,7 +63,7 @@ def test_apply_recipe_names_the_recipe_it_used():
 def test_seq_warmup_auto_is_off_where_batches_are_not_sequences_and_fits_a_short_context(tmp_path, tiny_overrides):
     from keel.train import train
 
-    digits = load_config(None, ["task=digits", "recipe=fast", "max_steps=3", "threads=1"])
+    digits = load_config(None, ["task=digits", "recipe=fast", "max_steps=3", "device=cpu", "threads=1"])
     result = train(digits, run_dir=tmp_path / "digits", quiet=True)
     assert not [r for r in result["history"] if "seq_len" in r]  # off: no sequences
     overrides = [o for o in tiny_overrides if not o.startswith(("recipe", "optimizer.", "schedule."))]
@@ -145,7 +145,8 @@ def test_gpt_loop_is_the_articles_loop_exactly():
 def test_a_gpt_loop_run_clips_only_after_warmup(tmp_path):
     from keel.train import train
 
-    config = load_config(None, ["task=digits", "recipe=gpt-loop", "threads=1", "max_steps=40", "eval_interval=40",
+    config = load_config(None, ["task=digits", "recipe=gpt-loop", "device=cpu", "threads=1", "max_steps=40",
+                                "eval_interval=40",
                                 "clip.max_norm=1e-6", f"out_dir={tmp_path / 'r'}"])
     steps = [r for r in train(config, quiet=True)["history"] if "grad_norm" in r]
     assert steps[0]["lr"] == 3e-5

@@ -272,6 +272,11 @@ class TrainConfig(_Block):
         "fp32", description="Autocast dtype for forward passes; weights and optimizer state stay fp32."
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    deterministic: bool = Field(
+        False, description="Deterministic kernels on CUDA: torch.use_deterministic_algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts, cuDNN benchmark off (docs/gpu.md). Without it a "
+        "resume restores every state exactly, but GPU kernels may sum in another order.",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default; at most "
                                 "4 per CPU core of the machine).")
     strategy: Literal["ddp", "fsdp"] = Field(

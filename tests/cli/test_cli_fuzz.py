@@ -23,7 +23,7 @@ from cli_runner import run_keel_train  # pytest's prepend import mode puts this 
 # Every key of the typed config, and the free-form blocks' usual keys.
 KNOWN_KEYS = [
     "task", "task_args", "task_args.x", "init_from", "init_from_strict", "init_from_exclude", "seed", "max_steps",
-    "out_dir", "grad_accum", "precision", "device", "threads", "eval_interval", "log_interval",
+    "out_dir", "grad_accum", "precision", "device", "deterministic", "threads", "eval_interval", "log_interval",
     "checkpoint_interval", "keep_last", "tensorboard", "progress_interval", "restarts", "recipe",
     "data", "data.source", "data.val_fraction", "data.batch_size", "data.vocab_size", "data.eval_tokens",
     "model", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.dropout", "model.bias",
@@ -49,7 +49,7 @@ KNOWN_KEYS = [
 ]
 # Small sizes put first on every generated line (the generated items come after and override them), so that a
 # line that is accepted builds a model in milliseconds.
-SMALL = ["threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
+SMALL = ["device=cpu", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
          "data.batch_size=2", "data.eval_tokens=256"]
 NAMES = ["adamw", "adam", "sgd", "momentum", "lion", "muon", "soap", "ademamix", "adafactor", "cosine", "wsd",
          "linear", "constant", "join", "warmup", "plateau", "noam", "lm", "digits", "cpu", "auto", "cuda", "cuda:7",

@@ -59,7 +59,8 @@ def test_unfreeze_at_needs_something_frozen():
         load_config(None, ["task=digits", "optimizer.freeze=[features]", "optimizer.unfreeze_at=later"])
 
 
-DIGITS = ["task=digits", "threads=1", "max_steps=20", "eval_interval=5", "checkpoint_interval=5", "keep_last=10",
+DIGITS = ["task=digits", "device=cpu", "threads=1", "max_steps=20", "eval_interval=5", "checkpoint_interval=5",
+          "keep_last=10",
           "optimizer.freeze=[features]", "optimizer.unfreeze_at=50%"]
 
 

@@ -12,7 +12,7 @@ from keel.errors import TrainingUnstableError
 from keel.rundir.metrics import read_metrics
 from keel.train import Callback, train
 
-RUN = ["task=digits", "threads=1", "max_steps=12", "eval_interval=6", "checkpoint_interval=6",
+RUN = ["task=digits", "device=cpu", "threads=1", "max_steps=12", "eval_interval=6", "checkpoint_interval=6",
        "nonfinite.max_consecutive_skips=2"]
 
 
@@ -78,7 +78,7 @@ def test_a_model_built_before_train_starts_each_attempt_from_its_initial_weights
             seen.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
 
     data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
-    config = load_config(None, ["threads=1", "max_steps=8", "eval_interval=4", "checkpoint_interval=4",
+    config = load_config(None, ["device=cpu", "threads=1", "max_steps=8", "eval_interval=4", "checkpoint_interval=4",
                                 "nonfinite.max_consecutive_skips=2", "restarts=1", "data.batch_size=16",
                                 f"out_dir={tmp_path / 'run'}"])
     result = train(config, model=model, train_data=data, val_data=data, quiet=True,

@@ -1,4 +1,5 @@
-"""``keel diagnose RUN_DIR`` or ``keel diagnose --config CONFIG [key=value ...] [--budget 15m] [--out DIR]``.
+"""``keel diagnose RUN_DIR`` or ``keel diagnose --config CONFIG [key=value ...] [--budget 15m] [--out DIR]
+[--schedule constant]``.
 
 The first reads a finished or running run; the second runs the active procedures (sanity checks, LR range test
 and sweep, instability probe, warmup search) as short trainings. Both print the findings, each with its evidence
@@ -33,6 +34,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="CPU threads of --config's probes when the config sets none (default 1; 0: torch's "
                              "default)")
+    parser.add_argument("--schedule", choices=["config", "constant"], default=None,
+                        help="LR schedule of --config's runs: config (default: your schedule) or constant (a "
+                             "constant LR after your warmup, in recommended.yaml too: the notes' 'start with a "
+                             "constant LR, tune the schedule last')")
     parser.add_argument("--quiet", action="store_true", help="print only the findings")
     parser.set_defaults(run=run)
 
@@ -40,9 +45,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.config is not None:
         return _run_config(args)
-    if args.budget is not None or args.out is not None:
-        raise KeelError("--budget and --out go with --config; allowed: keel diagnose RUN_DIR, or keel diagnose "
-                        "--config CONFIG [--budget TIME] [--out DIR]")
+    if args.budget is not None or args.out is not None or args.schedule is not None:
+        raise KeelError("--budget, --out and --schedule go with --config; allowed: keel diagnose RUN_DIR, or keel "
+                        "diagnose --config CONFIG [--budget TIME] [--out DIR] [--schedule constant]")
     if len(args.items) != 1 or "=" in args.items[0]:
         raise KeelError(f"keel diagnose takes one RUN_DIR (got {len(args.items)} arguments); allowed: keel diagnose "
                         "RUN_DIR, or keel diagnose --config CONFIG [key=value ...]")
@@ -58,13 +63,9 @@ def _run_dir(run_dir: Path, quiet: bool) -> int:
     written = [path.name]
     records, _ = load_run(run_dir)
     written += [p.name for p in write_plots(run_dir, records, raw)]
-    notes = []
     if raw is not None:
-        if raw.get("task") == "python":
-            notes.append("task 'python' was passed to keel.train() in Python: pass it again; keel train cannot "
-                         "rebuild it")
         try:
-            write_recommended(run_dir, raw, diagnosis.changes, str(run_dir), notes)
+            write_recommended(run_dir, raw, diagnosis.changes, str(run_dir))
             written.append(RECOMMENDED)
         except KeelError as error:
             print(f"{RECOMMENDED} not written: {error}")
@@ -89,7 +90,7 @@ def _run_config(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise KeelError(f"--threads: {args.threads}; allowed: 0 (torch's default) or a count >= 1")
     session = diagnose_config(raw, out, budget, target=str(args.config), display=display,
-                              threads=args.threads or None)
+                              threads=args.threads or None, schedule=args.schedule or "config")
     diagnosis = session.diagnosis
     print_findings(diagnosis)
     total = sum(diagnosis.timings.values())

@@ -106,14 +106,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    width = max(len(str(f)) for f in files)
+    width, unit = max(len(str(f)) for f in files), "example" if classifier else "token"
     print(f"  {'member':<{width}}  val_loss{'  val_accuracy' if classifier else ''}")
     for member in members:
         shown = f"  {member['val_accuracy']:.4f}" if classifier else ""
         print(f"  {member['weights']:<{width}}  {member['val_loss']:.4f}{shown}")
     print(f"ensemble of {len(files)}: val_loss {ensemble:.4f}; best member {best:.4f}; "
           f"mean member {result['mean_member_val_loss']:.4f}; gain over the best member {result['gain']:+.4f} "
-          f"nats/{'example' if classifier else 'token'} ({result['tokens']:,} {'examples' if classifier else 'tokens'})")
+          f"nats/{unit} ({result['tokens']:,} {unit}s)")
     if classifier:
         print(f"ensemble val_accuracy {result['ensemble_val_accuracy']:.4f} (argmax of the mean distribution); best "
               f"member {result['best_member_val_accuracy']:.4f}; mean member {result['mean_member_val_accuracy']:.4f}; "

@@ -25,7 +25,7 @@ from keel.diagnose.findings import DIAGNOSIS, Diagnosis, read_diagnosis
 from keel.errors import KeelError
 
 #: Config keys that do not make two runs different experiments.
-IGNORED_KEYS = ("seed", "out_dir", "threads", "device", "progress_interval", "tensorboard", "diagnostics")
+IGNORED_KEYS = ("seed", "out_dir", "threads", "device", "deterministic", "progress_interval", "tensorboard", "diagnostics")
 
 
 def _png_tag(data: bytes, alt: str) -> str:

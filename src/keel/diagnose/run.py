@@ -25,6 +25,7 @@ import numpy as np
 
 from keel import rundir
 from keel.diagnose import signals
+from keel.diagnose.clipping import run_clip_harder
 from keel.diagnose.findings import Diagnosis, Finding
 from keel.diagnose.update_ratio import HEALTHY_RATIO, RECORD_TYPE
 from keel.errors import KeelError
@@ -91,6 +92,7 @@ def diagnose_run(run_dir: str | Path, report=lambda message: None) -> tuple[Diag
     gradient_norms(diagnosis, records, context)
     update_ratios(diagnosis, records, context)
     instability_events(diagnosis, records, context)
+    diagnosis.add(run_clip_harder(diagnosis, records.lrs, records.step_numbers, records.norms, config))
     return diagnosis, raw
 
 
@@ -440,7 +442,8 @@ def instability_events(diagnosis: Diagnosis, records: RunRecords, context: dict[
             "check with `keel diagnose --config` which warmup the LR needs",
             {"schedule.warmup": warmup}))
     if sudden:
-        changes = {"clip.mode": "norm", "clip.max_norm": _round(p90)} if p90 else {}
+        clipping = context["config"] is not None and context["config"].clip.mode in ("norm", "percentile")
+        changes = {"clip.mode": "norm", "clip.max_norm": _round(p90)} if p90 and not clipping else {}  # clip_harder
         diagnosis.add(Finding(
             "instability_sudden", "error" if stopped and sudden[-1]["event"] == "stopped" else "warning",
             f"{len(sudden)} instability event(s) mid-run: "

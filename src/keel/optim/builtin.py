@@ -14,7 +14,7 @@ from keel.optim.ademamix import AdEMAMix
 from keel.optim.hypergradient import AdamHD, SGDHD
 from keel.optim.lion import Lion
 from keel.optim.muon import MuonWithAdamW, muon_missing, muon_split
-from keel.optim.playbook import PlaybookNAdam, PlaybookRMSProp
+from keel.optim.playbook import PlaybookAdam, PlaybookNAdam, PlaybookRMSProp
 from keel.optim.registry import (
     Hparam,
     OptimizerSpec,
@@ -57,6 +57,14 @@ def _nadam(groups, lr, form="torch", **kw):
         raise KeelError("optimizer.decoupled_weight_decay: true has no Playbook form; allowed with form: playbook: "
                         "false")
     return PlaybookNAdam(groups, lr=lr, betas=kw["betas"], eps=kw["eps"], weight_decay=kw["weight_decay"])
+
+
+def _adam(groups, lr, form="torch", **kw):
+    if form == "torch":
+        return torch.optim.Adam(groups, lr=lr, **kw)
+    if kw.get("amsgrad"):
+        raise KeelError("optimizer.amsgrad: true has no Playbook form; allowed with form: playbook: false")
+    return PlaybookAdam(groups, lr=lr, betas=kw["betas"], eps=kw["eps"], weight_decay=kw["weight_decay"])
 
 
 def _sgd(momentum: float, nesterov: bool):
@@ -144,8 +152,8 @@ register(
         "Adam: bias-corrected first and second moment averages; p <- p - lr m_hat / (sqrt(v_hat) + eps)",
         "Kingma & Ba 2015; torch.optim.Adam",
         lr=1e-3,
-        hparams=_ADAM_HPARAMS,
-        build=lambda groups, lr, **kw: torch.optim.Adam(groups, lr=lr, **kw),
+        hparams=_ADAM_HPARAMS | {"form": _FORM},
+        build=_adam,
         torch_class=torch.optim.Adam,
     )
 )

@@ -33,7 +33,7 @@ from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import resolve_steps
-from keel.train import distributed, export, restarts
+from keel.train import devices, distributed, export, restarts
 from keel.train.init import load_initial_weights
 from keel.train.plot import plot_run
 from keel.train.resume_policy import build_schedule, resume_schedule
@@ -76,7 +76,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KeelError(f"device: '{name}' was asked for but CUDA is not available; allowed here: auto, cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise KeelError(f"device: '{name}' was asked for but this machine has {count} CUDA device"
+                        f"{'s' if count != 1 else ''}; allowed: auto, cpu, cuda, cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def default_run_dir() -> Path:
@@ -107,10 +112,13 @@ class Trainer:
     ):
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        late_workspace = devices.set_cublas_workspace() if config.deterministic else None  # before any CUDA use
         self.dist = distributed.setup(config, resolve_device(config.device))  # one process: no process group
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.config = config = distributed.resolve_for_world(config, self.world_size)  # per-rank batch, LR scaling
         self.quiet = quiet or not self.dist.is_main
+        if late_workspace:
+            self._say(late_workspace)
         self.allow_world_size_change = allow_world_size_change
         self.run_dir = Path(self.dist.broadcast_object(str(run_dir or config.out_dir or default_run_dir())))
         self.dist.on_main(lambda: self._check_run_dir(resume))
@@ -184,12 +192,14 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` updates are applied (or a callback stops the run); return the summary."""
+        kernels = devices.use_deterministic(self.config.deterministic)  # deterministic: true, for this run
         try:
             with contextlib.ExitStack() as lock:  # rank 0 takes the lock; a second process on this run is refused
                 self.dist.on_main(lambda: lock.enter_context(rundir.RunLock(
                     rundir.prepare_run_dir(self.run_dir, self._resume), report=self._say)))
                 return self._fit()
         finally:
+            devices.restore(kernels)
             self.train_model = self.model  # DDP's reducer goes before the process group it holds
             self.dist.shutdown()
 
@@ -304,7 +314,7 @@ class Trainer:
         """One forward pass of the first training batch in eval mode, without gradients and with every RNG put
         back: a batch of the wrong shape or dtype, or a loss that is not a scalar, fails here as bad input."""
         batch = self.task.train_batch(0, self.rank, self.world_size)
-        rng = _rng_state(self.device)
+        rng = devices.rng_state(self.device)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -321,7 +331,7 @@ class Trainer:
                             f"(got {_describe_batch(batch)})") from None
         finally:
             self.model.train(was_training)
-            _set_rng_state(rng, self.device)
+            devices.set_rng_state(rng, self.device)
         if not isinstance(count, int) or count < 1:
             raise KeelError(f"task {self.config.task!r}: the first batch counts {count!r} loss terms; allowed: an "
                             "int >= 1")
@@ -410,7 +420,7 @@ class Trainer:
         root = self.run_dir / rundir.CHECKPOINTS
         weights = self.dist.model_state_dict(self.model)  # whole, on rank 0 (gathered when sharded)
         optimizer_state = self.dist.optimizer_state_dict(self.model, self.optimizer)
-        ranks = self.dist.checkpoint_payload(_rng_state(self.device))  # world size, every rank's RNG
+        ranks = self.dist.checkpoint_payload(devices.rng_state(self.device))  # world size, every rank's RNG
         if not self.dist.is_main:
             self.dist.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
             return root / name
@@ -421,7 +431,8 @@ class Trainer:
             "precision": self.precision.state_dict(),
             "clipper": self.clipper.state_dict(),
             "spike": self.spike_detector.state_dict() if self.spike_detector is not None else None,
-            "rng": _rng_state(self.device),
+            "rng": devices.rng_state(self.device),
+            "device": str(self.device),  # where it was written (a resume elsewhere says what it moved)
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "metrics_offset": self.metrics.offset(),
             **ranks,
@@ -447,7 +458,7 @@ class Trainer:
         state = self.state
         if not state.best_checkpoint or state.best_step == state.step:
             return
-        weights, _ = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINTS / state.best_checkpoint, self.device)
+        weights, _ = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINTS / state.best_checkpoint, "cpu")
         self.dist.load_model_state_dict(self.model, weights)
         self._say(f"restored the best weights, from {state.best_checkpoint} (step {state.best_step})")
 
@@ -468,12 +479,13 @@ class Trainer:
         return int(payload["metrics_offset"])
 
     def _load_latest(self):
-        return rundir.load_latest(self.run_dir / rundir.CHECKPOINTS, self.device, report=self._say,
+        # Read to the CPU, whatever device wrote it: _load_checkpoint moves what belongs on this run's device.
+        return rundir.load_latest(self.run_dir / rundir.CHECKPOINTS, "cpu", report=self._say,
                                   required=_PAYLOAD_KEYS)
 
     def _load_checkpoint(self, found: Path, weights: dict[str, torch.Tensor], payload: dict[str, Any]):
-        """Apply a loaded checkpoint: weights, optimizer, schedule, precision, clipper, spike detector, callbacks,
-        counters and RNG."""
+        """Apply a checkpoint read on the CPU: weights, optimizer, schedule, precision, clipper, spike detector,
+        callbacks, counters and RNG; the model's and the optimizer's load_state_dict move tensors to the device."""
         self.dist.check_resume(payload, found.name, self.allow_world_size_change)
         try:
             self.dist.load_model_state_dict(self.model, weights)
@@ -482,6 +494,8 @@ class Trainer:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise KeelError(f"--resume: checkpoint {found.name} does not fit this run's model or optimizer "
                             f"({first}); allowed: resume with the config the run was trained with") from None
+        if devices.saved_device(payload).split(":")[0] != self.device.type:
+            self._say(devices.describe_move(found.name, payload, weights, self.device))
         self._load_schedule_state(payload)
         self.precision.load_state_dict(payload["precision"])
         self.clipper.load_state_dict(payload["clipper"])
@@ -496,8 +510,9 @@ class Trainer:
         for key, value in asdict(restored).items():
             setattr(self.state, key, value)  # in place: fit() holds a reference to self.state
         rng = self.dist.rank_rng(payload)  # this rank's own stream (a rank the checkpoint lacked keeps its seed)
-        if rng is not None:
-            _set_rng_state(rng, self.device)
+        note = devices.set_rng_state(rng, self.device) if rng is not None else None
+        if note is not None:
+            self._say(note)
         return payload
 
     def _skip_update(self, loss_value: float, grad_norm: float) -> None:
@@ -714,29 +729,6 @@ def _applied_lr(optimizer: torch.optim.Optimizer, default: float) -> float:
         if group.get("lr_scale", 1.0):
             return float(group["lr"]) / group.get("lr_scale", 1.0)
     return default
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(

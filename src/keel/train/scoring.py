@@ -86,7 +86,8 @@ class ValidationScorer:
         return float(-self.log_probs(weights).mean())
 
 
-def scorer_for(inputs: list[Path], config: str | Path | None, device: str, option: str = "--config") -> ValidationScorer:
+def scorer_for(inputs: list[Path], config: str | Path | None, device: str,
+               option: str = "--config") -> ValidationScorer:
     """A scorer from `config`, or from the run config.yaml found beside the first input. A run trained through the
     Python API (``task: python``) cannot be rebuilt: a KeelError naming ``option`` says so before anything is built."""
     from keel.config import read_yaml
