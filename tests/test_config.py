@@ -51,7 +51,7 @@ def test_parse_overrides_nests_and_parses_yaml_scalars():
         (["device=tpu"], "device: 'tpu' is not a device; allowed: auto, cpu, cuda, cuda:N"),
         (["notakeyvalue"], "config file 'notakeyvalue' does not exist"),
         (["clip.mode=sometimes"], "clip.mode: Input should be 'norm', 'value', 'agc', 'percentile' or 'none'"),
-        (["recipe=fastest"], "recipe: Input should be 'baseline' or 'fast' (got 'fastest')"),
+        (["recipe=fastest"], "recipe: Input should be 'baseline', 'gpt-loop' or 'fast' (got 'fastest')"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, expected):

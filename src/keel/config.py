@@ -243,11 +243,12 @@ class TrainConfig(_Block):
         "digits, a small CNN), or 'package.module:factory' returning a keel Task.",
     )
     task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task's factory.")
-    recipe: Literal["baseline", "fast"] | None = Field(
+    recipe: Literal["baseline", "gpt-loop", "fast"] | None = Field(
         None, description="A named recipe that fills in optimizer, schedule, clipping and techniques (keys the "
         "config gives win, key by key): 'fast' (Muon + warmup-stable-decay + sequence-length warmup, the measured "
-        "winner of benchmarks/bench_recipes.py; docs/recipes.md) or 'baseline' (AdamW, warmup, cosine to a tenth "
-        "of the peak, clipping at 1.0). null: fast for task lm, baseline for other tasks.",
+        "winner of benchmarks/bench_recipes.py; docs/recipes.md), 'baseline' (AdamW, warmup from 0, cosine to a "
+        "tenth of the peak, clipping at 1.0) or 'gpt-loop' (the GPT training loop exactly: warmup from 3e-5, cosine "
+        "to 1e-6, clipping from the end of warmup). null: fast for task lm, baseline for other tasks.",
     )
     init_from: str | None = Field(
         None, description="Start from pretrained weights: a keel run directory (its best, else newest, checkpoint), "
@@ -319,7 +320,13 @@ class TrainConfig(_Block):
         "schedule keeps the planned length; after it the LR stays at its final value) or 'new_decay' (from the "
         "resume point a cosine decay from the current LR to the schedule's final LR over the new length).",
     )
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
+    restarts: int = Field(
+        0, ge=0, le=1000, description="When the run diverges (stopped for non-finite updates or a loss spike it "
+        "cannot roll back), start it again with seed + 1, up to this many times; each failed attempt moves to "
+        "restarts/attempt_<k>_seed_<seed>/ in the run directory (docs/stability.md).",
+    )
+    keep_last: int = Field(5, ge=1, description="Checkpoints kept besides the best by validation loss (5: `keel "
+                           "average RUN --last 5` works on a default run; average.last raises it).")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
     progress_interval: int | str = Field(

@@ -27,13 +27,14 @@ from keel.config import TrainConfig, dump_config
 from keel.errors import KeelError
 from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
 from keel.optim.multi_tensor import follow_compile_choice
+from keel.optim.unfreezing import unfreeze_callbacks
 from keel.precision import Precision, cuda_tf32
 from keel.rundir.metrics import MetricsLog, decode_line, read_metrics
 from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import resolve_steps
-from keel.train import devices, distributed
+from keel.train import devices, distributed, export, restarts
 from keel.train.init import load_initial_weights
 from keel.train.performance import MfuMeter, choose_compile, peak_tflops
 from keel.train.plot import plot_run
@@ -148,13 +149,15 @@ class Trainer:
         spike = config.spike
         self.spike_detector = LossSpikeDetector(spike.window, spike.factor, spike.min_history, spike.min_rise) \
             if spike.enabled else None
-        self.callbacks = [*make_callbacks(config), *callbacks]
+        self.callbacks = [*make_callbacks(config), *unfreeze_callbacks(self.optimizer, self.world_size), *callbacks]
         check_unique_names(self.callbacks)
         self.state = TrainState(schedule_steps=config.max_steps)
         self.restored_from: Path | None = None
         self._resume = resume
         self._last_eval: dict[str, Any] = {}
         self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
+        self.export = export.ExportRequest()  # which weights model.safetensors gets (callbacks may ask for others)
+        self.keep_last = config.keep_last  # checkpoints kept besides the best (callbacks may raise it: keep_at_least)
         self._check_first_batch()
         self.peak_tflops = peak_tflops(self.device, config.mfu_peak_tflops)  # for MFU; None: unknown
         self.compiled, self._compile_reason = choose_compile(
@@ -183,6 +186,10 @@ class Trainer:
     def resolve_length(self, value: int | str, name: str) -> int:
         """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run."""
         return resolve_steps(value, name=name, **self.lengths)
+
+    def keep_at_least(self, count: int) -> None:
+        """Keep at least the newest ``count`` checkpoints (e.g. for averaging them at the end)."""
+        self.keep_last = max(self.keep_last, count)
 
     def track_best(self, metric: str, mode: str, min_delta: float = 0.0) -> None:
         """Track the best evaluation by ``metric`` (``min`` or ``max``, improving by more than ``min_delta``)
@@ -460,7 +467,7 @@ class Trainer:
             path = rundir.write_checkpoint(root, state.step, weights, payload, meta, extra)
             if state.best_checkpoint:
                 rundir.point_best(root, state.best_checkpoint)
-            rundir.prune(root, self.config.keep_last, protect={state.best_checkpoint})
+            rundir.prune(root, self.keep_last, protect={state.best_checkpoint})
         finally:
             self.dist.barrier()
         return path
@@ -590,7 +597,9 @@ class Trainer:
             plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / rundir.LOSS_PLOT, self.tokens_per_step,
                      title=str(self.run_dir), counted=self._counted)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
-        raise TrainingUnstableError(f"{message}; {where}")
+        restart = "" if self.config.restarts else ("; to start a diverged run again with a new seed, set restarts: N "
+                                                    "(docs/stability.md)")
+        raise TrainingUnstableError(f"{message}; {where}{restart}")
 
     def _finish(self) -> dict[str, Any]:
         self.metrics.close()
@@ -614,6 +623,7 @@ class Trainer:
         }
         for callback in self.callbacks:
             callback.on_run_end(self, summary)
+        exported = export.finish(self, summary, evals)
         weights = self.dist.model_state_dict(self.model)
         if self.dist.is_main:
             write_safetensors(self.run_dir / rundir.MODEL_WEIGHTS, {k: v.detach() for k, v in weights.items()})
@@ -621,10 +631,13 @@ class Trainer:
         reference = "".join(f" vs {k.replace('_', ' ')} {v:.4f}" for k, v in self.task.reference_metrics().items())
         accuracy = f", val_accuracy {summary['val_accuracy']:.4f}" if "val_accuracy" in summary else ""
         best = f"; best step {summary['best_step']}" if "best_step" in summary else ""
-        self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f}{reference}{accuracy} after "
+        self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f}{reference}{accuracy}{exported} after "
                   f"{self.state.step} steps ({self.state.examples:,} examples, {self.state.tokens:,} "
                   f"{self._counted}, {self.state.elapsed:.1f} s, "
                   f"{self.state.skipped} skipped){best}")
+        if "last" in summary:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["last"].items() if k != "step")
+            self._say(f"  last evaluation (step {summary['last']['step']}): {shown}")
         self._say(f"wrote {self.run_dir}/{rundir.CONFIG}, {rundir.METRICS}, {rundir.LOSS_PLOT}, {rundir.MODEL_WEIGHTS}, "
                   f"{rundir.CHECKPOINTS}/")
         return summary
@@ -781,5 +794,15 @@ def train(
         raise KeelError("train: train_data, val_data and loss_fn go with model=; allowed: model=... too, or a task")
     if task is not None and config.task == "lm":
         config = config.model_copy(update={"task": "python"})
-    return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
-                   allow_world_size_change=allow_world_size_change).fit()
+    if not config.restarts:
+        return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
+                       allow_world_size_change=allow_world_size_change).fit()
+    initial = restarts.initial_weights(task)  # a model built before train(): each attempt starts from its weights
+
+    def attempt(config: TrainConfig, resume: bool) -> dict[str, Any]:
+        restarts.restore(task, initial)
+        return Trainer(config, callbacks, run_dir=where, resume=resume, quiet=quiet, task=task,
+                       allow_world_size_change=allow_world_size_change).fit()
+
+    where = Path(run_dir or config.out_dir or default_run_dir())
+    return restarts.fit(config, attempt, where, resume, say=(lambda _: None) if quiet else print)
