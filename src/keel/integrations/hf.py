@@ -54,6 +54,7 @@ from keel.diagnose.update_ratio import UpdateRatio as UpdateRatioUnit
 from keel.errors import KeelError, TrainingUnstableError
 from keel.grad import Clipper, ClipConfig, NonFiniteConfig, grads_are_finite
 from keel.integrations.scheduler import KeelLRScheduler, optimizer_and_scheduler
+from keel.rundir.layout import AVERAGED_WEIGHTS
 from keel.safetensors_io import SafetensorsReader, write_safetensors
 from keel.timeunits import resolve_steps
 
@@ -373,7 +374,7 @@ class CheckpointAverage(TrainerCallback):
             return
         averaged = average_checkpoints(self.files)
         if state.is_world_process_zero:
-            write_safetensors(Path(args.output_dir) / "averaged.safetensors", averaged,
+            write_safetensors(Path(args.output_dir) / AVERAGED_WEIGHTS, averaged,
                               metadata={"format": "pt", "keel_average": "checkpoints"})
         if self.load:
             device = next(model.parameters()).device

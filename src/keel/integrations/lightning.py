@@ -56,6 +56,7 @@ from keel.errors import KeelError, TrainingUnstableError
 from keel.grad import Clipper, ClipConfig, LossSpikeDetector, NonFiniteConfig, SpikeConfig, all_ranks_agree, \
     grads_are_finite
 from keel.integrations.scheduler import KeelLRScheduler, make_schedule, optimizer_and_scheduler
+from keel.rundir.layout import AVERAGED_WEIGHTS
 from keel.safetensors_io import write_safetensors
 from keel.timeunits import resolve_steps
 
@@ -454,7 +455,7 @@ class CheckpointAverage(KeelCallback):
         trainer.strategy.barrier()  # the newest snapshot is written before any rank reads it
         averaged = average_checkpoints(self.files)
         if trainer.is_global_zero:
-            self.averaged = self.folder / "averaged.safetensors"
+            self.averaged = self.folder / AVERAGED_WEIGHTS
             write_safetensors(self.averaged, averaged, metadata={"format": "pt", "keel_average": "checkpoints"})
         if self.load:
             pl_module.load_state_dict({k: v.to(pl_module.device) for k, v in averaged.items()})
