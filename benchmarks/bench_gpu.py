@@ -640,6 +640,8 @@ def report(data: dict) -> str:
              f"batch {b['batch']}; random tokens. MFU against {data['peak']} TFLOP/s (6N + 12 L d T FLOPs per token, "
              "N counting the output head's matrix). \"before\": the figures issue 21 measured on an H200 with torch "
              "2.11 before this work.", ""]
+    if data.get("interrupted"):
+        lines += [f"Interrupted by its time limit during: {data['interrupted']} (no figures of that section).", ""]
     if data.get("skipped"):
         lines += [f"Not run (past the time limit): {', '.join(data['skipped'])}.", ""]
     for name, error in data.get("errors", {}).items():
@@ -794,6 +796,20 @@ def main(argv: list[str] | None = None) -> dict:
             "sections": {}, "skipped": [], "errors": {}, "targets": TARGETS, "before": BEFORE}
     functions = {"trainer": section_trainer, "precision": section_precision, "optimizers": section_optimizers,
                  "muon": section_muon, "soap": section_soap, "headline": section_headline}
+    def publish() -> str:
+        """Write what has been measured so far: a run cut short (time limit, Ctrl-C) keeps every finished section."""
+        data["minutes"] = (time.time() - started) / 60
+        body = report(data)
+        if args.out or args.smoke:
+            out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="keel-bench-gpu-out-"))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "gpu.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+            (out / "gpu.md").write_text(body)
+        else:
+            write_json("gpu", json.loads(json.dumps(data, default=str)))
+            write_section("GPU", body)
+        return body
+
     try:
         for name in chosen:
             expected = 0 if args.smoke else EXPECTED_SECONDS[name]
@@ -807,19 +823,16 @@ def main(argv: list[str] | None = None) -> dict:
                 data["errors"][name] = f"{type(error).__name__}: {error}\n{traceback.format_exc()[-3000:]}"
                 say(f"{name}: failed ({type(error).__name__}: {error})")
                 free_memory()
+            if not args.smoke:
+                publish()
+    except KeyboardInterrupt:  # SIGINT from a time limit: the sections measured so far are written below
+        data["interrupted"] = name
+        data["skipped"].extend(chosen[chosen.index(name) + 1:])
+        say(f"{name}: interrupted; writing the sections measured so far")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    data["minutes"] = (time.time() - started) / 60
-    body = report(data)
+    body = publish()
     print(body)
-    if args.out or args.smoke:
-        out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="keel-bench-gpu-out-"))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-        (out / "gpu.md").write_text(body)
-    else:
-        write_json("gpu", data)
-        write_section("GPU", body)
     return data
 
 
