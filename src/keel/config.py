@@ -110,11 +110,12 @@ class TrainConfig(_Block):
         "digits, a small CNN), or 'package.module:factory' returning a keel Task.",
     )
     task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task's factory.")
-    recipe: Literal["baseline", "fast"] | None = Field(
+    recipe: Literal["baseline", "gpt-loop", "fast"] | None = Field(
         None, description="A named recipe that fills in optimizer, schedule, clipping and techniques (keys the "
         "config gives win, key by key): 'fast' (Muon + warmup-stable-decay + sequence-length warmup, the measured "
-        "winner of benchmarks/bench_recipes.py; docs/recipes.md) or 'baseline' (AdamW, warmup, cosine to a tenth "
-        "of the peak, clipping at 1.0). null: fast for task lm, baseline for other tasks.",
+        "winner of benchmarks/bench_recipes.py; docs/recipes.md), 'baseline' (AdamW, warmup from 0, cosine to a "
+        "tenth of the peak, clipping at 1.0) or 'gpt-loop' (the GPT training loop exactly: warmup from 3e-5, cosine "
+        "to 1e-6, clipping from the end of warmup). null: fast for task lm, baseline for other tasks.",
     )
     init_from: str | None = Field(
         None, description="Start from pretrained weights: a keel run directory (its best, else newest, checkpoint), "
@@ -140,8 +141,20 @@ class TrainConfig(_Block):
     out_dir: str | None = Field(None, description="Run directory (default: runs/<date>-<time>).")
     grad_accum: int = Field(1, ge=1, le=MAX_GRAD_ACCUM,
                             description="Micro-batches accumulated into one optimizer update (at most 65536).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast dtype for forward passes; weights and optimizer state stay fp32."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype for forward passes; weights and optimizer state stay fp32. 'auto': bf16 "
+        "on a CUDA device with bf16 (A100, H100, ...), fp16 with loss scaling on older CUDA devices, fp32 on the CPU."
+    )
+    tf32: bool = Field(True, description="On CUDA, float32 matrix products run on TF32 tensor cores (Ampere and "
+                       "later; about 2-3x faster, 10 mantissa bits in the inputs); false: full float32.")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the model (and keel's own optimizers' update kernels). 'auto': on CUDA "
+        "when the run is long enough to repay the compile (its estimated eager training time >= 10 minutes; "
+        "docs/performance.md); never on the CPU.",
+    )
+    mfu_peak_tflops: float | None = Field(
+        None, gt=0, description="Peak TFLOP/s that MFU (model FLOPs utilisation, in step records and the progress "
+        "line) is measured against; null: the GPU's dense bf16 peak from keel's table (none on the CPU).",
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
     deterministic: bool = Field(
@@ -181,7 +194,13 @@ class TrainConfig(_Block):
         "schedule keeps the planned length; after it the LR stays at its final value) or 'new_decay' (from the "
         "resume point a cosine decay from the current LR to the schedule's final LR over the new length).",
     )
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
+    restarts: int = Field(
+        0, ge=0, le=1000, description="When the run diverges (stopped for non-finite updates or a loss spike it "
+        "cannot roll back), start it again with seed + 1, up to this many times; each failed attempt moves to "
+        "restarts/attempt_<k>_seed_<seed>/ in the run directory (docs/stability.md).",
+    )
+    keep_last: int = Field(5, ge=1, description="Checkpoints kept besides the best by validation loss (5: `keel "
+                           "average RUN --last 5` works on a default run; average.last raises it).")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
     progress_interval: Time | str = Field(
         "30s", description="Without a terminal (CI, nohup, cluster logs), print a progress line every this long: "
@@ -267,6 +286,13 @@ class TrainConfig(_Block):
     @classmethod
     def _task_syntax(cls, value: str) -> str:
         return check_task_name(value)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_choice(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"{value!r} is not a choice; allowed: auto, true, false")
 
     @field_validator("progress_interval", mode="before")
     @classmethod
@@ -388,6 +414,18 @@ class TrainConfig(_Block):
                     "allowed without it: false"
                 ) from error
         return self
+
+    def precision_on(self, device: str) -> str:
+        """``precision`` with auto resolved for ``device`` (``keel.precision.resolve_precision``)."""
+        if self.precision != "auto":
+            return self.precision
+        import torch
+
+        from keel.precision import resolve_precision
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_precision("auto", device)[0]
 
     def technique(self, key: str) -> BaseModel:
         """The validated block of technique ``key`` (also reachable as ``config.<key>``)."""

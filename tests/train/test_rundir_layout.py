@@ -13,8 +13,9 @@ from keel.errors import KeelError
 ROOT = Path(__file__).resolve().parents[2]
 FILE_NAMES = {rundir.CONFIG, rundir.METRICS, rundir.LOCK, rundir.LOSS_PLOT, rundir.MODEL_WEIGHTS, rundir.STATE,
               rundir.MANIFEST, rundir.RAW_WEIGHTS, rundir.DIAGNOSIS, rundir.RECOMMENDED, rundir.GRAD_NORM_PLOT,
-              rundir.UPDATE_RATIO_PLOT}
-PATH_PARTS = FILE_NAMES | {rundir.CHECKPOINTS, rundir.SNAPSHOTS, rundir.TENSORBOARD, rundir.LATEST, rundir.BEST}
+              rundir.UPDATE_RATIO_PLOT, rundir.AVERAGED_WEIGHTS, rundir.RESTARTS_RECORD}
+PATH_PARTS = FILE_NAMES | {rundir.CHECKPOINTS, rundir.SNAPSHOTS, rundir.TENSORBOARD, rundir.LATEST, rundir.BEST,
+                           rundir.RESTARTS}
 
 
 def test_run_dir_paths():
@@ -28,6 +29,8 @@ def test_run_dir_paths():
     assert run.best_pointer == Path("runs/x/checkpoints/best")
     assert run.checkpoint(120) == run.checkpoint("step_00000120") == Path("runs/x/checkpoints/step_00000120")
     assert run.snapshot(7) == Path("runs/x/snapshots/step_00000007.safetensors")
+    assert run.averaged_weights == Path("runs/x/averaged.safetensors")
+    assert run.restart_attempt(2, 7) == Path("runs/x/restarts/attempt_2_seed_7")
     assert rundir.run_of_checkpoint(run.checkpoint(120)) == rundir.run_of_checkpoint(run.checkpoints) == run.path
     assert rundir.run_of_checkpoint("elsewhere/step_00000120") is None
 
@@ -54,7 +57,8 @@ def test_checkpoint_weights_by_kind(tmp_path):
     (ckpt / "raw.safetensors").write_bytes(b"")  # ema.checkpoint_weights=ema: model.safetensors holds the EMA
     assert rundir.checkpoint_weights(ckpt) == ckpt / "raw.safetensors"
     assert rundir.checkpoint_weights(ckpt, "ema") == ckpt / "ema.safetensors"
-    with pytest.raises(KeelError, match=r"weights: '\.\./x' is not a weights name; allowed: raw, ema"):
+    assert rundir.checkpoint_weights(ckpt, "model") == ckpt / "model.safetensors"  # what it holds: here the EMA
+    with pytest.raises(KeelError, match=r"weights: '\.\./x' is not a weights name; allowed: raw, model, ema"):
         rundir.weights_name("../x")
 
 

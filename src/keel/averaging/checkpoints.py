@@ -29,6 +29,10 @@ _CHUNK_BYTES = 1 << 20  # read slice: small enough to stay in cache between the 
 PathLike = str | os.PathLike
 
 
+#: The default of ``weights``: what each checkpoint holds as its weights (its model.safetensors; rundir.checkpoint_weights).
+CHECKPOINT_WEIGHTS = "model"
+
+
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
     """The checkpoints under `folder` (named exactly step_XXXXXXXX, manifest written), oldest first."""
     return [(rundir.checkpoint_step(path.name), path) for path in rundir.list_checkpoints(folder)]
@@ -55,13 +59,13 @@ def resolve_checkpoints(
     best: int | None = None,
     metric: str = "val_loss",
     mode: str = "min",
-    weights: str = "raw",
+    weights: str = CHECKPOINT_WEIGHTS,
 ) -> list[Path]:
     """The weight files named by `inputs`, oldest first.
 
-    Each input is a `.safetensors` file, a keel checkpoint directory (step_XXXXXXXX, whose raw weights
-    `model.safetensors`, or `raw.safetensors` where the checkpoint holds EMA weights, or `<weights>.safetensors` is
-    taken), a run's `checkpoints/` folder, or a run directory (all its checkpoints).
+    Each input is a `.safetensors` file, a keel checkpoint directory (step_XXXXXXXX: the file of `weights` in it,
+    see `keel.rundir.checkpoint_weights`; by default its `model.safetensors`, what the checkpoint holds), a run's
+    `checkpoints/` folder, or a run directory (all its checkpoints).
     `last=N` keeps the newest N; `best=k` keeps the k with the best `metric` in the run's metrics.jsonl
     (lowest for mode "min"), in step order.
     """
@@ -97,7 +101,7 @@ def resolve_checkpoints(
             if not file.exists():
                 raise KeelError(
                     f"average: {str(step_dir)!r} has no {filename} (weights={weights!r}); "
-                    f"enable that average in training or use weights='raw'"
+                    f"enable that average in training or use weights='model'"
                 )
             entries.append((file, step, run_dir))
     if not entries:
@@ -128,7 +132,9 @@ def resolve_checkpoints(
                 raise KeelError(f"last: {last!r} is not positive")
             if last > len(files):
                 raise KeelError(f"last: {last} checkpoints asked for, but only {len(files)} exist in "
-                                f"{', '.join(repr(str(p)) for p in inputs)}; allowed: --last {len(files)} or fewer")
+                                f"{', '.join(repr(str(p)) for p in inputs)}; allowed: --last {len(files)} or fewer "
+                                f"(a run keeps its last keep_last checkpoints and the best: train with keep_last: "
+                                f"{last} or average.last: {last} to keep {last})")
             files = files[-last:]
     checkpoint_files = {file for file, step, _ in entries if step is not None}
     for file in files:
@@ -238,7 +244,7 @@ def _average(inputs, *, weights, prefix, dtype, last=None, best=None, metric="va
 def average_checkpoints(
     paths: Sequence[PathLike],
     *,
-    weights: str = "raw",
+    weights: str = CHECKPOINT_WEIGHTS,
     prefix: str | None = None,
     dtype: str | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -263,7 +269,7 @@ def average_checkpoints_to_file(
     best: int | None = None,
     metric: str = "val_loss",
     mode: str = "min",
-    weights: str = "raw",
+    weights: str = CHECKPOINT_WEIGHTS,
     prefix: str | None = None,
     dtype: str | None = None,
 ) -> dict:

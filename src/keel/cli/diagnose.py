@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
         "diagnose",
         help="diagnose a run (learning curves, gradient norms, update ratios, instability) or a config (sanity "
              "checks, LR sweep, instability probe, warmup search)",
-        description="keel diagnose RUN_DIR: read a run and report findings with their evidence. keel diagnose "
+        description="keel diagnose RUN_DIR: read a run (keel's, a Lightning log directory, or a Hugging Face "
+                    "trainer_state.json or output directory) and report findings with their evidence. keel diagnose "
                     "--config CONFIG [key=value ...]: run the Tuning Playbook's procedures on a config as short "
                     "trainings within --budget. Both write diagnosis.json and recommended.yaml.",
     )
@@ -59,9 +60,10 @@ def _run_dir(run_dir: Path, quiet: bool) -> int:
     from keel.diagnose.run import diagnose_run, load_run, write_plots
 
     diagnosis, raw = diagnose_run(run_dir, report=lambda m: None if quiet else print(m))
+    source, run_dir = run_dir, run_dir if run_dir.is_dir() else run_dir.parent  # a trainer_state.json: beside it
     path = diagnosis.write(run_dir)
     written = [path.name]
-    records, _ = load_run(run_dir)
+    records, _ = load_run(source)
     written += [p.name for p in write_plots(run_dir, records, raw)]
     if raw is not None:
         try:

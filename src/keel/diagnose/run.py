@@ -54,14 +54,20 @@ class RunRecords:
 def load_run(run_dir: str | Path, report=lambda message: None) -> tuple[RunRecords, dict[str, Any] | None]:
     """The run's records and its raw config (None when it has none); KeelError when there are no metrics."""
     from keel.config import load_yaml
+    from keel.diagnose.readers import read_other_run
 
     run_dir = Path(run_dir)
+    other = read_other_run(run_dir, report)  # a Lightning log or an HF trainer_state.json: keel's records, no config
+    if other is not None:
+        return RunRecords(other), None
     if not run_dir.is_dir():
-        raise KeelError(f"RUN_DIR '{run_dir}' does not exist; allowed: a keel run directory")
+        raise KeelError(f"RUN_DIR '{run_dir}' does not exist; allowed: a keel run directory, a Lightning log "
+                        "directory or a Hugging Face trainer_state.json")
     path = run_dir / rundir.METRICS
     if not path.is_file():
         raise KeelError(f"'{run_dir}' has no {rundir.METRICS}; allowed: a keel run directory (keel train writes "
-                        f"{rundir.METRICS} from its first step)")
+                        f"{rundir.METRICS} from its first step), a Lightning log directory (metrics.csv or TensorBoard "
+                        "event files) or a Hugging Face output directory (trainer_state.json)")
     records = RunRecords(read_metrics(path))
     if not records.steps:
         raise KeelError(f"'{path}' holds no training step yet; allowed: a run that has logged at least one step")
@@ -404,7 +410,7 @@ def instability_events(diagnosis: Diagnosis, records: RunRecords, context: dict[
     limit = _early_limit(records, planned)
     found: list[dict[str, Any]] = []
     for event in records.events:
-        if event.get("event") in ("spike", "skipped", "rollback", "stopped"):
+        if event.get("event") in ("spike", "skipped", "rollback", "stopped", "nonfinite"):
             value = event.get("spike_loss", event.get("loss"))
             step = int(event.get("step", 0))
             same = next((e for e in found if e["step"] == step and e["event"] == event["event"]), None)

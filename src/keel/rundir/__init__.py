@@ -8,6 +8,8 @@ Layout::
       metrics.jsonl           one strict-JSON record per line (keel.rundir.metrics)
       loss.png  tensorboard/  snapshots/step_XXXXXXXX.safetensors
       model.safetensors       the final weights, written when the run ends
+      averaged.safetensors    average.last: the mean of the last N checkpoints, written when the run ends
+      restarts/               restarts: N: each failed attempt in attempt_<k>_seed_<seed>/, restarts.jsonl
       diagnosis.json  recommended.yaml  grad_norm.png  update_ratio.png     written by ``keel diagnose RUN``
       checkpoints/
         step_00000100/        one checkpoint: exactly "step_" and 8 digits
@@ -53,6 +55,7 @@ from keel.rundir.checkpoint import (
 )
 from keel.rundir.files import Report, atomic_write_text
 from keel.rundir.layout import (
+    AVERAGED_WEIGHTS,
     BEST,
     CHECKPOINTS,
     CONFIG,
@@ -68,6 +71,8 @@ from keel.rundir.layout import (
     RAW_WEIGHTS,
     RECOMMENDED,
     REQUIRED_FILES,
+    RESTARTS,
+    RESTARTS_RECORD,
     SNAPSHOT_FILE,
     SNAPSHOTS,
     STATE,
@@ -90,8 +95,9 @@ from keel.rundir.manifest import read_manifest, verify
 from keel.rundir.start import check_new_run_dir, prepare_run_dir, read_run_config
 
 __all__ = [
-    "BEST", "CHECKPOINTS", "CONFIG", "CONFIG_META_KEY", "DIAGNOSIS", "GRAD_NORM_PLOT", "LATEST", "LOCK", "LOSS_PLOT",
-    "MANIFEST", "METRICS", "MODEL_WEIGHTS", "RAW_WEIGHTS", "RECOMMENDED", "REQUIRED_FILES", "SNAPSHOTS",
+    "AVERAGED_WEIGHTS", "BEST", "CHECKPOINTS", "CONFIG", "CONFIG_META_KEY", "DIAGNOSIS", "GRAD_NORM_PLOT", "LATEST",
+    "LOCK", "LOSS_PLOT", "MANIFEST", "METRICS", "MODEL_WEIGHTS", "RAW_WEIGHTS", "RECOMMENDED", "REQUIRED_FILES",
+    "RESTARTS", "RESTARTS_RECORD", "SNAPSHOTS",
     "SNAPSHOT_FILE", "STATE", "STEP_DIR", "TENSORBOARD", "UPDATE_RATIO_PLOT", "KeelError", "Report", "RunDir",
     "RunLock", "atomic_write_text", "check_new_run_dir", "checkpoint_step", "checkpoint_weights", "list_checkpoints",
     "list_snapshots", "load_checkpoint", "load_latest", "newest_intact", "point_best", "point_latest",

@@ -36,6 +36,9 @@ BEST = "best"  # pointer: the name of the best checkpoint by the tracked metric
 STATE = "state.pt"  # everything but the weights, read with torch.load(weights_only=True)
 MANIFEST = "manifest.json"  # written last: the completion marker
 RAW_WEIGHTS = "raw.safetensors"  # the raw weights where model.safetensors holds the EMA (ema.checkpoint_weights=ema)
+AVERAGED_WEIGHTS = "averaged.safetensors"  # average.last: the mean of the last N checkpoints, beside model.safetensors
+RESTARTS = "restarts"  # restarts: N: the failed attempts, each in attempt_<k>_seed_<seed>/
+RESTARTS_RECORD = "restarts.jsonl"  # in restarts/: one line per restart
 REQUIRED_FILES = (MODEL_WEIGHTS, STATE)
 CONFIG_META_KEY = "config"  # manifest["meta"][CONFIG_META_KEY]: the run's config text
 
@@ -77,6 +80,19 @@ class RunDir:
     def model_weights(self) -> Path:
         """The final weights, written when the run ends."""
         return self.path / MODEL_WEIGHTS
+
+    @property
+    def averaged_weights(self) -> Path:
+        """The mean of the last checkpoints (``average.last``), written when the run ends."""
+        return self.path / AVERAGED_WEIGHTS
+
+    @property
+    def restarts(self) -> Path:
+        """The failed attempts of a run with ``restarts`` (each in its own folder) and their record."""
+        return self.path / RESTARTS
+
+    def restart_attempt(self, attempt: int, seed: int) -> Path:
+        return self.restarts / f"attempt_{attempt}_seed_{seed}"
 
     @property
     def tensorboard(self) -> Path:
@@ -125,18 +141,19 @@ def run_of_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 
 
 def weights_name(weights: str = "raw") -> str:
-    """The file of a checkpoint holding its ``weights``: ``raw`` -> model.safetensors, ``ema`` -> ema.safetensors
-    (an averaging callback's ``<name>.safetensors``); KeelError for a name that cannot be a file's."""
-    if weights == "raw":
+    """The file of a checkpoint holding its ``weights``: ``raw`` and ``model`` -> model.safetensors, ``ema`` ->
+    ema.safetensors (an averaging callback's ``<name>.safetensors``); KeelError for a name that cannot be a file's."""
+    if weights in ("raw", "model"):
         return MODEL_WEIGHTS
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", weights):
-        raise KeelError(f"weights: {weights!r} is not a weights name; allowed: raw, ema, polyak, swa, ...")
+        raise KeelError(f"weights: {weights!r} is not a weights name; allowed: raw, model, ema, polyak, swa, ...")
     return f"{weights}.safetensors"
 
 
 def checkpoint_weights(ckpt_dir: str | os.PathLike, weights: str = "raw") -> Path:
-    """The weights file of checkpoint ``ckpt_dir`` for ``weights`` (``weights_name``); for ``raw``, its
-    raw.safetensors where it has one (``ema.checkpoint_weights: ema``: model.safetensors holds the EMA there)."""
+    """The weights file of checkpoint ``ckpt_dir`` for ``weights`` (``weights_name``): ``model`` its
+    model.safetensors, whatever it holds; ``raw`` the trained weights, its raw.safetensors where it has one
+    (``ema.checkpoint_weights: ema``: model.safetensors holds the EMA there)."""
     ckpt_dir = Path(ckpt_dir)
     if weights == "raw" and (ckpt_dir / RAW_WEIGHTS).is_file():
         return ckpt_dir / RAW_WEIGHTS

@@ -26,14 +26,17 @@ from keel import optim, rundir, schedules, tasks
 from keel.config import TrainConfig, dump_config
 from keel.errors import KeelError
 from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
-from keel.precision import Precision
+from keel.optim.multi_tensor import follow_compile_choice
+from keel.optim.unfreezing import unfreeze_callbacks
+from keel.precision import Precision, cuda_tf32
 from keel.rundir.metrics import MetricsLog, decode_line, read_metrics
 from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import Time, Timeline
-from keel.train import devices, distributed
+from keel.train import devices, distributed, export, restarts
 from keel.train.init import load_initial_weights
+from keel.train.performance import MfuMeter, choose_compile, peak_tflops
 from keel.train.plot import plot_run
 from keel.train.resume_policy import build_schedule, resume_schedule
 
@@ -164,7 +167,7 @@ class Trainer:
         distributed.seed_rank(config.seed, self.rank)  # each rank its own dropout stream
         self._counted = self.task.token_unit  # what the clock's token count counts: tokens, or targets
         self.lr_factor = config.lr_scaling.factor or 1.0  # lr_scaling: global batch / base batch (or its sqrt)
-        self.callbacks = [*make_callbacks(config), *callbacks]
+        self.callbacks = [*make_callbacks(config), *callbacks]  # the techniques' first: their projections shape time
         check_unique_names(self.callbacks)
         self.timeline = self._build_timeline()  # every length in time units resolves against it
         self.total_steps = self.timeline.total_steps  # the run's length in steps, as projected
@@ -175,12 +178,26 @@ class Trainer:
         spike = config.spike
         self.spike_detector = LossSpikeDetector(spike.window, spike.factor, spike.min_history, spike.min_rise) \
             if spike.enabled else None
+        techniques = len(self.callbacks) - len(callbacks)  # the optimizer's own callbacks go after the techniques
+        self.callbacks[techniques:techniques] = unfreeze_callbacks(self.optimizer, self.world_size)
+        check_unique_names(self.callbacks)
         self.state = TrainState(schedule_steps=self.total_steps)
         self.restored_from: Path | None = None
         self._resume = resume
         self._last_eval: dict[str, Any] = {}
         self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
+        self.export = export.ExportRequest()  # which weights model.safetensors gets (callbacks may ask for others)
+        self.keep_last = config.keep_last  # checkpoints kept besides the best (callbacks may raise it: keep_at_least)
         self._check_first_batch()
+        self.peak_tflops = peak_tflops(self.device, config.mfu_peak_tflops)  # for MFU; None: unknown
+        weighed = config.compile == "auto" and self.device.type == "cuda"  # the tokens the run is projected to train
+        run_tokens = self.timeline.projected(self.total_steps)[1] if weighed else 0.0
+        self.compiled, self._compile_reason = choose_compile(
+            config.compile, self.device, self.task.flops_per_token(self.model), run_tokens / self.total_steps,
+            self.total_steps, self.peak_tflops)
+        if self.compiled:  # the forward pass compiled; self.model (checkpoints, evaluation) stays the module itself
+            self.train_model = torch.compile(self.train_model)
+        follow_compile_choice(self.optimizer, config.compile)  # true/false also decide keel's update kernels
         self._config_text = dump_config(config)
         self.step_metrics: dict[str, Any] = {}  # callbacks' keys for the next step record (e.g. seq_len)
 
@@ -206,6 +223,10 @@ class Trainer:
         which the clock is projected to reach it (``Timeline.steps``)."""
         return self.timeline.steps(value, name)
 
+    def keep_at_least(self, count: int) -> None:
+        """Keep at least the newest ``count`` checkpoints (e.g. for averaging them at the end)."""
+        self.keep_last = max(self.keep_last, count)
+
     def track_best(self, metric: str, mode: str, min_delta: float = 0.0) -> None:
         """Track the best evaluation by ``metric`` (``min`` or ``max``, improving by more than ``min_delta``)
         instead of val_loss, and checkpoint each evaluation that improves it, so ``load_best_weights`` can restore
@@ -222,6 +243,8 @@ class Trainer:
             with contextlib.ExitStack() as lock:  # rank 0 takes the lock; a second process on this run is refused
                 self.dist.on_main(lambda: lock.enter_context(rundir.RunLock(
                     rundir.prepare_run_dir(self.run_dir, self._resume), report=self._say)))
+                if self.device.type == "cuda":  # TF32 matmuls for float32 work (tf32), restored afterwards
+                    lock.enter_context(cuda_tf32(self.config.tf32))
                 return self._fit()
         finally:
             devices.restore(kernels)
@@ -244,6 +267,7 @@ class Trainer:
                   f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
                   f"{tokens:,.0f} {self._counted} per step; run length {config.run_length}{length}; "
                   f"run directory: {self.run_dir}")
+        self._say(self._describe_speed())
         for line in self._describe_ranks():
             self._say(line)
         for callback in self.callbacks:
@@ -258,9 +282,11 @@ class Trainer:
                              unit=f"{self._counted}/s")
         started, tokens_at_start = time.perf_counter(), state.tokens
         elapsed_at_start = state.elapsed
+        meter, mfu = MfuMeter(self.peak_tflops, self.world_size), None
 
         timeline, duration = self.timeline, config.run_length
         while not timeline.reached(duration, state) and not any(cb.should_stop for cb in self.callbacks):
+            meter.start_step()
             lr = self.schedule(state.step) * state.lr_multiplier * self.lr_factor
             schedules.set_lr(optimizer, lr)
             for callback in self.callbacks:
@@ -309,20 +335,25 @@ class Trainer:
 
             before = Clock(state.step, state.examples, state.tokens)
             state.advance(n_examples, n_tokens)
+            meter.end_step(n_tokens)
             state.elapsed = elapsed_at_start + time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_step_end(self)
             last = timeline.reached(duration, state)
             if (state.step - 1) % config.log_interval == 0 or last:
+                if meter.peak is not None:  # MFU of the steps since the last record (known peak and FLOPs)
+                    mfu = meter.read(task.flops_per_token(self.model, micro_batches[0]))
                 self.log({"step": state.step - 1, "tokens": before.tokens, "lr": lr, "loss": loss_value,
                           "grad_norm": clip.norm, "clipped": clip.clipped, "skipped": state.skipped,
-                          "time": round(state.elapsed, 4), **task.step_metrics(micro_batches), **self.step_metrics})
+                          "time": round(state.elapsed, 4), **({"mfu": round(mfu, 4)} if mfu is not None else {}),
+                          **task.step_metrics(micro_batches), **self.step_metrics})
             if not bar.disable or progress.enabled:
                 speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}",
+                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}), refresh=False)
                 bar.update(1)
                 progress.maybe_print(state, before, timeline, self.total_steps, loss_value, lr, speed,
-                                     state.elapsed - elapsed_at_start)
+                                     state.elapsed - elapsed_at_start, mfu)
 
             last = last or any(cb.should_stop for cb in self.callbacks)
             improved = False
@@ -480,7 +511,7 @@ class Trainer:
             path = rundir.write_checkpoint(root, state.step, weights, payload, meta, extra)
             if state.best_checkpoint:
                 rundir.point_best(root, state.best_checkpoint)
-            rundir.prune(root, self.config.keep_last, protect={state.best_checkpoint})
+            rundir.prune(root, self.keep_last, protect={state.best_checkpoint})
         finally:
             self.dist.barrier()
         return path
@@ -610,7 +641,9 @@ class Trainer:
             plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / rundir.LOSS_PLOT, self.state,
                      title=str(self.run_dir), counted=self._counted)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
-        raise TrainingUnstableError(f"{message}; {where}")
+        restart = "" if self.config.restarts else ("; to start a diverged run again with a new seed, set restarts: N "
+                                                    "(docs/stability.md)")
+        raise TrainingUnstableError(f"{message}; {where}{restart}")
 
     def _finish(self) -> dict[str, Any]:
         self.metrics.close()
@@ -634,6 +667,7 @@ class Trainer:
         }
         for callback in self.callbacks:
             callback.on_run_end(self, summary)
+        exported = export.finish(self, summary, evals)
         weights = self.dist.model_state_dict(self.model)
         if self.dist.is_main:
             write_safetensors(self.run_dir / rundir.MODEL_WEIGHTS, {k: v.detach() for k, v in weights.items()})
@@ -641,10 +675,13 @@ class Trainer:
         reference = "".join(f" vs {k.replace('_', ' ')} {v:.4f}" for k, v in self.task.reference_metrics().items())
         accuracy = f", val_accuracy {summary['val_accuracy']:.4f}" if "val_accuracy" in summary else ""
         best = f"; best step {summary['best_step']}" if "best_step" in summary else ""
-        self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f}{reference}{accuracy} after "
+        self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f}{reference}{accuracy}{exported} after "
                   f"{self.state.step} steps ({self.state.examples:,} examples, {self.state.tokens:,} "
                   f"{self._counted}, {self.state.elapsed:.1f} s, "
                   f"{self.state.skipped} skipped){best}")
+        if "last" in summary:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["last"].items() if k != "step")
+            self._say(f"  last evaluation (step {summary['last']['step']}): {shown}")
         self._say(f"wrote {self.run_dir}/{rundir.CONFIG}, {rundir.METRICS}, {rundir.LOSS_PLOT}, {rundir.MODEL_WEIGHTS}, "
                   f"{rundir.CHECKPOINTS}/")
         return summary
@@ -675,6 +712,17 @@ class Trainer:
         clip = self.config.clip
         clipping = {"none": "no clipping", "norm": f"clip {clip.max_norm:g}"}.get(clip.mode, f"clip {clip.mode}")
         return f"{self.config.optimizer['name']}, {self.config.schedule['name']}, {clipping}"
+
+    def _describe_speed(self) -> str:
+        """The start line saying what was chosen for speed: device, precision, TF32, compile, the MFU peak."""
+        cuda = self.device.type == "cuda"
+        device = f"{self.device} ({torch.cuda.get_device_name(self.device)})" if cuda else str(self.device)
+        precision = self.precision.mode + ("" if self.precision.reason == "given" else f" ({self.precision.reason})")
+        tf32 = f"; TF32 matmuls {'on' if self.config.tf32 else 'off (tf32: false)'}" if cuda else ""
+        compiled = f"compile {'on' if self.compiled else 'off'} ({self._compile_reason})"
+        peak = "MFU not measured (no peak known: set mfu_peak_tflops)" if self.peak_tflops is None else \
+            f"MFU against {self.peak_tflops:g} TFLOP/s"
+        return f"speed: {device}; precision {precision}{tf32}; {compiled}; {peak}"
 
     def _describe_ranks(self) -> list[str]:
         """Start lines for data parallelism and LR scaling (none for one process without scaling)."""
@@ -720,7 +768,7 @@ class _Progress:
         self._last = time.perf_counter()
 
     def maybe_print(self, state: TrainState, before: Clock, timeline: Timeline, max_steps: int, loss: float,
-                    lr: float, speed: float, elapsed: float) -> None:
+                    lr: float, speed: float, elapsed: float, mfu: float | None = None) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -733,7 +781,8 @@ class _Progress:
         self._last = now
         rate = state.step / max(elapsed, 1e-9)
         eta = (max_steps - state.step) / rate if state.step else math.nan
-        print(f"step {state.step}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {speed:,.0f} {self.unit} | "
+        shown = f" | MFU {mfu:.1%}" if mfu is not None else ""
+        print(f"step {state.step}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {speed:,.0f} {self.unit}{shown} | "
               f"ETA {_duration(eta)}", flush=True)
 
 
@@ -799,5 +848,15 @@ def train(
         raise KeelError("train: train_data, val_data and loss_fn go with model=; allowed: model=... too, or a task")
     if task is not None and not config.gave("task"):  # the config names no task: it is this one
         config = config.for_task(tasks.PYTHON_TASK)  # its recipe and blocks follow the task: baseline, not lm's fast
-    return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
-                   allow_world_size_change=allow_world_size_change).fit()
+    if not config.restarts:
+        return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
+                       allow_world_size_change=allow_world_size_change).fit()
+    initial = restarts.initial_weights(task)  # a model built before train(): each attempt starts from its weights
+
+    def attempt(config: TrainConfig, resume: bool) -> dict[str, Any]:
+        restarts.restore(task, initial)
+        return Trainer(config, callbacks, run_dir=where, resume=resume, quiet=quiet, task=task,
+                       allow_world_size_change=allow_world_size_change).fit()
+
+    where = Path(run_dir or config.out_dir or default_run_dir())
+    return restarts.fit(config, attempt, where, resume, say=(lambda _: None) if quiet else print)
