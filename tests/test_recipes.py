@@ -1,5 +1,6 @@
 """``recipe: baseline | fast``: a named recipe fills in its keys; the config's own keys win, key by key."""
 
+from collections.abc import Mapping
 
 import pytest
 import yaml
@@ -30,7 +31,7 @@ def test_every_recipe_sets_its_values(name):
     config = validate({"recipe": name})
     for key, value in RECIPES[name].items():
         resolved = getattr(config, key)
-        resolved = resolved if isinstance(resolved, dict) else resolved.model_dump()
+        resolved = dict(resolved) if isinstance(resolved, Mapping) else resolved.model_dump()
         assert {k: resolved[k] for k in value} == value, key
 
 

@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
@@ -19,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny,
 
 from keel.errors import KeelError
 from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
+from keel.optim.registry import OptimizerConfig
 from keel.recipes import RECIPES, apply_recipe, fill_in
 from keel.task_registry import check_task_name, task_spec, task_specs
 from keel.techniques import techniques
@@ -59,7 +61,8 @@ class LrScalingConfig(_Block):
     """Scale every LR of the schedule from a reference global batch to the run's (docs/distributed.md).
 
     factor = global_batch / base_batch (``linear``, Goyal et al. 2017, with warmup) or its square root (``sqrt``, for
-    adaptive optimizers); global_batch = data.batch_size x grad_accum x world size.
+    adaptive optimizers); global_batch = data.batch_size x grad_accum x world size. What a run resolves (its global
+    batch, the factor, the scaled LR) goes to its records (the ``run`` record of metrics.jsonl), not into the config.
     """
 
     rule: Literal["linear", "sqrt"] | None = Field(
@@ -69,16 +72,14 @@ class LrScalingConfig(_Block):
         None, ge=1, description="The global batch (examples per optimizer step) optimizer.lr and the schedule were "
         "tuned for.",
     )
-    global_batch: int | None = Field(
-        None, ge=1, description="Recorded by the trainer at every start: the global batch this run trains with.",
-    )
-    factor: float | None = Field(
-        None, gt=0, description="Recorded by the trainer at every start: the factor applied to every LR of the "
-        "schedule.",
-    )
-    lr: float | None = Field(
-        None, gt=0, description="Recorded by the trainer at every start: optimizer.lr x factor.",
-    )
+    @model_validator(mode="before")
+    @classmethod
+    def _results_are_records(cls, raw: Any) -> Any:
+        """A config.yaml of an earlier version recorded the resolved global_batch, factor and lr here: they are the
+        run's results, not settings (the run records them), so they are dropped on reading."""
+        if isinstance(raw, dict):
+            raw = {k: v for k, v in raw.items() if k not in ("global_batch", "factor", "lr")}
+        return raw
 
     @model_validator(mode="after")
     def _rule_needs_base(self) -> "LrScalingConfig":
@@ -171,10 +172,11 @@ class TrainConfig(_Block):
     )
     lr_scaling: LrScalingConfig = Field(default_factory=LrScalingConfig)
     data: SerializeAsAny[DataConfig] = Field(default_factory=DataConfig)  # a task's data model may extend it
-    optimizer: dict[str, Any] = Field(
-        default_factory=lambda: dict(DEFAULT_OPTIMIZER),
-        description="Optimizer: name and hyperparameters (see `keel.optim.names()`); no weight decay on "
-        "biases, norms and embeddings.",
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(DEFAULT_OPTIMIZER),
+        description="Optimizer: name and hyperparameters (see `keel.optim.names()`), typed once by the optimizer's "
+        "registry record (its hyperparameters, defaults and checks); no weight decay on biases, norms and "
+        "embeddings.",
     )
     schedule: dict[str, Any] = Field(
         default_factory=lambda: dict(DEFAULT_SCHEDULE),
@@ -270,17 +272,20 @@ class TrainConfig(_Block):
             raw["optimizer"] = optimizer = fill_in("optimizer", DEFAULT_OPTIMIZER, optimizer)
         schedule = raw.get("schedule", {})
         if isinstance(schedule, dict) and schedule.get("name", DEFAULT_SCHEDULE["name"]) == DEFAULT_SCHEDULE["name"]:
-            schedule = fill_in("schedule", DEFAULT_SCHEDULE, schedule)
-            if "min_lr" not in schedule:
-                from keel.optim import check_config
-
-                try:
-                    peak = schedule.get("lr", check_config(optimizer)["lr"])
-                    schedule["min_lr"] = float(peak) / 10
-                except (KeelError, TypeError, ValueError):
-                    pass  # the optimizer block is invalid: its own error is reported below
-            raw["schedule"] = schedule
+            raw["schedule"] = fill_in("schedule", DEFAULT_SCHEDULE, schedule)  # min_lr: once the optimizer is typed
         return raw
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _typed_optimizer(cls, value: Any, info: Any) -> Any:
+        """The block typed by its optimizer's registry record; an error about an optimizer the recipe chose says so
+        (a plain-PyTorch run told 'not a hyperparameter of muon' learns where muon came from)."""
+        if isinstance(value, OptimizerConfig) or not isinstance(value, Mapping):
+            return value
+        recipe = info.data.get("recipe")
+        chosen = RECIPES.get(recipe, {}).get("optimizer", {}).get("name")
+        note = f" (recipe {recipe}'s optimizer)" if chosen is not None and value.get("name") == chosen else ""
+        return OptimizerConfig(value, "optimizer", note)
 
     @field_validator("task")
     @classmethod
@@ -396,15 +401,21 @@ class TrainConfig(_Block):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
-        from keel.optim import check_config
         from keel.schedules import from_config
 
-        optimizer = check_config(self.optimizer, key="optimizer")
+        schedule = self.schedule
+        if isinstance(schedule, dict) and schedule.get("name") == DEFAULT_SCHEDULE["name"] and "min_lr" not in schedule:
+            peak = schedule.get("lr", self.optimizer.lr)  # a cosine without min_lr decays to a tenth of its peak
+            try:
+                schedule["min_lr"] = float(peak) / 10
+            except (TypeError, ValueError):
+                pass  # the schedule's own check names its lr
         spec = task_spec(self.task)
         if spec is not None and spec.check is not None:
             spec.check(self)  # the task's own checks: sizes, memory
         # Lengths in examples, tokens and epochs need the task's counts: the trainer resolves them once it is built.
-        from_config(self.schedule, base_lr=float(optimizer["lr"]), timeline=stand_in(self.run_length), key="schedule")
+        from_config(self.schedule, base_lr=float(self.optimizer.lr), timeline=stand_in(self.run_length),
+                    key="schedule")
         if self.tensorboard:
             try:
                 import torch.utils.tensorboard  # noqa: F401

@@ -107,7 +107,7 @@ def _from_run_config(path: Path | None, label: str) -> _Curve:
 
     config = load_config(path)
     timeline = run_timeline(config, tasks.from_config(config), make_callbacks(config))
-    return _Curve(label, config.schedule, float(config.optimizer["lr"]), timeline.total_steps, timeline)
+    return _Curve(label, config.schedule, float(config.optimizer.lr), timeline.total_steps, timeline)
 
 
 def _default_at(total: int) -> list[int]:

@@ -357,7 +357,7 @@ class Session:
             self.diagnosis.skip("overfit one batch", "the budget left is too small",
                                 f"{self.plan.overfit_steps[1]} steps", bad_input=False)
             return
-        lr = float(self.config.optimizer.get("lr", 1e-3))
+        lr = float(self.config.optimizer.lr)
         overrides = {"schedule": {"name": "constant"}, "grad_accum": 1}
         if self._accepts(self.config.optimizer, "weight_decay"):
             overrides["optimizer.weight_decay"] = 0.0
@@ -421,7 +421,7 @@ class Session:
         stability = result.stability(early_steps=early)
         self.config_stability = stability
         self.results["config"] = {**result.summary(), "status": stability.status}
-        lr = float(self.config.optimizer.get("lr", math.nan))
+        lr = float(self.config.optimizer.lr)
         schedule = dict(self.config.schedule)
         evidence = {"steps_run": len(result.steps), "lr": lr, "schedule": schedule.get("name"),
                     "warmup": schedule.get("warmup", 0), **stability.evidence}
@@ -578,7 +578,7 @@ class Session:
             high = min(high, math.sqrt(top * min(above)))
         self.lr_star = lr_star
         self.results["sweep"].update({"lr_star": lr_star, "lr_low": low, "lr_high": high})
-        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        config_lr = float(self.config.optimizer.lr)
         edge = bool(above) and min(above) <= top * 10**0.5 * 1.05
         evidence = {"lr_star": lr_star, "lr_low": low, "lr_high": high, "steps_per_run": steps,
                     "val_loss_at_best": points[top]["val_loss"], "best_grid_lr": top,
@@ -710,7 +710,7 @@ class Session:
             return
         targets: list[tuple[str, float, int | None]] = []
         stability = getattr(self, "config_stability", None)
-        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        config_lr = float(self.config.optimizer.lr)
         if stability is not None and not stability.stable and math.isfinite(config_lr):
             targets.append(("your config's LR", config_lr, None))
             self.unstable_lrs.append(config_lr)
@@ -780,7 +780,7 @@ class Session:
         10,000 steps + 1,000 of warmup = 11,000)."""
         current = self.config.schedule.get("warmup", 0)
         current = current if isinstance(current, int) else 0
-        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        config_lr = float(self.config.optimizer.lr)
         changes: dict[str, Any] = {} if base == config_lr else {"optimizer.lr": base}
         if warmup > current:
             changes["schedule.warmup"] = warmup
@@ -792,7 +792,7 @@ class Session:
         LR, trained as long as the config run (plus the warmup) and compared with the config as it is, the
         baseline, by their best checkpoints (the lowest validation loss of each, not the last)."""
         found = [e for e in getattr(self, "warmups", []) if e["found"] is not None]
-        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        config_lr = float(self.config.optimizer.lr)
         if not any(e["base_lr"] > config_lr for e in found):
             return  # nothing above your LR to compare (a warmup at your LR is checked by the recommended config)
         baseline = getattr(self, "config_result", None)
@@ -868,7 +868,7 @@ class Session:
         unstable = stability is not None and not stability.stable
         winner = getattr(self, "warmup_winner", None)
         found = next((e["found"] for e in getattr(self, "warmups", []) if e["factor"] is None), None)
-        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        config_lr = float(self.config.optimizer.lr)
         if winner is not None:
             changes.update(winner["changes"])
         elif unstable and found is not None:
@@ -948,19 +948,14 @@ class Session:
             from keel.diagnose.plots import sweep_figure
             from keel.diagnose.run import _write_bytes
 
-            lr = self.config.optimizer.get("lr")
+            lr = self.config.optimizer.lr
             _write_bytes(self.out / "lr_sweep.png",
                          sweep_figure(self.results["sweep"], lr if isinstance(lr, float) else None))
 
     @staticmethod
-    def _accepts(optimizer: dict[str, Any], key: str) -> bool:
-        from keel.optim import check_config
-
-        try:
-            check_config({**optimizer, key: 0.0})
-            return True
-        except KeelError:
-            return False
+    def _accepts(optimizer: Any, key: str) -> bool:
+        """Whether the (typed) optimizer block has the hyperparameter ``key``."""
+        return key in optimizer.settings
 
 
 def best_checkpoint(result: ProbeResult) -> tuple[int, float] | None:

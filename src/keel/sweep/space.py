@@ -25,6 +25,7 @@ import random
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -244,7 +245,8 @@ def _resolve(parts: list[str], model: type[BaseModel], prefix: str) -> Any:
         return annotation
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return _resolve(parts[1:], annotation, f"{prefix}{name}.")
-    if typing.get_origin(annotation) is dict or annotation is dict:
+    if typing.get_origin(annotation) is dict or annotation is dict or (
+            isinstance(annotation, type) and issubclass(annotation, Mapping)):  # the typed optimizer block
         return Any  # optimizer, schedule, task_args: their keys are checked with the whole config (check_space)
     raise KeelError(f"sweep.{prefix}{'.'.join(parts)}: '{prefix}{name}' holds a value, not keys; allowed: "
                     f"sweep.{prefix}{name}")

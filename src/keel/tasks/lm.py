@@ -199,7 +199,7 @@ def check_lm(config: Any) -> None:
     train_tokens = train_token_count(config.data.source, config.data.val_fraction)
     if config.model.hf_config is not None or config.model.hf_pretrained is not None:
         return
-    optimizer = config.optimizer["name"]
+    optimizer = config.optimizer.name
     from keel.models.memory import available_memory, estimate_gpt_training, format_bytes
 
     block_size = config.model.block_size

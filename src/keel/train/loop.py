@@ -70,6 +70,7 @@ class TrainState(Clock):
     best_step: int | None = None
     best_checkpoint: str = ""
     schedule_steps: int = 0  # the run length the schedule was built for (kept when a resume changes max_steps)
+    resolved: dict = field(default_factory=dict)  # what the last start resolved (its run record, step aside)
     decays: list = field(default_factory=list)  # [start, end] of each new decay added on resume (new_decay)
 
 
@@ -147,7 +148,7 @@ class Trainer:
         late_workspace = devices.set_cublas_workspace() if config.deterministic else None  # before any CUDA use
         self.dist = distributed.setup(config, resolve_device(config.device))  # one process: no process group
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
-        self.config = config = distributed.resolve_for_world(config, self.world_size)  # per-rank batch, LR scaling
+        self.config = config = distributed.resolve_for_world(config, self.world_size)  # per-rank batch
         self.quiet = quiet or not self.dist.is_main
         if late_workspace:
             self._say(late_workspace)
@@ -166,7 +167,8 @@ class Trainer:
         self.train_model = self.dist.wrap(self.model)  # DDP around it, or sharded in place (FSDP); else the model
         distributed.seed_rank(config.seed, self.rank)  # each rank its own dropout stream
         self._counted = self.task.token_unit  # what the clock's token count counts: tokens, or targets
-        self.lr_factor = config.lr_scaling.factor or 1.0  # lr_scaling: global batch / base batch (or its sqrt)
+        self.lr_scale = distributed.lr_scale(config, self.world_size)  # a result: in the run record, not the config
+        self.lr_factor = self.lr_scale.factor  # lr_scaling: global batch / base batch (or its sqrt); else 1
         self.callbacks = [*make_callbacks(config), *callbacks]  # the techniques' first: their projections shape time
         check_unique_names(self.callbacks)
         self.timeline = self._build_timeline()  # every length in time units resolves against it
@@ -259,6 +261,10 @@ class Trainer:
                 rundir.atomic_write_text(self.run_dir / name, text)
         config, state, model, optimizer, task = self.config, self.state, self.train_model, self.optimizer, self.task
         self._open_metrics(metrics_offset, state.step)
+        resolved = self._run_record()
+        if resolved != state.resolved:  # a start that resolves as the last one did (a plain resume) adds nothing
+            state.resolved = resolved
+            self.log({"kind": "run", "step": state.step, **resolved})
         for line in task.describe():
             self._say(line)
         tokens = self.timeline.counts(state.step)[1]
@@ -279,7 +285,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=state.step, disable=True if self.quiet else None,
                    dynamic_ncols=True, unit="step")
         progress = _Progress(config.progress_interval, enabled=bar.disable and not self.quiet,
-                             unit=f"{self._counted}/s")
+                             unit=f"{self._counted}/s", timeline=self.timeline)
         started, tokens_at_start = time.perf_counter(), state.tokens
         elapsed_at_start = state.elapsed
         meter, mfu = MfuMeter(self.peak_tflops, self.world_size), None
@@ -352,8 +358,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}",
                                 **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}), refresh=False)
                 bar.update(1)
-                progress.maybe_print(state, before, timeline, self.total_steps, loss_value, lr, speed,
-                                     state.elapsed - elapsed_at_start, mfu)
+                progress.maybe_print(state, self.total_steps, loss_value, lr, speed,
+                                     state.elapsed - elapsed_at_start, mfu, before=before)
 
             last = last or any(cb.should_stop for cb in self.callbacks)
             improved = False
@@ -711,7 +717,7 @@ class Trainer:
         """What the recipe resolved to, in a few words: optimizer, schedule, clipping."""
         clip = self.config.clip
         clipping = {"none": "no clipping", "norm": f"clip {clip.max_norm:g}"}.get(clip.mode, f"clip {clip.mode}")
-        return f"{self.config.optimizer['name']}, {self.config.schedule['name']}, {clipping}"
+        return f"{self.config.optimizer.name}, {self.config.schedule['name']}, {clipping}"
 
     def _describe_speed(self) -> str:
         """The start line saying what was chosen for speed: device, precision, TF32, compile, the MFU peak."""
@@ -733,13 +739,22 @@ class Trainer:
             lines.append(f"distributed: {self.world_size} ranks ({self.dist.strategy}, {backend}); global batch "
                          f"{global_batch} = {config.data.batch_size} per rank x {config.grad_accum} micro-batches x "
                          f"{self.world_size} ranks")
-        scaling = config.lr_scaling
-        if scaling.rule is not None:
-            base_lr = float(optim.check_config(config.optimizer)["lr"])
-            lines.append(f"lr_scaling: {scaling.rule} rule, global batch {global_batch} / base batch "
-                         f"{scaling.base_batch}: every LR x {scaling.factor:.6g} (optimizer.lr {base_lr:.6g} -> "
-                         f"{scaling.lr:.6g})")
+        scale = self.lr_scale
+        if scale.rule is not None:
+            lines.append(f"lr_scaling: {scale.rule} rule, global batch {global_batch} / base batch "
+                         f"{scale.base_batch}: every LR x {scale.factor:.6g} (optimizer.lr {config.optimizer.lr:.6g} "
+                         f"-> {scale.lr:.6g})")
         return lines
+
+    def _run_record(self) -> dict[str, Any]:
+        """What this start of the run resolved, for the run's records (a ``run`` record of metrics.jsonl): the world
+        size and global batch, LR scaling, the optimizer's LR as applied and the kernels chosen for it."""
+        scale = self.lr_scale
+        return {"world_size": self.world_size, "global_batch": scale.global_batch,
+                "lr_scaling": {"rule": scale.rule, "base_batch": scale.base_batch, "factor": scale.factor,
+                               "lr": scale.lr} if scale.rule is not None else None,
+                "optimizer": {"name": self.config.optimizer.name, "lr": scale.lr,
+                              "kernels": optim.chosen_kernels(self.optimizer)}}
 
     def _check_run_dir(self, resume: bool) -> None:
         """Refuse a directory that cannot hold this run, before anything is built or written."""
@@ -761,19 +776,22 @@ class _Progress:
     """Plain progress lines for logs without a terminal (CI, nohup, cluster jobs): every N seconds, or each time the
     clock passes a multiple of a length."""
 
-    def __init__(self, interval: Time | str, enabled: bool, unit: str):
-        self.enabled, self.unit = enabled, unit
+    def __init__(self, interval: Time | int | str, enabled: bool, unit: str, timeline: Timeline | None = None):
+        self.enabled, self.unit, self.timeline = enabled, unit, timeline
         self.seconds = float(interval[:-1]) if isinstance(interval, str) else None
-        self.interval = interval if isinstance(interval, Time) else None
+        self.interval = Time.steps(interval) if isinstance(interval, int) else interval if self.seconds is None else None
         self._last = time.perf_counter()
 
-    def maybe_print(self, state: TrainState, before: Clock, timeline: Timeline, max_steps: int, loss: float,
-                    lr: float, speed: float, elapsed: float, mfu: float | None = None) -> None:
+    def maybe_print(self, state: TrainState, max_steps: int, loss: float, lr: float, speed: float,
+                    elapsed: float, mfu: float | None = None, before: Clock | None = None) -> None:
+        """A line when due: ``before`` is the clock before this step (an interval in steps needs none)."""
         if not self.enabled:
             return
         now = time.perf_counter()
-        if self.interval is not None:
-            due = timeline.crossed(self.interval, before, state, "progress_interval")
+        if self.interval is not None and self.timeline is not None and before is not None:
+            due = self.timeline.crossed(self.interval, before, state, "progress_interval")
+        elif self.interval is not None:
+            due = state.step % max(1, int(self.interval.amount)) == 0
         else:
             due = now - self._last >= self.seconds
         if not due and state.step != 1:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from keel import optim, schedules
+from keel import schedules
 from keel.errors import KeelError
 from keel.timeunits import Time, Timeline
 
@@ -24,7 +24,7 @@ def build_schedule(config, timeline: Timeline, total_steps: int, decays: list) -
     """The run's schedule built for ``total_steps``, then each new decay added on resume: from ``start`` the LR
     falls from its value there to the schedule's final value by ``end`` (cosine). ``timeline`` resolves lengths
     in time units (``keel.timeunits``)."""
-    base_lr = float(optim.check_config(config.optimizer)["lr"])
+    base_lr = float(config.optimizer.lr)
     if total_steps != timeline.total_steps:  # planned for another length: shares of the run are of that one
         timeline = timeline.with_duration(Time.steps(total_steps))
     schedule = schedules.from_config(config.schedule, base_lr=base_lr, key="schedule", timeline=timeline)
