@@ -23,18 +23,20 @@ clock will count.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keel.errors import KeelError
+from keel.plugins import discover
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from keel.train.loop import Trainer
+#: What a callback is handed: the trainer (``keel.train.loop.Trainer``), named here without importing it, so that the
+#: registry, which the config imports, depends on nothing of the trainer's (no import circle).
+Trainer = Any
 
 __all__ = ["Callback", "Technique", "check_unique_names", "make_callbacks", "register_technique", "techniques"]
 
@@ -80,40 +82,46 @@ class Technique:
 
     ``make(block)`` returns the callback for a validated block, or ``None`` when the block leaves it off.
     ``check(block, config)``, if given, checks the block against the rest of the run config when it is loaded
-    (e.g. a length against ``model.block_size``) and raises ``KeelError``.
+    (e.g. a length against ``model.block_size``) and raises ``KeelError``. ``order`` places its callback among the
+    others (lower first, then in the order found): a technique that records what the others put in the run's
+    summary (tracking) goes after them.
     """
 
     key: str
     config: type[BaseModel]
     make: Callable[[Any], Callback | None]
     check: Callable[[Any, Any], None] | None = None
+    order: int = 0
 
 
 _REGISTRY: dict[str, Technique] = {}
-# Modules that register keel's own techniques; imported on first use so that importing keel stays cheap and
-# the technique modules may import the units they wrap without a cycle through keel.config.
-_BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping", "keel.data.seq_warmup",
-                    "keel.diagnose.update_ratio", "keel.sweep.space", "keel.tracking")
+# keel's own techniques are found by package discovery, other packages' through the entry-point group
+# ``keel.techniques`` (``keel.plugins``), on first use: importing keel stays cheap, and the registry imports no
+# technique (the technique modules import it, and may import the units they wrap without a cycle).
 _loaded = False
 
 
 def register_technique(key: str, config: type[BaseModel], make: Callable[[Any], Callback | None],
-                       check: Callable[[Any, Any], None] | None = None) -> None:
+                       check: Callable[[Any, Any], None] | None = None, order: int = 0) -> None:
     """Register the config block ``key`` and the callback factory of a technique (once per key); ``check(block,
-    config)`` optionally checks the block against the whole run config when it is loaded."""
+    config)`` optionally checks the block against the whole run config when it is loaded; ``order`` places its
+    callback (lower first)."""
     existing = _REGISTRY.get(key)
     if existing is not None and (existing.config is not config or existing.make is not make):
         raise KeelError(f"technique '{key}' is registered twice ({existing.config.__name__} and {config.__name__})")
-    _REGISTRY[key] = Technique(key, config, make, check)
+    _REGISTRY[key] = Technique(key, config, make, check, order)
+    ordered = sorted(_REGISTRY.values(), key=lambda technique: technique.order)  # stable: found order within one
+    _REGISTRY.clear()
+    _REGISTRY.update((technique.key, technique) for technique in ordered)
 
 
 def techniques() -> dict[str, Technique]:
-    """Every registered technique by config key (keel's own ones loaded on first call)."""
+    """Every registered technique by config key, in callback order (keel's own and entry points' loaded on first
+    call)."""
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(module)
+        discover("register_technique", "keel.techniques")
     return _REGISTRY
 
 

@@ -324,4 +324,5 @@ def _short(value: Any) -> str:
 
 
 register_technique("log", LogConfig,
-                   lambda block: TrackingCallback(block) if block.mlflow.enabled or block.wandb.enabled else None)
+                   lambda block: TrackingCallback(block) if block.mlflow.enabled or block.wandb.enabled else None,
+                   order=100)  # last: it records what the other techniques put in the run's summary

@@ -67,13 +67,13 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    config, resume_dir = build_config(args)
     if args.nproc is not None:
         from keel.train.launch import launch_from_command_line
 
-        return launch_from_command_line(args)
+        return launch_from_command_line(args, config, resume_dir)
     from keel.train import train
 
-    config, resume_dir = build_config(args)
     try:
         train(config, run_dir=resume_dir, resume=resume_dir is not None, quiet=args.quiet,
               allow_world_size_change=args.allow_world_size_change)

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from keel.errors import KeelError
 from keel.timeunits import Time
-
-if TYPE_CHECKING:
-    from keel.config import TrainConfig
 
 __all__ = ["Task", "batch_examples", "move_to_device"]
 
@@ -51,7 +48,7 @@ class Task:
     #: Number of classes (or vocabulary entries) of a classifier's output, for the expected initial loss ln(C).
     num_classes: int | None = None
 
-    def bind(self, config: TrainConfig) -> Task:
+    def bind(self, config: Any) -> Task:
         """Take the run's settings (batch size, seed, data options) before use; returns the task itself."""
         return self
 
