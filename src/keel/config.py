@@ -302,6 +302,16 @@ class TrainConfig(_Block):
         "schedule keeps the planned length; after it the LR stays at its final value) or 'new_decay' (from the "
         "resume point a cosine decay from the current LR to the schedule's final LR over the new length).",
     )
+    resume_peak_lr: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="With resume_policy new_decay: the LR the new decay starts from "
+        "(reached after resume_warmup; optimizer.lr's units). null: the current LR, or where that is 0 (a schedule "
+        "that ended at 0, e.g. wsd) the schedule's peak (schedule.lr, else optimizer.lr).",
+    )
+    resume_warmup: int | str | None = Field(
+        None, description="With resume_policy new_decay: steps (or '2%', '1ep', '5Mtok') from the current LR up to "
+        "the new decay's start. null: the schedule's own warmup (at most half the extension) when the decay starts "
+        "above the current LR, else 0.",
+    )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
@@ -373,6 +383,15 @@ class TrainConfig(_Block):
             if technique.check is not None:
                 technique.check(extra[key], self)
         return self
+
+    @field_validator("resume_warmup")
+    @classmethod
+    def _resume_warmup_syntax(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            from keel.timeunits import resolve_steps
+
+            resolve_steps(value, name="resume_warmup", total_steps=1, steps_per_epoch=1, tokens_per_step=1)
+        return value
 
     @field_validator("out_dir", "init_from")
     @classmethod
