@@ -29,8 +29,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import NoReturn
 
-__all__ = ["ParentGone", "deferred", "gone_parent", "interruptible", "stop_with_parent"]
+__all__ = ["ParentGone", "deferred", "end_now", "gone_parent", "interruptible", "stop_with_parent"]
 
 #: The signal that carries the notice (its default action would end the process; keel's handler decides instead).
 NOTICE_SIGNAL = getattr(signal, "SIGUSR2", None)
@@ -161,6 +162,16 @@ def _ask_the_kernel(signum: int) -> None:
         pass  # the polling thread still notices
 
 
+def end_now() -> NoReturn:
+    """End the process now with ``EXIT_CODE``, once ``ParentGone`` has unwound what it had to (the run's lock, a
+    trial's record): an orphan has nobody to finish for, and the interpreter's teardown of torch (its process
+    group, its threads) can take seconds."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_CODE)
+
+
 _ending = threading.Lock()
 
 
@@ -171,9 +182,6 @@ def _end_after(seconds: float) -> None:
 
     def end() -> None:
         time.sleep(seconds)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(EXIT_CODE)
+        end_now()
 
     threading.Thread(target=end, name="keel-parent-gone-exit", daemon=True).start()

@@ -22,7 +22,7 @@ from ddp_helpers import (
 from keel import rundir
 
 STOP_BOUND_S = 15  # from the kill to the last rank gone; measured well below (the report of issue 20)
-OVERRIDES = [*TINY_LM, "max_steps=40", "checkpoint_interval=5", "eval_interval=20", "model.dropout=0.1"]
+OVERRIDES = [*TINY_LM, "max_steps=60", "checkpoint_interval=5", "eval_interval=20", "model.dropout=0.1"]
 
 
 def _children(pid: int) -> list[int]:
@@ -79,7 +79,7 @@ def test_ranks_of_a_killed_launcher_stop_release_the_lock_and_resume_bitwise(tmp
     assert seconds < STOP_BOUND_S, f"the orphaned ranks went on for {seconds:.1f} s"
     assert not (run / rundir.LOCK).exists()  # released by the rank that held it
     newest = rundir.newest_intact(run / rundir.CHECKPOINTS, report=pytest.fail)
-    assert newest is not None and rundir.checkpoint_step(newest.name) < 40
+    assert newest is not None and rundir.checkpoint_step(newest.name) < 60  # the orphans did not train on
     done = subprocess.run(keel_command("train", "--resume", str(run), "--nproc", "2"), capture_output=True,
                           text=True, timeout=300, env=subprocess_env())
     assert done.returncode == 0, done.stderr

@@ -81,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
         train(config, run_dir=resume_dir, resume=resume_dir is not None, quiet=args.quiet,
               allow_world_size_change=args.allow_world_size_change)
     except parent_process.ParentGone as gone:
-        return distributed.report_launcher_gone(gone.parent, run_dir)
+        distributed.report_launcher_gone(gone.parent, run_dir)  # exits: see there
     except RuntimeError as error:  # a rank that lost the others (one died): one line, not a traceback
         if parent_process.gone_parent() is not None:  # another rank stopped first: the launcher is gone
-            return distributed.report_launcher_gone(parent_process.gone_parent(), run_dir)
+            distributed.report_launcher_gone(parent_process.gone_parent(), run_dir)
         lost = distributed.lost_contact(error)
         if lost is None:
             raise

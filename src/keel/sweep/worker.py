@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except SystemExit as stop:
+        from keel import parent_process
+
+        if isinstance(stop, parent_process.ParentGone):
+            parent_process.end_now()  # the trial's LOCK released, a finished trial recorded: nothing is left to do
+        raise
     return 0
 
 

@@ -27,7 +27,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -445,8 +445,9 @@ def stop_with_launcher() -> None:
     parent_process.stop_with_parent(parent)
 
 
-def report_launcher_gone(parent: int, run_dir: str | os.PathLike | None) -> int:
-    """One line (from rank 0) for ranks that stopped because their launcher is gone; the exit code."""
+def report_launcher_gone(parent: int, run_dir: str | os.PathLike | None) -> NoReturn:
+    """One line (from rank 0) for ranks that stopped because their launcher is gone, then the end of the process
+    (``parent_process.end_now``: the lock is released and the newest checkpoint complete already)."""
     import shutil
     import sys
     from pathlib import Path
@@ -467,7 +468,7 @@ def report_launcher_gone(parent: int, run_dir: str | os.PathLike | None) -> int:
                   flush=True)
         except (OSError, ValueError):
             pass  # nobody reads this process's stderr any more
-    return parent_process.EXIT_CODE
+    parent_process.end_now()
 
 
 def lost_contact(error: BaseException) -> str | None:
