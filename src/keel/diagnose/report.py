@@ -123,8 +123,11 @@ def build_report(paths: list[Path]) -> str:
 
 
 def write_report(paths: list[Path], out: Path) -> Path:
-    text = build_report(paths)
     out = Path(out)
+    if out.is_dir() or not out.name:
+        raise KeelError(f"--out '{out}' is a directory; allowed: the path of the HTML file to write, e.g. "
+                        f"{out / 'report.html'}")
+    text = build_report(paths)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write_text(out, text)
