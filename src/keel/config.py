@@ -529,7 +529,9 @@ def _load_checked(text: str, where: str) -> Any:
         data = load_yaml(text)
     except yaml.YAMLError as error:
         reason = " ".join(str(error).split()) if getattr(error, "problem", None) is None else error.problem
-        raise KeelError(f"{where} is not valid YAML ({reason})") from None
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise KeelError(f"{where} is not valid YAML{at} ({reason})") from None
     except RecursionError:
         raise KeelError(f"{where} is nested too deeply; allowed: at most {MAX_CONFIG_DEPTH} levels") from None
     _check_shape(data, where)
@@ -626,7 +628,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         if not path.is_file():
-            raise KeelError(f"config file '{path}' does not exist; allowed: a YAML file of config keys")
+            what = "is a directory" if path.is_dir() else "is not a regular file (a device, a pipe or a socket)" \
+                if path.exists() else "does not exist"
+            raise KeelError(f"config file '{path}' {what}; allowed: a YAML file of config keys")
         data = path.read_bytes()
     except OSError as error:  # unreadable, a name too long, ...
         raise KeelError(f"config file '{path}' cannot be read ({error.strerror or error}); allowed: a readable "

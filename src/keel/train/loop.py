@@ -146,6 +146,8 @@ class Trainer:
         self._last_eval: dict[str, Any] = {}
         self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
         self._check_first_batch()
+        for callback in self.callbacks:  # what a technique can tell from the task and model, before any file
+            getattr(callback, "check", lambda trainer: None)(self)
         self._config_text = dump_config(config)
         self.step_metrics: dict[str, Any] = {}  # callbacks' keys for the next step record (e.g. seq_len)
 
@@ -177,11 +179,22 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` updates are applied (or a callback stops the run); return the summary."""
+        made = None  # a new run's directory as this run made it: (it did not exist before, the lock is taken)
         try:
             with contextlib.ExitStack() as lock:  # rank 0 takes the lock; a second process on this run is refused
-                self.dist.on_main(lambda: lock.enter_context(rundir.RunLock(
-                    rundir.prepare_run_dir(self.run_dir, self._resume), report=self._say)))
+                def take() -> None:
+                    nonlocal made
+                    existed = self.run_dir.exists()
+                    lock.enter_context(rundir.RunLock(rundir.prepare_run_dir(self.run_dir, self._resume),
+                                                      report=self._say))
+                    made = None if self._resume else not existed
+                self.dist.on_main(take)
                 return self._fit()
+        except KeelError as error:  # bad input found late: a new run without a checkpoint leaves nothing behind
+            if made is not None and not isinstance(error, TrainingUnstableError) and self._remove_new_run(made):
+                raise KeelError(f"{error} (nothing was kept in '{self.run_dir}': no checkpoint had been written)") \
+                    from None
+            raise
         finally:
             self.train_model = self.model  # DDP's reducer goes before the process group it holds
             self.dist.shutdown()
@@ -631,6 +644,22 @@ class Trainer:
                          f"{scaling.base_batch}: every LR x {scaling.factor:.6g} (optimizer.lr {base_lr:.6g} -> "
                          f"{scaling.lr:.6g})")
         return lines
+
+    def _remove_new_run(self, made_dir: bool) -> bool:
+        """Remove what a new run that failed before its first checkpoint wrote (the directory itself when the run
+        made it), so the corrected command can run again in it; True when removed."""
+        import shutil
+
+        if rundir.list_checkpoints(self.run_dir / rundir.CHECKPOINTS):
+            return False  # resumable: keel train --resume continues it
+        if made_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return True
+        for name in [rundir.CONFIG, rundir.METRICS, "loss.png", "tensorboard", rundir.CHECKPOINTS,
+                     *self.task.run_files()]:
+            path = self.run_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return True
 
     def _check_run_dir(self, resume: bool) -> None:
         """Refuse a directory that cannot hold this run, before anything is built or written."""
