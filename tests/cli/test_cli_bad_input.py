@@ -34,8 +34,7 @@ def workdir(tmp_path):
 
 
 BAD = {
-    "control character": (["seed=\x01"],
-                          "seed: value '\\x01' is not valid YAML at line 1, column 1 (unacceptable character"),
+    "control character": (["seed=\x01"], "seed: value '\\x01' is not valid YAML (unacceptable character"),
     "deeply nested YAML": (["deep.yaml"], "config file 'deep.yaml' is nested too deeply"),
     "nested deeper than 64": (["nested.yaml"], "config file 'nested.yaml' is nested too deeply"),
     "a recursive anchor": (["anchors.yaml"], "contains itself"),
