@@ -179,7 +179,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` updates are applied (or a callback stops the run); return the summary."""
-        made = None  # a new run's directory as this run made it: (it did not exist before, the lock is taken)
+        made = None  # rank 0 of a new run, once it holds its directory: whether this run created it
         try:
             with contextlib.ExitStack() as lock:  # rank 0 takes the lock; a second process on this run is refused
                 def take() -> None:
