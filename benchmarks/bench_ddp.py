@@ -40,9 +40,10 @@ WORKLOAD = ["recipe=baseline", "threads=1", "sample.tokens=0", "progress_interva
 
 def throughput(run: Path, warmup: int) -> tuple[float, float]:
     """(tokens/s, seconds per step) from step ``warmup`` to the last, on the trainer's clock."""
+    from keel.rundir import RunDir
     from keel.rundir.metrics import read_metrics
 
-    steps = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "step"]
+    steps = [r for r in read_metrics(RunDir(run).metrics) if r.get("kind") == "step"]
     first, last = steps[warmup], steps[-1]
     before = steps[warmup - 1]  # "time" is taken after a step: the steps warmup..last-1 took this long
     seconds = steps[-2]["time"] - before["time"]

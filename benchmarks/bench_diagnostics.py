@@ -32,6 +32,7 @@ from common import machine, summary, write_json, write_section  # noqa: E402
 
 from keel.config import load_config  # noqa: E402
 from keel.diagnose.update_ratio import UpdateRatioCallback  # noqa: E402
+from keel.rundir import RunDir  # noqa: E402
 from keel.rundir.metrics import read_metrics  # noqa: E402
 from keel.techniques import Callback  # noqa: E402
 from keel.train import Trainer  # noqa: E402
@@ -91,7 +92,7 @@ def whole_runs(task: str, steps: int, threads: int, every: int | None) -> float:
         config = load_config(None, [*WORKLOADS[task], f"threads={threads}", f"max_steps={steps}", *QUIET, *extra,
                                     f"out_dir={Path(tmp) / 'run'}"])
         Trainer(config, quiet=True).fit()
-        stamps = [r["time"] for r in read_metrics(Path(tmp) / "run" / "metrics.jsonl") if r["kind"] == "step"]
+        stamps = [r["time"] for r in read_metrics(RunDir(Path(tmp) / "run").metrics) if r["kind"] == "step"]
     return float(np.median(np.diff(stamps)[5:]))
 
 

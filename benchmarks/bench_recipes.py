@@ -165,7 +165,7 @@ def sweep_lrs(name: str, raw: dict, lrs: list[float], root: Path, workers: int, 
     trials = []
     for trial in sorted((out / "trials").iterdir()):
         lr = float(yaml.safe_load(rundir.read_run_config(trial))["optimizer"]["lr"])
-        evals = [r for r in read_metrics(trial / "metrics.jsonl") if r.get("kind") == "eval"]
+        evals = [r for r in read_metrics(rundir.RunDir(trial).metrics) if r.get("kind") == "eval"]
         final = evals[-1] if evals and evals[-1]["step"] == raw["max_steps"] else {}
         losses = {v: _finite(final.get(METRIC[v])) for v in ("", "+ema")}
         checkpoints = rundir.list_checkpoints(trial / rundir.CHECKPOINTS)[-AVERAGE_LAST:]
@@ -286,7 +286,7 @@ def _make_clock(baton: Baton, index: int):
             # ckpt_dir is being written (its model.safetensors is there); the older ones are in place
             older = rundir.list_checkpoints(trainer.run_dir / rundir.CHECKPOINTS)[-(AVERAGE_LAST - 1):]
             start = time.perf_counter()
-            weights = average_checkpoints([*older, ckpt_dir / "model.safetensors"])
+            weights = average_checkpoints([*older, ckpt_dir / rundir.MODEL_WEIGHTS])
             seconds = time.perf_counter() - start
             if self._avg_model is None:
                 self._avg_model = copy.deepcopy(trainer.model)

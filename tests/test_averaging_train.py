@@ -173,7 +173,8 @@ def test_resume_is_exact(tmp_path, tiny_overrides, mode):
         assert_same_pairs = load_file(str(final / "model.safetensors")), load_file(str(final / "ema.safetensors"))
         for key, value in assert_same_pairs[0].items():
             assert torch.equal(value, assert_same_pairs[1][key])
-        assert resolve_checkpoints([reference], last=1)[0].name == "raw.safetensors"  # --weights raw: truly raw
+        assert resolve_checkpoints([reference], last=1, weights="raw")[0].name == "raw.safetensors"  # truly raw
+        assert resolve_checkpoints([reference], last=1)[0].name == "model.safetensors"  # default: what it holds
 
 
 def test_snapshot_ensemble_with_cosine_restarts(tmp_path, tiny_overrides, capsys):

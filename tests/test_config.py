@@ -47,11 +47,11 @@ def test_parse_overrides_nests_and_parses_yaml_scalars():
         (["max_steps=20", "schedule.warmup=50"], "schedule.warmup"),
         (["data.source=no/such/file.txt"], "data.source: 'no/such/file.txt' does not exist; allowed: pydoc, stdlib, a text file"),
         (["optimizer.name=adamm"], "optimizer.name"),
-        (["precision=fp8"], "precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        (["precision=fp8"], "precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
         (["device=tpu"], "device: 'tpu' is not a device; allowed: auto, cpu, cuda, cuda:N"),
         (["notakeyvalue"], "config file 'notakeyvalue' does not exist"),
         (["clip.mode=sometimes"], "clip.mode: Input should be 'norm', 'value', 'agc', 'percentile' or 'none'"),
-        (["recipe=fastest"], "recipe: Input should be 'baseline' or 'fast' (got 'fastest')"),
+        (["recipe=fastest"], "recipe: Input should be 'baseline', 'gpt-loop' or 'fast' (got 'fastest')"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, expected):

@@ -1,5 +1,6 @@
 """A golden run: a tiny training whose losses are pinned, to catch silent drift in the data, model or recipe.
 
+The numbers hold on the CPU (tiny_config pins device=cpu, on a GPU machine too; CUDA kernels round differently).
 The tolerance (1e-4 relative) absorbs float differences between CPU kernels; any change to sampling,
 initialisation, the loss, the optimizer's parameter groups, the schedule or clipping moves these numbers
 by far more. If a change is meant to alter training, update the numbers in the same commit and say why.

@@ -379,9 +379,31 @@ def test_nadam_playbook_form_is_the_playbook_rule():
     assert (ours - run_torch("nadam", betas=(0.9, 0.99), eps=1e-7)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("eps", [1e-8, 0.1])
+def test_adam_playbook_form_is_the_playbook_rule(eps):
+    """eps before the bias correction (the Playbook's, Kingma & Ba's eps-hat), weight decay in the gradient."""
+    ours = run_torch("adam", form="playbook", betas=(0.9, 0.99), eps=eps)
+    assert_same(ours, run_formula(playbook_adam(0.9, 0.99, eps)))
+    if eps == 0.1:  # torch adds eps after the bias correction: visibly different where eps matters
+        assert (ours - run_torch("adam", betas=(0.9, 0.99), eps=eps)).abs().max() > 1e-3
+    with_decay = run_torch("adam", form="playbook", weight_decay=0.05, eps=eps)
+    assert_same(with_decay, run_formula(lambda th, g, lr, t, st, f=playbook_adam(0.9, 0.999, eps):
+                                        f(th, g + 0.05 * th, lr, t, st)))
+
+
+def test_adam_playbook_form_refuses_amsgrad():
+    from keel.errors import KeelError
+
+    with pytest.raises(KeelError, match="optimizer.amsgrad"):
+        ko.create("adam", [torch.zeros(3, requires_grad=True)], form="playbook", amsgrad=True)
+    assert ko.check_config({"name": "adam", "form": "playbook"})["form"] == "playbook"
+    with pytest.raises(KeelError, match="form"):
+        ko.check_config({"name": "adamw", "form": "playbook"})  # only Adam, RMSProp and NAdam have the form
+
+
 def test_playbook_forms_resume_exactly():
     theta = torch.linspace(-1.0, 1.0, 24, dtype=torch.float64).requires_grad_(True)
-    for name in ("rmsprop", "nadam"):
+    for name in ("rmsprop", "adam", "nadam"):
         a = theta.detach().clone().requires_grad_(True)
         b = theta.detach().clone().requires_grad_(True)
         opt_a = ko.create(name, [a], lr=0.05, form="playbook")

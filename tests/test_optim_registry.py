@@ -8,6 +8,7 @@ from torch import nn
 
 import keel.optim as ko
 from keel.errors import KeelError
+from keel.optim.torch_kernels import choose_kernels
 
 REQUIRED_NAMES = "sgd momentum nesterov rmsprop adam adamw nadam radam adafactor muon lion ademamix soap".split()
 requires_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
@@ -193,7 +194,10 @@ def test_muon_hybrid_matches_torch_muon_and_adamw_run_separately():
     hidden = [twin.blocks[i].fc.weight for i in range(3)]
     rest = [p for p in twin.parameters() if all(p is not h for h in hidden)]
     muon = torch.optim.Muon(hidden, lr=0.02, weight_decay=0.1)
-    adamw = torch.optim.AdamW(rest, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    # keel chooses torch's kernels for the AdamW groups by device (keel.optim.torch_kernels): the same choice here, since
+    # the fused and for-loop kernels round differently in the last bit
+    kernels = choose_kernels(torch.optim.AdamW, rest, fused=None, foreach=None)
+    adamw = torch.optim.AdamW(rest, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, **kernels)
     for _ in range(5):
         for m, opts in ((model, [opt]), (twin, [muon, adamw])):
             loss_of(m).backward()

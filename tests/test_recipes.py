@@ -63,7 +63,7 @@ def test_apply_recipe_names_the_recipe_it_used():
 def test_seq_warmup_auto_is_off_where_batches_are_not_sequences_and_fits_a_short_context(tmp_path, tiny_overrides):
     from keel.train import train
 
-    digits = load_config(None, ["task=digits", "recipe=fast", "max_steps=3", "threads=1"])
+    digits = load_config(None, ["task=digits", "recipe=fast", "max_steps=3", "device=cpu", "threads=1"])
     result = train(digits, run_dir=tmp_path / "digits", quiet=True)
     assert not [r for r in result["history"] if "seq_len" in r]  # off: no sequences
     overrides = [o for o in tiny_overrides if not o.startswith(("recipe", "optimizer.", "schedule."))]
@@ -108,3 +108,46 @@ def test_the_examples_of_docs_recipes_validate():
         load_config(None, shlex.split(command)[2:])
     configs = [yaml.safe_load(body) for lang, body in blocks if lang == "yaml"]
     assert configs and all(validate(raw).recipe == raw["recipe"] for raw in configs)
+
+
+def _articles_loop_lr(t, total, warmup, peak, initial_lr=3e-5, min_lr=1e-6):
+    """The GPT training loop's LR at step t (0 for the first update): a linear warmup from initial_lr that reaches
+    the peak at step `warmup`, then a half cosine from the peak to min_lr over the remaining steps."""
+    import math
+
+    if t < warmup:
+        return initial_lr + t * (peak - initial_lr) / warmup
+    progress = (t - warmup) / (total - warmup)
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def test_gpt_loop_is_the_articles_loop_exactly():
+    from keel.grad import Clipper
+    from keel.schedules import from_config, warmup_steps
+
+    config = validate({"recipe": "gpt-loop", "task": "digits", "max_steps": 200})
+    assert config.recipe == "gpt-loop" and config.optimizer["name"] == "adamw"
+    schedule = from_config(config.schedule, base_lr=config.optimizer["lr"], total_steps=200)
+    peak, warmup = config.optimizer["lr"], warmup_steps(schedule)
+    assert warmup == 10
+    for t in range(200):
+        assert schedule(t) == pytest.approx(_articles_loop_lr(t, 200, warmup, peak), rel=1e-12, abs=1e-18), t
+    assert schedule(0) == 3e-5  # a first update that moves the weights, unlike the baseline's warmup from 0
+    clipper = Clipper(config.clip, warmup_steps=warmup)
+    assert [clipper.active(t) for t in (0, 9, 10, 199)] == [False, False, True, True]
+    # the baseline differs in exactly these three ways
+    baseline = validate({"recipe": "baseline", "task": "digits", "max_steps": 200})
+    base_schedule = from_config(baseline.schedule, base_lr=baseline.optimizer["lr"], total_steps=200)
+    assert base_schedule(0) == 0.0 and base_schedule(199) > 2e-4 * 0.99 and Clipper(baseline.clip).active(0)
+    assert baseline.optimizer == config.optimizer
+
+
+def test_a_gpt_loop_run_clips_only_after_warmup(tmp_path):
+    from keel.train import train
+
+    config = load_config(None, ["task=digits", "recipe=gpt-loop", "device=cpu", "threads=1", "max_steps=40",
+                                "eval_interval=40",
+                                "clip.max_norm=1e-6", f"out_dir={tmp_path / 'r'}"])
+    steps = [r for r in train(config, quiet=True)["history"] if "grad_norm" in r]
+    assert steps[0]["lr"] == 3e-5
+    assert [r["clipped"] for r in steps] == [False, False] + [True] * 38  # warmup: 5% of 40 steps

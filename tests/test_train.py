@@ -72,7 +72,7 @@ def test_tiny_run_beats_unigram_baseline(tmp_path, tiny_overrides):
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(3e-3) and int(np.argmax(lrs)) == 10
     assert lrs[-1] == pytest.approx(3e-4, rel=0.05)
 
-    # checkpoints: keep_last 2 plus the best, callback files inside, pointer to the newest
+    # checkpoints: the newest keep_last plus the best, callback files inside, pointer to the newest
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
     assert ckpts[-2:] == ["step_00000080", "step_00000120"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000120"

@@ -243,11 +243,12 @@ class TrainConfig(_Block):
         "digits, a small CNN), or 'package.module:factory' returning a keel Task.",
     )
     task_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the task's factory.")
-    recipe: Literal["baseline", "fast"] | None = Field(
+    recipe: Literal["baseline", "gpt-loop", "fast"] | None = Field(
         None, description="A named recipe that fills in optimizer, schedule, clipping and techniques (keys the "
         "config gives win, key by key): 'fast' (Muon + warmup-stable-decay + sequence-length warmup, the measured "
-        "winner of benchmarks/bench_recipes.py; docs/recipes.md) or 'baseline' (AdamW, warmup, cosine to a tenth "
-        "of the peak, clipping at 1.0). null: fast for task lm, baseline for other tasks.",
+        "winner of benchmarks/bench_recipes.py; docs/recipes.md), 'baseline' (AdamW, warmup from 0, cosine to a "
+        "tenth of the peak, clipping at 1.0) or 'gpt-loop' (the GPT training loop exactly: warmup from 3e-5, cosine "
+        "to 1e-6, clipping from the end of warmup). null: fast for task lm, baseline for other tasks.",
     )
     init_from: str | None = Field(
         None, description="Start from pretrained weights: a keel run directory (its best, else newest, checkpoint), "
@@ -267,10 +268,27 @@ class TrainConfig(_Block):
     out_dir: str | None = Field(None, description="Run directory (default: runs/<date>-<time>).")
     grad_accum: int = Field(1, ge=1, le=MAX_GRAD_ACCUM,
                             description="Micro-batches accumulated into one optimizer update (at most 65536).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast dtype for forward passes; weights and optimizer state stay fp32."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype for forward passes; weights and optimizer state stay fp32. 'auto': bf16 "
+        "on a CUDA device with bf16 (A100, H100, ...), fp16 with loss scaling on older CUDA devices, fp32 on the CPU."
+    )
+    tf32: bool = Field(True, description="On CUDA, float32 matrix products run on TF32 tensor cores (Ampere and "
+                       "later; about 2-3x faster, 10 mantissa bits in the inputs); false: full float32.")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the model (and keel's own optimizers' update kernels). 'auto': on CUDA "
+        "when the run is long enough to repay the compile (its estimated eager training time >= 10 minutes; "
+        "docs/performance.md); never on the CPU.",
+    )
+    mfu_peak_tflops: float | None = Field(
+        None, gt=0, description="Peak TFLOP/s that MFU (model FLOPs utilisation, in step records and the progress "
+        "line) is measured against; null: the GPU's dense bf16 peak from keel's table (none on the CPU).",
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    deterministic: bool = Field(
+        False, description="Deterministic kernels on CUDA: torch.use_deterministic_algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts, cuDNN benchmark off (docs/gpu.md). Without it a "
+        "resume restores every state exactly, but GPU kernels may sum in another order.",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default; at most "
                                 "4 per CPU core of the machine).")
     strategy: Literal["ddp", "fsdp"] = Field(
@@ -312,7 +330,13 @@ class TrainConfig(_Block):
         "the new decay's start. null: the schedule's own warmup (at most half the extension) when the decay starts "
         "above the current LR, else 0.",
     )
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best by validation loss.")
+    restarts: int = Field(
+        0, ge=0, le=1000, description="When the run diverges (stopped for non-finite updates or a loss spike it "
+        "cannot roll back), start it again with seed + 1, up to this many times; each failed attempt moves to "
+        "restarts/attempt_<k>_seed_<seed>/ in the run directory (docs/stability.md).",
+    )
+    keep_last: int = Field(5, ge=1, description="Checkpoints kept besides the best by validation loss (5: `keel "
+                           "average RUN --last 5` works on a default run; average.last raises it).")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
     progress_interval: int | str = Field(
@@ -352,6 +376,13 @@ class TrainConfig(_Block):
         from keel.tasks import check_task_name
 
         return check_task_name(value)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_choice(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"{value!r} is not a choice; allowed: auto, true, false")
 
     @field_validator("progress_interval")
     @classmethod
@@ -456,7 +487,7 @@ class TrainConfig(_Block):
         estimate = estimate_gpt_training(
             n_layer=self.model.n_layer, n_embd=self.model.n_embd, vocab_size=self.data.vocab_size or 256,
             block_size=block_size, batch_size=self.data.batch_size, grad_accum=self.grad_accum,
-            precision=self.precision, optimizer=optimizer, bias=self.model.bias,
+            precision=self._precision_on(self.device), optimizer=optimizer, bias=self.model.bias,
         )
         device = self.device
         if device == "auto":
@@ -475,6 +506,18 @@ class TrainConfig(_Block):
                     f"model: about {format_bytes(needed)} needed {what}, {format_bytes(available)} available on "
                     f"{where}; allowed: a smaller model.n_layer/n_embd/block_size or data.batch_size/grad_accum"
                 )
+
+    def _precision_on(self, device: str) -> str:
+        """``precision`` with auto resolved for ``device`` (``keel.precision.resolve_precision``)."""
+        if self.precision != "auto":
+            return self.precision
+        import torch
+
+        from keel.precision import resolve_precision
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_precision("auto", device)[0]
 
     def steps_per_epoch(self, train_tokens: int) -> int:
         """Optimizer steps in one epoch of ``train_tokens`` (whole batches of windows, at least 1)."""

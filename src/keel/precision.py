@@ -1,7 +1,9 @@
 """Mixed precision policy: autocast for the forward pass and a dynamic loss scaler for fp16.
 
 Weights, gradients and optimizer state stay in float32; only the operations autocast selects run in
-bf16/fp16. Micikevicius et al. (2018), "Mixed Precision Training".
+bf16/fp16. Micikevicius et al. (2018), "Mixed Precision Training". `precision: auto` (the default) is bf16 on a
+CUDA device with native bf16 (compute capability 8.0 and later: A100, H100, L4, RTX 30xx ...), fp16 with the loss
+scaler on older CUDA devices (V100, T4), fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -14,8 +16,25 @@ import torch
 from keel.errors import KeelError
 from keel.grad.finite import all_ranks_agree
 
-PrecisionMode = Literal["fp32", "bf16", "fp16"]
+PrecisionMode = Literal["auto", "fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(mode: str, device: torch.device | str) -> tuple[str, str]:
+    """The precision `mode` means on `device` ("auto" decided; others kept), and why, for the run banner."""
+    device = torch.device(device)
+    if mode != "auto":
+        return mode, "given"
+    if device.type != "cuda":
+        return "fp32", f"auto: fp32 on {device.type}"
+    try:
+        capability = torch.cuda.get_device_capability(device)
+    except (AssertionError, RuntimeError):  # no CUDA here (a config checked away from its GPU): assume a current one
+        return "bf16", "auto: bf16 (CUDA is not available here to ask the device)"
+    if capability >= (8, 0):
+        return "bf16", f"auto: bf16 autocast on a CUDA device with bf16 (compute capability {capability[0]}.{capability[1]})"
+    return "fp16", (f"auto: fp16 autocast with loss scaling on a CUDA device without bf16 (compute capability "
+                    f"{capability[0]}.{capability[1]})")
 
 
 class DynamicLossScaler:
@@ -100,7 +119,7 @@ class DynamicLossScaler:
 
 
 class Precision:
-    """Autocast and loss scaling for one training run: `precision: fp32 | bf16 | fp16` (config key `precision`).
+    """Autocast and loss scaling for one training run: `precision: auto | fp32 | bf16 | fp16` (config `precision`).
 
     One update reads:
 
@@ -117,12 +136,12 @@ class Precision:
     """
 
     def __init__(self, mode: PrecisionMode = "fp32", device: torch.device | str = "cpu", **scaler_options):
-        if mode not in _DTYPES:
-            raise KeelError(f"precision: {mode!r} is not a precision; allowed: {', '.join(_DTYPES)}")
-        self.mode = mode
+        if mode not in _DTYPES and mode != "auto":
+            raise KeelError(f"precision: {mode!r} is not a precision; allowed: auto, {', '.join(_DTYPES)}")
         self.device = torch.device(device)
-        self.dtype = _DTYPES[mode]
-        self.scaler = DynamicLossScaler(**scaler_options) if mode == "fp16" else None
+        self.mode, self.reason = resolve_precision(mode, self.device)  # auto: the mode chosen for the device
+        self.dtype = _DTYPES[self.mode]
+        self.scaler = DynamicLossScaler(**scaler_options) if self.mode == "fp16" else None
         self._unscaled = False
 
     def autocast(self):
@@ -168,3 +187,32 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if state.get("scaler") is not None and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _tf32_now() -> tuple[str, object]:
+    """Which of torch's two TF32 switches for CUDA matmuls is in use, and its value (reading the legacy one after
+    the new one was set is an error in torch >= 2.9, and the reverse is not)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return "legacy", matmul.allow_tf32
+    except RuntimeError:
+        return "new", matmul.fp32_precision
+
+
+def _set_tf32(api: str, value: object) -> None:
+    if api == "legacy":
+        torch.backends.cuda.matmul.allow_tf32 = bool(value)
+    else:
+        torch.backends.cuda.matmul.fp32_precision = value
+
+
+@contextlib.contextmanager
+def cuda_tf32(enabled: bool):
+    """float32 matrix products on CUDA run on TF32 tensor cores (`enabled`) or in full float32 inside the block;
+    the previous setting is restored after it. Affects only CUDA (CPU products are never TF32)."""
+    api, before = _tf32_now()
+    _set_tf32(api, enabled if api == "legacy" else ("tf32" if enabled else "ieee"))
+    try:
+        yield
+    finally:
+        _set_tf32(api, before)

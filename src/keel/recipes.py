@@ -1,4 +1,4 @@
-"""Named recipes: ``recipe: baseline`` and ``recipe: fast`` in a run config fill in the keys that make a recipe.
+"""Named recipes: ``recipe: baseline``, ``recipe: gpt-loop`` and ``recipe: fast`` fill in the keys of a recipe.
 
 Without ``recipe:``, a language model (task ``lm``) trains with ``fast``, every other task with ``baseline``
 (``default_recipe``).
@@ -9,9 +9,11 @@ win, key by key: ``optimizer.lr`` refines the recipe's optimizer, while another 
 the recipe's. ``config.yaml`` records the recipe's name and every value it resolved to, so a run stays
 reproducible if a recipe is changed in a later version.
 
-- ``baseline``: the GPT training loop's recipe (AdamW with betas (0.9, 0.95) and decoupled weight decay 0.1,
-  linear warmup over 5% of the run, cosine decay to a tenth of the peak LR, clipping the global gradient norm at
-  1.0): keel's default before ``fast``, and still the default of every task but ``lm``.
+- ``baseline``: keel's AdamW recipe (AdamW with betas (0.9, 0.95) and decoupled weight decay 0.1, linear warmup
+  from 0 over 5% of the run, cosine decay to a tenth of the peak LR, clipping the global gradient norm at 1.0 from
+  the first step): keel's default before ``fast``, and still the default of every task but ``lm``.
+- ``gpt-loop``: the GPT training loop of article 003 exactly: as ``baseline``, but the warmup starts at
+  ``initial_lr`` 3e-5, the cosine ends at ``min_lr`` 1e-6, and clipping starts at the end of the warmup.
 - ``fast``: the most robust winner of ``benchmarks/bench_recipes.py`` (the ``recipes`` section of
   ``benchmarks/RESULTS.md`` has the measured ratios and their conditions; docs/recipes.md explains the choice):
   Muon on the hidden matrices (LR 0.02) with AdamW on embeddings, head, biases and norms (LR 2e-3), a
@@ -30,6 +32,15 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optimizer": {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1},
         "schedule": {"name": "cosine", "warmup": "5%"},
         "clip": {"max_norm": 1.0},
+    },
+    # The GPT training loop of article 003 exactly: the baseline's AdamW and peak LR (the loop reads its peak from the
+    # optimizer and takes the warmup length as an argument), a linear warmup from initial_lr 3e-5 (not 0) to the
+    # peak, cosine decay to min_lr 1e-6 (not a tenth of the peak), and clipping at 1.0 only from the end of the
+    # warmup on (step >= warmup steps).
+    "gpt-loop": {
+        "optimizer": {"name": "adamw", "lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1},
+        "schedule": {"name": "cosine", "warmup": "5%", "warmup_init_lr": 3e-5, "min_lr": 1e-6},
+        "clip": {"max_norm": 1.0, "start_after_warmup": True},
     },
     # bench_recipes.py --budget cpu (2026-12-02): reached the tuned baseline's final loss on 3 of 3 seeds with 3.44x
     # fewer tokens [3.26, 3.72] and 2.78x less training time [2.65, 3.16]; Muon's LR and the AdamW groups' LR are

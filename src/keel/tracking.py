@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from keel import rundir
 from keel.errors import KeelError
 from keel.techniques import Callback, register_technique
 
@@ -203,7 +204,7 @@ class WandbTracker(Tracker):
         import shutil
 
         name = Path(path).name
-        name = "keel-config.yaml" if name == "config.yaml" else name  # W&B keeps its own config.yaml there
+        name = f"keel-{name}" if name == rundir.CONFIG else name  # W&B keeps its own config.yaml there
         shutil.copy2(path, Path(self.run.dir) / name)  # the run's files/ folder is synced with it
 
     def set_summary(self, values):
@@ -277,16 +278,16 @@ class TrackingCallback(Callback):
             tracker.log_metrics(metrics, step)
 
     def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
-        run_dir = Path(trainer.run_dir)
+        run_dir = rundir.RunDir(trainer.run_dir)
         state = trainer.state
-        best = str((run_dir / "checkpoints" / state.best_checkpoint).resolve()) if state.best_checkpoint else ""
+        best = str(run_dir.checkpoint(state.best_checkpoint).resolve()) if state.best_checkpoint else ""
         values = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
         values["best_checkpoint"] = best
         for tracker in self.trackers.values():
             tracker.set_summary(values)
-            for name in ("loss.png", "config.yaml"):
-                if (run_dir / name).is_file():
-                    tracker.log_artifact(run_dir / name)
+            for path in (run_dir.loss_plot, run_dir.config):
+                if path.is_file():
+                    tracker.log_artifact(path)
         self.finish("finished")
 
     def finish(self, status: str, reason: str | None = None) -> None:

@@ -14,8 +14,8 @@ from cli_runner import run_keel_train  # pytest's prepend import mode puts this 
 
 LENGTH_KEYS = ["schedule.warmup", "ema.start", "ema.every", "ema.half_life", "polyak.start", "polyak.every",
                "swa.start", "swa.every", "swa.anneal_steps", "snapshot.cycle"]
-SMALL = ["recipe=baseline", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
-         "data.batch_size=2", "data.eval_tokens=256"]
+SMALL = ["recipe=baseline", "device=cpu", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+         "model.block_size=16", "data.batch_size=2", "data.eval_tokens=256"]
 TECHNIQUE_ON = {"ema": "ema.enabled=true", "polyak": "polyak.enabled=true", "swa": "swa.enabled=true",
                 "snapshot": "snapshot.enabled=true"}
 
@@ -28,8 +28,8 @@ def workdir(tmp_path):
     (tmp_path / "deep.yaml").write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
     (tmp_path / "nested.yaml").write_text("task_args: " + "[" * 100 + "]" * 100 + "\n")
     (tmp_path / "anchors.yaml").write_text("task_args: &a {b: *a}\n")
-    (tmp_path / "small.yaml").write_text("max_steps: 7\nthreads: 1\nmodel: {n_layer: 1, n_embd: 16, n_head: 2, "
-                                         "block_size: 16}\ndata: {batch_size: 2, eval_tokens: 256}\n")
+    (tmp_path / "small.yaml").write_text("max_steps: 7\nthreads: 1\ndevice: cpu\nmodel: {n_layer: 1, n_embd: 16, "
+                                         "n_head: 2, block_size: 16}\ndata: {batch_size: 2, eval_tokens: 256}\n")
     return tmp_path
 
 

@@ -17,8 +17,8 @@ from test_resume import assert_bitwise_equal  # tests/ (the conftest's folder) i
 
 pytestmark = pytest.mark.faults
 
-TINY = ["threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=8",
-        "sample.tokens=8", "optimizer.lr=3e-3", "schedule.min_lr=3e-4"]
+TINY = ["device=cpu", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+        "data.batch_size=8", "sample.tokens=8", "optimizer.lr=3e-3", "schedule.min_lr=3e-4"]
 RUN = [*TINY, "max_steps=11", "checkpoint_interval=3", "eval_interval=3", "keep_last=2", "schedule.warmup=2",
        "data.eval_tokens=1024"]
 # Disk sizes from "not even the run directory fits" to "the whole run fits" (a checkpoint is about 400 kB).

@@ -29,14 +29,14 @@ from cli_runner import run_keel, run_keel_train  # pytest's prepend import mode 
 # Every key of the typed config, and the free-form blocks' usual keys.
 KNOWN_KEYS = [
     "task", "task_args", "task_args.x", "init_from", "init_from_strict", "init_from_exclude", "seed", "max_steps",
-    "out_dir", "grad_accum", "precision", "device", "threads", "eval_interval", "log_interval",
-    "checkpoint_interval", "keep_last", "tensorboard", "progress_interval",
+    "out_dir", "grad_accum", "precision", "device", "deterministic", "threads", "eval_interval", "log_interval",
+    "checkpoint_interval", "keep_last", "tensorboard", "progress_interval", "restarts", "recipe",
     "data", "data.source", "data.val_fraction", "data.batch_size", "data.vocab_size", "data.eval_tokens",
     "model", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size", "model.dropout", "model.bias",
     "model.hf_config", "model.hf_pretrained",
     "optimizer", "optimizer.name", "optimizer.lr", "optimizer.betas", "optimizer.weight_decay", "optimizer.eps",
     "optimizer.momentum", "optimizer.lr_scales", "optimizer.layer_lr_decay", "optimizer.freeze",
-    "optimizer.freeze_depth", "optimizer.alpha", "optimizer.ns_steps", "optimizer.precondition_frequency",
+    "optimizer.freeze_depth", "optimizer.unfreeze_at", "optimizer.alpha", "optimizer.ns_steps", "optimizer.precondition_frequency",
     "schedule", "schedule.name", "schedule.warmup", "schedule.min_lr", "schedule.decay", "schedule.total",
     "schedule.lr", "schedule.warmup_init_lr", "schedule.warmup_shape", "schedule.step_start",
     "schedule.step_duration", "schedule.minimum", "schedule.rate", "schedule.interval", "schedule.milestones",
@@ -51,15 +51,16 @@ KNOWN_KEYS = [
     "ema.dtype", "polyak.enabled", "polyak.start", "swa.enabled", "swa.start", "swa.lr", "swa.anneal_steps",
     "swa.every", "swa.bn_update", "snapshot.enabled", "snapshot.cycle", "snapshot.keep",
     "early_stopping.metric", "early_stopping.mode", "early_stopping.patience", "early_stopping.min_delta",
+    "average.last", "average.weights",
 ]
 # Small sizes put first on every generated line (the generated items come after and override them), so that a
 # line that is accepted builds a model in milliseconds.
-SMALL = ["threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
+SMALL = ["device=cpu", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
          "data.batch_size=2", "data.eval_tokens=256"]
 NAMES = ["adamw", "adam", "sgd", "momentum", "lion", "muon", "soap", "ademamix", "adafactor", "cosine", "wsd",
          "linear", "constant", "join", "warmup", "plateau", "noam", "lm", "digits", "cpu", "auto", "cuda", "cuda:7",
          "mps", "fp32", "bf16", "fp16", "norm", "value", "agc", "percentile", "none", "pydoc", "min", "max",
-         "val_loss", "raw", "ema", "cos", "float16", "nonexistent_module:factory", "math:sqrt", "keel:nothing"]
+         "val_loss", "raw", "ema", "model", "gpt-loop", "baseline", "cos", "float16", "nonexistent_module:factory", "math:sqrt", "keel:nothing"]
 YAML_FRAGMENTS = ["[1, 2]", "[]", "{}", "{a: 1}", "{name: adamw, lr: 1e-3}", "null", "~", "true", "no", "''",
                   "!!python/object/apply:os.system ['true']", "!!binary aGk=", "!!set {a}", "2001-12-14",
                   "&a [*a]", "[" * 3000, "[" * 80 + "]" * 80, "{", "]", "- 1", ": x", '"\\0"', "'", "a: b: c",

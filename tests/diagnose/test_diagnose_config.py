@@ -14,7 +14,8 @@ from keel.diagnose.probes import Display, ProbeTask, take_examples
 from keel.errors import KeelError
 from keel import tasks
 
-TINY = {"recipe": "baseline", "threads": 1, "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+TINY = {"recipe": "baseline", "device": "cpu", "threads": 1,
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
         "data": {"batch_size": 8, "eval_tokens": 4096}, "eval_interval": 50}
 # No warmup, momentum SGD at an LR well above its stable range (0.5; 1e-1 trains), no clipping: it diverges early.
 UNSTABLE = {**TINY, "max_steps": 200, "optimizer": {"name": "momentum", "lr": 0.5}, "schedule": {"name": "constant"},
@@ -67,7 +68,7 @@ def test_healthy_config_is_not_flagged(tmp_path):
 @pytest.mark.slow
 def test_runs_on_another_task(tmp_path):
     torch.set_num_threads(1)
-    raw = {"task": "digits", "threads": 1, "max_steps": 150}
+    raw = {"task": "digits", "device": "cpu", "threads": 1, "max_steps": 150}
     plan = Plan(overfit_steps=(60, 20), config_steps=(40, 20), range_steps=(30, 20), sweep_steps=(20, 20),
                 instability_steps=(40, 40), jump_steps=(20, 20), verify=False)
     session = diagnose_config(raw, tmp_path / "out", budget=300, plan=plan, display=_quiet())

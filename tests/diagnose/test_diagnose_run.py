@@ -176,6 +176,76 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert {s.procedure for s in read_diagnosis(short).skipped} >= {"learning curves", "gradient norms"}
 
 
+def test_recommended_config_of_a_python_api_run_says_how_to_use_it(tmp_path, capsys):
+    """A run made with keel.train(model=...) records task: python, which keel train cannot rebuild: the file says
+    so at its top and how to use it, and the way it names works."""
+    import torch
+    from torch import nn
+
+    from keel.train import train
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 4)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    run = tmp_path / "run"
+    config = load_config(None, ["max_steps=30", "eval_interval=10", "threads=1", "data.batch_size=16",
+                                f"out_dir={run}"])
+    train(config, model=nn.Linear(4, 2), train_data=data, val_data=data, quiet=True)
+    assert main(["diagnose", str(run)]) == 0
+    capsys.readouterr()
+    text = (run / "recommended.yaml").read_text()
+    head = text[:text.index("\ntask: python")]
+    assert "keel train cannot rebuild" in head and "train(load_config('recommended.yaml'), task=your_task)" in head
+    assert "task: package.module:factory" in head
+    assert main(["train", str(run / "recommended.yaml")]) == 2  # as the file says
+    assert "task: 'python'" in capsys.readouterr().err
+    again = train(load_config(run / "recommended.yaml", ["max_steps=5", f"out_dir={tmp_path / 'again'}"]),
+                  model=nn.Linear(4, 2), train_data=data, val_data=data, quiet=True)
+    assert again["step"] == 5
+
+
+def _unstable_while_clipping(path, norms, overrides, lrs=None):
+    n = len(norms)
+    losses = list(2.3 * np.exp(-np.arange(n) / 100) + 0.2)
+    events = [{"step": 200, "event": "rollback", "from_step": 210}, {"step": 250, "event": "skipped",
+                                                                     "reason": "nonfinite_loss", "loss": math.nan}]
+    return kinds(diagnose_run(make_run(path, losses, norms=norms, events=events, lrs=lrs,
+                                       overrides=["optimizer.lr=0.01", *overrides]))[0])
+
+
+def test_clip_harder_when_instability_persists_with_clipping(tmp_path):
+    """The Playbook: "if we try gradient clipping and the instability issues remain, we can try it harder"; the
+    new threshold is the 90th percentile of the unclipped norms, or half the old one when it is already tighter,
+    and a lower LR instead of a clip that would clip over half of the updates."""
+    n = 300
+    norms = list(np.linspace(0.5, 1.5, n))
+    found = _unstable_while_clipping(tmp_path / "a", norms, ["clip.mode=norm", "clip.max_norm=2.0"])
+    p90 = float(f"{np.percentile(norms, 90):.2g}")
+    harder = found["clip_harder"]
+    assert harder.changes == {"clip.mode": "norm", "clip.max_norm": p90} and p90 < 2.0
+    assert harder.evidence["rule"] == "p90" and [e["step"] for e in harder.evidence["events"]] == [200, 250]
+    assert "clip.max_norm" not in found["instability_sudden"].changes  # never a looser clip while clipping
+    # the threshold is already below the 90th percentile: half of it (20% of the norms are large)
+    tail = [0.2] * 240 + [3.0] * 60
+    found = _unstable_while_clipping(tmp_path / "b", tail, ["clip.max_norm=2.0"])
+    assert found["clip_harder"].changes == {"clip.mode": "norm", "clip.max_norm": 1.0}
+    assert found["clip_harder"].evidence["rule"] == "half"
+    # every update clipped already: a tighter clip is "a strange way of reducing the learning rate"
+    found = _unstable_while_clipping(tmp_path / "c", list(np.linspace(1.5, 2.5, n)), ["clip.max_norm=1.0"])
+    assert found["clip_harder"].changes == {"optimizer.lr": 0.005}
+    # online percentile clipping: halfway to the median
+    found = _unstable_while_clipping(tmp_path / "d", norms, ["clip.mode=percentile", "clip.calibration_steps=50"])
+    assert found["clip_harder"].changes == {"clip.mode": "percentile", "clip.percentile": 70.0}
+    # no clipping: no clip_harder; the sudden instability's remedy is clipping at the 90th percentile
+    found = _unstable_while_clipping(tmp_path / "e", norms, ["clip.mode=none"])
+    assert "clip_harder" not in found and found["instability_sudden"].changes["clip.max_norm"] == p90
+    # clipping only after a warmup that outlasts the events: they did not happen while clipping
+    lrs = [0.01 * min(1.0, (i + 1) / 280) for i in range(n)]
+    found = _unstable_while_clipping(tmp_path / "f", norms, ["clip.start_after_warmup=true", "schedule.warmup=280"],
+                                     lrs=lrs)
+    assert "clip_harder" not in found
+
+
 # ---------------------------------------------------------------------------------------------- hostile logs
 
 

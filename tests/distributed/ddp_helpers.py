@@ -1,11 +1,11 @@
 """Helpers for the data-parallel tests: ranks as forked processes (keel already imported, so a 2-rank run costs
-what its training costs), torchrun launches as subprocesses, and comparisons of runs. (Not a conftest.py: other
-test modules import tests/conftest.py by the name ``conftest``.)"""
+what its training costs; spawned instead once this process has initialised CUDA: tests/start_method.py), torchrun
+launches as subprocesses, and comparisons of runs. (Not a conftest.py: other test modules import tests/conftest.py
+by the name ``conftest``.)"""
 
 import faulthandler
 import hashlib
 import json
-import multiprocessing
 import os
 import signal
 import socket
@@ -26,15 +26,16 @@ try:
 except ImportError:
     pass
 from keel.rundir.metrics import read_metrics
+from start_method import process_context
 
 HERE = Path(__file__).resolve().parent
 TASKS = HERE.parent / "tasks"
-fork = multiprocessing.get_context("fork")
 
-# A tiny GPT whose global batch (16 windows) is the same whatever the number of ranks.
+# A tiny GPT whose global batch (16 windows) is the same whatever the number of ranks; on the CPU (gloo), whatever the
+# machine: the ranks are compared with one process, and two ranks cannot share one GPU.
 TINY_LM = [
     "recipe=baseline",  # AdamW: Muon's bf16 Newton-Schulz is not bitwise stable across reduction orders
-    "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    "device=cpu", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
     "data.global_batch_size=16", "data.eval_tokens=4096", "sample.tokens=0", "optimizer.lr=3e-3",
     "schedule.warmup=4", "schedule.min_lr=3e-4", "progress_interval=1000",
 ]
@@ -68,9 +69,9 @@ def _rank_main(rank, world_size, port, target, args, timeout):
 
 
 def start_ranks(world_size, target, *args, timeout=180):
-    """Start ``target(*args)`` in ``world_size`` forked processes set up as torchrun sets up its ranks."""
-    port = free_port()
-    procs = [fork.Process(target=_rank_main, args=(rank, world_size, port, target, args, timeout))
+    """Start ``target(*args)`` in ``world_size`` processes set up as torchrun sets up its ranks."""
+    port, context = free_port(), process_context()
+    procs = [context.Process(target=_rank_main, args=(rank, world_size, port, target, args, timeout))
              for rank in range(world_size)]
     for proc in procs:
         proc.start()

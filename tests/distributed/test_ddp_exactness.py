@@ -22,7 +22,7 @@ from ddp_helpers import (
 from keel.cli.main import main
 
 STEPS = ["max_steps=24", "eval_interval=12", "checkpoint_interval=12"]
-USER = ["task=user_task:make", "task_args.hidden=16", "threads=1", "max_steps=30", "eval_interval=15",
+USER = ["task=user_task:make", "task_args.hidden=16", "device=cpu", "threads=1", "max_steps=30", "eval_interval=15",
         "checkpoint_interval=15", "data.global_batch_size=32", "optimizer.lr=3e-2", "schedule.warmup=3",
         "progress_interval=1000"]
 
@@ -61,7 +61,7 @@ def test_a_user_task_on_two_ranks_equals_one_process(tmp_path):
 
 def test_digits_trains_on_two_ranks(tmp_path):
     """BatchNorm statistics are per rank (rank 0's are broadcast), so digits matches one process only roughly."""
-    run = two_ranks(tmp_path / "two", "task=digits", "threads=1", "max_steps=30", "eval_interval=30",
+    run = two_ranks(tmp_path / "two", "task=digits", "device=cpu", "threads=1", "max_steps=30", "eval_interval=30",
                     "checkpoint_interval=30", "data.batch_size=16", "optimizer.lr=1e-2", "schedule.warmup=2",
                     "progress_interval=1000")
     final = eval_records(run)[-1]
@@ -91,8 +91,9 @@ def record_ranks(out: Path, overrides: list[str]) -> int:
 
 
 def test_a_nan_on_rank_1_only_skips_the_update_on_every_rank(tmp_path):
-    overrides = ["task=ddp_tasks:nan_in_second_half", "task_args.at_batch=5", "threads=1", "max_steps=20",
-                 "eval_interval=20", "checkpoint_interval=20", "data.global_batch_size=32", "optimizer.lr=3e-2",
+    overrides = ["task=ddp_tasks:nan_in_second_half", "task_args.at_batch=5", "device=cpu", "threads=1",
+                 "max_steps=20", "eval_interval=20", "checkpoint_interval=20", "data.global_batch_size=32",
+                 "optimizer.lr=3e-2",
                  "schedule.warmup=3", "clip.mode=percentile", "clip.calibration_steps=4", "clip.window=8",
                  "clip.percentile=50", "progress_interval=1000"]
     codes = run_ranks(2, record_ranks, tmp_path, [*overrides, f"out_dir={tmp_path / 'two'}"])
@@ -110,8 +111,9 @@ def test_a_nan_on_rank_1_only_skips_the_update_on_every_rank(tmp_path):
 
 
 def test_a_spike_on_rank_1_only_rolls_back_every_rank_and_early_stopping_stops_them_together(tmp_path):
-    overrides = ["task=ddp_tasks:spike_in_second_half", "task_args.at_batch=12", "threads=1", "max_steps=40",
-                 "eval_interval=5", "checkpoint_interval=5", "data.global_batch_size=32", "optimizer.lr=3e-2",
+    overrides = ["task=ddp_tasks:spike_in_second_half", "task_args.at_batch=12", "device=cpu", "threads=1",
+                 "max_steps=40", "eval_interval=5", "checkpoint_interval=5", "data.global_batch_size=32",
+                 "optimizer.lr=3e-2",
                  "schedule.warmup=3", "spike.enabled=true", "spike.window=10", "spike.min_history=5",
                  "spike.min_rise=0.3", "spike.factor=3", "early_stopping.patience=3", "early_stopping.min_delta=0.15",
                  "progress_interval=1000"]

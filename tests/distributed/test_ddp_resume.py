@@ -128,8 +128,9 @@ def test_a_single_process_run_is_not_resumed_by_two_ranks(tmp_path, capsys):
 def test_a_rank_that_dies_ends_the_job_naming_it_and_the_last_checkpoint_stays_intact(tmp_path):
     run = tmp_path / "run"
     done = subprocess.run(
-        keel_command("train", "task=ddp_tasks:rank_dies", "task_args.at_batch=12", "threads=1", "max_steps=30",
-                     "checkpoint_interval=5", "eval_interval=5", "data.batch_size=8", "schedule.warmup=2",
+        keel_command("train", "task=ddp_tasks:rank_dies", "task_args.at_batch=12", "device=cpu", "threads=1",
+                     "max_steps=30", "checkpoint_interval=5", "eval_interval=5", "data.batch_size=8",
+                     "schedule.warmup=2",
                      "--nproc", "2", "--out", str(run), "--quiet"),
         capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert done.returncode == 1

@@ -72,9 +72,10 @@ def test_config_validation_refuses_what_cannot_fit(monkeypatch):
     monkeypatch.setattr("keel.models.memory.available_memory", lambda device="cpu": 1 << 30)
     needed = r"^model: about \d\.\d GiB needed \(parameters .*\), 1\.0 GiB available on cpu"
     with pytest.raises(KeelError, match=needed):
-        load_config(overrides=["model.n_layer=24", "model.n_embd=512", "data.batch_size=16"])
-    load_config(overrides=["model.n_layer=2"])  # the default sizes fit easily
-    load_config(overrides=["model.n_layer=24", "model.n_embd=512", "data.batch_size=16", "task=digits"])  # not a GPT
+        load_config(overrides=["device=cpu", "model.n_layer=24", "model.n_embd=512", "data.batch_size=16"])
+    load_config(overrides=["device=cpu", "model.n_layer=2"])  # the default sizes fit easily
+    load_config(overrides=["device=cpu", "model.n_layer=24", "model.n_embd=512", "data.batch_size=16",
+                           "task=digits"])  # not a GPT
 
 
 def test_on_cuda_the_free_gpu_memory_is_checked_and_the_ram_the_build_needs(monkeypatch):

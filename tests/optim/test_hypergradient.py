@@ -160,7 +160,7 @@ def test_trains_in_the_trainer(tmp_path):
     from keel.train import train
 
     torch.set_default_dtype(torch.float32)
-    config = load_config(None, ["task=digits", "max_steps=30", "eval_interval=30", "threads=1",
+    config = load_config(None, ["task=digits", "max_steps=30", "eval_interval=30", "device=cpu", "threads=1",
                                 "optimizer={name: adam_hd, lr: 3e-3, hypergradient_lr: 1e-6}"])
     summary = train(config, run_dir=tmp_path / "run", quiet=True)
     assert summary["val_accuracy"] > 0.5

@@ -19,14 +19,14 @@ def test_a_pruner_stops_the_run_at_an_evaluation(tmp_path):
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # any loss > 0 is pruned
     trial = study.ask()
     callback = TrialCallback(trial, "val_loss", pruning=True)
-    config = load_config(None, ["task=digits", "max_steps=30", "eval_interval=10", "threads=1"])
+    config = load_config(None, ["task=digits", "max_steps=30", "eval_interval=10", "device=cpu", "threads=1"])
     summary = train(config, [callback], run_dir=tmp_path / "run", quiet=True)
     assert callback.pruned and callback.should_stop and summary["step"] == 10
     assert list(trial.storage.get_trial(trial._trial_id).intermediate_values) == [10]
 
 
 def test_stop_at_ends_the_run_there_with_a_checkpoint(tmp_path):
-    config = load_config(None, ["task=digits", "max_steps=30", "eval_interval=10", "threads=1"])
+    config = load_config(None, ["task=digits", "max_steps=30", "eval_interval=10", "device=cpu", "threads=1"])
     summary = train(config, [TrialCallback(None, "val_loss", stop_at=7)], run_dir=tmp_path / "run", quiet=True)
     assert summary["step"] == 7 and (tmp_path / "run" / "checkpoints" / "step_00000007").is_dir()
 

@@ -43,8 +43,8 @@ def _wait_for(condition, seconds: float) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc (Linux)")
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
 def test_workers_stop_with_their_sweep(tmp_path, stop):
-    config = {"task": "digits", "max_steps": 100000, "eval_interval": 1000, "checkpoint_interval": 1000, "threads": 1,
-              "sweep": {"optimizer.lr": [1e-3, 2e-3, 3e-3, 4e-3]}}
+    config = {"task": "digits", "max_steps": 100000, "eval_interval": 1000, "checkpoint_interval": 1000,
+              "device": "cpu", "threads": 1, "sweep": {"optimizer.lr": [1e-3, 2e-3, 3e-3, 4e-3]}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     sweep = subprocess.Popen([sys.executable, "-m", "keel.cli.main", "sweep", "c.yaml", "--workers", "2", "--out",

@@ -40,8 +40,8 @@ def test_a_bad_sweep_block_is_one_line_and_exit_2(item, message, capsys, tmp_pat
 
 
 def test_keel_train_trains_the_config_as_written_and_says_so(tmp_path, capsys):
-    code = main(["train", "task=digits", "max_steps=3", "threads=1", "sweep.optimizer.lr=loguniform(1e-4, 1e-1)",
-                 "--out", str(tmp_path / "run")])
+    code = main(["train", "task=digits", "max_steps=3", "device=cpu", "threads=1",
+                 "sweep.optimizer.lr=loguniform(1e-4, 1e-1)", "--out", str(tmp_path / "run")])
     assert code == 0
     assert "note: the sweep: block (optimizer.lr) is for `keel sweep`" in capsys.readouterr().out
 

@@ -19,7 +19,8 @@ from keel.cli.main import main  # noqa: E402
 from keel.config import load_config  # noqa: E402
 
 SRC = str(Path(keel.__file__).resolve().parents[1])
-DIGITS = {"task": "digits", "max_steps": 30, "eval_interval": 10, "checkpoint_interval": 10, "threads": 1}
+DIGITS = {"task": "digits", "max_steps": 30, "eval_interval": 10, "checkpoint_interval": 10, "device": "cpu",
+          "threads": 1}
 
 
 def write_config(path: Path, sweep: dict, options: dict | None = None, **changes) -> Path:
@@ -66,8 +67,8 @@ def test_a_users_task_is_searched_in_worker_processes(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(tasks_dir)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([SRC, tasks_dir, os.environ.get("PYTHONPATH", "")]))
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"task": "user_task:make", "max_steps": 20, "eval_interval": 10, "threads": 1,
-                                      "sweep": {"task_args.hidden": [8, 16]}}))
+    config.write_text(yaml.safe_dump({"task": "user_task:make", "max_steps": 20, "eval_interval": 10, "device": "cpu",
+                                      "threads": 1, "sweep": {"task_args.hidden": [8, 16]}}))
     out = tmp_path / "sweep"
     assert main(["sweep", str(config), "--workers", "2", "--out", str(out)]) == 0
     rows = read_trials(out / "trials.csv")
@@ -196,6 +197,67 @@ def test_preset_coarse_to_fine(tmp_path, capsys):
     assert final.max_steps == 24 and final.schedule["name"] == "constant"
     assert len(read_trials(out / "trials.csv")) == 4 + 9 + 2 + 1
     assert "stage 2/4 grid" in (out / "summary.txt").read_text()
+
+
+def _synthetic_trials(monkeypatch):
+    """Trials scored by a formula instead of trained (the stages' logic is under test, not training): the loss is
+    lowest at LR 10^-1.8 and without weight decay, and a full-length run scores 0.5 lower than a short one."""
+    import math
+
+    from keel.sweep import results, study
+
+    def score(stage, params, run_dir, callback, number):
+        config = study.trial_config(stage, params)
+        lr, wd = float(config.optimizer["lr"]), float(config.optimizer["weight_decay"])
+        short = config.max_steps < 24
+        return {"step": config.max_steps, "val_loss": (math.log10(lr) + 1.8) ** 2 + 10 * wd + 0.5 * short}
+
+    monkeypatch.setattr(study, "_train_trial", score)
+    monkeypatch.setattr(results, "plot_stage", lambda stage, study, rows: [])
+
+
+def test_preset_coarse_to_fine_carries_survivors_and_repeats_rounds(tmp_path, capsys, monkeypatch):
+    """The notes' step 5, the best few configs trained longer without decay, and step 7, go back to step 5:
+    --survivors 2 carries two configs from each stage to the next, --repeats 2 runs refine + final twice."""
+    _synthetic_trials(monkeypatch)
+    config = write_config(tmp_path / "c.yaml", {}, {"budget": 8, "refine_trials": 3}, max_steps=24)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(config), "--preset", "coarse-to-fine", "--survivors", "2", "--repeats", "2",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for title in ("stage 1/6 lr", "stage 2/6 grid", "stage 3/6 refine", "stage 4/6 final", "stage 5/6 refine",
+                  "stage 6/6 final"):
+        assert title in printed
+    # the two best decades (1e-2, 1e-1) each bring their half-decade neighbours into the grid
+    grid = read_trials(out / "grid" / "trials.csv")
+    assert {float(r["optimizer.lr"]) for r in grid} == {0.00316, 0.01, 0.0316, 0.1, 0.316} and len(grid) == 15
+
+    def best_two(rows):
+        done = sorted((r for r in rows if r["state"] == "complete"), key=lambda r: float(r["val_loss"]))
+        return [(float(r["optimizer.lr"]), float(r["optimizer.weight_decay"])) for r in done[:2]]
+
+    def trained(rows):
+        return sorted((float(r["optimizer.lr"]), float(r["optimizer.weight_decay"])) for r in rows)
+
+    # the two best of each round's refined search are each trained for the whole run, without decay
+    for refine, final in (("refine", "final"), ("refine-2", "final-2")):
+        finals = read_trials(out / final / "trials.csv")
+        assert trained(finals) == sorted(best_two(read_trials(out / refine / "trials.csv")))
+        assert all(r["state"] == "complete" and r["steps"] == "24" for r in finals)
+    # the second round refines around the best long runs of the first (two of them: a range spanning both)
+    stage = yaml.safe_load((out / "refine-2" / "stage.yaml").read_text())
+    (low, high), = [sorted(p[0] for p in best_two(read_trials(out / "final" / "trials.csv")))]
+    assert stage["space"]["optimizer.lr"] == f"loguniform({low / 2:.6g}, {high * 2:.6g})"
+    # best.yaml: the best of the four long runs, at a constant LR
+    longs = read_trials(out / "final" / "trials.csv") + read_trials(out / "final-2" / "trials.csv")
+    winner = min(longs, key=lambda r: float(r["val_loss"]))
+    best = load_config(out / "best.yaml")
+    assert best.optimizer["lr"] == pytest.approx(float(winner["optimizer.lr"]))
+    assert best.max_steps == 24 and best.schedule["name"] == "constant"
+    assert len(read_trials(out / "trials.csv")) == 4 + 15 + 3 + 2 + 3 + 2
+    # a resumed sweep that is complete trains nothing again (the chosen points are queued once)
+    assert main(["sweep", "--resume", str(out)]) == 0
+    assert len(read_trials(out / "final-2" / "trials.csv")) == 2 and len(read_trials(out / "trials.csv")) == 29
 
 
 def test_preset_restarts_continues_the_best_seed_with_a_plain_resume(tmp_path, capsys):

@@ -12,8 +12,8 @@ from keel.train import train  # noqa: E402
 
 TINY_GPT2 = ["model.hf_config.model_type=gpt2", "model.hf_config.n_layer=1", "model.hf_config.n_embd=32",
              "model.hf_config.n_head=2", "model.hf_config.n_positions=64", "model.block_size=32",
-             "data.batch_size=8", "data.eval_tokens=2048", "threads=1", "max_steps=30", "eval_interval=30",
-             "checkpoint_interval=30", "sample.tokens=8", "optimizer.lr=3e-3", "schedule.warmup=3"]
+             "data.batch_size=8", "data.eval_tokens=2048", "device=cpu", "threads=1", "max_steps=30",
+             "eval_interval=30", "checkpoint_interval=30", "sample.tokens=8", "optimizer.lr=3e-3", "schedule.warmup=3"]
 
 
 def test_a_tiny_gpt2_from_its_config_trains_and_samples(tmp_path, capsys):

@@ -14,8 +14,8 @@ from keel.data import IndexSampler
 from keel.train import train
 
 HERE = Path(__file__).parent
-DIGITS = ["task=digits", "threads=1", "max_steps=300", "eval_interval=300", "checkpoint_interval=300"]
-USER = ["task=user_task:make", "threads=1", "max_steps=150", "eval_interval=75", "checkpoint_interval=75",
+DIGITS = ["task=digits", "device=cpu", "threads=1", "max_steps=300", "eval_interval=300", "checkpoint_interval=300"]
+USER = ["task=user_task:make", "device=cpu", "threads=1", "max_steps=150", "eval_interval=75", "checkpoint_interval=75",
         "data.batch_size=16", "optimizer.lr=3e-2", "schedule.warmup=5"]
 
 
@@ -50,8 +50,8 @@ def test_plain_pytorch_objects_through_train(tmp_path):
     y = (x[:, 0] + x[:, 1] > 0).long()
     data = torch.utils.data.TensorDataset(x, y)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
-    config = load_config(None, ["max_steps=150", "eval_interval=75", "threads=1", "data.batch_size=32", "optimizer.lr=1e-2",
-                                f"out_dir={tmp_path / 'r'}"])
+    config = load_config(None, ["max_steps=150", "eval_interval=75", "device=cpu", "threads=1", "data.batch_size=32",
+                                "optimizer.lr=1e-2", f"out_dir={tmp_path / 'r'}"])
     result = train(config, model=model, train_data=data, val_data=data, loss_fn=nn.functional.cross_entropy,
                    quiet=True)
     assert result["val_accuracy"] > 0.9
@@ -65,7 +65,7 @@ def test_a_batch_function_instead_of_a_dataset(tmp_path):
         x = torch.randn(16, 3, generator=g)
         return x, x.sum(dim=1, keepdim=True)
 
-    config = load_config(None, ["max_steps=100", "eval_interval=100", "threads=1", "optimizer.lr=5e-2",
+    config = load_config(None, ["max_steps=100", "eval_interval=100", "device=cpu", "threads=1", "optimizer.lr=5e-2",
                                 f"out_dir={tmp_path / 'r'}"])
     result = train(config, model=nn.Linear(3, 1), train_data=batches, val_data=batches,
                    loss_fn=nn.functional.mse_loss, quiet=True)
@@ -213,7 +213,7 @@ def test_progress_lines_without_a_terminal(tmp_path, capsys):
 def test_average_and_ensemble_rebuild_the_digits_task(tmp_path, capsys):
     runs = [tmp_path / "a", tmp_path / "b"]
     for seed, run in enumerate(runs):
-        train(load_config(None, ["task=digits", "threads=1", "max_steps=60", "eval_interval=30",
+        train(load_config(None, ["task=digits", "device=cpu", "threads=1", "max_steps=60", "eval_interval=30",
                                  "checkpoint_interval=30", f"seed={seed}", f"out_dir={run}"]), quiet=True)
     capsys.readouterr()
     assert main(["average", str(runs[0]), "--last", "2", "--out", str(tmp_path / "avg.safetensors"), "--eval"]) == 0

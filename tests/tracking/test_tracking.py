@@ -9,7 +9,7 @@ from keel.cli.main import main
 from keel.config import load_config
 from keel.train import train
 
-DIGITS = ["task=digits", "max_steps=12", "eval_interval=6", "checkpoint_interval=6", "threads=1"]
+DIGITS = ["task=digits", "max_steps=12", "eval_interval=6", "checkpoint_interval=6", "device=cpu", "threads=1"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def test_mlflow_gets_config_metrics_and_artifacts_of_a_run_and_of_sweep_trials(t
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"loss.png", "config.yaml"}
 
     # sweep trials: one tracked run each, tagged with the study and the trial; a failed trial ends as FAILED
-    (tmp_path / "c.yaml").write_text("task: digits\nmax_steps: 6\neval_interval: 6\nlog: {mlflow: true}\n"
+    (tmp_path / "c.yaml").write_text("task: digits\ndevice: cpu\nmax_steps: 6\neval_interval: 6\nlog: {mlflow: true}\n"
                                      "sweep: {optimizer.lr: [1.0e-2, 1.0e+4]}\n")
     assert main(["sweep", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "sweep")]) == 0
     trials = client.search_runs([experiment.experiment_id], filter_string="tags.`keel.study` = 'sweep'")

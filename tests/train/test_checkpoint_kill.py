@@ -34,8 +34,8 @@ from keel.train import train
 from test_resume import train_losses  # tests/ (the conftest's folder) is on sys.path
 
 # tests/conftest.py's TINY config (a fixture there, so not importable from a module-scoped fixture)
-TINY = ["threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=8",
-        "data.eval_tokens=4096", "sample.tokens=8", "optimizer.lr=3e-3", "schedule.min_lr=3e-4"]
+TINY = ["device=cpu", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+        "data.batch_size=8", "data.eval_tokens=4096", "sample.tokens=8", "optimizer.lr=3e-3", "schedule.min_lr=3e-4"]
 RUN = ["max_steps=11", "checkpoint_interval=3", "eval_interval=3", "keep_last=2", "model.dropout=0.1",
        "schedule.warmup=2", "data.eval_tokens=1024"]  # saves at steps 3, 6, 9 and 11, evaluations with them
 MIDDLE_SAVE, LAST_SAVE = 2, 3  # step 9 (which prunes step 3) and step 11

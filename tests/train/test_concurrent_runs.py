@@ -22,8 +22,8 @@ from test_resume import assert_bitwise_equal, train_losses  # tests/ (the confte
 
 pytestmark = pytest.mark.faults
 
-TINY = ["threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=8",
-        "data.eval_tokens=1024", "sample.tokens=8", "optimizer.lr=3e-3", "schedule.min_lr=3e-4"]
+TINY = ["device=cpu", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+        "data.batch_size=8", "data.eval_tokens=1024", "sample.tokens=8", "optimizer.lr=3e-3", "schedule.min_lr=3e-4"]
 RUN = [*TINY, "max_steps=400", "checkpoint_interval=50", "eval_interval=100", "schedule.warmup=10"]
 
 

@@ -211,3 +211,42 @@ def test_ensemble_takes_a_runs_newest_intact_checkpoint(tmp_path, capsys):
         (snapshots / name).write_bytes(b"")
     assert [p.name for p in resolve_members([str(snapshots)], "raw")] == ["step_00000010.safetensors",
                                                                            "step_00000020.safetensors"]
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+
+def cuda_tagged_checkpoint(root, monkeypatch):
+    """A checkpoint whose state.pt storages are tagged "cuda:0", as a CUDA run writes them (saved here on the CPU
+    with torch's location tag replaced, so the test needs no GPU)."""
+    import torch.serialization
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        weights = {"w": torch.full((2, 2), 5.0)}
+        state = {"step": 5, "metrics_offset": 0, "rng": {"torch": torch.get_rng_state()}, "m": torch.ones(3)}
+        return rundir.write_checkpoint(root, 5, weights, state, {"step": 5})
+
+
+def test_a_checkpoint_written_on_a_gpu_loads_to_the_cpu_by_default(tmp_path, monkeypatch):
+    ckpt = cuda_tagged_checkpoint(tmp_path, monkeypatch)
+    if not torch.cuda.is_available():  # the file does name CUDA: read without a map, it needs a GPU
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(ckpt / "state.pt", weights_only=True)
+    assert rundir.verify(ckpt) is None
+    for weights, payload in (rundir.load_checkpoint(ckpt), rundir.load_latest(tmp_path, report=pytest.fail)[1:],
+                             rundir.load_checkpoint(ckpt, device=torch.device("cpu"))):
+        assert weights["w"].device.type == "cpu" and payload["m"].device.type == "cpu"
+        assert payload["rng"]["torch"].device.type == "cpu"
+        torch.set_rng_state(payload["rng"]["torch"])  # a CPU RNG state is usable as it arrives
+        assert payload["rng"]["torch"].numpy().dtype.name == "uint8"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loading_to_the_cpu_or_to_a_gpu_as_asked(tmp_path, monkeypatch):
+    ckpt = cuda_tagged_checkpoint(tmp_path, monkeypatch)
+    weights, payload = rundir.load_checkpoint(ckpt)  # the default stays the CPU on a GPU machine
+    assert weights["w"].device.type == "cpu" and payload["rng"]["torch"].device.type == "cpu"
+    weights, payload = rundir.load_latest(tmp_path, device="cuda", report=pytest.fail)[1:]
+    assert weights["w"].device.type == "cuda" and payload["m"].device.type == "cuda"

@@ -1,8 +1,12 @@
-"""The run directory's LOCK: a second process is refused with the holder's PID and host; a stale lock is taken over."""
+"""The run directory's LOCK: a second process is refused with the holder's PID and host; a lock no process holds
+(its flock is free) is stale and taken over, whatever PID or host its text names."""
 
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -105,19 +109,88 @@ def test_a_lock_of_this_pid_from_an_earlier_life_is_taken_over(tmp_path):
     assert len(messages) == 1
 
 
-def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
-    write_lock(tmp_path, pid=dead_pid(), host="another-host.example")
+@pytest.mark.parametrize("pid, host", [
+    (os.getppid(), socket.gethostname()),  # a PID reused by a live, unrelated process (here: the test's parent)
+    (1, socket.gethostname()),  # PID 1: in a container, the run's own earlier life; always alive
+    (4242, "another-host.example"),  # a run on another host, on a filesystem whose locks reach every host
+], ids=["reused-pid", "pid-1", "another-host"])
+def test_a_lock_nobody_holds_is_taken_over_whatever_pid_or_host_it_names(tmp_path, pid, host):
+    """The flock is the only arbiter: a LOCK file no open file holds is stale, so none of these needs deleting."""
+    write_lock(tmp_path, pid=pid, host=host, started="earlier")
+    messages = []
+    with RunLock(tmp_path, report=messages.append) as lock:
+        assert lock.held and json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    assert len(messages) == 1 and f"took over the stale lock {tmp_path / LOCK} of PID {pid} on host {host}" in \
+        messages[0]
+    assert not (tmp_path / LOCK).exists()
+
+
+def test_a_held_lock_is_refused_whatever_its_text_says(tmp_path, holder):
+    """A live holder keeps its run even when LOCK's text names a dead PID or another host: the text only informs."""
+    process, release = holder()
+    write_lock(tmp_path, pid=dead_pid(), host=socket.gethostname())  # same file (truncated in place): still held
+    with pytest.raises(KeelError, match="is in use: LOCK is held by PID .* still holds the lock"):
+        RunLock(tmp_path).acquire()
+    write_lock(tmp_path, pid=1, host="another-host.example")
+    with pytest.raises(KeelError, match="is in use: LOCK is held by PID 1 on host another-host.example; allowed"):
+        RunLock(tmp_path).acquire()
+    release.set()
+    process.join(30)
+
+
+def test_a_lock_of_a_killed_holder_is_taken_over(tmp_path):
+    """SIGKILL: the kernel releases the flock, the LOCK file stays; the next run takes it without help."""
+    locked, release = fork.Event(), fork.Event()
+    process = fork.Process(target=hold_lock, args=(tmp_path, locked, release, False))
+    process.start()
+    assert locked.wait(30)
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(30)
+    assert (tmp_path / LOCK).exists()
+    messages = []
+    with RunLock(tmp_path, report=messages.append):
+        pass
+    assert f"of PID {process.pid} on host {socket.gethostname()}" in messages[0]
+
+
+@pytest.fixture
+def no_file_locks(monkeypatch):
+    """A filesystem without flock (an NFS mount without a lock manager): flock fails with ENOLCK."""
+    def flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_without_file_locks_the_file_is_the_lock(tmp_path, no_file_locks, monkeypatch):
+    messages = []
+    with RunLock(tmp_path, report=messages.append):
+        assert "this filesystem has no file locks" in messages[0]
+        with pytest.raises(KeelError, match=f"is in use: LOCK is held by PID {os.getpid()} .*no file locks"):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK).exists()
+    pid = dead_pid()
+    write_lock(tmp_path, pid=pid, host=socket.gethostname())  # this host, PID gone: stale
+    messages = []
+    with RunLock(tmp_path, report=messages.append):
+        assert f"took over the stale lock {tmp_path / LOCK} of PID {pid}" in messages[0]
+    (tmp_path / LOCK).write_text("{not json")  # unreadable once its grace is over: stale too
+    monkeypatch.setattr(RunLock, "unreadable_grace_s", 0.05)
+    messages = []
+    with RunLock(tmp_path, report=messages.append):
+        assert "an unknown process" in messages[0]
+
+
+@pytest.mark.parametrize("pid, host", [(os.getppid(), socket.gethostname()), (4242, "another-host.example")],
+                         ids=["live-pid", "another-host"])
+def test_without_file_locks_a_lock_that_may_be_alive_is_refused_and_says_what_to_do(tmp_path, no_file_locks, pid,
+                                                                                   host):
+    write_lock(tmp_path, pid=pid, host=host)
     before = (tmp_path / LOCK).read_text()
-    with pytest.raises(KeelError, match=r"another-host.example, another host.*delete .*LOCK only if"):
+    with pytest.raises(KeelError, match=rf"PID {pid} on host {host}, and this filesystem has no file locks .* "
+                                        rf"delete .*LOCK if that process is gone"):
         RunLock(tmp_path).acquire()
     assert (tmp_path / LOCK).read_text() == before
-
-
-def test_a_live_pid_without_flock_is_still_refused(tmp_path):
-    """A LOCK naming a running process of this host is refused even when no open file holds it."""
-    write_lock(tmp_path, pid=os.getppid(), host=socket.gethostname())
-    with pytest.raises(KeelError, match=f"PID {os.getppid()}"):
-        RunLock(tmp_path).acquire()
 
 
 @pytest.mark.parametrize("content", ["", "{not json", "[]", "null"])

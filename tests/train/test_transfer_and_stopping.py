@@ -12,7 +12,7 @@ from keel.config import load_config
 from keel.train import train
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
-FIVE = ["task=digits", "threads=1", "eval_interval=50", "checkpoint_interval=50", "data.batch_size=32"]
+FIVE = ["task=digits", "device=cpu", "threads=1", "eval_interval=50", "checkpoint_interval=50", "data.batch_size=32"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_frozen_features_with_a_fresh_head(pretrained, tmp_path):
 
 def test_early_stopping_ends_the_run_and_exports_the_best_weights(tmp_path):
     run = tmp_path / "r"
-    config = load_config(None, ["task=digits", "threads=1", "max_steps=400", "eval_interval=10",
+    config = load_config(None, ["task=digits", "device=cpu", "threads=1", "max_steps=400", "eval_interval=10",
                                 "checkpoint_interval=1000", "optimizer.lr=3e-2", "schedule.warmup=0",
                                 "early_stopping.metric=val_accuracy", "early_stopping.mode=max",
                                 "early_stopping.patience=2", "early_stopping.min_delta=0.5", f"out_dir={run}"])
@@ -91,8 +91,8 @@ def _kill_and_resume(tmp_path, overrides, kill_at, env=None):
 
 
 def test_sigkill_then_resume_is_bitwise_for_digits(tmp_path):
-    overrides = ["task=digits", "threads=1", "max_steps=300", "checkpoint_interval=37", "eval_interval=100",
-                 "task_args.dropout=0.3"]
+    overrides = ["task=digits", "device=cpu", "threads=1", "max_steps=300", "checkpoint_interval=37",
+                 "eval_interval=100", "task_args.dropout=0.3"]
     _kill_and_resume(tmp_path, overrides, 100)
 
 
@@ -101,6 +101,6 @@ def test_sigkill_then_resume_is_bitwise_for_a_user_task(tmp_path, monkeypatch):
 
     monkeypatch.syspath_prepend(str(TASKS_DIR))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TASKS_DIR), os.environ.get("PYTHONPATH", "")])}
-    overrides = ["task=user_task:make", "threads=1", "max_steps=1000", "checkpoint_interval=41", "eval_interval=500",
-                 "data.batch_size=8"]
+    overrides = ["task=user_task:make", "device=cpu", "threads=1", "max_steps=1000", "checkpoint_interval=41",
+                 "eval_interval=500", "data.batch_size=8"]
     _kill_and_resume(tmp_path, overrides, 300, env=env)

@@ -7,14 +7,13 @@ checkpoint as `<name>.safetensors` and keeps its state (update count, shadow) fo
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from keel import rundir
-from keel.averaging.config import EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
+from keel.averaging.config import CheckpointAverageConfig, EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
 from keel.averaging.ema import EMA
 from keel.averaging.shadow import ShadowWeights, model_tensors
 from keel.averaging.swa import SWA, Polyak, swa_learning_rate
@@ -29,7 +28,13 @@ def _steps(trainer, value, key: str) -> int:
 
 
 class AveragingCallback(Callback):
-    """Shared adapter: when to update, evaluating swapped in, saving, and resuming the shadow."""
+    """Shared adapter: when to update, evaluating swapped in, saving, and resuming the shadow.
+
+    Its average is a weight set of the run (``keel.train.export``): scored as ``val_loss_<name>``, saved as
+    ``<name>.safetensors``, and exportable as the run's weights.
+    """
+
+    weight_set = True
 
     def __init__(self, name: str, config: EMAConfig | PolyakConfig | SWAConfig) -> None:
         self.name = name
@@ -73,21 +78,12 @@ class AveragingCallback(Callback):
     def on_checkpoint(self, trainer, ckpt_dir: Path) -> None:
         if self.config.save and self.unit.num_updates > 0:
             self.prepare(trainer)
-            self.unit.export(ckpt_dir / f"{self.name}.safetensors", metadata={"step": str(trainer.state.step)})
-
-    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
-        losses = {k: v for k, v in summary.items() if k.startswith("val_loss") and isinstance(v, float)}
-        if "best_weights" not in summary and len(losses) > 1 and all(math.isfinite(v) for v in losses.values()):
-            best = min(losses, key=losses.get)
-            summary["best_weights"] = "raw" if best == "val_loss" else best.removeprefix("val_loss_")
-            if not getattr(trainer, "quiet", False):
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                print(f"final {shown}; best: {summary['best_weights']} weights")
+            self.unit.export(ckpt_dir / rundir.weights_name(self.name), metadata={"step": str(trainer.state.step)})
 
     # ---- state -------------------------------------------------------------------------------------------------
     def _shadow_file(self) -> str | None:
         """The checkpoint file holding the shadow bit for bit, if this callback writes one."""
-        return f"{self.name}.safetensors" if self.config.save else None
+        return rundir.weights_name(self.name) if self.config.save else None
 
     def state_dict(self) -> dict[str, Any]:
         if self.unit is None:
@@ -119,6 +115,16 @@ class EMACallback(AveragingCallback):
 
     def __init__(self, config: EMAConfig) -> None:
         super().__init__("ema", config)
+        self._announced = False
+
+    def on_run_start(self, trainer) -> None:
+        super().on_run_start(trainer)
+        if self.config.checkpoint_weights == "ema":
+            trainer.export.weights = "ema"  # the run exports what its checkpoints hold
+            if not self._announced:
+                self._announced = True
+                trainer.say("weights: every checkpoint's model.safetensors and the exported model.safetensors hold "
+                            "the ema weights (ema.checkpoint_weights: ema); the raw ones stay in raw.safetensors")
 
     def make_unit(self, trainer) -> EMA:
         c = self.config
@@ -134,24 +140,24 @@ class EMACallback(AveragingCallback):
         )
 
     def _shadow_file(self) -> str | None:
-        return "ema.safetensors" if (self.config.save or self.config.checkpoint_weights == "ema") else None
+        return rundir.weights_name("ema") if (self.config.save or self.config.checkpoint_weights == "ema") else None
 
     def on_checkpoint(self, trainer, ckpt_dir: Path) -> None:
         if self.unit.num_updates == 0:
             return
         if self._shadow_file() is not None:
-            self.unit.export(ckpt_dir / "ema.safetensors", metadata={"step": str(trainer.state.step)})
+            self.unit.export(ckpt_dir / rundir.weights_name("ema"), metadata={"step": str(trainer.state.step)})
         if self.config.checkpoint_weights == "ema":
             # OpenNMT-tf: the checkpoint's weights are the averaged ones; the raw ones stay beside them for resume.
             raw = {k: v.detach() for k, v in trainer.model.state_dict().items()}
-            write_safetensors(ckpt_dir / "raw.safetensors", raw)
+            write_safetensors(ckpt_dir / rundir.RAW_WEIGHTS, raw)
             averaged = self.unit.averaged_state_dict()
-            write_safetensors(ckpt_dir / "model.safetensors", averaged, dtypes={k: v.dtype for k, v in raw.items()})
+            write_safetensors(ckpt_dir / rundir.MODEL_WEIGHTS, averaged, dtypes={k: v.dtype for k, v in raw.items()})
 
     def _restore(self, trainer, state: dict[str, Any]) -> None:
         super()._restore(trainer, state)
         if self.config.checkpoint_weights == "ema" and state.get("num_updates", 0) > 0:
-            path = trainer.restored_from / "raw.safetensors"
+            path = trainer.restored_from / rundir.RAW_WEIGHTS
             if not path.is_file():
                 raise KeelError(f"ema: resume needs the raw weights {str(path)!r}, which are missing")
             targets = model_tensors(trainer.model)
@@ -233,16 +239,63 @@ class SnapshotCallback(Callback):
         step = trainer.state.step
         if step not in self.ends or trainer.rank != 0:  # several ranks: rank 0 alone writes
             return
-        folder = trainer.run_dir / "snapshots"
+        folder = rundir.RunDir(trainer.run_dir).snapshots
         folder.mkdir(exist_ok=True)
         index = sorted(self.ends).index(step)
         tensors = {k: v.detach() for k, v in trainer.model.state_dict().items()}
-        write_safetensors(folder / f"{rundir.step_dir_name(step)}.safetensors", tensors,
+        write_safetensors(folder / rundir.snapshot_name(step), tensors,
                           metadata={"format": "pt", "keel_snapshot": str(index), "step": str(step)})
         if self.config.keep is not None:
             existing = rundir.list_snapshots(folder)
             for old in existing[: max(0, len(existing) - self.config.keep)]:
                 old.unlink()
+
+
+class CheckpointAverageCallback(Callback):
+    """`average` block: when training ends, the mean of the last N checkpoints (OpenNMT-tf's
+    `average_last_checkpoints`; Vaswani et al. 2017) written as RUN_DIR/averaged.safetensors, evaluated on the
+    validation split and reported (the summary's `average`). The run keeps at least N checkpoints for it."""
+
+    name = "average"
+
+    def __init__(self, config: CheckpointAverageConfig) -> None:
+        self.config = config
+
+    def on_run_start(self, trainer) -> None:
+        trainer.keep_at_least(self.config.last)
+
+    def on_run_end(self, trainer, summary: dict[str, Any]) -> None:
+        from keel.averaging.checkpoints import average_checkpoints_to_file, resolve_checkpoints
+
+        run = rundir.RunDir(trainer.run_dir)
+        root, out, wanted = run.checkpoints, run.averaged_weights, self.config.last
+
+        def average() -> list[int] | str:  # on rank 0: the steps averaged, or why nothing was
+            count = min(wanted, len(rundir.list_checkpoints(root)))
+            if count < 2:
+                return "the run holds fewer than 2 checkpoints"
+            try:
+                files = resolve_checkpoints([root], last=count, weights=self.config.weights)
+            except KeelError as error:  # e.g. average.weights: ema where the EMA started after some checkpoints
+                return str(error)
+            average_checkpoints_to_file(files, out)
+            return [rundir.checkpoint_step(f.parent.name) for f in files]
+
+        steps = trainer.dist.from_main(average)
+        if isinstance(steps, str):  # the training itself went well: say why there is no average, do not fail
+            trainer.say(f"average.last: {wanted}: nothing averaged ({steps})")
+            return
+        kept = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        with SafetensorsReader(out) as reader:
+            trainer.dist.load_model_state_dict(trainer.model, {n: reader.read(n) for n in reader.tensors})
+        metrics = trainer.evaluate()
+        trainer.dist.load_model_state_dict(trainer.model, kept)
+        summary["average"] = {"last": len(steps), "steps": steps, "weights": self.config.weights,
+                              "file": out.name, **metrics}
+        fewer = f" (of {wanted} asked for)" if len(steps) < wanted else ""
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        trainer.say(f"average of the last {len(steps)} checkpoints{fewer} (steps {', '.join(map(str, steps))}; "
+                    f"{self.config.weights} weights): {shown} -> {out}")
 
 
 def cycle_ends(offset: int, period: int, mult: float, total_steps: int) -> list[int]:
@@ -282,3 +335,5 @@ register_technique("ema", EMAConfig, _enabled(EMACallback))
 register_technique("polyak", PolyakConfig, _enabled(PolyakCallback))
 register_technique("swa", SWAConfig, _enabled(SWACallback))
 register_technique("snapshot", SnapshotConfig, _enabled(SnapshotCallback))
+register_technique("average", CheckpointAverageConfig,
+                   lambda block: CheckpointAverageCallback(block) if block.last is not None else None)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,12 +29,8 @@ _CHUNK_BYTES = 1 << 20  # read slice: small enough to stay in cache between the 
 PathLike = str | os.PathLike
 
 
-def _weights_file(weights: str) -> str:
-    if weights == "raw":
-        return "model.safetensors"
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", weights):
-        raise KeelError(f"weights: {weights!r} is not a weights name; allowed: raw, ema, polyak, swa, ...")
-    return f"{weights}.safetensors"
+#: The default of ``weights``: what each checkpoint holds as its weights (its model.safetensors; rundir.checkpoint_weights).
+CHECKPOINT_WEIGHTS = "model"
 
 
 def _step_dirs(folder: Path) -> list[tuple[int, Path]]:
@@ -64,13 +59,13 @@ def resolve_checkpoints(
     best: int | None = None,
     metric: str = "val_loss",
     mode: str = "min",
-    weights: str = "raw",
+    weights: str = CHECKPOINT_WEIGHTS,
 ) -> list[Path]:
     """The weight files named by `inputs`, oldest first.
 
-    Each input is a `.safetensors` file, a keel checkpoint directory (step_XXXXXXXX, whose raw weights
-    `model.safetensors`, or `raw.safetensors` where the checkpoint holds EMA weights, or `<weights>.safetensors` is
-    taken), a run's `checkpoints/` folder, or a run directory (all its checkpoints).
+    Each input is a `.safetensors` file, a keel checkpoint directory (step_XXXXXXXX: the file of `weights` in it,
+    see `keel.rundir.checkpoint_weights`; by default its `model.safetensors`, what the checkpoint holds), a run's
+    `checkpoints/` folder, or a run directory (all its checkpoints).
     `last=N` keeps the newest N; `best=k` keeps the k with the best `metric` in the run's metrics.jsonl
     (lowest for mode "min"), in step order.
     """
@@ -78,7 +73,7 @@ def resolve_checkpoints(
         raise KeelError("average: --last and --best are both given; allowed: one of them")
     if mode not in ("min", "max"):
         raise KeelError(f"mode: {mode!r} is not a mode; allowed: min, max")
-    filename = _weights_file(weights)
+    filename = rundir.weights_name(weights)
     entries: list[tuple[Path, int | None, Path | None]] = []  # (file, step, run_dir)
     for raw in inputs:
         path = Path(raw)
@@ -90,26 +85,23 @@ def resolve_checkpoints(
                 f"average: {str(raw)!r} does not exist; allowed: .safetensors files, checkpoint or run directories"
             )
         step = rundir.checkpoint_step(path.name)
-        if step is not None and (path / "model.safetensors").exists():
-            steps = [(step, path)]
-            run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        elif (path / "checkpoints").is_dir():
-            steps, run_dir = _step_dirs(path / "checkpoints"), path
+        if step is not None and (path / rundir.MODEL_WEIGHTS).exists():
+            steps, run_dir = [(step, path)], rundir.run_of_checkpoint(path)
+        elif rundir.RunDir(path).checkpoints.is_dir():
+            steps, run_dir = _step_dirs(rundir.RunDir(path).checkpoints), path
         else:
-            steps, run_dir = _step_dirs(path), (path.parent if path.name == "checkpoints" else None)
+            steps, run_dir = _step_dirs(path), rundir.run_of_checkpoint(path)
         if not steps:
             raise KeelError(
                 f"average: {str(raw)!r} holds no checkpoints (no step_XXXXXXXX/ with model.safetensors and "
                 "manifest.json)"
             )
         for step, step_dir in steps:
-            file = step_dir / filename
-            if weights == "raw" and (step_dir / "raw.safetensors").exists():
-                file = step_dir / "raw.safetensors"  # ema.checkpoint_weights=ema: model.safetensors holds the EMA
+            file = rundir.checkpoint_weights(step_dir, weights)
             if not file.exists():
                 raise KeelError(
                     f"average: {str(step_dir)!r} has no {filename} (weights={weights!r}); "
-                    f"enable that average in training or use weights='raw'"
+                    f"enable that average in training or use weights='model'"
                 )
             entries.append((file, step, run_dir))
     if not entries:
@@ -140,7 +132,9 @@ def resolve_checkpoints(
                 raise KeelError(f"last: {last!r} is not positive")
             if last > len(files):
                 raise KeelError(f"last: {last} checkpoints asked for, but only {len(files)} exist in "
-                                f"{', '.join(repr(str(p)) for p in inputs)}; allowed: --last {len(files)} or fewer")
+                                f"{', '.join(repr(str(p)) for p in inputs)}; allowed: --last {len(files)} or fewer "
+                                f"(a run keeps its last keep_last checkpoints and the best: train with keep_last: "
+                                f"{last} or average.last: {last} to keep {last})")
             files = files[-last:]
     checkpoint_files = {file for file, step, _ in entries if step is not None}
     for file in files:
@@ -250,7 +244,7 @@ def _average(inputs, *, weights, prefix, dtype, last=None, best=None, metric="va
 def average_checkpoints(
     paths: Sequence[PathLike],
     *,
-    weights: str = "raw",
+    weights: str = CHECKPOINT_WEIGHTS,
     prefix: str | None = None,
     dtype: str | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -275,7 +269,7 @@ def average_checkpoints_to_file(
     best: int | None = None,
     metric: str = "val_loss",
     mode: str = "min",
-    weights: str = "raw",
+    weights: str = CHECKPOINT_WEIGHTS,
     prefix: str | None = None,
     dtype: str | None = None,
 ) -> dict:

@@ -1,4 +1,4 @@
-"""Typed config blocks for weight averaging in the trainer: `ema`, `polyak`, `swa`, `snapshot`.
+"""Typed config blocks for weight averaging in the trainer: `ema`, `polyak`, `swa`, `snapshot`, `average`.
 
 Each block is disabled by default; `keel.averaging.callbacks` registers each block with its trainer callback.
 Lengths (`start`, `every`, `half_life`, ...) accept keel time units: 500 or "500" (steps), "2%" (fraction of
@@ -167,4 +167,22 @@ class SnapshotConfig(BaseModel):
     keep: int | None = Field(None, gt=0, description="Keep only the last this many snapshots; null keeps all.")
 
 
-__all__ = ["EMAConfig", "PolyakConfig", "SWAConfig", "SnapshotConfig", "Length"]
+class CheckpointAverageConfig(BaseModel):
+    """Checkpoint averaging at the end of training (OpenNMT-tf's `average_last_checkpoints`): the arithmetic mean of
+    the last N checkpoints, written beside the model as `averaged.safetensors`, evaluated and reported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    last: int | None = Field(
+        None, ge=2, description="Average the last this many checkpoints when training ends (null: off); the run "
+        "keeps at least this many checkpoints (keep_last is raised to it).",
+    )
+    weights: str = Field(
+        "model", pattern=r"^[A-Za-z0-9_\-]+$",
+        description="What is averaged: 'model' (each checkpoint's model.safetensors: the raw weights, or the EMA "
+        "under ema.checkpoint_weights: ema, as OpenNMT-tf averages), 'raw', or a saved average: 'ema', 'polyak', "
+        "'swa'.",
+    )
+
+
+__all__ = ["EMAConfig", "PolyakConfig", "SWAConfig", "SnapshotConfig", "CheckpointAverageConfig", "Length"]

@@ -23,8 +23,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--metric", default="val_loss", help="metrics.jsonl key ranking checkpoints for --best "
                         "(default: val_loss)")
     parser.add_argument("--mode", choices=("min", "max"), default="min", help="lower or higher is better (min)")
-    parser.add_argument("--weights", default="raw", metavar="NAME",
-                        help="raw (model.safetensors) or an average saved in the checkpoints: ema, polyak, swa")
+    parser.add_argument("--weights", default="model", metavar="NAME",
+                        help="model (each checkpoint's model.safetensors, what the checkpoint holds: the EMA under "
+                        "ema.checkpoint_weights: ema, as OpenNMT-tf averages; default), raw (the trained weights), or "
+                        "an average saved in the checkpoints: ema, polyak, swa")
     parser.add_argument("--prefix", metavar="P", help="average only tensors whose name starts with P; the others "
                         "are copied from the newest input")
     parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
@@ -41,23 +43,24 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from keel.averaging.checkpoints import average_checkpoints_to_file
+    from keel.averaging.checkpoints import average_checkpoints_to_file, resolve_checkpoints
 
     torch.set_num_threads(max(1, args.threads))
-    summary = average_checkpoints_to_file(
-        args.paths, args.out, last=args.last, best=args.best, metric=args.metric, mode=args.mode,
-        weights=args.weights, prefix=args.prefix, dtype=args.dtype,
-    )
+    files = resolve_checkpoints(args.paths, last=args.last, best=args.best, metric=args.metric, mode=args.mode,
+                                weights=args.weights)
+    scorer = None
+    if args.eval:  # before anything is written: a run whose task keel cannot rebuild is refused here
+        from keel.train.scoring import scorer_for
+
+        scorer = scorer_for(files, args.config, args.device, option="--eval")
+    summary = average_checkpoints_to_file(files, args.out, prefix=args.prefix, dtype=args.dtype)
     inputs = summary["inputs"]
     print(f"averaged {len(inputs)} checkpoints ({summary['averaged_tensors']} tensors averaged, "
           f"{summary['copied_tensors']} copied from the newest) -> {args.out} ({summary['bytes']:,} bytes)")
-    if not args.eval:
+    if scorer is None:
         for path in inputs:
             print(f"  {path}")
         return 0
-    from keel.train.scoring import scorer_for
-
-    scorer = scorer_for([Path(p) for p in inputs], args.config, args.device)
     width = max(len(p) for p in [*inputs, args.out])
     print(f"  {'weights':<{width}}  val_loss")
     for path in inputs:

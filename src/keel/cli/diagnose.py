@@ -1,4 +1,5 @@
-"""``keel diagnose RUN_DIR`` or ``keel diagnose --config CONFIG [key=value ...] [--budget 15m] [--out DIR]``.
+"""``keel diagnose RUN_DIR`` or ``keel diagnose --config CONFIG [key=value ...] [--budget 15m] [--out DIR]
+[--schedule constant]``.
 
 The first reads a finished or running run; the second runs the active procedures (sanity checks, LR range test
 and sweep, instability probe, warmup search) as short trainings. Both print the findings, each with its evidence
@@ -20,7 +21,8 @@ def add_parser(subparsers) -> None:
         "diagnose",
         help="diagnose a run (learning curves, gradient norms, update ratios, instability) or a config (sanity "
              "checks, LR sweep, instability probe, warmup search)",
-        description="keel diagnose RUN_DIR: read a run and report findings with their evidence. keel diagnose "
+        description="keel diagnose RUN_DIR: read a run (keel's, a Lightning log directory, or a Hugging Face "
+                    "trainer_state.json or output directory) and report findings with their evidence. keel diagnose "
                     "--config CONFIG [key=value ...]: run the Tuning Playbook's procedures on a config as short "
                     "trainings within --budget. Both write diagnosis.json and recommended.yaml.",
     )
@@ -33,6 +35,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="CPU threads of --config's probes when the config sets none (default 1; 0: torch's "
                              "default)")
+    parser.add_argument("--schedule", choices=["config", "constant"], default=None,
+                        help="LR schedule of --config's runs: config (default: your schedule) or constant (a "
+                             "constant LR after your warmup, in recommended.yaml too: the notes' 'start with a "
+                             "constant LR, tune the schedule last')")
     parser.add_argument("--quiet", action="store_true", help="print only the findings")
     parser.set_defaults(run=run)
 
@@ -40,9 +46,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.config is not None:
         return _run_config(args)
-    if args.budget is not None or args.out is not None:
-        raise KeelError("--budget and --out go with --config; allowed: keel diagnose RUN_DIR, or keel diagnose "
-                        "--config CONFIG [--budget TIME] [--out DIR]")
+    if args.budget is not None or args.out is not None or args.schedule is not None:
+        raise KeelError("--budget, --out and --schedule go with --config; allowed: keel diagnose RUN_DIR, or keel "
+                        "diagnose --config CONFIG [--budget TIME] [--out DIR] [--schedule constant]")
     if len(args.items) != 1 or "=" in args.items[0]:
         raise KeelError(f"keel diagnose takes one RUN_DIR (got {len(args.items)} arguments); allowed: keel diagnose "
                         "RUN_DIR, or keel diagnose --config CONFIG [key=value ...]")
@@ -50,24 +56,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_dir(run_dir: Path, quiet: bool) -> int:
-    from keel.diagnose.findings import write_recommended
+    from keel.diagnose.findings import RECOMMENDED, write_recommended
     from keel.diagnose.run import diagnose_run, load_run, write_plots
 
     diagnosis, raw = diagnose_run(run_dir, report=lambda m: None if quiet else print(m))
+    source, run_dir = run_dir, run_dir if run_dir.is_dir() else run_dir.parent  # a trainer_state.json: beside it
     path = diagnosis.write(run_dir)
     written = [path.name]
-    records, _ = load_run(run_dir)
+    records, _ = load_run(source)
     written += [p.name for p in write_plots(run_dir, records, raw)]
-    notes = []
     if raw is not None:
-        if raw.get("task") == "python":
-            notes.append("task 'python' was passed to keel.train() in Python: pass it again; keel train cannot "
-                         "rebuild it")
         try:
-            write_recommended(run_dir, raw, diagnosis.changes, str(run_dir), notes)
-            written.append("recommended.yaml")
+            write_recommended(run_dir, raw, diagnosis.changes, str(run_dir))
+            written.append(RECOMMENDED)
         except KeelError as error:
-            print(f"recommended.yaml not written: {error}")
+            print(f"{RECOMMENDED} not written: {error}")
     print_findings(diagnosis)
     print(f"wrote {', '.join(str(run_dir / name) for name in written)}")
     return _finish(diagnosis)
@@ -76,6 +79,7 @@ def _run_dir(run_dir: Path, quiet: bool) -> int:
 def _run_config(args: argparse.Namespace) -> int:
     from keel.config import merge, parse_overrides, read_yaml
     from keel.diagnose.active import DEFAULT_BUDGET, diagnose_config, parse_budget
+    from keel.diagnose.findings import DIAGNOSIS, RECOMMENDED
     from keel.diagnose.probes import Display
 
     budget = parse_budget(args.budget if args.budget is not None else DEFAULT_BUDGET)
@@ -88,7 +92,7 @@ def _run_config(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise KeelError(f"--threads: {args.threads}; allowed: 0 (torch's default) or a count >= 1")
     session = diagnose_config(raw, out, budget, target=str(args.config), display=display,
-                              threads=args.threads or None)
+                              threads=args.threads or None, schedule=args.schedule or "config")
     diagnosis = session.diagnosis
     print_findings(diagnosis)
     total = sum(diagnosis.timings.values())
@@ -97,7 +101,7 @@ def _run_config(args: argparse.Namespace) -> int:
         print(f"  {name:<20} {seconds:8.1f} s  {seconds / max(total, 1e-9):6.1%}")
     print(f"  {'total':<20} {total:8.1f} s  (budget {budget:.0f} s)")
     extra = ", lr_sweep.png" if (out / "lr_sweep.png").is_file() else ""
-    print(f"wrote {out / 'diagnosis.json'}, {out / 'recommended.yaml'}{extra}, probe runs in {out / 'probes'}")
+    print(f"wrote {out / DIAGNOSIS}, {out / RECOMMENDED}{extra}, probe runs in {out / 'probes'}")
     return _finish(diagnosis)
 
 

@@ -17,16 +17,23 @@ below its minimum):
 4. Instability probe (Playbook FAQ): a run at 2x lr* evaluated at every step (early instability that a normal
    evaluation cadence steps over), and runs at 5x and 10x lr* looked at for a sudden jump after a steady fall.
 5. Warmup search (Playbook FAQ): ramp 0 -> base LR over ``w`` steps, then ``2 w`` steps at it, for ``w`` in
-   {10, 100, 1000, 10000} up to 10% of the run; the shortest that trains stably is recommended, and a warmup over
-   5% of the run means the run should be lengthened. Base LRs: your config's LR when your config is unstable,
-   then the Playbook's 10x the lowest unstable LR found.
-6. ``recommended.yaml`` (validated, so ``keel train`` accepts it as is) and, when the budget allows, a check that
-   the recommended config trains stably for as many steps as step 2 ran.
+   {10, 100, 1000, 10000} up to 10% of the run; the shortest that trains stably is found. Base LRs: your config's
+   LR when your config is unstable, then the Playbook's 10x and 100x the lowest unstable LR found. Then the
+   comparison: each warmup found for an LR above yours, prepended to your config (``max_steps`` grows by it),
+   against your config as it is, by best checkpoint (the lowest validation loss of each, not the last).
+6. ``recommended.yaml`` (validated, so ``keel train`` accepts it as is): a warmup that unlocks a better, higher LR;
+   for an unstable config the warmup its LR needs (or lr*) and a clip (``clip_harder`` when it clipped already);
+   a warmup over 5% of the run is said so (``lengthen_run``). When the budget allows, a check that the
+   recommended config trains stably for as many steps as step 2 ran.
+
+``schedule="constant"`` (``--schedule constant``) runs everything at a constant LR after your warmup, the
+training-dynamics notes' "start with a constant LR, tune the schedule last", and recommends it so.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import re
@@ -42,6 +49,7 @@ import torch
 from keel import tasks
 from keel.config import set_dotted
 from keel.diagnose import signals
+from keel.diagnose.clipping import clip_harder, clip_start
 from keel.diagnose.findings import Diagnosis, Finding, write_recommended
 from keel.diagnose.probes import (Display, LRRangeCallback, ProbeResult, ProbeTask, ProbeWatch, read_probe,
                                   take_examples, tidy_probe_dir)
@@ -51,6 +59,7 @@ from keel.errors import KeelError, TrainingUnstableError
 DEFAULT_BUDGET = "15m"
 SWEEP_GRID = (1e-1, 1e-2, 1e-3, 1e-4)
 WARMUPS = (10, 100, 1000, 10000)
+WARMUP_FACTORS = (10, 100)  # base LRs of the warmup search, x the lowest unstable LR (the Playbook's FAQ)
 RANGE_LRS = (1e-5, 10.0)
 OVERFIT_FRACTION = 0.05  # "approaches zero": below 5% of the initial loss
 INITIAL_LOSS_TOLERANCE = 0.1  # |L0 - ln C| <= 10% of ln C
@@ -89,6 +98,18 @@ def parse_budget(text: str | float | int) -> float:
     return seconds
 
 
+SCHEDULE_CHOICES = ("config", "constant")
+_WARMUP_KEYS = ("warmup", "warmup_init_lr", "warmup_shape")
+
+
+def constant_schedule(schedule: dict[str, Any]) -> dict[str, Any]:
+    """``schedule`` (a config's ``schedule:`` block) as a constant LR after the same warmup."""
+    kept = {key: schedule[key] for key in _WARMUP_KEYS if key in schedule}
+    if schedule.get("name") == "warmup" and "steps" in schedule:  # the warmup combinator: its length
+        kept["warmup"] = schedule["steps"]
+    return {"name": "constant", **kept}
+
+
 PROBE_SETTINGS: dict[str, Any] = {
     "checkpoint_interval": 10**9, "keep_last": 1, "log_interval": 1, "sample.tokens": 0, "tensorboard": False,
     "spike.enabled": False, "nonfinite.max_consecutive_skips": 3, "early_stopping.patience": None,
@@ -101,9 +122,17 @@ class Session:
     """One ``keel diagnose --config`` run: the procedures in order, the budget, the findings."""
 
     def __init__(self, raw: dict[str, Any], out_dir: Path, budget: float, *, target: str = "config",
-                 plan: Plan | None = None, display: Display | None = None, threads: int | None = 1):
+                 plan: Plan | None = None, display: Display | None = None, threads: int | None = 1,
+                 schedule: str = "config"):
         from keel.config import validate
 
+        if schedule not in SCHEDULE_CHOICES:
+            raise KeelError(f"--schedule: {schedule!r}; allowed: {', '.join(SCHEDULE_CHOICES)}")
+        raw = copy.deepcopy(raw)
+        self.schedule_replaced: dict[str, Any] | None = None
+        if schedule == "constant":  # the notes: a constant LR first, the schedule tuned last
+            self.schedule_replaced = dict(validate(raw).schedule)
+            raw["schedule"] = constant_schedule(self.schedule_replaced)
         self.raw = copy.deepcopy(raw)
         self.threads_note = ""
         if self.raw.get("threads") is None and threads is not None:
@@ -128,6 +157,10 @@ class Session:
         self.ready = False  # setup finished: from here on a partial diagnosis is written
         self.changes: dict[str, Any] = {}
         self.notes: list[str] = []
+        if self.schedule_replaced is not None:
+            self.notes = [f"--schedule constant: the schedule of your config, {json.dumps(self.schedule_replaced)}, "
+                          "is replaced by a constant LR", "after its warmup; tune the schedule last, once the rest is "
+                          "settled (docs/schedules.md, 'Start constant, tune the schedule last')"]
 
     # ------------------------------------------------------------------------------------------ budget
 
@@ -136,12 +169,13 @@ class Session:
 
     def ideal_costs(self) -> dict[str, float]:
         """Seconds each procedure would take at its ideal length, at the step and evaluation times measured so far
-        (the warmup search at its longest: every candidate warmup w run for 3w steps)."""
+        (the warmup search at its longest: every candidate warmup w run for 3w steps, at 10x and 100x the lowest
+        unstable LR; the comparison: a config run's length at each)."""
         p, s, e, o = self.plan, self.step_seconds, self.eval_seconds, self.overhead
         small = self.small_step_seconds if math.isfinite(self.small_step_seconds) else 0.3 * s
         config_steps = min(self.config.max_steps, p.config_steps[0])
         cap = int(0.1 * self.config.max_steps)
-        warmups = sum(3 * w * s + o for w in WARMUPS if w <= cap)
+        warmups = len(WARMUP_FACTORS) * sum(3 * w * s + o for w in WARMUPS if w <= cap)
         return {"overfit": p.overfit_steps[0] * small + o,
                 "config": config_steps * s + 4 * p.val_batches * e + o,
                 "range": p.range_steps[0] * s + e + o,
@@ -149,6 +183,7 @@ class Session:
                 "instability": p.instability_steps[0] * (s + e) + o,
                 "jumps": 2 * (p.jump_steps[0] * s + e + o),
                 "warmup": warmups,
+                "compare": len(WARMUP_FACTORS) * (config_steps * s + 4 * p.val_batches * e + o),
                 "verify": config_steps * s + o if p.verify else 0.0}
 
     def steps_for(self, procedure: str, ideal_min: tuple[int, int], per_step: float, runs: int = 1,
@@ -223,7 +258,7 @@ class Session:
         stages = [("setup", self.setup), ("sanity checks", self.sanity), ("config run", self.config_run),
                   ("LR range test", self.range_test), ("LR sweep", self.sweep),
                   ("instability probe", self.instability), ("warmup search", self.warmup_search),
-                  ("recommended config", self.recommend)]
+                  ("warmup comparison", self.compare_warmups), ("recommended config", self.recommend)]
         for name, stage in stages:
             began = time.perf_counter()
             try:
@@ -406,6 +441,12 @@ class Session:
                     finding.severity, finding.changes = "info", {}
                     finding.message += f" (the first {len(records.norms)} steps only)"
             self.diagnosis.skipped = [s for s in self.diagnosis.skipped if s.procedure != "update ratios"]
+        if stability.status in ("diverged", "jump", "early") and stability.step is not None:
+            warm = signals.warmup_end(result.lrs)
+            if stability.step >= clip_start(self.config.clip, result.steps[warm] if warm else 0):
+                self.clip_finding = clip_harder(self.config.clip, result.norms, lr,
+                                                [{"step": stability.step, "event": stability.status}])
+                self.diagnosis.add(self.clip_finding)
         self.display.line(f"config run: {len(result.steps)} steps of your config: "
                           f"{'stable' if stability.stable else 'UNSTABLE: ' + stability.message}")
 
@@ -643,6 +684,11 @@ class Session:
             self.display.line(f"instability probe: {factor}x lr* = {lr:.2e}: {stability.status}")
 
     def warmup_search(self) -> None:
+        """The Playbook's warmup search: for each base LR the shortest warmup ``w`` (then ``2 w`` steps at the LR)
+        that trains stably. Base LRs: your config's when it is unstable, then 10x and 100x the lowest unstable LR
+        found (the FAQ's "about 10x" and "repeat for about 100x"); 100x starts from the warmup 10x needed and is
+        skipped when 10x found none."""
+        self.warmups: list[dict[str, Any]] = []
         cap = int(0.1 * self.config.max_steps)
         candidates = [w for w in WARMUPS if w <= cap]
         if candidates and cap >= 2 * candidates[-1] and cap not in candidates:
@@ -652,25 +698,34 @@ class Session:
                                 "(10% of the run), below the shortest warmup tried (10)",
                                 "max_steps >= 100")
             return
-        targets: list[tuple[str, float]] = []
+        targets: list[tuple[str, float, int | None]] = []
         stability = getattr(self, "config_stability", None)
         config_lr = float(self.config.optimizer.get("lr", math.nan))
         if stability is not None and not stability.stable and math.isfinite(config_lr):
-            targets.append(("your config's LR", config_lr))
+            targets.append(("your config's LR", config_lr, None))
             self.unstable_lrs.append(config_lr)
         unstable = min(self.unstable_lrs) if getattr(self, "unstable_lrs", None) else None
         if unstable is not None:
-            targets.append(("10x the lowest unstable LR (Playbook)", 10 * unstable))
+            targets += [(f"{factor}x the lowest unstable LR (Playbook)", float(f"{factor * unstable:.3g}"), factor)
+                        for factor in WARMUP_FACTORS]
         if not targets:
             self.diagnosis.skip("warmup search", "no unstable LR was found (your config and the LRs up to 10x lr* "
                                 "trained stably)", "an unstable LR", bad_input=False)
             return
         self.results["warmup"] = []
-        self.warmup_found: dict[str, int] = {}
-        for label, base in targets:
+        for label, base, factor in targets:
+            tried_here = candidates
+            if factor is not None and factor > WARMUP_FACTORS[0]:
+                lower = next((e for e in self.warmups if e["factor"] == WARMUP_FACTORS[0]), None)
+                if lower is None or lower["found"] is None:
+                    self.diagnosis.skip(f"warmup search at {base:.2e} ({label})",
+                                        f"no warmup let {WARMUP_FACTORS[0]}x the lowest unstable LR train stably",
+                                        f"a warmup found at {WARMUP_FACTORS[0]}x", bad_input=False)
+                    continue
+                tried_here = [w for w in candidates if w >= lower["found"]]  # a higher LR needs no shorter warmup
             found = None
             tried = []
-            for w in candidates:
+            for w in tried_here:
                 cost = 3 * w * self.step_seconds + self.overhead
                 if self.left() < cost:
                     tried.append({"warmup": w, "status": "skipped (budget)"})
@@ -686,61 +741,164 @@ class Session:
                 if verdict.stable:
                     found = w
                     break
-            self.results["warmup"].append({"target": label, "base_lr": base, "tried": tried, "found": found})
+            self.results["warmup"].append({"target": label, "base_lr": base, "factor": factor, "tried": tried,
+                                           "found": found})
+            self.warmups.append({"label": label, "base_lr": base, "factor": factor, "found": found})
             if all(t["status"] == "skipped (budget)" for t in tried):
                 self.diagnosis.skip(f"warmup search at {base:.2e}", "the budget left is too small",
-                                    f"{3 * candidates[0]} steps", bad_input=False)
+                                    f"{3 * tried_here[0]} steps", bad_input=False)
                 continue
-            evidence = {"base_lr": base, "candidates": candidates, "cap_10pct": cap,
+            evidence = {"base_lr": base, "candidates": tried_here, "cap_10pct": cap,
                         "results": {str(t["warmup"]): t["status"] for t in tried}, "post_warmup_steps": "2 x warmup"}
             if found is None:
                 self.diagnosis.add(Finding(
                     "warmup_not_found", "warning",
-                    f"no warmup of {', '.join(map(str, candidates))} steps lets LR {base:.2e} ({label}) train stably",
-                    evidence, "this LR is out of reach with warmup alone: lower it (lr* from the sweep), or add "
-                    "clipping at the 90th percentile of gradient norms"))
+                    f"no warmup of {', '.join(map(str, tried_here))} steps lets LR {base:.2e} ({label}) train "
+                    "stably", evidence, "this LR is out of reach with warmup alone: lower it (lr* from the sweep), or "
+                    "add clipping at the 90th percentile of gradient norms"))
                 continue
-            self.warmup_found[label] = found
-            longer = found > 0.05 * self.config.max_steps
             self.diagnosis.add(Finding(
                 "warmup", "info",
                 f"warmup {found} steps lets LR {base:.2e} ({label}) train stably (shortest of "
-                f"{', '.join(map(str, candidates))})", {**evidence, "warmup_steps": found,
+                f"{', '.join(map(str, tried_here))})", {**evidence, "warmup_steps": found,
                                                         "fraction_of_run": found / self.config.max_steps},
-                f"schedule.warmup {found}" + (" (prepended: max_steps grows by as much)" if longer else "")))
-            if longer:
-                self.diagnosis.add(Finding(
-                    "lengthen_run", "warning",
-                    f"the warmup needed ({found} steps) is {found / self.config.max_steps:.0%} of the run, over 5%",
-                    {"warmup_steps": found, "max_steps": self.config.max_steps,
-                     "fraction": found / self.config.max_steps},
-                    f"lengthen the run by the warmup (Playbook): max_steps {self.config.max_steps + found}"))
+                f"schedule.warmup {found}, prepended (max_steps grows by as much)"
+                + ("" if factor is None else "; the warmup comparison decides whether the higher LR pays")))
+
+    def _prepended(self, base: float, warmup: int) -> dict[str, Any]:
+        """Config changes that train at LR ``base`` with ``warmup`` steps prepended to the schedule (the Playbook's
+        10,000 steps + 1,000 of warmup = 11,000)."""
+        current = self.config.schedule.get("warmup", 0)
+        current = current if isinstance(current, int) else 0
+        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        changes: dict[str, Any] = {} if base == config_lr else {"optimizer.lr": base}
+        if warmup > current:
+            changes["schedule.warmup"] = warmup
+            changes["max_steps"] = self.config.max_steps + (warmup - current)
+        return changes
+
+    def compare_warmups(self) -> None:
+        """The Playbook's last step of the warmup search: each warmup found, prepended to your config at its base
+        LR, trained as long as the config run (plus the warmup) and compared with the config as it is, the
+        baseline, by their best checkpoints (the lowest validation loss of each, not the last)."""
+        found = [e for e in getattr(self, "warmups", []) if e["found"] is not None]
+        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        if not any(e["base_lr"] > config_lr for e in found):
+            return  # nothing above your LR to compare (a warmup at your LR is checked by the recommended config)
+        baseline = getattr(self, "config_result", None)
+        if baseline is None:
+            self.diagnosis.skip("warmup comparison", "the config run did not run", "the config run", bad_input=False)
+            return
+        steps = self.config_steps
+        every = max(1, steps // 4)
+        rows = []
+        for entry in found:
+            changes = self._prepended(entry["base_lr"], entry["found"])
+            length = steps + changes.get("max_steps", self.config.max_steps) - self.config.max_steps
+            cost = 1.2 * length * self.step_seconds + self.overhead + 4 * self.plan.val_batches * self.eval_seconds
+            if self.left() < cost:
+                self.diagnosis.skip(f"warmup comparison at {entry['base_lr']:.2e}", "the budget left is too small",
+                                    f"{length} steps", bad_input=False)
+                continue
+            result = self.probe(f"compare-w{entry['found']}-lr{entry['base_lr']:.0e}",
+                                steps=changes.get("max_steps", self.config.max_steps), step_limit=length,
+                                lr=entry["base_lr"], task=self.task(), overrides=changes, keep_length=True,
+                                eval_interval=every)
+            best = best_checkpoint(result)
+            rows.append({**entry, "changes": changes, "steps_run": len(result.steps), "stopped": result.stopped,
+                         "best_step": best[0] if best else None, "best_val_loss": best[1] if best else math.inf,
+                         "val_steps": result.summary()["val_steps"], "val_losses": result.summary()["val_losses"]})
+            shown = f"best val_loss {best[1]:.4f} at step {best[0]}" if best else "no finite evaluation"
+            self.display.line(f"warmup comparison: LR {entry['base_lr']:.2e} with warmup {entry['found']}: {shown}")
+        base_best = best_checkpoint(baseline)
+        reference = {"label": "your config as it is", "best_step": base_best[0] if base_best else None,
+                     "best_val_loss": base_best[1] if base_best else math.inf, "steps_run": len(baseline.steps)}
+        self.results["compare"] = {"baseline": reference, "candidates": rows}
+        higher = [r for r in rows if r["base_lr"] > config_lr]
+        if not higher:
+            return
+        # the reference: the better of your config as it is and your config with the warmup its own LR needs
+        for row in rows:
+            if row["base_lr"] <= config_lr and row["best_val_loss"] < reference["best_val_loss"]:
+                reference = row
+        top = min(higher, key=lambda r: r["best_val_loss"])
+        shown = (f"val_loss {reference['best_val_loss']:.4f} at step {reference['best_step']} "
+                 f"({reference['label']})" if math.isfinite(reference["best_val_loss"]) else
+                 f"no finite evaluation ({reference['label']})")
+        evidence = {"reference": reference["label"], "reference_best_val_loss": reference["best_val_loss"],
+                    "reference_best_step": reference["best_step"], "steps": steps, "eval_every": every,
+                    "best_val_loss_by_candidate": {f"lr {r['base_lr']:.3g}, warmup {r['found']}": r["best_val_loss"]
+                                                   for r in rows}}
+        if top["best_val_loss"] < reference["best_val_loss"]:
+            self.warmup_winner = top
+            self.diagnosis.add(Finding(
+                "warmup_unlocks_lr", "info",
+                f"warmup {top['found']} steps unlocks LR {top['base_lr']:.2e} ({top['label']}): its best checkpoint, "
+                f"val_loss {top['best_val_loss']:.4f} at step {top['best_step']}, beats the best checkpoint of the "
+                f"baseline, {shown}",
+                {**evidence, "lr": top["base_lr"], "warmup_steps": top["found"], "best_val_loss": top["best_val_loss"],
+                 "best_step": top["best_step"]},
+                "train at the higher LR with the warmup prepended (recommended.yaml)", top["changes"]))
+        else:
+            self.diagnosis.add(Finding(
+                "warmup_no_gain", "info",
+                f"no warmup at an LR above yours beat the best checkpoint of the baseline, {shown}: "
+                + "; ".join(f"LR {r['base_lr']:.2e} with warmup {r['found']}: best val_loss {r['best_val_loss']:.4f}"
+                            for r in higher),
+                evidence, "none: keep your LR (a warmup that makes a higher LR trainable pays only when that LR "
+                "trains better)"))
 
     def recommend(self) -> None:
-        """Changes for ``recommended.yaml``: only what the probes showed is needed, then a check run of it."""
+        """Changes for ``recommended.yaml``: only what the probes showed is needed, then a check run of it. A
+        warmup that unlocks a higher LR (the warmup comparison) goes in whether or not your config was stable; an
+        unstable config otherwise gets the warmup its own LR needs (or lr*), and a clip: the 90th percentile of its
+        gradient norms, or a tighter one when it clipped already (``clip_harder``)."""
         changes: dict[str, Any] = {}
         stability = getattr(self, "config_stability", None)
-        found = getattr(self, "warmup_found", {}).get("your config's LR")
-        if stability is not None and not stability.stable:
-            if found is not None:
-                schedule = dict(self.config.schedule)
-                current = schedule.get("warmup", 0)
-                current = current if isinstance(current, int) else 0
-                if found > current:
-                    changes["schedule.warmup"] = found
-                    changes["max_steps"] = self.config.max_steps + (found - current)
-            elif getattr(self, "lr_star", None):
-                changes["optimizer.lr"] = _round(self.lr_star)
-            p90 = self.diagnosis.data.get("grad_norm", {}).get("p90")
-            if p90 and math.isfinite(p90):
-                changes["clip.mode"], changes["clip.max_norm"] = "norm", _round(p90)
+        unstable = stability is not None and not stability.stable
+        winner = getattr(self, "warmup_winner", None)
+        found = next((e["found"] for e in getattr(self, "warmups", []) if e["factor"] is None), None)
+        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        if winner is not None:
+            changes.update(winner["changes"])
+        elif unstable and found is not None:
+            changes.update({k: v for k, v in self._prepended(config_lr, found).items() if k != "optimizer.lr"})
+        elif unstable and getattr(self, "lr_star", None):
+            changes["optimizer.lr"] = _round(self.lr_star)
+        if unstable:
+            if self.config.clip.mode in ("norm", "percentile"):
+                harder = getattr(self, "clip_finding", None)
+                changes.update({k: v for k, v in (harder.changes if harder else {}).items() if k.startswith("clip.")})
+            else:
+                p90 = self.diagnosis.data.get("grad_norm", {}).get("p90")
+                if p90 and math.isfinite(p90):
+                    changes["clip.mode"], changes["clip.max_norm"] = "norm", _round(p90)
+        warmup = changes.get("schedule.warmup")
+        if warmup is not None and warmup > 0.05 * self.config.max_steps:
+            self.diagnosis.add(Finding(
+                "lengthen_run", "warning",
+                f"the warmup needed ({warmup} steps) is {warmup / self.config.max_steps:.0%} of the run, over 5%",
+                {"warmup_steps": warmup, "max_steps": self.config.max_steps,
+                 "fraction": warmup / self.config.max_steps},
+                f"lengthen the run by the warmup (Playbook): max_steps {changes['max_steps']}",
+                {"max_steps": changes["max_steps"]}))
         self.changes = changes
+        if self.schedule_replaced is not None:
+            used = self.config.schedule
+            self.diagnosis.add(Finding(
+                "schedule_last", "info",
+                f"every procedure ran at a constant LR after the warmup (--schedule constant), not your schedule "
+                f"{self.schedule_replaced.get('name')!r}; recommended.yaml keeps the constant LR",
+                {"your_schedule": self.schedule_replaced, "used": dict(used)},
+                "tune the schedule last (the training-dynamics notes): once the LR, warmup and clipping are settled, "
+                "compare decays over the whole run, e.g. keel sweep recommended.yaml "
+                "'sweep.schedule.name=[constant, cosine, linear]'"))
         if changes:
             self.diagnosis.add(Finding(
                 "recommended_changes", "info",
                 "recommended.yaml changes " + ", ".join(f"{k} -> {v}" for k, v in changes.items()),
                 {"changes": changes, "config_run_steps": getattr(self, "config_steps", 0),
-                 "from": "config run, sweep, warmup search"},
+                 "from": "config run, sweep, warmup search and comparison"},
                 "train with recommended.yaml", changes))
         self.verify(changes)
 
@@ -768,6 +926,22 @@ class Session:
             "warmup alone does not fix it: lower the LR or add clipping (see the other findings)"))
         self.display.line(f"recommended config: {len(result.steps)} steps: {stability.status}")
 
+    def write(self, plots: bool = True) -> None:
+        """``diagnosis.json``, ``recommended.yaml`` and (``plots``) ``lr_sweep.png`` into the output directory, once
+        setup has finished (a partial diagnosis is written too)."""
+        self.diagnosis.data.update(self.results)
+        if not self.ready:
+            return
+        self.diagnosis.write(self.out)
+        write_recommended(self.out, self.user_raw, self.changes, self.diagnosis.target, self.notes)
+        if plots and self.results.get("sweep", {}).get("points"):
+            from keel.diagnose.plots import sweep_figure
+            from keel.diagnose.run import _write_bytes
+
+            lr = self.config.optimizer.get("lr")
+            _write_bytes(self.out / "lr_sweep.png",
+                         sweep_figure(self.results["sweep"], lr if isinstance(lr, float) else None))
+
     @staticmethod
     def _accepts(optimizer: dict[str, Any], key: str) -> bool:
         from keel.optim import check_config
@@ -779,26 +953,28 @@ class Session:
             return False
 
 
+def best_checkpoint(result: ProbeResult) -> tuple[int, float] | None:
+    """(step, val_loss) of a probe's best evaluation, the checkpoint the Playbook compares runs by (not the
+    last); None when no evaluation is finite."""
+    points = [(int(e["step"]), float(e["val_loss"])) for e in result.evals
+              if isinstance(e.get("val_loss"), (int, float)) and math.isfinite(e["val_loss"])]
+    return min(points, key=lambda point: point[1]) if points else None
+
+
 def diagnose_config(raw: dict[str, Any], out_dir: str | Path, budget: float, *, target: str = "config",
-                    plan: Plan | None = None, display: Display | None = None, threads: int | None = 1) -> Session:
+                    plan: Plan | None = None, display: Display | None = None, threads: int | None = 1,
+                    schedule: str = "config") -> Session:
     """Run every procedure on ``raw`` (a config as a dict) within ``budget`` seconds; write ``diagnosis.json`` and
     ``recommended.yaml`` into ``out_dir``. Returns the session (its ``diagnosis`` and ``results``).
 
     ``threads``: CPU threads of the probes when the config sets none (default 1: on a shared CPU torch's default
-    OpenMP threads can make each step several times slower; None keeps torch's default)."""
-    session = Session(raw, Path(out_dir), budget, target=target, plan=plan, display=display, threads=threads)
+    OpenMP threads can make each step several times slower; None keeps torch's default). ``schedule``:
+    ``config`` trains the config run (and the recommended config) with your schedule; ``constant`` replaces it by a
+    constant LR after its warmup everywhere, recommended.yaml included (the notes: tune the schedule last)."""
+    session = Session(raw, Path(out_dir), budget, target=target, plan=plan, display=display, threads=threads,
+                      schedule=schedule)
     try:
         session.run()
     finally:
-        session.diagnosis.data.update(session.results)
-        if session.ready:  # setup finished: a partial diagnosis is written too
-            session.diagnosis.write(session.out)
-            write_recommended(session.out, session.user_raw, session.changes, target)
-            if session.results.get("sweep", {}).get("points"):
-                from keel.diagnose.plots import sweep_figure
-                from keel.diagnose.run import _write_bytes
-
-                lr = session.config.optimizer.get("lr")
-                _write_bytes(session.out / "lr_sweep.png",
-                             sweep_figure(session.results["sweep"], lr if isinstance(lr, float) else None))
+        session.write()
     return session

@@ -22,10 +22,9 @@ from typing import Any
 
 from keel.config import set_dotted
 from keel.errors import KeelError
+from keel.rundir.layout import DIAGNOSIS, RECOMMENDED
 
 SEVERITIES = ("info", "warning", "error")
-DIAGNOSIS = "diagnosis.json"
-RECOMMENDED = "recommended.yaml"
 
 
 @dataclass
@@ -121,11 +120,16 @@ def read_diagnosis(path: str | Path) -> Diagnosis:
 def write_recommended(folder: Path, raw_config: dict[str, Any], changes: dict[str, Any], source: str,
                       notes: list[str] | None = None) -> Path:
     """``recommended.yaml``: ``raw_config`` with ``changes`` applied, validated (so ``keel train`` accepts it) and
-    written fully resolved, with a comment naming each change. ``out_dir`` is cleared: the config trains anew."""
+    written fully resolved, with a comment naming each change. ``out_dir`` is cleared: the config trains anew.
+
+    A run made through the Python API records ``task: python`` (its task was an object, which no config can
+    rebuild): the file then starts by saying how to use it, from Python with the same task, or with ``keel train``
+    once ``task`` names a factory."""
     import copy
 
     from keel.config import dump_config, validate
     from keel.rundir import atomic_write_text
+    from keel.tasks import PYTHON_TASK
 
     raw = copy.deepcopy(raw_config)
     for key, value in changes.items():
@@ -135,6 +139,13 @@ def write_recommended(folder: Path, raw_config: dict[str, Any], changes: dict[st
     header = [f"# recommended by keel diagnose from {source}"]
     header += [f"#   {key}: {json.dumps(value)}" for key, value in changes.items()] or ["#   (no changes)"]
     header += [f"# {line}" for line in notes or []]
+    if config.task == PYTHON_TASK:
+        header += ["# task: python: this run's task was a Python object passed to keel.train(), which keel train "
+                   "cannot rebuild.", "# Use this file from Python with the same task:",
+                   "#   from keel.config import load_config; from keel.train import train",
+                   "#   train(load_config('recommended.yaml'), task=your_task)   # or model=..., train_data=...",
+                   "# or, for keel train, replace `task: python` with `task: package.module:factory` (a function "
+                   "that returns the task)."]
     path = Path(folder) / RECOMMENDED
     atomic_write_text(path, "\n".join(header) + "\n" + dump_config(config))
     return path

@@ -284,4 +284,4 @@ def read_probe(name: str, lr: float | None, planned: int, run_dir: Path) -> Prob
 def tidy_probe_dir(run_dir: Path) -> None:
     """Keep a probe's config, metrics and loss plot (a run directory ``keel report`` reads); drop its weights."""
     shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
-    (run_dir / "model.safetensors").unlink(missing_ok=True)
+    (run_dir / rundir.MODEL_WEIGHTS).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from keel.diagnose.findings import DIAGNOSIS, Diagnosis, read_diagnosis
 from keel.errors import KeelError
 
 #: Config keys that do not make two runs different experiments.
-IGNORED_KEYS = ("seed", "out_dir", "threads", "device", "progress_interval", "tensorboard", "diagnostics")
+IGNORED_KEYS = ("seed", "out_dir", "threads", "device", "deterministic", "progress_interval", "tensorboard", "diagnostics")
 
 
 def _png_tag(data: bytes, alt: str) -> str:
@@ -63,9 +63,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _load(path: Path) -> dict[str, Any]:
     """A run (metrics) or a diagnose output (diagnosis.json without metrics)."""
+    from keel.diagnose.readers import find_other_run
     from keel.diagnose.run import diagnose_run, load_run
 
-    if (path / rundir.METRICS).is_file():
+    if (path / rundir.METRICS).is_file() or find_other_run(path) is not None:
         records, raw = load_run(path)
         diagnosis, _ = diagnose_run(path)
         window = max(1, len(records.losses) // 50)

@@ -25,6 +25,7 @@ import numpy as np
 
 from keel import rundir
 from keel.diagnose import signals
+from keel.diagnose.clipping import run_clip_harder
 from keel.diagnose.findings import Diagnosis, Finding
 from keel.diagnose.update_ratio import HEALTHY_RATIO, RECORD_TYPE
 from keel.errors import KeelError
@@ -93,14 +94,20 @@ def _shown(value: Any) -> str:
 def load_run(run_dir: str | Path, report=lambda message: None) -> tuple[RunRecords, dict[str, Any] | None]:
     """The run's records and its raw config (None when it has none); KeelError when there are no metrics."""
     from keel.config import load_yaml
+    from keel.diagnose.readers import read_other_run
 
     run_dir = Path(run_dir)
+    other = read_other_run(run_dir, report)  # a Lightning log or an HF trainer_state.json: keel's records, no config
+    if other is not None:
+        return RunRecords(other), None
     if not run_dir.is_dir():
-        raise KeelError(f"RUN_DIR '{run_dir}' does not exist; allowed: a keel run directory")
+        raise KeelError(f"RUN_DIR '{run_dir}' does not exist; allowed: a keel run directory, a Lightning log "
+                        "directory or a Hugging Face trainer_state.json")
     path = run_dir / rundir.METRICS
     if not path.is_file():
         raise KeelError(f"'{run_dir}' has no {rundir.METRICS}; allowed: a keel run directory (keel train writes "
-                        f"{rundir.METRICS} from its first step)")
+                        f"{rundir.METRICS} from its first step), a Lightning log directory (metrics.csv or TensorBoard "
+                        "event files) or a Hugging Face output directory (trainer_state.json)")
     try:
         records = RunRecords(read_metrics(path))
     except KeelError as error:
@@ -134,6 +141,7 @@ def diagnose_run(run_dir: str | Path, report=lambda message: None) -> tuple[Diag
     gradient_norms(diagnosis, records, context)
     update_ratios(diagnosis, records, context)
     instability_events(diagnosis, records, context)
+    diagnosis.add(run_clip_harder(diagnosis, records.lrs, records.step_numbers, records.norms, config))
     return diagnosis, raw
 
 
@@ -152,11 +160,11 @@ def write_plots(run_dir: str | Path, records: RunRecords, raw: dict[str, Any] | 
         clipped = [bool(r.get("clipped")) for r in records.steps if "grad_norm" in r]
         png = plots.grad_norm_figure(steps, records.norms, clipped, signals.percentile(records.norms, 90),
                                      threshold, run_dir.name or str(run_dir))
-        _write_bytes(run_dir / "grad_norm.png", png)
-        written.append(run_dir / "grad_norm.png")
+        _write_bytes(run_dir / rundir.GRAD_NORM_PLOT, png)
+        written.append(run_dir / rundir.GRAD_NORM_PLOT)
     if records.ratios:
-        _write_bytes(run_dir / "update_ratio.png", plots.update_ratio_figure(records.ratios, run_dir.name))
-        written.append(run_dir / "update_ratio.png")
+        _write_bytes(run_dir / rundir.UPDATE_RATIO_PLOT, plots.update_ratio_figure(records.ratios, run_dir.name))
+        written.append(run_dir / rundir.UPDATE_RATIO_PLOT)
     return written
 
 
@@ -446,7 +454,7 @@ def instability_events(diagnosis: Diagnosis, records: RunRecords, context: dict[
     limit = _early_limit(records, planned)
     found: list[dict[str, Any]] = []
     for event in records.events:
-        if event.get("event") in ("spike", "skipped", "rollback", "stopped"):
+        if event.get("event") in ("spike", "skipped", "rollback", "stopped", "nonfinite"):
             value = event.get("spike_loss", event.get("loss"))
             step = int(event.get("step", 0))
             same = next((e for e in found if e["step"] == step and e["event"] == event["event"]), None)
@@ -484,7 +492,8 @@ def instability_events(diagnosis: Diagnosis, records: RunRecords, context: dict[
             "check with `keel diagnose --config` which warmup the LR needs",
             {"schedule.warmup": warmup}))
     if sudden:
-        changes = {"clip.mode": "norm", "clip.max_norm": _round(p90)} if p90 else {}
+        clipping = context["config"] is not None and context["config"].clip.mode in ("norm", "percentile")
+        changes = {"clip.mode": "norm", "clip.max_norm": _round(p90)} if p90 and not clipping else {}  # clip_harder
         diagnosis.add(Finding(
             "instability_sudden", "error" if stopped and sudden[-1]["event"] == "stopped" else "warning",
             f"{len(sudden)} instability event(s) mid-run: "

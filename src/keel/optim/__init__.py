@@ -15,6 +15,7 @@ from keel.optim.param_groups import (
     freeze,
     layer_depths,
     parameter_categories,
+    unfreeze,
 )
 from keel.optim.registry import OptimizerSpec, check_config, create, from_config, get, names, register
 from keel.optim.soap import SOAP
@@ -38,4 +39,5 @@ __all__ = [
     "names",
     "parameter_categories",
     "register",
+    "unfreeze",
 ]

@@ -13,13 +13,14 @@ from keel.errors import KeelError
 from keel.optim.ademamix import AdEMAMix
 from keel.optim.hypergradient import AdamHD, SGDHD
 from keel.optim.lion import Lion
-from keel.optim.muon import MuonWithAdamW, muon_missing, muon_split
-from keel.optim.playbook import PlaybookNAdam, PlaybookRMSProp
+from keel.optim.muon import MAX_NS_STEPS, NS_DTYPES, MuonWithAdamW, muon_missing, muon_split
+from keel.optim.playbook import PlaybookAdam, PlaybookNAdam, PlaybookRMSProp
 from keel.optim.registry import (
     Hparam,
     OptimizerSpec,
     betas,
     boolean,
+    integer_in,
     length,
     nonnegative,
     one_of,
@@ -29,7 +30,7 @@ from keel.optim.registry import (
     register,
     unit_interval,
 )
-from keel.optim.soap import SOAP
+from keel.optim.soap import MATMUL_PRECISIONS, SOAP
 
 _WD = Hparam(0.0, nonnegative, "weight decay (coupled: added to the gradient)")
 _FUSED = Hparam(None, optional(boolean), "torch's fused kernel (null: keel uses it where torch has one for the device)")
@@ -57,6 +58,14 @@ def _nadam(groups, lr, form="torch", **kw):
         raise KeelError("optimizer.decoupled_weight_decay: true has no Playbook form; allowed with form: playbook: "
                         "false")
     return PlaybookNAdam(groups, lr=lr, betas=kw["betas"], eps=kw["eps"], weight_decay=kw["weight_decay"])
+
+
+def _adam(groups, lr, form="torch", **kw):
+    if form == "torch":
+        return torch.optim.Adam(groups, lr=lr, **kw)
+    if kw.get("amsgrad"):
+        raise KeelError("optimizer.amsgrad: true has no Playbook form; allowed with form: playbook: false")
+    return PlaybookAdam(groups, lr=lr, betas=kw["betas"], eps=kw["eps"], weight_decay=kw["weight_decay"])
 
 
 def _sgd(momentum: float, nesterov: bool):
@@ -144,8 +153,8 @@ register(
         "Adam: bias-corrected first and second moment averages; p <- p - lr m_hat / (sqrt(v_hat) + eps)",
         "Kingma & Ba 2015; torch.optim.Adam",
         lr=1e-3,
-        hparams=_ADAM_HPARAMS,
-        build=lambda groups, lr, **kw: torch.optim.Adam(groups, lr=lr, **kw),
+        hparams=_ADAM_HPARAMS | {"form": _FORM},
+        build=_adam,
         torch_class=torch.optim.Adam,
     )
 )
@@ -226,6 +235,13 @@ register(
         torch_class=torch.optim.Adafactor,
     )
 )
+def _muon(groups, lr, **kw):
+    if kw.get("batched") is False and kw.get("ns_dtype", "bfloat16") != "bfloat16":
+        raise KeelError(f"optimizer.ns_dtype: {kw['ns_dtype']!r} needs the batched path (torch's Muon runs in "
+                        "bfloat16); allowed with batched: false: bfloat16")
+    return MuonWithAdamW(groups, lr=lr, **kw)
+
+
 register(
     OptimizerSpec(
         "muon",
@@ -237,7 +253,7 @@ register(
             "weight_decay": Hparam(0.01, nonnegative, "Muon's decoupled weight decay"),
             "momentum": Hparam(0.95, unit_interval, "Muon momentum"),
             "nesterov": Hparam(True, boolean, "Nesterov momentum for Muon"),
-            "ns_steps": Hparam(5, positive_int, "Newton-Schulz iterations"),
+            "ns_steps": Hparam(5, integer_in(1, MAX_NS_STEPS), "Newton-Schulz iterations"),
             "adjust_lr_fn": Hparam(
                 None, one_of(None, "original", "match_rms_adamw"),
                 "Muon LR shape scaling: original sqrt(max(1, rows/cols)); match_rms_adamw 0.2 sqrt(max(rows, cols))",
@@ -250,8 +266,16 @@ register(
             "adam_foreach": Hparam(
                 None, optional(boolean), "AdamW's multi-tensor path (null: where the device has fast foreach kernels)"
             ),
+            "batched": Hparam(
+                None, optional(boolean), "Newton-Schulz batched over matrices of one shape (null: on CUDA; false: "
+                "torch's Muon, one matrix at a time)",
+            ),
+            "ns_dtype": Hparam(
+                "bfloat16", one_of(*NS_DTYPES), "dtype of the batched Newton-Schulz iterations (float32 needs "
+                "batched true or null)",
+            ),
         },
-        build=lambda groups, lr, **kw: MuonWithAdamW(groups, lr=lr, **kw),
+        build=_muon,
         group_split=muon_split,
         missing=muon_missing,
     )
@@ -322,6 +346,11 @@ register(
             "merge_dims": Hparam(False, boolean, "merge consecutive dims while their product <= max_precondition_dim"),
             "precondition_1d": Hparam(False, boolean, "rotate 1-D parameters too"),
             "correct_bias": Hparam(True, boolean, "Adam's bias correction"),
+            "batched": Hparam(None, optional(boolean), "same-shape 2-D parameters stepped as stacks, batched products "
+                              "(null: on CUDA)"),
+            "matmul_precision": Hparam(None, optional(one_of(*MATMUL_PRECISIONS)),
+                                       "precision of the products: highest, tf32 or bfloat16 (null: tf32 on CUDA, "
+                                       "highest elsewhere)"),
         },
         build=lambda groups, lr, **kw: SOAP(groups, lr=lr, **kw),
     )

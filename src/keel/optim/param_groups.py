@@ -1,4 +1,5 @@
-"""Parameter groups: no weight decay on biases, norms and embeddings, LR multipliers, layer-wise LR decay, freezing.
+"""Parameter groups: no weight decay on biases, norms and embeddings, LR multipliers, layer-wise LR decay, freezing
+(for good, or until a step: `unfreeze`).
 
 Every helper here reads a model's parameter names and modules and returns plain torch param-group dicts
 (`{"params": [...], "param_names": [...], "weight_decay": ..., "lr_scale": ...}`) that any
@@ -28,6 +29,7 @@ __all__ = [
     "freeze",
     "layer_depths",
     "parameter_categories",
+    "unfreeze",
 ]
 
 #: Parameters that get no weight decay unless configured otherwise.
@@ -131,6 +133,7 @@ def build_param_groups(
     freeze_depth: int = 0,
     depth_fn: Callable[[Sequence[str]], tuple[dict[str, int], int]] = layer_depths,
     split: Callable[[str, torch.Tensor], str] | None = None,
+    unfreeze_at: int | None = None,
 ) -> list[dict]:
     """Param groups for `model`: weight decay except on `no_decay`, LR multipliers, layer decay, freezing.
 
@@ -142,12 +145,17 @@ def build_param_groups(
       above); combined multiplicatively with `lr_scales`.
     - `freeze_patterns`, `freeze_depth`: see `freeze`; frozen parameters join no group.
     - `split(name, param) -> str`: an optional extra label (e.g. Muon vs AdamW); it is stored as `group["kind"]`.
+    - `unfreeze_at`: the frozen parameters join groups of their own, with the settings their group would have and
+      `group["unfreeze_at"] = unfreeze_at` (a step), still frozen: `unfreeze(optimizer, step)` lets them train
+      from that step on.
 
     Parameters that already have `requires_grad=False` are left out. Groups with equal settings are merged, in
     the order their first parameter appears in `model.named_parameters()`.
     """
     no_decay = [no_decay] if isinstance(no_decay, str) else list(no_decay)
-    freeze(model, freeze_patterns, freeze_depth)
+    frozen = set(freeze(model, freeze_patterns, freeze_depth)) if unfreeze_at is not None else set()
+    if unfreeze_at is None:
+        freeze(model, freeze_patterns, freeze_depth)
     categories = parameter_categories(model)
     names = [n for n, _ in model.named_parameters()]
     for pattern in lr_scales or {}:
@@ -156,7 +164,7 @@ def build_param_groups(
     depths, num_blocks = depth_fn(names)
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and name not in frozen:
             continue
         decays = not any(entry in categories[name] or _matches(name, entry) for entry in no_decay)
         scale = 1.0
@@ -166,15 +174,40 @@ def build_param_groups(
         if layer_lr_decay is not None:
             scale *= float(layer_lr_decay) ** (num_blocks + 1 - depths[name])
         kind = split(name, p) if split is not None else None
-        group_key = (kind, decays, scale)
+        group_key = (kind, decays, scale, name in frozen)
         if group_key not in groups:
             group = {"params": [], "param_names": [], "weight_decay": weight_decay if decays else 0.0}
             group["lr_scale"] = scale
             if kind is not None:
                 group["kind"] = kind
+            if name in frozen:
+                group["unfreeze_at"] = int(unfreeze_at)
             groups[group_key] = group
         groups[group_key]["params"].append(p)
         groups[group_key]["param_names"].append(name)
-    if not groups:
+    if not any("unfreeze_at" not in g for g in groups.values()):
         raise KeelError("model: no trainable parameters (all are frozen or the model has none)")
     return list(groups.values())
+
+
+def unfreeze(optimizer: torch.optim.Optimizer, step: int) -> int:
+    """Let the parameters of groups with an ``unfreeze_at`` step train from that step on: ``requires_grad`` is
+    ``step >= unfreeze_at`` (``step``: updates already applied). Returns how many parameters changed.
+
+    Train a new head on frozen features, then fine-tune the whole network, in one run: until ``unfreeze_at`` the
+    frozen parameters get no gradient, so no update, no weight decay and no optimizer state (keel's and torch's
+    optimizers skip parameters without a gradient); from then on they train with their group's settings (LR scale,
+    weight decay, optimizer), their optimizer state starting there. Call it before each forward pass, and after a
+    resume (the step decides, so a resumed run freezes exactly as the uninterrupted one did).
+    """
+    changed = 0
+    for group in optimizer.param_groups:
+        at = group.get("unfreeze_at")
+        if at is None:
+            continue
+        trainable = step >= at
+        for p in group["params"]:
+            if p.requires_grad != trainable:
+                p.requires_grad_(trainable)
+                changed += 1
+    return changed

@@ -1,6 +1,6 @@
-"""RMSProp and NAdam exactly as the Deep Learning Tuning Playbook's FAQ writes them (``form: playbook``).
+"""RMSProp, Adam and NAdam exactly as the Deep Learning Tuning Playbook's FAQ writes them (``form: playbook``).
 
-torch's RMSprop and NAdam differ from the Playbook's rules (docs/optimizers.md lists where); these two classes are
+torch's RMSprop, Adam and NAdam differ from the Playbook's rules (docs/optimizers.md lists where); these classes are
 the Playbook's own, for comparisons that must use its conventions. With ``eta_t`` the learning rate of step ``t``
 (``t`` counting from 0) and ``g_t`` the gradient (plus ``weight_decay * theta`` when set):
 
@@ -11,7 +11,16 @@ RMSProp::
     m_{t+1} = gamma m_t + eta_t / sqrt(v_{t+1} + eps) g_t        (the LR inside the momentum buffer)
     theta_{t+1} = theta_t - m_{t+1}
 
-NAdam::
+Adam (the paper's "efficient" form: eps is added before the bias correction ``b``, Kingma & Ba's eps-hat, where
+torch adds it to ``sqrt(v_hat)`` after it)::
+
+    m_0 = v_0 = 0
+    m_{t+1} = beta1 m_t + (1 - beta1) g_t
+    v_{t+1} = beta2 v_t + (1 - beta2) g_t^2
+    b_{t+1} = sqrt(1 - beta2^(t+1)) / (1 - beta1^(t+1))
+    theta_{t+1} = theta_t - eta_t m_{t+1} / (sqrt(v_{t+1}) + eps) b_{t+1}
+
+NAdam (Adam's moments and ``b``; the numerator looks one step ahead)::
 
     m_0 = v_0 = 0
     m_{t+1} = beta1 m_t + (1 - beta1) g_t
@@ -64,10 +73,17 @@ class PlaybookRMSProp(torch.optim.Optimizer):
         return loss
 
 
-class PlaybookNAdam(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+class PlaybookAdam(torch.optim.Optimizer):
+    """The Playbook's Adam; ``PlaybookNAdam`` shares its moments and bias correction and changes the numerator."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @staticmethod
+    def numerator(m: torch.Tensor, grad: torch.Tensor, beta1: float) -> torch.Tensor:
+        """Adam's ``m_{t+1}``."""
+        return m
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -84,6 +100,16 @@ class PlaybookNAdam(torch.optim.Optimizer):
             m.mul_(beta1).add_(grad, alpha=1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             b = math.sqrt(1 - beta2**t1) / (1 - beta1**t1)
-            direction = m.mul(beta1).add_(grad, alpha=1 - beta1)
-            p.addcdiv_(direction, v.sqrt().add_(eps), value=-lr * b)
+            p.addcdiv_(self.numerator(m, grad, beta1), v.sqrt().add_(eps), value=-lr * b)
         return loss
+
+
+class PlaybookNAdam(PlaybookAdam):
+    def __init__(self, params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    @staticmethod
+    def numerator(m: torch.Tensor, grad: torch.Tensor, beta1: float) -> torch.Tensor:
+        """NAdam's ``beta1 m_{t+1} + (1 - beta1) g_t``."""
+        return m.mul(beta1).add_(grad, alpha=1 - beta1)

@@ -66,6 +66,14 @@ def positive_int(value: Any) -> str | None:
     return None if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "an integer >= 1"
 
 
+def integer_in(low: int, high: int) -> Callable[[Any], str | None]:
+    def check_integer(value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return None if ok else f"an integer in [{low}, {high}]"
+
+    return check_integer
+
+
 def length(value: Any) -> str | None:
     """A length of at least one step in keel's time units; only its syntax is checked (the run length may be unknown)."""
     problem = f"a length of at least 1 step: {SYNTAX}"
@@ -135,6 +143,12 @@ GROUP_OPTIONS: dict[str, tuple[Any, Callable[[Any], str | None], str]] = {
         0,
         lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "an integer >= 0",
         "freeze every parameter of depth < k (1: the embeddings; 3: embeddings and blocks 0, 1)",
+    ),
+    "unfreeze_at": (
+        None,
+        lambda v: optional(length)(v),
+        "a length ('300', '20%', '2ep'): the frozen parameters (freeze, freeze_depth) train too from that step on, "
+        "with their group's settings (a new head on frozen features first, then the whole network: one run)",
     ),
 }
 
@@ -261,6 +275,9 @@ def _check_hparams(record: OptimizerSpec, hparams: Mapping[str, Any], key: str) 
         if problem is not None:
             raise KeelError(f"{key}.{name}: {value!r} is not allowed for {record.name!r}; allowed: {problem}")
         out[name] = tuple(value) if isinstance(value, list) and name not in GROUP_OPTIONS else value
+    if out["unfreeze_at"] is not None and not out["freeze"] and not out["freeze_depth"]:
+        raise KeelError(f"{key}.unfreeze_at: {out['unfreeze_at']!r} is given but nothing is frozen; allowed: with "
+                        f"{key}.freeze (name patterns) or {key}.freeze_depth, or null")
     return out
 
 
@@ -283,6 +300,17 @@ def _resolve_lengths(
                 f"({', '.join(f'{k}={v}' for k, v in lengths.items())}); allowed: a length of at least 1 step, or null"
             )
         settings[name] = steps
+
+
+def _unfreeze_step(value: Any, key: str, lengths: Mapping[str, Any] | None) -> int | None:
+    """``unfreeze_at`` in steps of this run (a length in keel's time units), or None."""
+    if value is None:
+        return None
+    steps = resolve_steps(value, name=f"{key}.unfreeze_at", **dict(lengths or {}))
+    if steps < 1:
+        raise KeelError(f"{key}.unfreeze_at: {value!r} is {steps} steps in this run; allowed: a length of at least "
+                        "1 step, or null")
+    return steps
 
 
 def create(
@@ -332,6 +360,7 @@ def create(
             freeze_patterns=group_settings["freeze"],
             freeze_depth=group_settings["freeze_depth"],
             split=split,
+            unfreeze_at=_unfreeze_step(group_settings["unfreeze_at"], key, lengths),
         )
     else:
         given = {k for k in GROUP_OPTIONS if k in hparams}

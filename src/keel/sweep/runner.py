@@ -8,13 +8,16 @@ The sweep directory::
       trials.csv best.yaml  the results (a preset: every stage's trials, and the config it ends with)
       objective_<key>.png history.png importances.png
       trials/trial_00000/   one keel run directory per trial
-      lr/ grid/ refine/ final/ seeds/   a preset's stages, each laid out like a plain sweep
+      lr/ grid/ refine/ final/ (refine-2/ final-2/ ...) seeds/   a preset's stages, each laid out like a plain sweep
 
-**coarse-to-fine** (the training-dynamics notes' steps 3-5): (1) ``lr``: LR decades 1e-1, 1e-2, 1e-3, 1e-4; (2)
+**coarse-to-fine** (the training-dynamics notes' steps 3-7): (1) ``lr``: LR decades 1e-1, 1e-2, 1e-3, 1e-4; (2)
 ``grid``: LR at the best decade times 10^-0.5, 1, 10^0.5 by weight decay {1e-4, 1e-5, 0}; (3) ``refine``: TPE over
 LR in [best / 2, best x 2] and weight decay in [wd / 3, wd x 3] (held at 0 when 0 won); each of these a short run of
 ``budget`` steps with its own schedule; (4) ``final``: the best config for the config's full ``max_steps``, without
-LR decay (a constant LR after the same warmup).
+LR decay (a constant LR after the same warmup). ``survivors`` N carries the N best of each stage to the next (the
+grid around each of N decades, the refined ranges spanning N grid points, N long runs: step 5's "best few");
+``repeats`` R runs refine + final R times (step 7), each round after the first around the N best long runs so far
+(``refine-2``, ``final-2``, ...); ``best.yaml`` is the best long run.
 
 **restarts** (random restarts, successive halving over seeds with one rung): N seeds (initialisation and data order)
 trained for ``budget`` steps, then only the best continues, from its checkpoint, to the full length. The short runs
@@ -208,53 +211,118 @@ def budget_steps(spec: dict[str, Any], max_steps: int) -> int:
 
 
 def coarse_to_fine(root: Path, spec: dict[str, Any], say: Say) -> dict[str, Any]:
-    from keel.sweep.results import write_best, write_csv, write_results
+    from keel.sweep.results import write_best, write_csv
 
     raw = _base(spec["config"])
     config = validate(raw)
+    options = SweepOptions(**spec["options"])
+    keep, rounds = options.survivors, options.repeats
     short = budget_steps(spec, config.max_steps)
     short_raw = {**copy.deepcopy(raw), "max_steps": short}
+    long_raw = {**copy.deepcopy(raw), "schedule": {"name": "constant", "warmup": config.schedule.get("warmup", 0)}}
     workers = _workers(spec)
     tables, all_rows = [], []
+    total = 2 + 2 * rounds
+    carried = f", {keep} survivors per stage" if keep > 1 else ""
+    again = f", {rounds} rounds of refine and train longer" if rounds > 1 else ""
     say(f"coarse-to-fine in {root}: stages of {short} steps (lr, grid, refine), then the best for {config.max_steps} "
-        "steps without LR decay")
+        f"steps without LR decay{carried}{again}")
 
-    def stage_run(name, space, trials, stage_raw, sampler, title):
-        options = dict(spec["options"], sampler=sampler, pruner="none")
-        stage = _stage(root, {**spec, "options": options}, name, root / name, stage_raw, space, trials)
+    def stage_run(name, space, trials, stage_raw, sampler, title, points=()):
+        from keel.sweep.results import write_results
+
+        stage_options = dict(spec["options"], sampler=sampler, pruner="none")
+        stage = _stage(root, {**spec, "options": stage_options}, name, root / name, stage_raw, space, trials,
+                       points=list(points))
         run_stage(stage, workers, say)
         result = write_results(stage, say, title=title)
         tables.append((title, stage, result["rows"]))
         all_rows.extend(result["rows"])
         if result["best"] is None:
             raise KeelError(f"coarse-to-fine: no trial of stage {name} completed (see {stage.dir}/trials.csv)")
-        return stage, result["best"]
+        return stage, result["rows"]
 
-    _, best = stage_run("lr", {"optimizer.lr": LR_DECADES}, None, short_raw, "grid",
-                        f"stage 1/4 lr: LR decades, {short} steps each")
-    lr = float(best["optimizer.lr"])
-    lrs = [_round(lr * 10**-0.5), lr, _round(lr * 10**0.5)]
-    _, best = stage_run("grid", {"optimizer.lr": lrs, "optimizer.weight_decay": WEIGHT_DECAYS}, None, short_raw, "grid",
-                        f"stage 2/4 grid: LR x weight decay around {lr:g}, {short} steps each")
-    lr, wd = float(best["optimizer.lr"]), float(best["optimizer.weight_decay"])
-    refine_space = {"optimizer.lr": f"loguniform({lr / 2:.6g}, {lr * 2:.6g})",
-                    "optimizer.weight_decay": f"loguniform({wd / 3:.6g}, {wd * 3:.6g})" if wd > 0 else [0.0]}
-    refine_stage, best = stage_run("refine", refine_space, SweepOptions(**spec["options"]).refine_trials, short_raw,
-                                   "tpe", f"stage 3/4 refine: around lr {lr:g}, weight decay {wd:g}, {short} steps each")
-    params = {"optimizer.lr": float(best["optimizer.lr"]), "optimizer.weight_decay": float(best["optimizer.weight_decay"])}
-    final_raw = _apply(raw, params)
-    final_raw["schedule"] = {"name": "constant", "warmup": config.schedule.get("warmup", 0)}
-    final_stage, final = stage_run("final", {}, 1, final_raw, "random",
-                                   f"stage 4/4 final: lr {params['optimizer.lr']:.4g}, weight decay "
-                                   f"{params['optimizer.weight_decay']:g}, {config.max_steps} steps, constant LR")
+    number = iter(range(1, total + 1))
+    stage, rows = stage_run("lr", {"optimizer.lr": LR_DECADES}, None, short_raw, "grid",
+                            f"stage {next(number)}/{total} lr: LR decades, {short} steps each")
+    decades = [float(row["optimizer.lr"]) for row in _best_of(stage, rows, keep, ["optimizer.lr"])]
+    lrs = sorted({_round(lr * factor) for lr in decades for factor in (10**-0.5, 1.0, 10**0.5)})
+    stage, rows = stage_run("grid", {"optimizer.lr": lrs, "optimizer.weight_decay": WEIGHT_DECAYS}, None, short_raw,
+                            "grid", f"stage {next(number)}/{total} grid: LR x weight decay around "
+                            f"{', '.join(f'{lr:g}' for lr in decades)}, {short} steps each")
+    survivors = [_params(row) for row in _best_of(stage, rows, keep, _KEYS)]
+    finals: list[tuple[Any, dict[str, Any]]] = []  # every long run: (its stage, its row)
+    for round_index in range(1, rounds + 1):
+        suffix = "" if round_index == 1 else f"-{round_index}"
+        around = "; ".join(f"lr {p['optimizer.lr']:g}, weight decay {p['optimizer.weight_decay']:g}" for p in survivors)
+        stage, rows = stage_run(f"refine{suffix}", _refine_space(survivors), options.refine_trials, short_raw, "tpe",
+                                f"stage {next(number)}/{total} refine: around {around}, {short} steps each")
+        points = [_params(row) for row in _best_of(stage, rows, keep, _KEYS)]
+        shown = "; ".join(f"lr {p['optimizer.lr']:.4g}, weight decay {p['optimizer.weight_decay']:g}" for p in points)
+        space = {key: sorted({p[key] for p in points}) for key in _KEYS}
+        stage, rows = stage_run(f"final{suffix}", space, len(points), long_raw, "random",
+                                f"stage {next(number)}/{total} final: {shown}, {config.max_steps} steps, constant LR",
+                                points=points)
+        finals += [(stage, row) for row in rows if row["state"] == "complete" and row[stage.metric] is not None]
+        survivors = [_params(row) for _, row in _ranked(finals)[:keep]]  # step 7: go on from the best long runs
+    final_stage, final = _ranked(finals)[0]
+    params = _params(final)
     write_csv(root / "trials.csv", all_rows)
-    write_best(root / "best.yaml", final_stage, final, raw=copy.deepcopy(final_raw))
+    write_best(root / "best.yaml", final_stage, final, raw=_apply(long_raw, params))
     _write_summary(root, tables)
     metric = final_stage.metric
     say(f"coarse-to-fine: final {metric} {final[metric]:.4f} (lr {params['optimizer.lr']:.4g}, weight decay "
         f"{params['optimizer.weight_decay']:g}, {config.max_steps} steps); wrote {root}/trials.csv, best.yaml, "
         "summary.txt and each stage's directory")
-    return {"best": final, "params": params, "stages": [t[1].name for t in tables]}
+    return {"best": final, "params": params, "stages": [t[1].name for t in tables],
+            "finals": [{"stage": s.name, **_params(row), metric: row[metric]} for s, row in finals]}
+
+
+_KEYS = ["optimizer.lr", "optimizer.weight_decay"]
+
+
+def _params(row: dict[str, Any]) -> dict[str, float]:
+    return {key: float(row[key]) for key in _KEYS}
+
+
+def _best_of(stage: Stage, rows: list[dict[str, Any]], keep: int, keys: list[str]) -> list[dict[str, Any]]:
+    """The ``keep`` best complete trials of a stage, distinct in ``keys``."""
+    from keel.sweep.results import ordered
+
+    chosen, seen = [], set()
+    for row in ordered(rows, stage):
+        point = tuple(repr(row.get(key)) for key in keys)
+        if row["state"] != "complete" or row[stage.metric] is None or point in seen:
+            continue
+        seen.add(point)
+        chosen.append(row)
+        if len(chosen) == keep:
+            break
+    return chosen
+
+
+def _ranked(finals: list[tuple[Stage, dict[str, Any]]]) -> list[tuple[Stage, dict[str, Any]]]:
+    """The long runs, best first (every final stage has the same metric and direction)."""
+    if not finals:
+        raise KeelError("coarse-to-fine: no final run completed (see the final stages' trials.csv)")
+    sign = -1 if finals[0][0].direction == "maximize" else 1
+    return sorted(finals, key=lambda item: sign * item[1][item[0].metric])
+
+
+def _refine_space(survivors: list[dict[str, float]]) -> dict[str, Any]:
+    """TPE's ranges around the survivors: LR from half the lowest to twice the highest; weight decay from a third of
+    the lowest to three times the highest, held at 0 when 0 won, or the survivors' own values when 0 and others
+    did."""
+    lrs = [p["optimizer.lr"] for p in survivors]
+    decays = [p["optimizer.weight_decay"] for p in survivors]
+    positive = [wd for wd in decays if wd > 0]
+    if not positive:
+        decay: Any = [0.0]
+    elif len(positive) == len(decays):
+        decay = f"loguniform({min(positive) / 3:.6g}, {max(positive) * 3:.6g})"
+    else:
+        decay = sorted(set(decays))
+    return {"optimizer.lr": f"loguniform({min(lrs) / 2:.6g}, {max(lrs) * 2:.6g})", "optimizer.weight_decay": decay}
 
 
 def _round(value: float) -> float:

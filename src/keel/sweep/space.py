@@ -198,6 +198,11 @@ class SweepOptions(BaseModel):
         "20%", description="Presets: the short runs' length: steps, or a percentage of the config's max_steps.")
     seeds: int = Field(8, ge=2, description="Preset restarts: seeds trained for the short budget.")
     refine_trials: int = Field(8, ge=1, description="Preset coarse-to-fine: trials of the refined search.")
+    survivors: int = Field(1, ge=1, description="Preset coarse-to-fine: configs carried from one stage to the next: "
+                           "the best LR decades into the grid, the best grid points into the refined search, and "
+                           "the best refined configs each trained for the whole max_steps without decay.")
+    repeats: int = Field(1, ge=1, description="Preset coarse-to-fine: rounds of refine, then train the survivors "
+                         "longer; each round after the first refines around the best long runs so far.")
 
 
 def _check_key(key: str) -> None:

@@ -79,7 +79,9 @@ class TrialFailed(Exception):
 class Stage:
     """What the workers of one study need. ``config`` is the raw run config (no sweep blocks) with the stage's
     fixed changes; ``space`` the distributions as written; ``stop_at`` stops every trial at that step (its schedule
-    planned for the config's ``max_steps``, so continuing it is a plain resume)."""
+    planned for the config's ``max_steps``, so continuing it is a plain resume); ``points``, when given, are the
+    exact parameter sets to train (a preset's chosen configs, each value among its key's choices): queued, one trial
+    each, before the workers start."""
 
     name: str
     dir: Path
@@ -92,6 +94,7 @@ class Stage:
     trials: int = 20
     stop_at: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    points: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def distributions(self) -> dict[str, Distribution]:
@@ -320,19 +323,39 @@ def enqueue_grid(study, stage: Stage) -> int:
         return 0
     import itertools
 
-    from optuna.trial import TrialState
-
     space = stage.distributions
-    held = set()
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state != TrialState.FAIL or "fail_reason" in trial.user_attrs:
-            held.add(tuple(repr(trial.params.get(key)) for key in space))
+    held = _held(study, space)
     points = [p for p in itertools.product(*(d.choices for d in space.values())) if tuple(map(repr, p)) not in held]
     random.Random(stage.settings.seed).shuffle(points)  # a partial grid (--trials below its size): a random part
     points = points[:max(0, target_trials(stage) - len(held))]
     for point in points:
         study.enqueue_trial(dict(zip(space, point)), skip_if_exists=False)
     return len(points)
+
+
+def _held(study, keys) -> set[tuple[str, ...]]:
+    """The parameter sets (as reprs, in the order of ``keys``) that trials of the study hold: complete, pruned,
+    failed for a reason of their own, running, or queued (a queued trial's parameters are its fixed ones)."""
+    from optuna.trial import TrialState
+
+    held = set()
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state != TrialState.FAIL or "fail_reason" in trial.user_attrs:
+            params = trial.params or trial.system_attrs.get("fixed_params", {})
+            held.add(tuple(repr(params.get(key)) for key in keys))
+    return held
+
+
+def enqueue_points(study, stage: Stage) -> int:
+    """Queue the stage's ``points`` that no trial of the study holds (so a resumed stage trains each once);
+    returns how many were queued."""
+    if not stage.points:
+        return 0
+    held = _held(study, stage.space)
+    missing = [p for p in stage.points if tuple(repr(p.get(key)) for key in stage.space) not in held]
+    for point in missing:
+        study.enqueue_trial(point, skip_if_exists=False)
+    return len(missing)
 
 
 def target_trials(stage: Stage) -> int:
@@ -563,6 +586,7 @@ def run_stage(stage: Stage, workers: int, say: Say = print) -> None:
     stage.save()
     study = open_study(stage)  # a bad storage URL or a study of the other direction fails here, once
     enqueue_grid(study, stage)
+    enqueue_points(study, stage)
     if workers == 1:
         run_worker(stage, 0, say)
         return

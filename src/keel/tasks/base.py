@@ -92,6 +92,11 @@ class Task:
         ``pad_fraction``); none by default."""
         return {}
 
+    def flops_per_token(self, model: nn.Module, batch: Any = None) -> float | None:
+        """Model FLOPs of one training token (forward and backward) for ``model`` (on ``batch``, whose sequence
+        length may matter), for MFU in the step records and for ``compile: auto``; None (the default): unknown."""
+        return None
+
     def run_files(self) -> dict[str, str]:
         """Text files the run directory keeps beside ``config.yaml`` (a trained tokenizer's ``tokenizer.json``)."""
         return {}
@@ -124,8 +129,14 @@ def _tensors(batch: Any) -> Iterator[torch.Tensor]:
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` (a tensor, or tuples, lists and dicts of them) on ``device``; other values pass through."""
+    """``batch`` (a tensor, or tuples, lists and dicts of them) on ``device``; other values pass through.
+
+    To a CUDA device a CPU tensor goes through pinned memory, so the copy is queued behind the GPU's work: a copy
+    from pageable memory is staged by the driver and can hold the host until it is done, which delays the launches
+    of the next step's kernels (PyTorch's guide to `non_blocking` and `pin_memory`)."""
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned():
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: move_to_device(v, device) for k, v in batch.items()}

@@ -125,6 +125,19 @@ class LanguageModelTask(Task):
         pads = sum(int((b[1] == IGNORE_INDEX).sum()) for b in batches)
         return {"pad_fraction": round(pads / max(positions, 1), 6)}
 
+    def flops_per_token(self, model: nn.Module, batch=None) -> float | None:
+        """6 N + 12 L d T (Kaplan et al. 2020; Chowdhery et al. 2022, Appendix B): N the parameters of the matrix
+        products (every parameter but the embedding tables), and for keel's GPT the attention scores and their
+        weighted sum over a context of T tokens (the batch's length, else model.block_size), L layers of width d,
+        counted without the causal mask's saving as PaLM counts them. A Hugging Face model: 6 N."""
+        matrices = sum(p.numel() for name, p in model.named_parameters()
+                       if not _is_embedding(model, name))
+        flops = 6.0 * matrices
+        if isinstance(model, GPT):
+            context = batch[0].shape[1] if batch is not None else self.block_size
+            flops += 12.0 * model.config.n_layer * model.config.n_embd * context
+        return flops
+
     def run_files(self) -> dict[str, str]:
         """A Hugging Face tokenizer's ``tokenizer.json`` (ASCII-escaped JSON), kept in the run directory, so
         ``data.tokenizer: RUN/tokenizer.json`` reuses it."""
@@ -171,6 +184,12 @@ class LanguageModelTask(Task):
 
     def reference_metrics(self) -> dict[str, float]:
         return {"unigram_baseline": self.unigram_baseline()}
+
+
+def _is_embedding(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` belongs to an ``nn.Embedding`` (a lookup, not a matrix product)."""
+    module_name = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(module_name) if module_name else model, nn.Embedding)
 
 
 def build_hf_model(model_config: Any, vocab_size: int, block_size: int) -> nn.Module:

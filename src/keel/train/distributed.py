@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from keel.errors import KeelError
+from keel.precision import resolve_precision
 
 if TYPE_CHECKING:
     from keel.config import TrainConfig
@@ -338,7 +339,7 @@ def check_strategy(config: TrainConfig, device: torch.device, world_size: int) -
     if enabled:
         raise KeelError(f"strategy: fsdp shards the model, and {', '.join(enabled)} keep a whole copy of it; "
                         "allowed: strategy ddp with them, or fsdp without them")
-    if config.precision == "fp16":
+    if resolve_precision(config.precision, device)[0] == "fp16":
         raise KeelError("strategy: fsdp with precision fp16 (a loss scaler over sharded gradients) is not supported; "
                         "allowed: precision fp32 or bf16 with fsdp, or strategy ddp")
 

@@ -1,8 +1,10 @@
 """Early stopping: end the run when an evaluation metric has not improved for ``patience`` evaluations.
 
 The unit ``EarlyStopping`` decides from a stream of values; ``EarlyStoppingCallback`` feeds it each evaluation
-record, asks the trainer to keep the best evaluation's checkpoint, and when it stops (or the run ends) puts the
-best weights back into the model, so the weights the run exports are the best ones. The summary names the step.
+record, asks the trainer to keep the best evaluation's checkpoint, and when it stops (or the run ends) asks the
+trainer to export that checkpoint's weights: of the weight sets it holds (the raw weights, and averages such as the
+EMA) the one that scores best by the metric there (``keel.train.export``). The summary reports those weights'
+metrics and names the step; the last evaluation's are beside them (``last``).
 
 A value counts as an improvement when it beats the best so far by more than ``min_delta`` (Keras' and
 Lightning's convention): ``value < best - min_delta`` in ``min`` mode, ``value > best + min_delta`` in ``max``.
@@ -101,7 +103,9 @@ class EarlyStoppingCallback(Callback):
         summary["best_step"] = self.unit.best_step
         summary[f"best_{self.config.metric}"] = self.unit.best
         summary["stopped_early"] = self.should_stop
-        trainer.load_best_weights()
+        # Export the best checkpoint, and there the weight set (raw, or an average it holds) that scores best.
+        trainer.export.step, trainer.export.metric, trainer.export.mode = (
+            self.unit.best_step, self.config.metric, self.config.mode)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.unit.state_dict(), "should_stop": self.should_stop}

@@ -30,15 +30,15 @@ def find_weights_file(path: str | Path) -> Path:
     if not given.is_dir():
         raise KeelError(f"init_from: '{path}' does not exist; allowed: a keel run or checkpoint directory, a "
                         ".safetensors file, or a Hugging Face model directory")
-    if (given / "model.safetensors").is_file():
-        return given / "model.safetensors"  # an exported run, a checkpoint, or a save_pretrained directory
-    root = given / "checkpoints"
-    best = root / "best"
-    if best.is_file() and (root / best.read_text().strip() / "model.safetensors").is_file():
-        return root / best.read_text().strip() / "model.safetensors"
-    latest = rundir.newest_intact(root, report=lambda message: None)
+    if (given / rundir.MODEL_WEIGHTS).is_file():
+        return given / rundir.MODEL_WEIGHTS  # an exported run, a checkpoint, or a save_pretrained directory
+    run = rundir.RunDir(given)
+    best = run.best_checkpoint()
+    if best is not None and (best / rundir.MODEL_WEIGHTS).is_file():
+        return best / rundir.MODEL_WEIGHTS
+    latest = rundir.newest_intact(run.checkpoints, report=lambda message: None)
     if latest is not None:
-        return latest / "model.safetensors"
+        return latest / rundir.MODEL_WEIGHTS
     raise KeelError(f"init_from: '{path}' holds no model.safetensors and no intact checkpoint; allowed: a keel run "
                     "or checkpoint directory, a .safetensors file, or a Hugging Face model directory")
 

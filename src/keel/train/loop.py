@@ -26,14 +26,17 @@ from keel import optim, rundir, schedules, tasks
 from keel.config import TrainConfig, dump_config
 from keel.errors import KeelError
 from keel.grad import Clipper, LossSpikeDetector, TrainingUnstableError, all_ranks_agree
-from keel.precision import Precision
+from keel.optim.multi_tensor import follow_compile_choice
+from keel.optim.unfreezing import unfreeze_callbacks
+from keel.precision import Precision, cuda_tf32
 from keel.rundir.metrics import MetricsLog, decode_line, read_metrics
 from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
 from keel.timeunits import resolve_steps
-from keel.train import distributed
+from keel.train import devices, distributed, export, restarts
 from keel.train.init import load_initial_weights
+from keel.train.performance import MfuMeter, choose_compile, peak_tflops
 from keel.train.plot import plot_run
 from keel.train.resume_policy import build_schedule, resume_schedule
 
@@ -75,7 +78,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KeelError(f"device: '{name}' was asked for but CUDA is not available; allowed here: auto, cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise KeelError(f"device: '{name}' was asked for but this machine has {count} CUDA device"
+                        f"{'s' if count != 1 else ''}; allowed: auto, cpu, cuda, cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def default_run_dir() -> Path:
@@ -106,10 +114,13 @@ class Trainer:
     ):
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        late_workspace = devices.set_cublas_workspace() if config.deterministic else None  # before any CUDA use
         self.dist = distributed.setup(config, resolve_device(config.device))  # one process: no process group
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.config = config = distributed.resolve_for_world(config, self.world_size)  # per-rank batch, LR scaling
         self.quiet = quiet or not self.dist.is_main
+        if late_workspace:
+            self._say(late_workspace)
         self.allow_world_size_change = allow_world_size_change
         self.run_dir = Path(self.dist.broadcast_object(str(run_dir or config.out_dir or default_run_dir())))
         self.dist.on_main(lambda: self._check_run_dir(resume))
@@ -138,16 +149,25 @@ class Trainer:
         spike = config.spike
         self.spike_detector = LossSpikeDetector(spike.window, spike.factor, spike.min_history, spike.min_rise) \
             if spike.enabled else None
-        self.callbacks = [*make_callbacks(config), *callbacks]
+        self.callbacks = [*make_callbacks(config), *unfreeze_callbacks(self.optimizer, self.world_size), *callbacks]
         check_unique_names(self.callbacks)
         self.state = TrainState(schedule_steps=config.max_steps)
         self.restored_from: Path | None = None
         self._resume = resume
         self._last_eval: dict[str, Any] = {}
         self._best = ("val_loss", "min", 0.0, False)  # metric, mode, min_delta, keep its checkpoint (track_best)
+        self.export = export.ExportRequest()  # which weights model.safetensors gets (callbacks may ask for others)
+        self.keep_last = config.keep_last  # checkpoints kept besides the best (callbacks may raise it: keep_at_least)
         self._check_first_batch()
         for callback in self.callbacks:  # what a technique can tell from the task and model, before any file
             getattr(callback, "check", lambda trainer: None)(self)
+        self.peak_tflops = peak_tflops(self.device, config.mfu_peak_tflops)  # for MFU; None: unknown
+        self.compiled, self._compile_reason = choose_compile(
+            config.compile, self.device, self.task.flops_per_token(self.model), self.tokens_per_step,
+            config.max_steps, self.peak_tflops)
+        if self.compiled:  # the forward pass compiled; self.model (checkpoints, evaluation) stays the module itself
+            self.train_model = torch.compile(self.train_model)
+        follow_compile_choice(self.optimizer, config.compile)  # true/false also decide keel's update kernels
         self._config_text = dump_config(config)
         self.step_metrics: dict[str, Any] = {}  # callbacks' keys for the next step record (e.g. seq_len)
 
@@ -169,6 +189,10 @@ class Trainer:
         """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run."""
         return resolve_steps(value, name=name, **self.lengths)
 
+    def keep_at_least(self, count: int) -> None:
+        """Keep at least the newest ``count`` checkpoints (e.g. for averaging them at the end)."""
+        self.keep_last = max(self.keep_last, count)
+
     def track_best(self, metric: str, mode: str, min_delta: float = 0.0) -> None:
         """Track the best evaluation by ``metric`` (``min`` or ``max``, improving by more than ``min_delta``)
         instead of val_loss, and checkpoint each evaluation that improves it, so ``load_best_weights`` can restore
@@ -180,6 +204,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until ``max_steps`` updates are applied (or a callback stops the run); return the summary."""
         made = None  # rank 0 of a new run, once it holds its directory: whether this run created it
+        kernels = devices.use_deterministic(self.config.deterministic)  # deterministic: true, for this run
         try:
             with contextlib.ExitStack() as lock:  # rank 0 takes the lock; a second process on this run is refused
                 def take() -> None:
@@ -189,6 +214,8 @@ class Trainer:
                                                       report=self._say))
                     made = None if self._resume else not existed
                 self.dist.on_main(take)
+                if self.device.type == "cuda":  # TF32 matmuls for float32 work (tf32), restored afterwards
+                    lock.enter_context(cuda_tf32(self.config.tf32))
                 return self._fit()
         except KeelError as error:  # bad input found late: a new run without a checkpoint leaves nothing behind
             if made is not None and not isinstance(error, TrainingUnstableError) and self._remove_new_run(made):
@@ -196,6 +223,7 @@ class Trainer:
                     from None
             raise
         finally:
+            devices.restore(kernels)
             self.train_model = self.model  # DDP's reducer goes before the process group it holds
             self.dist.shutdown()
 
@@ -212,6 +240,7 @@ class Trainer:
         self._say(f"task: {config.task}; model: {sum(p.numel() for p in model.parameters()):,} parameters; "
                   f"{self.tokens_per_step:,} {self._counted} per step; "
                   f"run directory: {self.run_dir}")
+        self._say(self._describe_speed())
         for line in self._describe_ranks():
             self._say(line)
         for callback in self.callbacks:
@@ -226,8 +255,10 @@ class Trainer:
                              unit=f"{self._counted}/s")
         started, tokens_at_start = time.perf_counter(), state.tokens
         elapsed_at_start = state.elapsed
+        meter, mfu = MfuMeter(self.peak_tflops, self.world_size), None
 
         while state.step < config.max_steps and not any(cb.should_stop for cb in self.callbacks):
+            meter.start_step()
             lr = self.schedule(state.step) * state.lr_multiplier * self.lr_factor
             schedules.set_lr(optimizer, lr)
             for callback in self.callbacks:
@@ -275,19 +306,24 @@ class Trainer:
 
             tokens_before = state.tokens
             state.advance(n_examples, n_targets)
+            meter.end_step(n_targets)
             state.elapsed = elapsed_at_start + time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_step_end(self)
             if (state.step - 1) % config.log_interval == 0 or state.step == config.max_steps:
+                if meter.peak is not None:  # MFU of the steps since the last record (known peak and FLOPs)
+                    mfu = meter.read(task.flops_per_token(self.model, micro_batches[0]))
                 self.log({"step": state.step - 1, "tokens": tokens_before, "lr": lr, "loss": loss_value,
                           "grad_norm": clip.norm, "clipped": clip.clipped, "skipped": state.skipped,
-                          "time": round(state.elapsed, 4), **task.step_metrics(micro_batches), **self.step_metrics})
+                          "time": round(state.elapsed, 4), **({"mfu": round(mfu, 4)} if mfu is not None else {}),
+                          **task.step_metrics(micro_batches), **self.step_metrics})
             if not bar.disable or progress.enabled:
                 speed = (state.tokens - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}",
+                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}), refresh=False)
                 bar.update(1)
                 progress.maybe_print(state, config.max_steps, loss_value, lr, speed,
-                                     state.elapsed - elapsed_at_start)
+                                     state.elapsed - elapsed_at_start, mfu)
 
             last = state.step == config.max_steps or any(cb.should_stop for cb in self.callbacks)
             improved = False
@@ -310,7 +346,7 @@ class Trainer:
         """One forward pass of the first training batch in eval mode, without gradients and with every RNG put
         back: a batch of the wrong shape or dtype, or a loss that is not a scalar, fails here as bad input."""
         batch = self.task.train_batch(0, self.rank, self.world_size)
-        rng = _rng_state(self.device)
+        rng = devices.rng_state(self.device)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -327,7 +363,7 @@ class Trainer:
                             f"(got {_describe_batch(batch)})") from None
         finally:
             self.model.train(was_training)
-            _set_rng_state(rng, self.device)
+            devices.set_rng_state(rng, self.device)
         if not isinstance(count, int) or count < 1:
             raise KeelError(f"task {self.config.task!r}: the first batch counts {count!r} loss terms; allowed: an "
                             "int >= 1")
@@ -416,7 +452,7 @@ class Trainer:
         root = self.run_dir / rundir.CHECKPOINTS
         weights = self.dist.model_state_dict(self.model)  # whole, on rank 0 (gathered when sharded)
         optimizer_state = self.dist.optimizer_state_dict(self.model, self.optimizer)
-        ranks = self.dist.checkpoint_payload(_rng_state(self.device))  # world size, every rank's RNG
+        ranks = self.dist.checkpoint_payload(devices.rng_state(self.device))  # world size, every rank's RNG
         if not self.dist.is_main:
             self.dist.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
             return root / name
@@ -427,7 +463,8 @@ class Trainer:
             "precision": self.precision.state_dict(),
             "clipper": self.clipper.state_dict(),
             "spike": self.spike_detector.state_dict() if self.spike_detector is not None else None,
-            "rng": _rng_state(self.device),
+            "rng": devices.rng_state(self.device),
+            "device": str(self.device),  # where it was written (a resume elsewhere says what it moved)
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
             "metrics_offset": self.metrics.offset(),
             **ranks,
@@ -442,8 +479,8 @@ class Trainer:
         try:
             path = rundir.write_checkpoint(root, state.step, weights, payload, meta, extra)
             if state.best_checkpoint:
-                rundir.atomic_write_text(root / "best", state.best_checkpoint + "\n")
-            rundir.prune(root, self.config.keep_last, protect={state.best_checkpoint})
+                rundir.point_best(root, state.best_checkpoint)
+            rundir.prune(root, self.keep_last, protect={state.best_checkpoint})
         finally:
             self.dist.barrier()
         return path
@@ -453,7 +490,7 @@ class Trainer:
         state = self.state
         if not state.best_checkpoint or state.best_step == state.step:
             return
-        weights, _ = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINTS / state.best_checkpoint, self.device)
+        weights, _ = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINTS / state.best_checkpoint, "cpu")
         self.dist.load_model_state_dict(self.model, weights)
         self._say(f"restored the best weights, from {state.best_checkpoint} (step {state.best_step})")
 
@@ -474,12 +511,13 @@ class Trainer:
         return int(payload["metrics_offset"])
 
     def _load_latest(self):
-        return rundir.load_latest(self.run_dir / rundir.CHECKPOINTS, self.device, report=self._say,
+        # Read to the CPU, whatever device wrote it: _load_checkpoint moves what belongs on this run's device.
+        return rundir.load_latest(self.run_dir / rundir.CHECKPOINTS, "cpu", report=self._say,
                                   required=_PAYLOAD_KEYS)
 
     def _load_checkpoint(self, found: Path, weights: dict[str, torch.Tensor], payload: dict[str, Any]):
-        """Apply a loaded checkpoint: weights, optimizer, schedule, precision, clipper, spike detector, callbacks,
-        counters and RNG."""
+        """Apply a checkpoint read on the CPU: weights, optimizer, schedule, precision, clipper, spike detector,
+        callbacks, counters and RNG; the model's and the optimizer's load_state_dict move tensors to the device."""
         self.dist.check_resume(payload, found.name, self.allow_world_size_change)
         try:
             self.dist.load_model_state_dict(self.model, weights)
@@ -488,6 +526,8 @@ class Trainer:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise KeelError(f"--resume: checkpoint {found.name} does not fit this run's model or optimizer "
                             f"({first}); allowed: resume with the config the run was trained with") from None
+        if devices.saved_device(payload).split(":")[0] != self.device.type:
+            self._say(devices.describe_move(found.name, payload, weights, self.device))
         self._load_schedule_state(payload)
         self.precision.load_state_dict(payload["precision"])
         self.clipper.load_state_dict(payload["clipper"])
@@ -502,8 +542,9 @@ class Trainer:
         for key, value in asdict(restored).items():
             setattr(self.state, key, value)  # in place: fit() holds a reference to self.state
         rng = self.dist.rank_rng(payload)  # this rank's own stream (a rank the checkpoint lacked keeps its seed)
-        if rng is not None:
-            _set_rng_state(rng, self.device)
+        note = devices.set_rng_state(rng, self.device) if rng is not None else None
+        if note is not None:
+            self._say(note)
         return payload
 
     def _skip_update(self, loss_value: float, grad_norm: float) -> None:
@@ -566,16 +607,18 @@ class Trainer:
         self.log({"step": self.state.step, "event": "stopped", "skipped": self.state.skipped})
         self.metrics.close()
         if self.dist.is_main:
-            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / "loss.png", self.tokens_per_step,
+            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / rundir.LOSS_PLOT, self.tokens_per_step,
                      title=str(self.run_dir), counted=self._counted)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
-        raise TrainingUnstableError(f"{message}; {where}")
+        restart = "" if self.config.restarts else ("; to start a diverged run again with a new seed, set restarts: N "
+                                                    "(docs/stability.md)")
+        raise TrainingUnstableError(f"{message}; {where}{restart}")
 
     def _finish(self) -> dict[str, Any]:
         self.metrics.close()
         history = self.dist.from_main(lambda: read_metrics(self.run_dir / rundir.METRICS))
         if self.dist.is_main:
-            plot_run(history, self.run_dir / "loss.png", self.tokens_per_step, title=str(self.run_dir),
+            plot_run(history, self.run_dir / rundir.LOSS_PLOT, self.tokens_per_step, title=str(self.run_dir),
                      counted=self._counted)
         train_losses = [r["loss"] for r in history if "grad_norm" in r]
         evals = [r for r in history if "val_loss" in r]
@@ -593,18 +636,23 @@ class Trainer:
         }
         for callback in self.callbacks:
             callback.on_run_end(self, summary)
+        exported = export.finish(self, summary, evals)
         weights = self.dist.model_state_dict(self.model)
         if self.dist.is_main:
-            write_safetensors(self.run_dir / "model.safetensors", {k: v.detach() for k, v in weights.items()})
+            write_safetensors(self.run_dir / rundir.MODEL_WEIGHTS, {k: v.detach() for k, v in weights.items()})
         summary["history"] = history
         reference = "".join(f" vs {k.replace('_', ' ')} {v:.4f}" for k, v in self.task.reference_metrics().items())
         accuracy = f", val_accuracy {summary['val_accuracy']:.4f}" if "val_accuracy" in summary else ""
         best = f"; best step {summary['best_step']}" if "best_step" in summary else ""
-        self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f}{reference}{accuracy} after "
+        self._say(f"final val_loss {summary.get('val_loss', math.nan):.4f}{reference}{accuracy}{exported} after "
                   f"{self.state.step} steps ({self.state.examples:,} examples, {self.state.tokens:,} "
                   f"{self._counted}, {self.state.elapsed:.1f} s, "
                   f"{self.state.skipped} skipped){best}")
-        self._say(f"wrote {self.run_dir}/config.yaml, metrics.jsonl, loss.png, model.safetensors, checkpoints/")
+        if "last" in summary:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["last"].items() if k != "step")
+            self._say(f"  last evaluation (step {summary['last']['step']}): {shown}")
+        self._say(f"wrote {self.run_dir}/{rundir.CONFIG}, {rundir.METRICS}, {rundir.LOSS_PLOT}, {rundir.MODEL_WEIGHTS}, "
+                  f"{rundir.CHECKPOINTS}/")
         return summary
 
     def _open_metrics(self, truncate_to: int | None, step: int) -> None:
@@ -616,7 +664,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / rundir.METRICS, truncate_to=truncate_to, step=step, report=self._say,
                                   sinks=sinks)
         if self.config.tensorboard:
-            self.metrics.enable_tensorboard(self.run_dir / "tensorboard")
+            self.metrics.enable_tensorboard(self.run_dir / rundir.TENSORBOARD)
 
     def _agree_with_main(self, improved: bool) -> bool:
         """Rank 0's view of an evaluation's outcome (improved; which callbacks stop) on every rank, so all of them
@@ -627,6 +675,17 @@ class Trainer:
         for callback, stop in zip(self.callbacks, stops):
             callback.should_stop = stop
         return improved
+
+    def _describe_speed(self) -> str:
+        """The start line saying what was chosen for speed: device, precision, TF32, compile, the MFU peak."""
+        cuda = self.device.type == "cuda"
+        device = f"{self.device} ({torch.cuda.get_device_name(self.device)})" if cuda else str(self.device)
+        precision = self.precision.mode + ("" if self.precision.reason == "given" else f" ({self.precision.reason})")
+        tf32 = f"; TF32 matmuls {'on' if self.config.tf32 else 'off (tf32: false)'}" if cuda else ""
+        compiled = f"compile {'on' if self.compiled else 'off'} ({self._compile_reason})"
+        peak = "MFU not measured (no peak known: set mfu_peak_tflops)" if self.peak_tflops is None else \
+            f"MFU against {self.peak_tflops:g} TFLOP/s"
+        return f"speed: {device}; precision {precision}{tf32}; {compiled}; {peak}"
 
     def _describe_ranks(self) -> list[str]:
         """Start lines for data parallelism and LR scaling (none for one process without scaling)."""
@@ -655,7 +714,7 @@ class Trainer:
         if made_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return True
-        for name in [rundir.CONFIG, rundir.METRICS, "loss.png", "tensorboard", rundir.CHECKPOINTS,
+        for name in [rundir.CONFIG, rundir.METRICS, rundir.LOSS_PLOT, rundir.TENSORBOARD, rundir.CHECKPOINTS,
                      *self.task.run_files()]:
             path = self.run_dir / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -666,7 +725,7 @@ class Trainer:
         if resume:
             if not (self.run_dir / rundir.CONFIG).is_file() and not rundir.list_checkpoints(
                     self.run_dir / rundir.CHECKPOINTS):
-                raise KeelError(f"--resume: '{self.run_dir}' is not a keel run directory (no config.yaml and no "
+                raise KeelError(f"--resume: '{self.run_dir}' is not a keel run directory (no {rundir.CONFIG} and no "
                                 "checkpoint)")
         else:
             rundir.check_new_run_dir(self.run_dir)
@@ -687,7 +746,7 @@ class _Progress:
         self._last = time.perf_counter()
 
     def maybe_print(self, state: TrainState, max_steps: int, loss: float, lr: float, speed: float,
-                    elapsed: float) -> None:
+                    elapsed: float, mfu: float | None = None) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -697,7 +756,8 @@ class _Progress:
         self._last = now
         rate = state.step / max(elapsed, 1e-9)
         eta = (max_steps - state.step) / rate if state.step else math.nan
-        print(f"step {state.step}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {speed:,.0f} {self.unit} | "
+        shown = f" | MFU {mfu:.1%}" if mfu is not None else ""
+        print(f"step {state.step}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {speed:,.0f} {self.unit}{shown} | "
               f"ETA {_duration(eta)}", flush=True)
 
 
@@ -729,29 +789,6 @@ def _applied_lr(optimizer: torch.optim.Optimizer, default: float) -> float:
         if group.get("lr_scale", 1.0):
             return float(group["lr"]) / group.get("lr_scale", 1.0)
     return default
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(
@@ -786,5 +823,15 @@ def train(
         raise KeelError("train: train_data, val_data and loss_fn go with model=; allowed: model=... too, or a task")
     if task is not None and config.task == "lm":
         config = config.model_copy(update={"task": "python"})
-    return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
-                   allow_world_size_change=allow_world_size_change).fit()
+    if not config.restarts:
+        return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
+                       allow_world_size_change=allow_world_size_change).fit()
+    initial = restarts.initial_weights(task)  # a model built before train(): each attempt starts from its weights
+
+    def attempt(config: TrainConfig, resume: bool) -> dict[str, Any]:
+        restarts.restore(task, initial)
+        return Trainer(config, callbacks, run_dir=where, resume=resume, quiet=quiet, task=task,
+                       allow_world_size_change=allow_world_size_change).fit()
+
+    where = Path(run_dir or config.out_dir or default_run_dir())
+    return restarts.fit(config, attempt, where, resume, say=(lambda _: None) if quiet else print)

@@ -11,17 +11,19 @@ from pathlib import Path
 
 import torch
 
-from keel.averaging.ensemble import target_log_probs
+from keel.averaging.ensemble import Predictions, predictions
 from keel.errors import KeelError
 from keel.safetensors_io import SafetensorsReader
 
 
 def find_run_config(path: str | Path) -> Path | None:
     """The config.yaml of the run a weights file or directory belongs to (searched up to three levels up)."""
+    from keel.rundir import RunDir
+
     path = Path(path).resolve()
     for folder in [path if path.is_dir() else path.parent, *list(path.parents)[:3]]:
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
+        if RunDir(folder).config.is_file():
+            return RunDir(folder).config
     return None
 
 
@@ -69,23 +71,38 @@ class ValidationScorer:
             raise KeelError(f"weights do not fit the run's model: {' '.join(first[:3])}") from None
         return self._model
 
-    def log_probs(self, weights: dict[str, torch.Tensor] | str | Path) -> torch.Tensor:
-        """log p(target) of every validation target under `weights` (the task's ``target_log_probs``)."""
+    def predictions(self, weights: dict[str, torch.Tensor] | str | Path) -> Predictions:
+        """log p(target) of every validation target under `weights`, and a classifier's distributions."""
         model = self.model(weights)
-        return target_log_probs(model, self.batches, device=self.device, autocast=self.precision.autocast,
-                                forward=self.task.logits)
+        return predictions(model, self.batches, device=self.device, autocast=self.precision.autocast,
+                           forward=self.task.logits)
+
+    def log_probs(self, weights: dict[str, torch.Tensor] | str | Path) -> torch.Tensor:
+        """log p(target) of every validation target under `weights`."""
+        return self.predictions(weights).log_probs
 
     def loss(self, weights: dict[str, torch.Tensor] | str | Path) -> float:
         """Mean validation cross-entropy (nats per target) of `weights`."""
         return float(-self.log_probs(weights).mean())
 
 
-def scorer_for(inputs: list[Path], config: str | Path | None, device: str) -> ValidationScorer:
-    """A scorer from `config`, or from the run config.yaml found beside the first input."""
+def scorer_for(inputs: list[Path], config: str | Path | None, device: str,
+               option: str = "--config") -> ValidationScorer:
+    """A scorer from `config`, or from the run config.yaml found beside the first input. A run trained through the
+    Python API (``task: python``) cannot be rebuilt: a KeelError naming ``option`` says so before anything is built."""
+    from keel.config import read_yaml
+    from keel.tasks import PYTHON_TASK
+
     path = Path(config) if config is not None else find_run_config(inputs[0])
     if path is None:
         raise KeelError(
             f"--config: none given and no config.yaml found beside {str(inputs[0])!r}; "
             "allowed: --config RUN_DIR/config.yaml"
+        )
+    if read_yaml(path).get("task") == PYTHON_TASK:
+        raise KeelError(
+            f"{option}: the run of {str(path)!r} was trained through the Python API (task: python), so keel cannot "
+            "rebuild its model and data to score weights; allowed: without --eval (then load the averaged file into "
+            "your model in Python), or --config naming a task keel builds (lm, digits or package.module:factory)"
         )
     return ValidationScorer.from_config_file(path, device=device)

@@ -1,0 +1,99 @@
+"""Starting and resuming a run: check and make its directory, read its config back."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from keel.errors import KeelError
+from keel.rundir.checkpoint import _newest
+from keel.rundir.files import Report, _describe
+from keel.rundir.layout import CHECKPOINTS, CONFIG, CONFIG_META_KEY, METRICS, RUN_FILES, RUN_FOLDERS
+from keel.rundir.manifest import _check
+
+
+def check_new_run_dir(path: Path) -> None:
+    """Refuse to start a new run in ``path`` when it holds any part of another run; a new or unrelated dir is fine.
+
+    Parts of a run: config.yaml, metrics.jsonl, LOCK, loss.png, and non-empty checkpoints/, snapshots/,
+    tensorboard/. KeelError names what is there and what is allowed (``--resume PATH`` or another ``--out``).
+    """
+    path = Path(path)
+    try:
+        if not path.exists():
+            return
+        if not path.is_dir():
+            raise KeelError(f"out_dir: '{path}' is a file; allowed: a new directory, or --resume DIR for a run")
+        found = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
+        for name in RUN_FOLDERS:
+            folder = path / name
+            if folder.is_dir():
+                entries = len(os.listdir(folder))
+                if entries:
+                    found.append(f"{name}/ ({entries} {'entry' if entries == 1 else 'entries'})")
+            elif folder.exists():
+                found.append(name)
+    except OSError as error:
+        raise KeelError(f"out_dir: cannot use '{path}' as a run directory ({_describe(error)})") from None
+    if found:
+        raise KeelError(
+            f"out_dir: '{path}' already holds (part of) a run: {', '.join(found)}; allowed: --resume {path} to "
+            "continue it, or another --out"
+        )
+
+
+def prepare_run_dir(path: Path, resume: bool) -> Path:
+    """Check and make the run directory; KeelError with the reason (one line) on any problem, never a traceback.
+
+    New run: ``check_new_run_dir``, then create it (parents too). Resume: it must exist and hold config.yaml,
+    metrics.jsonl or checkpoints/. Either way it must be writable. Take the ``RunLock`` right after this.
+    """
+    path = Path(path)
+    option = "--resume" if resume else "out_dir"
+    try:
+        if resume:
+            if not path.is_dir():
+                what = "is a file" if path.exists() else "does not exist"
+                raise KeelError(f"--resume: '{path}' {what}; allowed: the directory of a keel run")
+            if not any((path / name).exists() for name in (CONFIG, METRICS, CHECKPOINTS)):
+                raise KeelError(
+                    f"--resume: '{path}' is not a keel run directory (no {CONFIG}, {METRICS} or {CHECKPOINTS}/)"
+                )
+        else:
+            check_new_run_dir(path)
+            path.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".keel-write-probe-", dir=path)
+        except OSError as error:
+            raise KeelError(f"{option}: cannot write in '{path}' ({_describe(error)})") from None
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        where = f" at '{error.filename}'" if error.filename and Path(error.filename) != path else ""
+        raise KeelError(f"{option}: cannot use '{path}' as a run directory ({_describe(error)}){where}") from None
+    return path
+
+
+def read_run_config(run_dir: Path, report: Report = print) -> str | None:
+    """The run's config text: ``config.yaml``, or when it is missing, the one stored in the newest intact checkpoint.
+
+    The stored one is ``manifest["meta"]["config"]``; using it is reported. None when neither exists.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError as error:
+        raise KeelError(f"{CONFIG}: cannot read '{path}' ({_describe(error)})") from None
+    found = _newest(run_dir / CHECKPOINTS, _check, report=lambda message: None)
+    if found is None:
+        return None
+    found, manifest = found
+    text = manifest.get("meta", {}).get(CONFIG_META_KEY)
+    if not isinstance(text, str):
+        report(f"{CONFIG} is missing from '{run_dir}', and checkpoint {found.name} stores no config")
+        return None
+    report(f"{CONFIG} is missing from '{run_dir}'; using the config stored in checkpoint {found.name}")
+    return text
