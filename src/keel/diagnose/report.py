@@ -174,8 +174,9 @@ def _run_section(run: dict[str, Any]) -> str:
     if records.norms:
         p90 = float(plots.np.nanpercentile(plots.np.asarray(records.norms, dtype=float), 90)) if any(
             math.isfinite(v) for v in records.norms) else math.nan
-        clip = (run["raw"] or {}).get("clip", {}) or {}
-        threshold = clip.get("max_norm") if clip.get("mode", "norm") == "norm" else None
+        from keel.diagnose.run import clip_threshold
+
+        threshold = clip_threshold(run["raw"])
         parts.append(_figure(plots.grad_norm_figure(steps, records.norms, clipped, p90, threshold, name),
                              f"{name}: gradient norm against step and its histogram"))
     if records.ratios:

@@ -114,7 +114,11 @@ def load_run(run_dir: str | Path, report=lambda message: None) -> tuple[RunRecor
         raise KeelError(f"'{path}': {error}") from None
     if not records.steps:
         raise KeelError(f"'{path}' holds no training step yet; allowed: a run that has logged at least one step")
-    text = rundir.read_run_config(run_dir, report=report)
+    try:
+        text = rundir.read_run_config(run_dir, report=report)
+    except KeelError as error:  # a damaged config: the curves can still be read
+        report(f"the run's config is not used: {error}")
+        text = None
     raw = None
     if text is not None:
         try:
@@ -154,9 +158,7 @@ def write_plots(run_dir: str | Path, records: RunRecords, raw: dict[str, Any] | 
     written = []
     steps = [s for s, r in zip(records.step_numbers, records.steps) if "grad_norm" in r]
     if len(signals.finite(records.norms)) >= MIN_NORMS:
-        clip = (raw or {}).get("clip")
-        clip = clip if isinstance(clip, dict) else {}
-        threshold = clip.get("max_norm") if clip.get("mode", "norm") == "norm" else None
+        threshold = clip_threshold(raw)
         clipped = [bool(r.get("clipped")) for r in records.steps if "grad_norm" in r]
         png = plots.grad_norm_figure(steps, records.norms, clipped, signals.percentile(records.norms, 90),
                                      threshold, run_dir.name or str(run_dir))
@@ -166,6 +168,17 @@ def write_plots(run_dir: str | Path, records: RunRecords, raw: dict[str, Any] | 
         _write_bytes(run_dir / rundir.UPDATE_RATIO_PLOT, plots.update_ratio_figure(records.ratios, run_dir.name))
         written.append(run_dir / rundir.UPDATE_RATIO_PLOT)
     return written
+
+
+def clip_threshold(raw: dict[str, Any] | None) -> float | None:
+    """The run's gradient-norm clip threshold from its raw config (None without norm clipping, or where the config,
+    edited by hand, does not say it as a number)."""
+    clip = (raw or {}).get("clip")
+    clip = clip if isinstance(clip, dict) else {}
+    threshold = clip.get("max_norm") if clip.get("mode", "norm") == "norm" else None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        return None
+    return float(threshold)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
