@@ -81,6 +81,7 @@ def curves_figure(groups: list[dict[str, Any]], key: str, title: str, ylabel: st
     drawn = False
     firsts: list[float] = []
     lows: list[float] = []
+    highs: list[float] = []
     for index, group in enumerate(groups):
         color = COLORS[index % len(COLORS)]
         series = [(steps, list(plottable(values))) for steps, values in (run[key] for run in group["runs"]) if steps]
@@ -92,6 +93,7 @@ def curves_figure(groups: list[dict[str, Any]], key: str, title: str, ylabel: st
             if finite:
                 firsts.append(finite[0])
                 lows.append(min(finite))
+                highs.append(max(finite))
         marker = "o" if key == "val" else None
         if len(series) > 1:
             steps, mean, std = band(series)
@@ -105,7 +107,8 @@ def curves_figure(groups: list[dict[str, Any]], key: str, title: str, ylabel: st
     if not drawn:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     if log_y and drawn:
-        ax.set_yscale("log")
+        if any(high > 0 for high in highs):  # a log axis needs a value above 0 (not a run of NaNs alone)
+            ax.set_yscale("log")
     elif firsts and lows:  # a diverged run must not flatten the others: clip at 1.3x the highest starting value
         low, high = min(lows), min(max(firsts), 3 * min(firsts)) * 1.3
         if high > low:
