@@ -402,11 +402,12 @@ def test_generated_lines_of_every_command_exit_0_or_2_in_one_line(command_workdi
     ["sweep", "sw.yaml", "--trials", "1", "optimizer.lr=1e-3"], ["sweep", "emptydir"], ["sweep", "/dev/null"],
     ["diagnose", "run_binary_config"], ["report", "run_binary_config"], ["report", "run_bad_config"],
     ["schedule", "--out", "0.0"], ["train", "--resume", "run_binary_config"], ["report", "run_nan", "run_nan"],
+    ["ensemble", "run_a", "--device", "0"], ["average", "run_a", "--out", "a.safetensors", "--eval", "--device", "mps"],
 ])
 def test_the_crashes_found_by_the_first_matrix_are_one_line(command_workdir, argv):
     """Each of these once ended in a traceback (issue 20's eight crash causes, then what the matrix over every
     command found: a config.yaml that is not UTF-8, a clip block that is a list, a plot name without an image
-    suffix, a log axis for two runs of NaN LRs)."""
+    suffix, a log axis for two runs of NaN LRs, a --device torch cannot parse or keel does not train on)."""
     run_keel(argv, command_workdir)
 
 

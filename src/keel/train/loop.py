@@ -78,7 +78,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KeelError(f"device: '{name}' was asked for but CUDA is not available; allowed here: auto, cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # e.g. --device of keel ensemble, not validated before
+        raise KeelError(f"device: {name!r} is not a device keel trains on; allowed: auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise KeelError(f"device: '{name}' was asked for but this machine has {count} CUDA device"
