@@ -424,37 +424,56 @@ def test_the_full_matrix_of_every_command(command_workdir, record_property, comm
 # ---------------------------------------------------------------------------------------------- real short runs
 
 
-@pytest.mark.faults
-@example(argv=["optimizer.name=muon", "optimizer.ns_steps=100"])  # passed validation, then failed at the first step
-@example(argv=["optimizer.name=soap", "optimizer.precondition_frequency=1"])
-@example(argv=["clip.mode=percentile", "clip.window=1"])
-@example(argv=["spike.enabled=true", "spike.window=2", "spike.min_history=1"])
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
-@given(argv=argument_lines)
-def test_generated_lines_run_for_real_exit_0_1_or_2_in_one_line(tmp_path_factory, argv):
-    """The training loop itself, a few steps of each accepted line: what fails only once training starts (an
-    optimizer setting its kernel refuses, a technique meeting the first real batch) must be one line too; exit 1
-    is a run that became unstable."""
-    import contextlib
-    import io
+REAL_EXAMPLES = [
+    ["optimizer.name=muon", "optimizer.ns_steps=100"],  # passed validation, then failed at the first step
+    ["optimizer.name=soap", "optimizer.precondition_frequency=1"],
+    ["clip.mode=percentile", "clip.window=1"],
+    ["spike.enabled=true", "spike.window=2", "spike.min_history=1"],
+]
 
-    from keel.cli.main import main
 
-    workdir = tmp_path_factory.mktemp("real")
-    out, err = io.StringIO(), io.StringIO()
-    line = [*SMALL, "log_interval=1", *argv, "max_steps=3", "eval_interval=2", "checkpoint_interval=2",
-            "sample.tokens=2", "--quiet"]
-    cwd = os.getcwd()
-    try:
-        os.chdir(workdir)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+def _check_real_runs(root: Path, counter: Counter):
+    def check(argv):
+        """The training loop itself, a few steps of the line: what fails only once training starts (an optimizer
+        setting its kernel refuses, a technique meeting the first real batch) must be one line too; exit 1 is a run
+        that became unstable."""
+        import contextlib
+        import io
+        import tempfile
+
+        from keel.cli.main import main
+
+        out, err = io.StringIO(), io.StringIO()
+        line = [*SMALL, "log_interval=1", *argv, "max_steps=3", "eval_interval=2", "checkpoint_interval=2",
+                "sample.tokens=2", "--quiet"]
+        cwd = os.getcwd()
+        with tempfile.TemporaryDirectory(dir=root) as workdir:
             try:
-                code = main(["train", *line])
-            except SystemExit as exit:
-                code = exit.code
-    finally:
-        os.chdir(cwd)
-    stderr = err.getvalue()
-    assert code in (0, 1, 2), f"exit code {code!r} for {line!r}: {stderr[-2000:]}"
-    if code:
-        assert stderr.count("\n") == 1 and "Traceback" not in stderr, f"not one line for {line!r}: {stderr!r}"
+                os.chdir(workdir)
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    try:
+                        code = main(["train", *line])
+                    except SystemExit as exit:
+                        code = exit.code
+            finally:
+                os.chdir(cwd)
+        stderr = err.getvalue()
+        assert code in (0, 1, 2), f"exit code {code!r} for {line!r}: {stderr[-2000:]}"
+        if code:
+            assert stderr.count("\n") == 1 and "Traceback" not in stderr, f"not one line for {line!r}: {stderr!r}"
+        counter.tried += 1
+        counter.accepted += code == 0
+
+    for argv in REAL_EXAMPLES:
+        check = example(argv=argv)(check)
+    return given(argv=argument_lines)(check)
+
+
+@pytest.mark.faults
+def test_generated_lines_run_for_real_exit_0_1_or_2_in_one_line(tmp_path, record_property):
+    counter = Counter()
+    _profile(60, full=True)(_check_real_runs(tmp_path, counter))()
+    record_property("tried", counter.tried)
+    print(f"keel train lines run for real (3 steps): {counter.tried} tried, {counter.accepted} trained, none "
+          "crashed or hung")
+    assert counter.tried >= 60 + len(REAL_EXAMPLES)
