@@ -339,7 +339,8 @@ def command_workdir(tmp_path_factory) -> Path:
         log.write({"step": step, "tokens": 32 * step, "lr": 1e-3, "loss": 2.3 - step / 60, "grad_norm": 0.5 + step % 3,
                    "clipped": step % 4 == 0, "skipped": 0, "time": 0.01 * step})
         if step % 20 == 19:
-            log.write({"kind": "eval", "step": step + 1, "val_loss": 2.3 - step / 70, "train_eval_loss": 2.3 - step / 65})
+            log.write({"kind": "eval", "step": step + 1, "val_loss": 2.3 - step / 70,
+                       "train_eval_loss": 2.3 - step / 65})
     log.close()
     number = lambda key, value: lambda r: {**r, key: value} if r.get("kind") == "step" and r["step"] == 7 else r
     _write_run_copy(root, "run_step_text", _edit_metrics(number("step", "seven")))
