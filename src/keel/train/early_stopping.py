@@ -78,9 +78,10 @@ class EarlyStoppingCallback(Callback):
         if metric in keys or any(metric == f"{key}_{callback.name}" for key in keys for callback in trainer.callbacks):
             return  # e.g. val_loss, or val_loss_ema (the EMA's evaluation, added by its callback)
         if metric.startswith("val_") and not any(key.startswith("val_") for key in keys):
+            held = ", ".join(sorted(keys)) or "nothing"
             raise KeelError(f"early_stopping.metric: '{metric}' needs validation data, and task "
-                            f"{trainer.config.task!r} has none (its evaluations hold {', '.join(sorted(keys)) or 'nothing'}); allowed: a task "
-                            "with validation data, or a metric it has")
+                            f"{trainer.config.task!r} has none (its evaluations hold {held}); allowed: a task with "
+                            "validation data, or a metric it has")
         raise KeelError(f"early_stopping.metric: '{metric}' is not in the evaluation record; allowed: "
                         f"{', '.join(sorted(keys))} (and KEY_ema ... for an averaging technique that evaluates)")
 
