@@ -203,16 +203,30 @@ class SeqWarmupCallback(Callback):
         self.unit: SequenceLengthWarmup | None = None
         self._saved: dict[str, Any] | None = None
 
-    def on_run_start(self, trainer) -> None:
+    def check(self, trainer) -> None:
+        """The task has sequences (a block_size) and the warmup fits them: found before the run directory is made."""
+        plan = self._plan(trainer)
+        if plan is not None:
+            SequenceLengthWarmup(plan[0], plan[1], trainer.resolve_length(self.config.duration, "seq_warmup.duration"),
+                                 self.config.pacing, self.config.stages)
+
+    def _plan(self, trainer) -> tuple[int, int] | None:
+        """(start, full length), or None for 'auto' on a task without sequences."""
         full = getattr(trainer.task, "block_size", None)
         auto = self.config.enabled == "auto"
         if auto and (not isinstance(full, int) or full < MULTIPLE):
-            self.unit = None  # 'auto' on a task without sequences (or a context under 8 tokens): off
-            return
+            return None  # 'auto' on a task without sequences (or a context under 8 tokens): off
         if not isinstance(full, int):
             raise KeelError(f"seq_warmup.enabled: task {trainer.config.task!r} has no block_size (its context length); "
                             "allowed: task lm, or a task with a block_size attribute whose batches are sequences")
-        start = min(self.config.start, full // MULTIPLE * MULTIPLE) if auto else self.config.start
+        return (min(self.config.start, full // MULTIPLE * MULTIPLE) if auto else self.config.start), full
+
+    def on_run_start(self, trainer) -> None:
+        plan = self._plan(trainer)
+        if plan is None:
+            self.unit = None
+            return
+        start, full = plan
         duration = trainer.resolve_length(self.config.duration, "seq_warmup.duration")
         if self._saved is not None and self._saved["duration"] != duration:  # e.g. '30%' of a longer run on resume
             trainer.say(f"seq_warmup: duration kept at {self._saved['duration']} steps from the checkpoint "
