@@ -196,6 +196,16 @@ class TrainConfig(_Block):
         "schedule keeps the planned length; after it the LR stays at its final value) or 'new_decay' (from the "
         "resume point a cosine decay from the current LR to the schedule's final LR over the new length).",
     )
+    resume_peak_lr: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="With resume_policy new_decay: the LR the new decay starts from "
+        "(reached after resume_warmup; optimizer.lr's units). null: the current LR, or where that is 0 (a schedule "
+        "that ended at 0, e.g. wsd) the schedule's peak (schedule.lr, else optimizer.lr).",
+    )
+    resume_warmup: Time | None = Field(
+        None, description="With resume_policy new_decay: steps (or '2%', '1ep', '5Mtok') from the current LR up to "
+        "the new decay's start. null: the schedule's own warmup (at most half the extension) when the decay starts "
+        "above the current LR, else 0.",
+    )
     restarts: int = Field(
         0, ge=0, le=1000, description="When the run diverges (stopped for non-finite updates or a loss spike it "
         "cannot roll back), start it again with seed + 1, up to this many times; each failed attempt moves to "
@@ -482,7 +492,9 @@ def _load_checked(text: str, where: str) -> Any:
         data = load_yaml(text)
     except yaml.YAMLError as error:
         reason = " ".join(str(error).split()) if getattr(error, "problem", None) is None else error.problem
-        raise KeelError(f"{where} is not valid YAML ({reason})") from None
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise KeelError(f"{where} is not valid YAML{at} ({reason})") from None
     except RecursionError:
         raise KeelError(f"{where} is nested too deeply; allowed: at most {MAX_CONFIG_DEPTH} levels") from None
     _check_shape(data, where)
@@ -588,7 +600,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         if not path.is_file():
-            raise KeelError(f"config file '{path}' does not exist; allowed: a YAML file of config keys")
+            what = "is a directory" if path.is_dir() else "is not a regular file (a device, a pipe or a socket)" \
+                if path.exists() else "does not exist"
+            raise KeelError(f"config file '{path}' {what}; allowed: a YAML file of config keys")
         data = path.read_bytes()
     except OSError as error:  # unreadable, a name too long, ...
         raise KeelError(f"config file '{path}' cannot be read ({error.strerror or error}); allowed: a readable "

@@ -9,6 +9,8 @@ The run config then accepts an ``ema:`` block (validated by ``EMAConfig``), ``ke
 and ``make_callbacks(config)`` builds the callback for every enabled block. Neither ``keel.config`` nor the loop
 names a technique.
 
+Before any event, once the task and the model are built and before the run directory is touched, ``check`` may
+raise KeelError for a task or config the callback cannot work with (bad input found then leaves nothing behind).
 Events, in the order one step meets them: ``on_run_start``; per step ``on_step_start``, ``on_batch`` (sees each
 micro-batch before the forward pass and returns it, or a replacement), ``on_after_backward``, ``on_step_end``
 (only after an applied update: ``trainer.state.step`` already counts it); ``on_eval`` (may add keys such as
@@ -44,6 +46,8 @@ __all__ = ["Callback", "Technique", "check_unique_names", "make_callbacks", "reg
 class Callback:
     name: str = "callback"
     should_stop: bool = False
+
+    def check(self, trainer: Trainer) -> None: ...
 
     def on_run_start(self, trainer: Trainer) -> None: ...
 

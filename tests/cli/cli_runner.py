@@ -75,13 +75,26 @@ def run_keel_train(argv: list[str], workdir: Path, memory: int | None = 2 << 30)
     Fails the calling test on an exit code other than 0 or 2, on any exception escaping, on a hang, and on an
     exit code 2 whose stderr is not exactly one line.
     """
+    return run_keel(["train", *argv], workdir, memory)
+
+
+def run_keel(argv: list[str], workdir: Path, memory: int | None = 2 << 30, real_loop: bool = False) -> Outcome:
+    """``keel *argv`` (any command) in ``workdir``, held to the same contract as ``run_keel_train``. What would
+    train is replaced by what returns at once, unless ``real_loop``: the training loop, a sweep's trials
+    (``keel.sweep.runner.run``) and ``keel diagnose --config``'s procedures (``Session.run``); everything before
+    them (parsing, every check, the sweep directory, the study's spec) is real, and so are diagnose RUN_DIR,
+    report, average, ensemble and schedule."""
+    from keel.diagnose.active import Session
+
     out, err, reached = io.StringIO(), io.StringIO(), []
 
     def fit_at_once(trainer):
         reached.append(trainer)
         return {}
 
-    patches = [mock.patch.object(Trainer, "_fit", fit_at_once)]
+    patches = [] if real_loop else [mock.patch.object(Trainer, "_fit", fit_at_once),
+                                    mock.patch("keel.sweep.runner.run", lambda root, spec, say=print: {}),
+                                    mock.patch.object(Session, "run", lambda session: session.diagnosis)]
     if memory is not None:
         patches.append(mock.patch("keel.models.memory.available_memory", lambda device="cpu": memory))
     with _process_state_kept(), _hang_guard(HANG_SECONDS), contextlib.ExitStack() as stack:
@@ -91,17 +104,16 @@ def run_keel_train(argv: list[str], workdir: Path, memory: int | None = 2 << 30)
         stack.enter_context(contextlib.redirect_stderr(err))
         os.chdir(workdir)
         try:
-            code = main(["train", *argv])
+            code = main(list(argv))
         except SystemExit as exit:  # argparse: --help, or a usage error
             code = exit.code
         except Hung:
-            pytest.fail(f"keel train hung on {argv!r}")
+            pytest.fail(f"keel hung on {argv!r}")
         except BaseException as error:  # noqa: BLE001 (this is what the tests are about)
-            pytest.fail(f"keel train raised {type(error).__name__}: {error} on {argv!r}")
+            pytest.fail(f"keel raised {type(error).__name__}: {error} on {argv!r}")
     stderr = err.getvalue()
     assert code in (0, 2), f"exit code {code!r} for {argv!r}: {stderr}"
     if code == 2:
         assert stderr.endswith("\n") and stderr.count("\n") == 1, f"not one line for {argv!r}: {stderr!r}"
         assert "Traceback" not in stderr
     return Outcome(code, out.getvalue(), stderr, reached)
-

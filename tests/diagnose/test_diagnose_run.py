@@ -244,3 +244,46 @@ def test_clip_harder_when_instability_persists_with_clipping(tmp_path):
     found = _unstable_while_clipping(tmp_path / "f", norms, ["clip.start_after_warmup=true", "schedule.warmup=280"],
                                      lrs=lrs)
     assert "clip_harder" not in found
+
+
+# ---------------------------------------------------------------------------------------------- hostile logs
+
+
+def _edit_step_record(run, number, values):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for record in lines:
+        if record.get("kind") == "step" and record["step"] == number:
+            record.update(values)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in lines))
+
+
+@pytest.mark.parametrize("values", [{"step": "five"}, {"loss": "x"}, {"loss": True}, {"grad_norm": [1]},
+                                    {"step": 5.5}, {"loss": 10**400}])
+def test_a_record_that_is_not_numbers_is_one_line_and_exit_2(tmp_path, capsys, values):
+    run = make_run(tmp_path / "r", list(np.linspace(2.3, 1.0, 40)))
+    _edit_step_record(run, 5, values)
+    assert main(["diagnose", str(run)]) == 2
+    err = capsys.readouterr().err
+    key = next(iter(values))
+    assert err.count("\n") == 1 and f"metrics record 6 (step): {key} is" in err and "Traceback" not in err
+
+
+def test_losses_and_gradient_norms_of_1e308_are_diagnosed_and_reported(tmp_path, capsys):
+    n = 60
+    run = make_run(tmp_path / "r", [1e308] * n, norms=[1e308] * n, lrs=[1e-3] * n,
+                   evals=[{"kind": "eval", "step": s, "val_loss": 1e308, "train_eval_loss": 1e308}
+                          for s in (20, 40, 60)])
+    assert main(["diagnose", str(run)]) == 0
+    assert (run / "grad_norm.png").stat().st_size > 1000
+    assert main(["report", str(run), "--out", str(tmp_path / "report.html")]) == 0
+    assert (tmp_path / "report.html").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("out", [".", "", "RUN"])
+def test_report_out_a_directory_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, out):
+    run = make_run(tmp_path / "r", list(np.linspace(2.3, 1.0, 40)))
+    monkeypatch.chdir(tmp_path)
+    out = str(run) if out == "RUN" else out
+    assert main(["report", str(run), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a directory; allowed: the path of the HTML file" in err

@@ -65,3 +65,55 @@ def test_workers_stop_with_their_sweep(tmp_path, stop):
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_trial_that_finished_training_is_recorded_complete_when_nobody_reads_its_lines(tmp_path):
+    """A worker whose keel sweep is gone writes to a pipe nobody reads (BrokenPipeError): its trial is still
+    recorded complete, not failed for a print."""
+    import optuna
+
+    config = {"task": "digits", "max_steps": 10, "eval_interval": 10, "checkpoint_interval": 10, "threads": 1,
+              "sweep": {"optimizer.lr": "loguniform(1e-3, 3e-2)"}, "sweep_options": {"sampler": "random"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "keel.cli.main", "sweep", "c.yaml", "--trials", "1", "--out", "s"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    stage = yaml.safe_load((tmp_path / "s" / "stage.yaml").read_text())
+    (tmp_path / "s" / "stage.yaml").write_text(yaml.safe_dump({**stage, "trials": 2}))
+    read, write = os.pipe()
+    os.close(read)  # every line the worker prints goes to a pipe without a reader
+    worker = subprocess.Popen([sys.executable, "-m", "keel.sweep.worker", "s"], cwd=tmp_path, env=env, stdout=write,
+                              stderr=write)
+    os.close(write)
+    try:
+        worker.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        pass  # keel before issue 20 failed every trial on its first line, and went on trying new ones
+    finally:
+        worker.kill()
+        worker.wait()
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    states = [trial.state.name for trial in study.get_trials()]
+    assert states == ["COMPLETE", "COMPLETE"], states
+    assert worker.returncode == 0
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_resumed_sweep_draws_new_points_not_the_ones_it_started_with(tmp_path, sampler):
+    """--resume continues the sampler: re-seeded as at the start, it would repeat the points it drew then."""
+    import csv
+
+    from keel.cli.main import main
+
+    config = {"task": "digits", "max_steps": 5, "eval_interval": 5, "checkpoint_interval": 5, "threads": 1,
+              "sweep": {"optimizer.lr": "loguniform(1e-3, 3e-2)", "optimizer.weight_decay": "uniform(0, 1e-3)"},
+              "sweep_options": {"sampler": sampler}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "s"
+    assert main(["sweep", str(tmp_path / "c.yaml"), "--trials", "2", "--out", str(out)]) == 0
+    assert main(["sweep", "--resume", str(out), "--trials", "4"]) == 0
+    with open(out / "trials.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    points = [(row["optimizer.lr"], row["optimizer.weight_decay"]) for row in rows]
+    assert len(points) == 4 and len(set(points)) == 4, points

@@ -52,3 +52,8 @@ def vector_loss():
 
 
 NOT_CALLABLE = 3
+
+
+def no_validation(hidden: int = 8):
+    """A task without validation data: its evaluations hold train_eval_* only."""
+    return PlainTask(model=lambda: TwoLayerNet(hidden), train_data=spirals(60, 0), loss_fn=nn.functional.cross_entropy)

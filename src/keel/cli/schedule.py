@@ -129,6 +129,13 @@ def run(args: argparse.Namespace) -> int:
         raise KeelError(f"--dpi: {args.dpi!r} is not allowed; must be >= 10")
     if not args.no_plot and not Path(args.out).resolve().parent.is_dir():
         raise KeelError(f"--out: the directory of '{args.out}' does not exist")
+    if not args.no_plot:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if Path(args.out).suffix.lower().lstrip(".") not in kinds:
+            raise KeelError(f"--out: '{args.out}' does not name an image file; allowed: a name ending in .png (or "
+                            f".{', .'.join(sorted(k for k in kinds if k != 'png'))})")
     curves = _curves(args)
     for curve in curves:
         if args.lr is not None:

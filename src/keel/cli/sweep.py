@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
                             type=_parser_type(field.annotation), choices=_choices(field.annotation),
                             help=f"{field.description} (sweep_options.{name}; default {field.default!r})"
                             .replace("%", "%%"))
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, mixed_items="items")  # overrides may follow the options, as in keel train
 
 
 def _plain(annotation: Any) -> list[Any]:

@@ -67,19 +67,25 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    config, resume_dir = build_config(args)
     if args.nproc is not None:
         from keel.train.launch import launch_from_command_line
 
+        config, resume_dir = build_config(args)
         return launch_from_command_line(args, config, resume_dir)
-    from keel.train import train
+    from keel import parent_process
+    from keel.train import distributed, train
 
+    distributed.stop_with_launcher()  # a rank of keel train --nproc: stop if the launcher is killed
+    config, resume_dir = build_config(args)
+    run_dir = resume_dir if resume_dir is not None else config.out_dir
     try:
         train(config, run_dir=resume_dir, resume=resume_dir is not None, quiet=args.quiet,
               allow_world_size_change=args.allow_world_size_change)
+    except parent_process.ParentGone as gone:
+        distributed.report_launcher_gone(gone.parent, run_dir)  # exits: see there
     except RuntimeError as error:  # a rank that lost the others (one died): one line, not a traceback
-        from keel.train import distributed
-
+        if parent_process.gone_parent() is not None:  # another rank stopped first: the launcher is gone
+            distributed.report_launcher_gone(parent_process.gone_parent(), run_dir)
         lost = distributed.lost_contact(error)
         if lost is None:
             raise

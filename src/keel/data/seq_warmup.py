@@ -209,6 +209,12 @@ class SeqWarmupCallback(Callback):
         self.unit: SequenceLengthWarmup | None = None
         self._saved: dict[str, Any] | None = None
 
+    def check(self, trainer) -> None:
+        """The task has sequences (a block_size) and the warmup fits them: found before the run directory is made
+        (the trainer builds the unit when it projects the run's counts, ``project_counts``)."""
+        if self.unit is None:
+            self.unit = self._build(trainer)
+
     def project_counts(self, trainer):
         """The warmup resolved against the run's timeline, and how it changes each step's counts until it ends."""
         self.unit = self._build(trainer)
@@ -216,7 +222,8 @@ class SeqWarmupCallback(Callback):
             return None
         return self._transform(self.unit), self.unit.duration
 
-    def _build(self, trainer) -> SequenceLengthWarmup | None:
+    def _plan(self, trainer) -> tuple[int, int] | None:
+        """(start, full length), or None for 'auto' on a task without sequences."""
         full = getattr(trainer.task, "block_size", None)
         auto = self.config.enabled == "auto"
         if auto and (not isinstance(full, int) or full < MULTIPLE):
@@ -224,7 +231,13 @@ class SeqWarmupCallback(Callback):
         if not isinstance(full, int):
             raise KeelError(f"seq_warmup.enabled: task {trainer.config.task!r} has no block_size (its context length); "
                             "allowed: task lm, or a task with a block_size attribute whose batches are sequences")
-        start = min(self.config.start, full // MULTIPLE * MULTIPLE) if auto else self.config.start
+        return (min(self.config.start, full // MULTIPLE * MULTIPLE) if auto else self.config.start), full
+
+    def _build(self, trainer) -> SequenceLengthWarmup | None:
+        plan = self._plan(trainer)
+        if plan is None:
+            return None
+        start, full = plan
 
         def warmup(duration: int) -> SequenceLengthWarmup:
             return SequenceLengthWarmup(start, full, duration, self.config.pacing, self.config.stages)

@@ -14,6 +14,10 @@ import numpy as np
 
 from keel.diagnose.update_ratio import HEALTHY_RATIO
 
+#: Values beyond this magnitude are not drawn: matplotlib's axis arithmetic overflows near the end of the float
+#: range (a diverged run logs losses or gradient norms of 1e308), and nothing is read off a curve up there.
+PLOT_LIMIT = 1e100
+
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
           "tab:cyan", "tab:gray"]
 
@@ -34,6 +38,13 @@ def _png(fig) -> bytes:
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")  # legends below the axes are kept
     plt.close(fig)
     return buffer.getvalue()
+
+
+def plottable(values) -> np.ndarray:
+    """``values`` as floats, with those beyond ``PLOT_LIMIT`` (and non-numbers) made NaN, which no figure draws."""
+    array = np.asarray(values, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.abs(array) <= PLOT_LIMIT, array, np.nan)
 
 
 def smooth(values: list[float], window: int) -> np.ndarray:
@@ -70,9 +81,10 @@ def curves_figure(groups: list[dict[str, Any]], key: str, title: str, ylabel: st
     drawn = False
     firsts: list[float] = []
     lows: list[float] = []
+    highs: list[float] = []
     for index, group in enumerate(groups):
         color = COLORS[index % len(COLORS)]
-        series = [run[key] for run in group["runs"] if run[key][0]]
+        series = [(steps, list(plottable(values))) for steps, values in (run[key] for run in group["runs"]) if steps]
         if not series:
             continue
         drawn = True
@@ -81,6 +93,7 @@ def curves_figure(groups: list[dict[str, Any]], key: str, title: str, ylabel: st
             if finite:
                 firsts.append(finite[0])
                 lows.append(min(finite))
+                highs.append(max(finite))
         marker = "o" if key == "val" else None
         if len(series) > 1:
             steps, mean, std = band(series)
@@ -94,7 +107,8 @@ def curves_figure(groups: list[dict[str, Any]], key: str, title: str, ylabel: st
     if not drawn:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     if log_y and drawn:
-        ax.set_yscale("log")
+        if any(high > 0 for high in highs):  # a log axis needs a value above 0 (not a run of NaNs alone)
+            ax.set_yscale("log")
     elif firsts and lows:  # a diverged run must not flatten the others: clip at 1.3x the highest starting value
         low, high = min(lows), min(max(firsts), 3 * min(firsts)) * 1.3
         if high > low:
@@ -114,13 +128,17 @@ def grad_norm_figure(steps: list[int], norms: list[float], clipped: list[bool], 
     90th percentile (the Playbook's clip threshold) and the run's own threshold."""
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), width_ratios=(2, 1))
-    values = np.asarray(norms, dtype=float)
+    values = plottable(norms)
     ok = np.isfinite(values)
     steps_array = np.asarray(steps)
     left.plot(steps_array[ok], values[ok], color="tab:blue", linewidth=0.7, label="unclipped norm")
     hits = np.asarray(clipped, dtype=bool) & ok
     if hits.any():
         left.plot(steps_array[hits], values[hits], ".", color="tab:red", markersize=2.5, label="clipped")
+    if not abs(p90) <= PLOT_LIMIT:
+        p90 = math.nan
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not abs(threshold) <= PLOT_LIMIT:
+        threshold = None  # not a number (a config edited by hand), or too large to draw
     for ax in (left, right):
         if math.isfinite(p90):
             (ax.axhline if ax is left else ax.axvline)(p90, color="tab:green", linestyle="--", linewidth=1,
@@ -159,7 +177,8 @@ def update_ratio_figure(records: list[dict[str, Any]], title: str) -> bytes:
     names = list(dict.fromkeys(name for r in records for name in r["ratios"]))
     cmap = plt.get_cmap("viridis")
     for i, name in enumerate(names):
-        points = [(r["step"], r["ratios"][name]) for r in records if name in r["ratios"] and r["ratios"][name] > 0]
+        points = [(r["step"], r["ratios"][name]) for r in records
+                  if name in r["ratios"] and 0 < r["ratios"][name] <= PLOT_LIMIT]
         if points:
             steps, values = zip(*points)
             window = max(1, len(values) // 30)
@@ -239,7 +258,7 @@ def probe_curves_figure(curves: list[tuple[str, list[int], list[float]]], title:
     fig, ax = plt.subplots(figsize=(9, 4))
     top = 0.0
     for index, (label, steps, losses) in enumerate(curves):
-        values = np.asarray(losses, dtype=float)
+        values = plottable(losses)
         ok = np.isfinite(values)
         if ok.any():
             top = max(top, float(values[ok][0]) * 1.6)

@@ -124,8 +124,11 @@ def build_report(paths: list[Path]) -> str:
 
 
 def write_report(paths: list[Path], out: Path) -> Path:
-    text = build_report(paths)
     out = Path(out)
+    if out.is_dir() or not out.name:
+        raise KeelError(f"--out '{out}' is a directory; allowed: the path of the HTML file to write, e.g. "
+                        f"{out / 'report.html'}")
+    text = build_report(paths)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write_text(out, text)
@@ -171,8 +174,9 @@ def _run_section(run: dict[str, Any]) -> str:
     if records.norms:
         p90 = float(plots.np.nanpercentile(plots.np.asarray(records.norms, dtype=float), 90)) if any(
             math.isfinite(v) for v in records.norms) else math.nan
-        clip = (run["raw"] or {}).get("clip", {}) or {}
-        threshold = clip.get("max_norm") if clip.get("mode", "norm") == "norm" else None
+        from keel.diagnose.run import clip_threshold
+
+        threshold = clip_threshold(run["raw"])
         parts.append(_figure(plots.grad_norm_figure(steps, records.norms, clipped, p90, threshold, name),
                              f"{name}: gradient norm against step and its histogram"))
     if records.ratios:

@@ -37,9 +37,11 @@ MIN_NORMS = 10  # gradient norms for the clip threshold
 
 
 class RunRecords:
-    """A run's records split by kind, with the series the readings use."""
+    """A run's records split by kind, with the series the readings use. A record whose step or values are not
+    numbers (a log edited by hand, or written by another program) is a KeelError naming the record."""
 
     def __init__(self, records: list[dict[str, Any]]):
+        _check_numbers(records)
         self.records = records
         self.steps = [r for r in records if r.get("kind") == "step" and "loss" in r and "step" in r]
         self.evals = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
@@ -49,6 +51,44 @@ class RunRecords:
         self.losses = [float(r["loss"]) for r in self.steps]
         self.lrs = [float(r.get("lr", math.nan)) for r in self.steps]
         self.norms = [float(r["grad_norm"]) for r in self.steps if "grad_norm" in r]
+
+
+def _check_numbers(records: list[dict[str, Any]]) -> None:
+    for number, record in enumerate(records, start=1):
+        kind = record.get("kind")
+        if kind not in ("step", "eval", "event", "diagnostic"):
+            continue
+        keys = ["step"]
+        if kind == "step":
+            keys += [key for key in ("loss", "lr", "grad_norm", "tokens") if key in record]
+        elif kind == "eval":
+            keys += [key for key in record if key.startswith(("val_", "train_eval_"))]
+        for key in keys:
+            value = record.get(key)
+            if key == "step" and kind != "step" and value is None:
+                continue
+            if not _is_number(value, integral=key in ("step", "tokens")):
+                raise KeelError(f"metrics record {number} ({kind}): {key} is {_shown(value)}; allowed: "
+                                f"{'a whole number' if key in ('step', 'tokens') else 'a number'} (a log keel "
+                                "train wrote)")
+        ratios = record.get("ratios")
+        if kind == "diagnostic" and ratios is not None and not (
+                isinstance(ratios, dict) and all(_is_number(v) for v in ratios.values())):
+            raise KeelError(f"metrics record {number} (diagnostic): ratios is {_shown(ratios)}; allowed: a mapping "
+                            "of weight names to numbers (a log keel train wrote)")
+
+
+def _is_number(value: Any, integral: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= 2**53 or not integral and abs(value) < 1e308
+    return not integral or (math.isfinite(value) and value.is_integer() and abs(value) <= 2**53)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_run(run_dir: str | Path, report=lambda message: None) -> tuple[RunRecords, dict[str, Any] | None]:
@@ -68,10 +108,17 @@ def load_run(run_dir: str | Path, report=lambda message: None) -> tuple[RunRecor
         raise KeelError(f"'{run_dir}' has no {rundir.METRICS}; allowed: a keel run directory (keel train writes "
                         f"{rundir.METRICS} from its first step), a Lightning log directory (metrics.csv or TensorBoard "
                         "event files) or a Hugging Face output directory (trainer_state.json)")
-    records = RunRecords(read_metrics(path))
+    try:
+        records = RunRecords(read_metrics(path))
+    except KeelError as error:
+        raise KeelError(f"'{path}': {error}") from None
     if not records.steps:
         raise KeelError(f"'{path}' holds no training step yet; allowed: a run that has logged at least one step")
-    text = rundir.read_run_config(run_dir, report=report)
+    try:
+        text = rundir.read_run_config(run_dir, report=report)
+    except KeelError as error:  # a damaged config: the curves can still be read
+        report(f"the run's config is not used: {error}")
+        text = None
     raw = None
     if text is not None:
         try:
@@ -111,8 +158,7 @@ def write_plots(run_dir: str | Path, records: RunRecords, raw: dict[str, Any] | 
     written = []
     steps = [s for s, r in zip(records.step_numbers, records.steps) if "grad_norm" in r]
     if len(signals.finite(records.norms)) >= MIN_NORMS:
-        clip = (raw or {}).get("clip") or {}
-        threshold = clip.get("max_norm") if clip.get("mode", "norm") == "norm" else None
+        threshold = clip_threshold(raw)
         clipped = [bool(r.get("clipped")) for r in records.steps if "grad_norm" in r]
         png = plots.grad_norm_figure(steps, records.norms, clipped, signals.percentile(records.norms, 90),
                                      threshold, run_dir.name or str(run_dir))
@@ -122,6 +168,17 @@ def write_plots(run_dir: str | Path, records: RunRecords, raw: dict[str, Any] | 
         _write_bytes(run_dir / rundir.UPDATE_RATIO_PLOT, plots.update_ratio_figure(records.ratios, run_dir.name))
         written.append(run_dir / rundir.UPDATE_RATIO_PLOT)
     return written
+
+
+def clip_threshold(raw: dict[str, Any] | None) -> float | None:
+    """The run's gradient-norm clip threshold from its raw config (None without norm clipping, or where the config,
+    edited by hand, does not say it as a number)."""
+    clip = (raw or {}).get("clip")
+    clip = clip if isinstance(clip, dict) else {}
+    threshold = clip.get("max_norm") if clip.get("mode", "norm") == "norm" else None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        return None
+    return float(threshold)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -87,6 +87,9 @@ def read_run_config(run_dir: Path, report: Report = print) -> str | None:
             return path.read_text()
     except OSError as error:
         raise KeelError(f"{CONFIG}: cannot read '{path}' ({_describe(error)})") from None
+    except UnicodeDecodeError as error:
+        raise KeelError(f"{CONFIG}: '{path}' is not UTF-8 text (byte {error.start}); allowed: the YAML keel train "
+                        "wrote") from None
     found = _newest(run_dir / CHECKPOINTS, _check, report=lambda message: None)
     if found is None:
         return None

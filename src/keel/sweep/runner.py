@@ -57,11 +57,27 @@ def default_sweep_dir() -> Path:
 def new_sweep(raw: dict[str, Any], options: dict[str, Any], preset: str | None, out: str | None,
               storage: str | None, study: str | None) -> tuple[Path, dict[str, Any]]:
     """Validate a new sweep and write its ``sweep.yaml``; return (sweep directory, spec)."""
-    validate(raw)  # every key, the sweep: block's syntax included
     merged = {**(raw.get("sweep_options") or {}), **{k: v for k, v in options.items() if v is not None}}
+    check_sweep(raw, merged, preset)
+    root = Path(out) if out else default_sweep_dir()
+    if root.exists() and any(root.iterdir()):
+        raise KeelError(f"--out {root}: the directory exists and is not empty; allowed: a new directory, or "
+                        f"keel sweep --resume {root} to continue that sweep")
+    check_trainable(raw, merged)
+    spec = {"config": raw, "options": merged, "preset": preset, "storage": storage, "study": study or root.name}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SWEEP_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return root, spec
+
+
+def check_sweep(raw: dict[str, Any], options: dict[str, Any], preset: str | None) -> None:
+    """What a sweep's config, options and preset must be (a new sweep, and the sweep.yaml of one resumed)."""
     from keel.config import validate as validate_block
 
-    validate_block(merged, SweepOptions)
+    validate(raw)  # every key, the sweep: block's syntax included
+    validate_block(options, SweepOptions)
+    if preset is not None and preset not in PRESETS:
+        raise KeelError(f"preset: {preset!r} is not a preset; allowed: {', '.join(PRESETS)}")
     space = space_of(raw)
     if preset is None:
         if not space:
@@ -69,26 +85,61 @@ def new_sweep(raw: dict[str, Any], options: dict[str, Any], preset: str | None, 
                             "to distributions (e.g. optimizer.lr: loguniform(1e-4, 1e-1)), or --preset "
                             f"{' or --preset '.join(PRESETS)}")
         check_space(raw, space)
-    root = Path(out) if out else default_sweep_dir()
-    if root.exists() and any(root.iterdir()):
-        raise KeelError(f"--out {root}: the directory exists and is not empty; allowed: a new directory, or "
-                        f"keel sweep --resume {root} to continue that sweep")
-    spec = {"config": raw, "options": merged, "preset": preset, "storage": storage, "study": study or root.name}
-    root.mkdir(parents=True, exist_ok=True)
-    (root / SWEEP_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
-    return root, spec
+
+
+def check_trainable(raw: dict[str, Any], options: dict[str, Any]) -> None:
+    """Build what every trial builds (the task, the model, its first batch, the techniques' checks: a metric early
+    stopping cannot see, sequence warmup on a task without sequences) for the config as written, writing nothing,
+    so bad input all trials would meet is one line before the sweep directory is made. Skipped where it would cost
+    what the trials do not (a GPU context in a parent that only relays its workers; torchrun) and where the config
+    alone is no trial (keys only the sweep's values make valid)."""
+    import tempfile
+
+    from keel.train import distributed
+    from keel.train.loop import Trainer, resolve_device
+
+    base = _base(raw)
+    if base.get("threads") is None:
+        base["threads"] = SweepOptions(**options).threads
+    try:
+        config = validate(base)
+    except KeelError:
+        return  # the sweep's values complete it: check_space has tried them
+    if distributed.launched() or (resolve_device(config.device).type != "cpu" and SweepOptions(**options).workers > 1):
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory(prefix="keel-sweep-check-") as folder:
+            Trainer(config, run_dir=Path(folder) / "unused", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def load_sweep(root: str | Path, options: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """The spec of an existing sweep, with ``--trials`` / ``--workers`` (and other options given) applied."""
+    """The spec of an existing sweep, with ``--trials`` / ``--workers`` (and other options given) applied; a
+    sweep.yaml that is not what ``keel sweep`` wrote (edited, damaged) is a KeelError naming what is wrong."""
     root = Path(root)
     if not (root / SWEEP_FILE).is_file():
         raise KeelError(f"--resume {root}: not a keel sweep directory (no {SWEEP_FILE})")
-    spec = yaml.safe_load((root / SWEEP_FILE).read_text())
-    spec["options"] = {**spec["options"], **{k: v for k, v in options.items() if v is not None}}
-    from keel.config import validate as validate_block
-
-    validate_block(spec["options"], SweepOptions)
+    where = f"--resume {root}: {SWEEP_FILE}"
+    try:
+        spec = read_yaml(root / SWEEP_FILE)
+    except KeelError as error:
+        raise KeelError(f"--resume {root}: {error}") from None
+    if not isinstance(spec.get("config"), dict) or not isinstance(spec.get("options", {}), (dict, type(None))):
+        raise KeelError(f"{where} has no config: and options: mappings (its keys: {', '.join(map(str, spec))}); "
+                        f"allowed: the {SWEEP_FILE} keel sweep wrote")
+    bad = [key for key in ("preset", "storage", "study") if not isinstance(spec.get(key) or "", str)]
+    if bad:
+        raise KeelError(f"{where}: {bad[0]} is {spec[bad[0]]!r}; allowed: a string, as keel sweep wrote it")
+    spec["options"] = {**(spec.get("options") or {}), **{k: v for k, v in options.items() if v is not None}}
+    spec["study"] = spec.get("study") or root.resolve().name
+    try:
+        check_sweep(spec["config"], spec["options"], spec.get("preset"))
+    except KeelError as error:
+        raise KeelError(f"{where}: {error}") from None
     (root / SWEEP_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
     return root, spec
 

@@ -261,7 +261,9 @@ def make_pruner(stage: Stage, config: Any):
 
 
 def open_study(stage: Stage, worker_index: int = 0):
-    """Create or load the stage's study (its direction must match a study that exists)."""
+    """Create or load the stage's study (its direction must match a study that exists). A study that holds trials
+    already (``--resume``, a worker joining late) gets a sampler seeded from their number (``resumed_seed``): one
+    re-seeded as at the start would draw the points it drew then again."""
     optuna = require_optuna()
     from keel.config import validate
 
@@ -279,11 +281,22 @@ def open_study(stage: Stage, worker_index: int = 0):
     except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise KeelError(f"--study {stage.study}: cannot create or load it in {stage.storage_url} ({first})") from None
+    held = len(study.get_trials(deepcopy=False))
+    if held:
+        study.sampler = make_sampler(stage, resumed_seed(seed, held))
     if study.direction.name.lower() != stage.direction:
         raise KeelError(f"--study {stage.study}: the study in the storage {study.direction.name.lower()}s, this sweep "
                         f"asks to {stage.direction}; allowed: another --study name, or sweep_options.direction: "
                         f"{study.direction.name.lower()}")
     return study
+
+
+def resumed_seed(seed: int, held: int) -> int:
+    """The sampler's seed for a study that holds ``held`` trials: a hash of (seed, held), so a resumed sweep draws
+    new points rather than the sequence it started with, and is as reproducible (the same study, the same seed)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{held}".encode()).digest()[:4], "big") % 2**31
 
 
 def counts(study) -> tuple[int, int, int]:
@@ -355,7 +368,10 @@ def target_trials(stage: Stage) -> int:
 
 def run_worker(stage: Stage, worker_index: int = 0, say: Say = print) -> int:
     """Run trials of ``stage`` until the study has its number of finished trials; return how many ran here."""
+    from keel import parent_process
+
     optuna = require_optuna()
+    say = printing_safely(say)
     if _rank() != 0:
         return _follow(stage, say)
     study = open_study(stage, worker_index)
@@ -375,7 +391,8 @@ def run_worker(stage: Stage, worker_index: int = 0, say: Say = print) -> int:
                 time.sleep(poll)
                 continue
             waited = False
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
+            with parent_process.deferred():  # a worker whose keel sweep is gone records a finished trial first
+                study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
             ran += 1
     finally:
         _broadcast(("stop",))
@@ -386,7 +403,7 @@ class Objective:
     """One trial: sample, train through ``keel.train.train``, return the metric (or prune, or fail with a reason)."""
 
     def __init__(self, stage: Stage, say: Say):
-        self.stage, self.say = stage, say
+        self.stage, self.say = stage, printing_safely(say)
         self.space = stage.distributions
 
     def __call__(self, trial) -> float:
@@ -404,8 +421,11 @@ class Objective:
         started = time.perf_counter()
         callback = TrialCallback(trial, stage.metric, pruning=stage.settings.pruner != "none",
                                  stop_at=stage.stop_at, diverged_factor=stage.settings.diverged_factor)
+        from keel import parent_process
+
         try:
-            summary = _train_trial(stage, params, run_dir, callback, trial.number)
+            with parent_process.interruptible():  # a worker whose keel sweep is gone abandons training, not recording
+                summary = _train_trial(stage, params, run_dir, callback, trial.number)
         except KeyboardInterrupt:
             raise
         except Exception as error:  # the trial's own failure: recorded, the sweep goes on
@@ -616,6 +636,31 @@ def _sigterm_as_exit():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def printing_safely(say: Say) -> Say:
+    """``say`` that never fails a trial: a line nobody can read any more (the pipe of a killed ``keel sweep``, a
+    closed terminal) raises OSError; stdout then goes to the null device and the trial goes on to be recorded."""
+    if getattr(say, "safe", False):
+        return say
+
+    def safe(line: str) -> None:
+        try:
+            say(line)
+        except OSError:
+            _stdout_to_null()
+
+    safe.safe = True
+    return safe
+
+
+def _stdout_to_null() -> None:
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):  # no file descriptor (a captured stream): its lines are dropped one by one
+        pass
 
 
 def _relay(proc: subprocess.Popen, prefix: str, say: Say) -> None:

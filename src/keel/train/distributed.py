@@ -27,7 +27,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ __all__ = ["Distributed", "DistributedError", "LrScale", "NullMetricsLog", "chec
 
 #: Set by ``keel train --nproc`` for its ranks: a folder where a failing rank writes its one-line message.
 FAILURE_DIR_ENV = "KEEL_FAILURE_DIR"
+#: Set by ``keel train --nproc`` for its ranks: the launcher's PID (a rank stops when that process is gone).
+LAUNCHER_PID_ENV = "KEEL_LAUNCHER_PID"
 #: Techniques that copy or export the whole model each step; with FSDP the model is sharded over the ranks.
 _WHOLE_MODEL_TECHNIQUES = ("ema", "polyak", "swa", "snapshot")
 
@@ -433,6 +435,52 @@ def report_failure(code: int, message: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def stop_with_launcher() -> None:
+    """A rank started by ``keel train --nproc`` (or by torchrun's agent) stops when the launcher is gone: killed
+    outright (SIGKILL), it cannot stop its ranks, which would train on with nobody to stop them. The rank then
+    raises ``keel.parent_process.ParentGone`` in its main thread within a second (at once on Linux): the run's LOCK
+    is released and the newest complete checkpoint stays, so ``--resume`` continues the run exactly."""
+    import threading
+
+    from keel import parent_process
+
+    if not launched() or threading.current_thread() is not threading.main_thread():
+        return
+    if os.environ.get(LAUNCHER_PID_ENV):
+        parent = _env_int(LAUNCHER_PID_ENV, 0)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent starts its ranks itself: it is their parent
+        parent = os.getppid()
+    else:
+        return
+    parent_process.stop_with_parent(parent)
+
+
+def report_launcher_gone(parent: int, run_dir: str | os.PathLike | None) -> NoReturn:
+    """One line (from rank 0) for ranks that stopped because their launcher is gone, then the end of the process
+    (``parent_process.end_now``: the lock is released and the newest checkpoint complete already)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from keel import parent_process, rundir
+
+    folder = os.environ.get(FAILURE_DIR_ENV)
+    if folder:  # the launcher's temporary folder, which it can no longer remove
+        shutil.rmtree(folder, ignore_errors=True)
+    if os.environ.get("RANK", "0") == "0":
+        latest = rundir.newest_intact(Path(run_dir) / rundir.CHECKPOINTS, report=lambda message: None) \
+            if run_dir is not None else None
+        world = os.environ.get("WORLD_SIZE", "N")
+        where = (f"the last complete checkpoint is {latest} (continue with: keel train --nproc {world} --resume "
+                 f"{run_dir})" if latest is not None else "no checkpoint was written")
+        try:
+            print(f"keel train: the launcher (PID {parent}) is gone; the ranks stopped; {where}", file=sys.stderr,
+                  flush=True)
+        except (OSError, ValueError):
+            pass  # nobody reads this process's stderr any more
+    parent_process.end_now()
 
 
 def lost_contact(error: BaseException) -> str | None:

@@ -71,6 +71,20 @@ class EarlyStoppingCallback(Callback):
         self.config = config
         self.unit = EarlyStopping(config.mode, config.patience, config.min_delta)
 
+    def check(self, trainer) -> None:
+        """The watched metric is one the evaluations will have: found before the run directory is made."""
+        metric = self.config.metric
+        keys = evaluation_keys(trainer)
+        if metric in keys or any(metric == f"{key}_{callback.name}" for key in keys for callback in trainer.callbacks):
+            return  # e.g. val_loss, or val_loss_ema (the EMA's evaluation, added by its callback)
+        if metric.startswith("val_") and not any(key.startswith("val_") for key in keys):
+            held = ", ".join(sorted(keys)) or "nothing"
+            raise KeelError(f"early_stopping.metric: '{metric}' needs validation data, and task "
+                            f"{trainer.config.task!r} has none (its evaluations hold {held}); allowed: a task with "
+                            "validation data, or a metric it has")
+        raise KeelError(f"early_stopping.metric: '{metric}' is not in the evaluation record; allowed: "
+                        f"{', '.join(sorted(keys))} (and KEY_ema ... for an averaging technique that evaluates)")
+
     def on_run_start(self, trainer) -> None:
         trainer.track_best(self.config.metric, self.config.mode, self.config.min_delta)
 
@@ -100,6 +114,33 @@ class EarlyStoppingCallback(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.unit.load_state_dict(state)
         self.should_stop = bool(state.get("should_stop", False))
+
+
+def evaluation_keys(trainer) -> set[str]:
+    """The keys the task puts into an evaluation record (``val_loss``, ``val_accuracy``, ``train_eval_loss`` ...):
+    one batch of each split through ``task.eval_sums``, in eval mode without gradients, the RNG put back."""
+    import torch
+
+    from keel.tasks import move_to_device
+
+    model, keys = trainer.model, set()
+    was_training = model.training
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else None
+    model.eval()
+    try:
+        with torch.no_grad(), trainer.precision.autocast():
+            for split, prefix in (("val", "val_"), ("train", "train_eval_")):
+                batch = next(iter(trainer.task.eval_batches(split, 0, 1)), None)
+                if batch is not None:
+                    sums = trainer.task.eval_sums(model, move_to_device(batch, trainer.device))
+                    keys |= {prefix + key for key in sums}
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return keys
 
 
 register_technique("early_stopping", EarlyStoppingConfig,

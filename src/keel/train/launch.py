@@ -97,7 +97,8 @@ def run_torchrun(nproc: int, worker: list[str], run_dir: Path, threads: int) -> 
     # keel reports the job's end itself, in one line; torchrun's agent would log each step of a failure
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="keel-ranks-") as failures, _environment(
-            {"OMP_NUM_THREADS": str(threads), distributed.FAILURE_DIR_ENV: failures}):
+            {"OMP_NUM_THREADS": str(threads), distributed.FAILURE_DIR_ENV: failures,
+             distributed.LAUNCHER_PID_ENV: str(os.getpid())}):  # the ranks stop if this process is killed
         options = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts",
                               "0", *worker])
         try:

@@ -109,7 +109,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KeelError(f"device: '{name}' was asked for but CUDA is not available; allowed here: auto, cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # e.g. --device of keel ensemble, not validated before
+        raise KeelError(f"device: {name!r} is not a device keel trains on; allowed: auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise KeelError(f"device: '{name}' was asked for but this machine has {count} CUDA device"
@@ -191,6 +196,8 @@ class Trainer:
         self.export = export.ExportRequest()  # which weights model.safetensors gets (callbacks may ask for others)
         self.keep_last = config.keep_last  # checkpoints kept besides the best (callbacks may raise it: keep_at_least)
         self._check_first_batch()
+        for callback in self.callbacks:  # what a technique can tell from the task and model, before any file
+            getattr(callback, "check", lambda trainer: None)(self)
         self.peak_tflops = peak_tflops(self.device, config.mfu_peak_tflops)  # for MFU; None: unknown
         weighed = config.compile == "auto" and self.device.type == "cuda"  # the tokens the run is projected to train
         run_tokens = self.timeline.projected(self.total_steps)[1] if weighed else 0.0
@@ -240,14 +247,25 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until the counted clock reaches the run length (``duration`` or ``max_steps``), or a callback
         stops the run; return the summary."""
+        made = None  # rank 0 of a new run, once it holds its directory: whether this run created it
         kernels = devices.use_deterministic(self.config.deterministic)  # deterministic: true, for this run
         try:
             with contextlib.ExitStack() as lock:  # rank 0 takes the lock; a second process on this run is refused
-                self.dist.on_main(lambda: lock.enter_context(rundir.RunLock(
-                    rundir.prepare_run_dir(self.run_dir, self._resume), report=self._say)))
+                def take() -> None:
+                    nonlocal made
+                    existed = self.run_dir.exists()
+                    lock.enter_context(rundir.RunLock(rundir.prepare_run_dir(self.run_dir, self._resume),
+                                                      report=self._say))
+                    made = None if self._resume else not existed
+                self.dist.on_main(take)
                 if self.device.type == "cuda":  # TF32 matmuls for float32 work (tf32), restored afterwards
                     lock.enter_context(cuda_tf32(self.config.tf32))
                 return self._fit()
+        except KeelError as error:  # bad input found late: a new run without a checkpoint leaves nothing behind
+            if made is not None and not isinstance(error, TrainingUnstableError) and self._remove_new_run(made):
+                raise KeelError(f"{error} (nothing was kept in '{self.run_dir}': no checkpoint had been written)") \
+                    from None
+            raise
         finally:
             devices.restore(kernels)
             self.train_model = self.model  # DDP's reducer goes before the process group it holds
@@ -755,6 +773,22 @@ class Trainer:
                                "lr": scale.lr} if scale.rule is not None else None,
                 "optimizer": {"name": self.config.optimizer.name, "lr": scale.lr,
                               "kernels": optim.chosen_kernels(self.optimizer)}}
+
+    def _remove_new_run(self, made_dir: bool) -> bool:
+        """Remove what a new run that failed before its first checkpoint wrote (the directory itself when the run
+        made it), so the corrected command can run again in it; True when removed."""
+        import shutil
+
+        if rundir.list_checkpoints(self.run_dir / rundir.CHECKPOINTS):
+            return False  # resumable: keel train --resume continues it
+        if made_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return True
+        for name in [rundir.CONFIG, rundir.METRICS, rundir.LOSS_PLOT, rundir.TENSORBOARD, rundir.CHECKPOINTS,
+                     *self.task.run_files()]:
+            path = self.run_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return True
 
     def _check_run_dir(self, resume: bool) -> None:
         """Refuse a directory that cannot hold this run, before anything is built or written."""

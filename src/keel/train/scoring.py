@@ -55,7 +55,9 @@ class ValidationScorer:
     def from_config_file(cls, path: str | Path, device: str = "cpu") -> ValidationScorer:
         from keel.config import read_yaml, validate
 
-        return cls(validate(read_yaml(path)), torch.device(device))
+        from keel.train.loop import resolve_device
+
+        return cls(validate(read_yaml(path)), resolve_device(device))
 
     def model(self, weights: dict[str, torch.Tensor] | str | Path) -> torch.nn.Module:
         """The run's model with `weights` (a state dict or a safetensors file) loaded."""
