@@ -355,14 +355,12 @@ def lr_scaling_factor(rule: str | None, base_batch: int | None, global_batch: in
 @dataclass(frozen=True)
 class LrScale:
     """What ``lr_scaling`` resolves to for a run (a result for the run's records, not a setting): its global batch
-    (examples per optimizer step over all ranks), the factor every LR of the schedule is multiplied by, and
-    optimizer.lr times it."""
+    (examples per optimizer step over all ranks) and the factor every LR of the schedule is multiplied by."""
 
     rule: str | None
     base_batch: int | None
     global_batch: int
     factor: float
-    lr: float
 
 
 def lr_scale(config: TrainConfig, world_size: int) -> LrScale:
@@ -371,7 +369,7 @@ def lr_scale(config: TrainConfig, world_size: int) -> LrScale:
     scaling = config.lr_scaling
     global_batch = config.data.batch_size * config.grad_accum * world_size
     factor = lr_scaling_factor(scaling.rule, scaling.base_batch, global_batch)
-    return LrScale(scaling.rule, scaling.base_batch, global_batch, factor, config.optimizer.lr * factor)
+    return LrScale(scaling.rule, scaling.base_batch, global_batch, factor)
 
 
 def resolve_for_world(config: TrainConfig, world_size: int) -> TrainConfig:

@@ -761,17 +761,17 @@ class Trainer:
         if scale.rule is not None:
             lines.append(f"lr_scaling: {scale.rule} rule, global batch {global_batch} / base batch "
                          f"{scale.base_batch}: every LR x {scale.factor:.6g} (optimizer.lr {config.optimizer.lr:.6g} "
-                         f"-> {scale.lr:.6g})")
+                         f"-> {config.optimizer.lr * scale.factor:.6g})")
         return lines
 
     def _run_record(self) -> dict[str, Any]:
         """What this start of the run resolved, for the run's records (a ``run`` record of metrics.jsonl): the world
         size and global batch, LR scaling, the optimizer's LR as applied and the kernels chosen for it."""
-        scale = self.lr_scale
+        scale, lr = self.lr_scale, self.config.optimizer.lr * self.lr_scale.factor
         return {"world_size": self.world_size, "global_batch": scale.global_batch,
                 "lr_scaling": {"rule": scale.rule, "base_batch": scale.base_batch, "factor": scale.factor,
-                               "lr": scale.lr} if scale.rule is not None else None,
-                "optimizer": {"name": self.config.optimizer.name, "lr": scale.lr,
+                               "lr": lr} if scale.rule is not None else None,
+                "optimizer": {"name": self.config.optimizer.name, "lr": lr,
                               "kernels": optim.chosen_kernels(self.optimizer)}}
 
     def _remove_new_run(self, made_dir: bool) -> bool:
