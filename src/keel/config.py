@@ -735,5 +735,6 @@ def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "", only
             lines.extend(describe_fields(annotation, f"{prefix}{name}."))
             continue
         default = field.get_default(call_default_factory=True)
+        default = dict(default) if isinstance(default, Mapping) else default  # the optimizer block as written
         lines.append(f"  {prefix}{name} = {default!r}\n      {field.description or ''}{note}")
     return lines
