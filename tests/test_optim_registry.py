@@ -255,9 +255,9 @@ def test_ademamix_warmups_take_time_units_resolved_with_the_run_lengths():
 @pytest.mark.parametrize(
     "hparams, total_steps, message",
     [
-        ({"alpha_warmup": "100%"}, None, r"optimizer\.alpha_warmup: '100%' is a fraction of the run, but the run length"),
+        ({"alpha_warmup": "100%"}, None, r"optimizer\.alpha_warmup: '100%' is a fraction of the run, but the run"),
         ({"beta3_warmup": "3ep"}, 9, r"optimizer\.beta3_warmup: '3ep' is in epochs"),
-        ({"beta3_warmup": "1Mtok"}, 9, r"optimizer\.beta3_warmup: '1Mtok' is in tokens, but the tokens per step are not"),
+        ({"beta3_warmup": "1Mtok"}, 9, r"optimizer\.beta3_warmup: '1Mtok' is in tokens, but the tokens per step"),
         ({"t_alpha_beta3": "0.5%"}, 50, r"optimizer\.t_alpha_beta3: '0\.5%' is 0 steps in this run"),
     ],
 )

@@ -32,7 +32,8 @@ def test_a_character_lstm_counts_its_target_positions_as_tokens(tmp_path, capsys
 
 
 def test_ignored_targets_are_not_counted():
-    data = torch.utils.data.TensorDataset(torch.zeros(8, 5, dtype=torch.long), torch.tensor([[1, 2, -100, 3, -100]] * 8))
+    targets = torch.tensor([[1, 2, -100, 3, -100]] * 8)
+    data = torch.utils.data.TensorDataset(torch.zeros(8, 5, dtype=torch.long), targets)
     task = PlainTask(nn.Embedding(4, 4), data)
     batch = data[:8]
     assert task.tokens(batch) == 8 * 3

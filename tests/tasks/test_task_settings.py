@@ -13,7 +13,8 @@ from keel.errors import KeelError
 import keel
 
 SRC = Path(keel.__file__).resolve().parent
-CORE = ["config.py", "recipes.py", "data/seq_warmup.py", *(p.relative_to(SRC).as_posix() for p in (SRC / "train").glob("*.py"))]
+CORE = ["config.py", "recipes.py", "data/seq_warmup.py",
+        *(p.relative_to(SRC).as_posix() for p in (SRC / "train").glob("*.py"))]
 
 
 @pytest.mark.parametrize("path", CORE)

@@ -813,7 +813,8 @@ class _Progress:
     def __init__(self, interval: Time | int | str, enabled: bool, unit: str, timeline: Timeline | None = None):
         self.enabled, self.unit, self.timeline = enabled, unit, timeline
         self.seconds = float(interval[:-1]) if isinstance(interval, str) else None
-        self.interval = Time.steps(interval) if isinstance(interval, int) else interval if self.seconds is None else None
+        self.interval = None if self.seconds is not None else Time.steps(interval) if isinstance(interval, int) \
+            else interval
         self._last = time.perf_counter()
 
     def maybe_print(self, state: TrainState, max_steps: int, loss: float, lr: float, speed: float,
