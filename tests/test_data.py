@@ -111,11 +111,20 @@ def test_train_token_count_matches_the_loaded_split(tmp_path, kind):
     assert train_token_count(source, 0.13) == len(load_tokens(source, 0.13).train)
 
 
-def test_epoch_units_resolve_in_a_run_config():
+def test_epoch_units_resolve_in_a_run_config(tmp_path):
+    """An epoch of the language model is a pass over its training tokens: '1ep' is the first step at which the
+    clock has counted as many tokens as the split holds (32 windows of 128 tokens a step)."""
+    from keel import tasks
     from keel.config import load_config
+    from keel.train import train
+    from keel.train.loop import run_timeline
 
-    config = load_config(None, ["schedule.warmup=1ep", "max_steps=400"])
-    steps_per_epoch = config.steps_per_epoch(len(load_tokens("pydoc").train))
-    assert steps_per_epoch == len(load_tokens("pydoc").train) // (32 * 128)
-    with pytest.raises(KeelError, match="schedule.warmup"):
-        load_config(None, ["schedule.warmup=200ep", "max_steps=400"])
+    config = load_config(None, ["recipe=baseline", "schedule.warmup=1ep", "max_steps=400"])
+    timeline = run_timeline(config, tasks.from_config(config))
+    train_tokens = len(load_tokens("pydoc").train)
+    assert timeline.steps("1ep", "schedule.warmup") == -(-train_tokens // (32 * 128))
+    config = load_config(None, ["recipe=baseline", "schedule.warmup=200ep", "max_steps=400",
+                                f"out_dir={tmp_path / 'r'}"])
+    with pytest.raises(KeelError, match="schedule.warmup: '200ep' .* is at or beyond the run length"):
+        train(config, quiet=True)  # resolved when the trainer is built, before the run directory is made
+    assert not (tmp_path / "r").exists()

@@ -190,9 +190,9 @@ def test_fused_auto_compiles_only_where_the_run_repays_the_compile(monkeypatch):
     assert not multi_tensor.compile_pays(10_800_000, total_steps=1000)  # nanoGPT-char, a short run
     assert multi_tensor.compile_pays(124_000_000, total_steps=1000)  # GPT-2 small
     assert multi_tensor.compile_pays(1_000_000, total_steps=10**6)
-    opt = ko.create("ademamix", mlp(), lengths={"total_steps": 10**12})  # the trainer passes its run length
+    opt = ko.create("ademamix", mlp(), total_steps=10**12)  # the trainer passes its run length
     assert opt.total_steps == 10**12 and opt.fused is None and opt._use_fused()
-    assert not ko.create("ademamix", mlp(), lengths={"total_steps": 10**12}, fused=False)._use_fused()
+    assert not ko.create("ademamix", mlp(), total_steps=10**12, fused=False)._use_fused()
     assert ko.create("lion", mlp()).total_steps is None
     monkeypatch.setattr(multi_tensor, "compiler_available", lambda: False)
     assert not multi_tensor.compile_pays(124_000_000, total_steps=10**6)

@@ -9,6 +9,7 @@ from torch import nn
 import keel.optim as ko
 from keel.errors import KeelError
 from keel.optim.torch_kernels import choose_kernels
+from keel.timeunits import Timeline
 
 REQUIRED_NAMES = "sgd momentum nesterov rmsprop adam adamw nadam radam adafactor muon lion ademamix soap".split()
 requires_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
@@ -238,31 +239,31 @@ def test_ademamix_warmups_take_time_units_resolved_with_the_run_lengths():
 
     config = load_config(None, ["optimizer={name: ademamix, alpha_warmup: 100%, beta3_warmup: 100%}", "max_steps=50"])
     assert config.optimizer["alpha_warmup"] == "100%"  # checked for syntax only, kept as written
-    opt = ko.from_config(config.optimizer, TinyLM(), lengths={"total_steps": config.max_steps})
+    opt = ko.from_config(config.optimizer, TinyLM(), total_steps=config.max_steps)
     assert {(g["alpha_warmup"], g["beta3_warmup"]) for g in opt.param_groups} == {(50, 50)}
 
-    lengths = {"total_steps": 1000, "steps_per_epoch": 30, "tokens_per_step": 256}
+    timeline = Timeline.at_rate(1000, steps_per_epoch=30, tokens_per_step=256)
     spec = {"name": "ademamix", "alpha_warmup": "2ep", "beta3_warmup": "10ktok"}
-    group = ko.from_config(spec, TinyLM(), lengths=lengths).param_groups[0]
-    assert (group["alpha_warmup"], group["beta3_warmup"]) == (60, 39)  # 10000 / 256 = 39.06
-    group = ko.create("ademamix", TinyLM(), t_alpha_beta3="25%", lengths=lengths).param_groups[0]
+    group = ko.from_config(spec, TinyLM(), timeline=timeline).param_groups[0]
+    assert (group["alpha_warmup"], group["beta3_warmup"]) == (60, 40)  # the first step at 10000 tokens: 40 x 256
+    group = ko.create("ademamix", TinyLM(), t_alpha_beta3="25%", timeline=timeline).param_groups[0]
     assert (group["alpha_warmup"], group["beta3_warmup"]) == (250, 250)
     group = ko.create("ademamix", TinyLM(), alpha_warmup="70", beta3_warmup=80).param_groups[0]
-    assert (group["alpha_warmup"], group["beta3_warmup"]) == (70, 80)  # steps need no lengths
+    assert (group["alpha_warmup"], group["beta3_warmup"]) == (70, 80)  # steps need no run length
 
 
 @pytest.mark.parametrize(
-    "hparams, lengths, message",
+    "hparams, total_steps, message",
     [
-        ({"alpha_warmup": "100%"}, None, r"optimizer\.alpha_warmup: '100%' is a fraction of the run, but the run len"),
-        ({"beta3_warmup": "3ep"}, {"total_steps": 9}, r"optimizer\.beta3_warmup: '3ep' is in epochs"),
-        ({"t_alpha_beta3": "0.5%"}, {"total_steps": 50}, r"optimizer\.t_alpha_beta3: '0\.5%' is 0 steps in this run"),
-        ({"alpha_warmup": "1%"}, {"total_step": 50}, r"lengths: total_step not known; allowed: total_steps"),
+        ({"alpha_warmup": "100%"}, None, r"optimizer\.alpha_warmup: '100%' is a fraction of the run, but the run"),
+        ({"beta3_warmup": "3ep"}, 9, r"optimizer\.beta3_warmup: '3ep' is in epochs"),
+        ({"beta3_warmup": "1Mtok"}, 9, r"optimizer\.beta3_warmup: '1Mtok' is in tokens, but the tokens per step"),
+        ({"t_alpha_beta3": "0.5%"}, 50, r"optimizer\.t_alpha_beta3: '0\.5%' is 0 steps in this run"),
     ],
 )
-def test_ademamix_lengths_that_cannot_be_resolved_name_the_key(hparams, lengths, message):
+def test_ademamix_lengths_that_cannot_be_resolved_name_the_key(hparams, total_steps, message):
     with pytest.raises(KeelError, match=message):
-        ko.from_config({"name": "ademamix", **hparams}, TinyLM(), lengths=lengths)
+        ko.from_config({"name": "ademamix", **hparams}, TinyLM(), total_steps=total_steps)
 
 
 @pytest.mark.parametrize("value", ["abc", "0%", "150%", "2 epochs", 0, -5, 2.5, True])
@@ -280,7 +281,7 @@ def test_trainer_resolves_ademamix_warmups_with_its_run_lengths(tmp_path, tiny_o
 
         def on_run_start(self, trainer):
             self.seen = [(g["alpha_warmup"], g["beta3_warmup"]) for g in trainer.optimizer.param_groups]
-            self.steps_per_epoch = trainer.steps_per_epoch
+            self.steps_per_epoch = trainer.timeline.steps("1ep", "epoch")
 
     overrides = ["optimizer={name: ademamix, alpha_warmup: 100%, beta3_warmup: 1ep}", *tiny_overrides]
     config = load_config(None, overrides + ["max_steps=20", "eval_interval=20", f"out_dir={tmp_path / 'run'}"])

@@ -1,5 +1,6 @@
 """``recipe: baseline | fast``: a named recipe fills in its keys; the config's own keys win, key by key."""
 
+from collections.abc import Mapping
 
 import pytest
 import yaml
@@ -30,7 +31,7 @@ def test_every_recipe_sets_its_values(name):
     config = validate({"recipe": name})
     for key, value in RECIPES[name].items():
         resolved = getattr(config, key)
-        resolved = resolved if isinstance(resolved, dict) else resolved.model_dump()
+        resolved = dict(resolved) if isinstance(resolved, Mapping) else resolved.model_dump()
         assert {k: resolved[k] for k in value} == value, key
 
 
@@ -108,6 +109,24 @@ def test_the_examples_of_docs_recipes_validate():
         load_config(None, shlex.split(command)[2:])
     configs = [yaml.safe_load(body) for lang, body in blocks if lang == "yaml"]
     assert configs and all(validate(raw).recipe == raw["recipe"] for raw in configs)
+
+
+def test_a_key_in_another_spelling_replaces_the_recipes():
+    """Under the default recipe (fast: wsd with decay_steps 20%), a schedule written with the short spelling
+    'decay' is the user's: no 'given twice' error, and the user's value is the one used."""
+    config = validate({"schedule": {"name": "wsd", "warmup": 4, "decay": 4}})
+    assert config.recipe == "fast"
+    assert config.schedule == {"name": "wsd", "warmup": 4, "decay": 4, "shape": "1-sqrt"}
+
+
+def test_the_recipe_follows_a_task_given_after_loading():
+    config = load_config(None, ["max_steps=10", "optimizer.lr=1e-2"])
+    assert config.recipe == "fast" and config.optimizer["name"] == "muon"  # task lm, so far
+    python = config.for_task("python")
+    assert python.recipe == "baseline" and python.optimizer["name"] == "adamw" and python.optimizer["lr"] == 1e-2
+    assert python.schedule["name"] == "cosine" and python.max_steps == 10
+    kept = load_config(None, ["recipe=fast"]).for_task("python")
+    assert kept.recipe == "fast"  # a recipe the config names stays
 
 
 def _articles_loop_lr(t, total, warmup, peak, initial_lr=3e-5, min_lr=1e-6):

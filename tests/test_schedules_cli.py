@@ -68,3 +68,18 @@ def test_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "NAME,KEY=VALUE" in out and "--at" in out and "'2%'" in out
+
+
+def test_a_run_config_resolves_tokens_with_the_runs_own_counts(tmp_path, capsys):
+    """The language model's packed batches hold 32 x 128 = 4,096 tokens a step: a warmup of 100ktok ends at the
+    first step at which the clock reaches 100,000 tokens, step 25 (the trainer's timeline, not a rate given)."""
+    config = tmp_path / "run.yaml"
+    config.write_text("recipe: baseline\nmax_steps: 200\noptimizer: {lr: 0.01}\n"
+                      "schedule: {name: constant, warmup: 100ktok}\n")
+    assert main(["schedule", str(config), "--no-plot", "--at", "24,25"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert float(rows[0][1]) < 0.01 and float(rows[1][1]) == 0.01
+    assert main(["schedule", "constant,warmup=1Mtok", "--steps", "500", "--tokens-per-step", "4096", "--no-plot",
+                 "--at", "244,245"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert float(rows[0][1]) < 1.0 and float(rows[1][1]) == 1.0  # 245 x 4096 >= 1,000,000 > 244 x 4096

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from keel.errors import KeelError
+from keel.timeunits import Timeline
 from keel.schedules import (
     SCHEDULES,
     cosine_decay,
@@ -76,10 +77,11 @@ def test_default_trainer_spec_warms_up_then_cosines_over_the_rest():
 
 def test_time_units_and_fraction_of_run():
     spec = {"name": "cosine", "warmup": "2%", "total_steps": "3ep"}
-    f = from_config(spec, base_lr=1.0, total_steps=1000, steps_per_epoch=100)
+    f = from_config(spec, base_lr=1.0, timeline=Timeline.at_rate(1000, steps_per_epoch=100))
     g = warmup(cosine_decay(1.0, 300), 20)
     assert [f(t) for t in range(0, 1000, 7)] == [g(t) for t in range(0, 1000, 7)]
-    h = from_config({"name": "linear", "warmup": "1Mtok"}, base_lr=1.0, total_steps=1000, tokens_per_step=10_000)
+    h = from_config({"name": "linear", "warmup": "1Mtok"}, base_lr=1.0,
+                    timeline=Timeline.at_rate(1000, tokens_per_step=10_000))
     assert h(100) == 1.0 and h(99) < 1.0
 
 
@@ -151,7 +153,7 @@ def test_plateau_from_config_observes_and_resumes():
         ({"name": "cosine", "warmup": "100%"}, 100, "at or beyond the run length (100 steps)"),
         ({"name": "cosine", "warmup": "2%"}, None, "schedule.warmup: '2%' is a fraction of the run, but the run length"),
         ({"name": "cosine"}, None, "schedule.total_steps: 'cosine' needs its length"),
-        ({"name": "cosine", "warmup": "3ep"}, 100, "steps per epoch is not known"),
+        ({"name": "cosine", "warmup": "3ep"}, 100, "'3ep' is in epochs, but the run has no epoch"),
         ({"name": "cosine", "warmup": -5}, 100, "schedule.warmup: -5 is negative"),
         ({"name": "cosine", "warmup_shape": "exponential"}, 100, "schedule.warmup_shape: given without warmup"),
         ({"name": "cosine", "warmup": 5, "warmup_shape": "cubic"}, 100,

@@ -6,32 +6,31 @@ what is allowed, raised before any training starts.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
 
-from keel.data.corpora import BUILTIN_CORPORA
-from keel.data.sources import train_token_count
 from keel.errors import KeelError
 from keel.grad.config import ClipConfig, NonFiniteConfig, SpikeConfig
-from keel.recipes import RECIPES, apply_recipe
+from keel.optim.registry import OptimizerConfig
+from keel.recipes import RECIPES, apply_recipe, fill_in
+from keel.task_registry import check_task_name, task_spec, task_specs
 from keel.techniques import techniques
+from keel.timeunits import Time, stand_in
 
 # Hard bounds on sizes, far above any run this toolkit is for, so an absurd value fails here with its key rather
-# than as a failed allocation or a hang; what fits in memory is checked against the machine in TrainConfig.
-MAX_LAYERS = 1024
-MAX_WIDTH = 65536
-MAX_BLOCK_SIZE = 1 << 24
+# than as a failed allocation or a hang; what fits in memory is checked against the machine by the task.
 MAX_BATCH_SIZE = 1 << 20
 MAX_GRAD_ACCUM = 1 << 16
 MAX_RUN_STEPS = 10**12
-MAX_EVAL_TOKENS = 10**12
-MAX_SAMPLE_TOKENS = 1 << 16
 SEED_LIMIT = 2**32  # numpy's legacy seeding takes 0 <= seed < 2**32
 THREADS_PER_CPU = 4
 MAX_CONFIG_DEPTH = 64  # nesting levels of a config file or override value
@@ -43,16 +42,10 @@ class _Block(BaseModel):
 
 
 class DataConfig(_Block):
-    """Where the tokens come from and how batches are drawn (documents, tokenizers, packing: docs/data.md)."""
+    """How batches are drawn, whatever the task: the batch size and the validation share. A task may extend the
+    block with its own keys (the language model's data.source, data.tokenizer, ...: docs/data.md)."""
 
-    source: str = Field(
-        "pydoc",
-        description="'pydoc' (CPython's reference topics), 'stdlib' (the standard library's source), a text "
-        "file, a folder of text files (one document each), a .jsonl file (one document per line), "
-        "'hf:FORMAT:PATH' (local files through Hugging Face datasets, e.g. hf:json:data/*.jsonl), a .bin uint16 "
-        "token file, or a folder with train.bin and val.bin.",
-    )
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the tokens kept for validation.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the data kept for validation.")
     batch_size: int = Field(
         32, ge=1, le=MAX_BATCH_SIZE, description="Sequences (examples) per micro-batch on each rank (at most 2**20; "
         "what fits in memory is checked); derived from global_batch_size when that is set.",
@@ -62,138 +55,14 @@ class DataConfig(_Block):
         "micro-batches; when set, batch_size = global_batch_size / (world size x grad_accum), which must divide it, "
         "so a run sees the same batches whatever its number of processes (docs/distributed.md).",
     )
-    vocab_size: int | None = Field(
-        None, ge=2, description="Vocabulary size of a token file (default: largest id + 1) or of a tokenizer "
-        "(default: its own); byte text is 256 (257 with an end-of-document token).",
-    )
-    eval_tokens: int = Field(65536, ge=1, le=MAX_EVAL_TOKENS,
-                             description="Validation tokens per evaluation (from the split's start; at most 10**12).")
-    text_field: str = Field("text", description="The field holding the text in JSONL lines and hf: datasets.")
-    tokenizer: str | dict[str, int] = Field(
-        "bytes", description="'bytes' (no training), {bpe: VOCAB} (a byte-level BPE trained on the training split "
-        "with Hugging Face tokenizers, cached under cache_dir), or the path of a tokenizer.json.",
-    )
-    packing: bool = Field(
-        True, description="true: documents are concatenated into full windows (keel's behaviour); false: one "
-        "document per sequence, cut at the context length, batched by length under batch_tokens.",
-    )
-    batch_tokens: int | None = Field(
-        None, ge=1, description="With packing false: padded tokens per micro-batch (rows x longest row; default "
-        "batch_size x model.block_size); sequences of similar length share a batch.",
-    )
-    long_documents: Literal["split", "truncate"] = Field(
-        "split", description="With packing false: a document longer than the context is split into several "
-        "sequences ('split') or cut to its first ('truncate').",
-    )
-    eod: bool | None = Field(
-        None, description="End-of-document token after each document. null: on for BPE and tokenizer files that "
-        "have one, and for bytes without packing (vocabulary 257, id 256); off for packed bytes (keel's byte "
-        "stream, vocabulary 256).",
-    )
-    cache_dir: str | None = Field(
-        None, description="Where trained tokenizers and tokenized data are cached (default: $KEEL_CACHE_DIR or "
-        "~/.cache/keel).",
-    )
-
-    @field_validator("source")
-    @classmethod
-    def _source_exists(cls, value: str) -> str:
-        from keel.data.documents import is_hf_source, parse_hf_source
-
-        if is_hf_source(value):
-            parse_hf_source(value)
-        elif value not in BUILTIN_CORPORA and not Path(value).expanduser().exists():
-            raise ValueError(
-                f"'{value}' does not exist; allowed: {', '.join(BUILTIN_CORPORA)}, a text file, a folder of "
-                "text files, a .jsonl file, hf:FORMAT:PATH, a .bin uint16 token file, or a folder with train.bin "
-                "and val.bin"
-            )
-        return value
-
-    @field_validator("tokenizer")
-    @classmethod
-    def _tokenizer_syntax(cls, value: str | dict[str, int]) -> str | dict[str, int]:
-        from keel.data.tokenizer import BPE_MIN_VOCAB
-
-        if isinstance(value, dict):
-            if set(value) != {"bpe"}:
-                raise KeelError(f"data.tokenizer: {value!r}; allowed: bytes, {{bpe: VOCAB}} or a tokenizer.json path")
-            if value["bpe"] < BPE_MIN_VOCAB:
-                raise KeelError(f"data.tokenizer.bpe: {value['bpe']} is too small a vocabulary for the data (a "
-                                f"byte-level BPE needs the 256 bytes and <|endoftext|>); allowed: at least "
-                                f"{BPE_MIN_VOCAB}")
-        elif value != "bytes" and not Path(value).expanduser().is_file():
-            raise KeelError(f"data.tokenizer: '{value}' is not a file; allowed: bytes, {{bpe: VOCAB}} or the path of "
-                            "a tokenizer.json")
-        return value
-
-    @model_validator(mode="after")
-    def _batch_tokens_without_packing(self) -> "DataConfig":
-        if self.batch_tokens is not None and self.packing:
-            raise KeelError(f"data.batch_tokens: {self.batch_tokens} is for data.packing: false (packed windows are "
-                             "data.batch_size x model.block_size); allowed: null, or data.packing: false")
-        return self
-
-
-class ModelConfig(_Block):
-    """The language model of task lm: keel's decoder-only GPT, or a Hugging Face causal LM (extra keel[hf])."""
-
-    n_layer: int = Field(4, ge=1, le=MAX_LAYERS, description="Transformer blocks (depth; at most 1024).")
-    n_head: int = Field(4, ge=1, le=MAX_WIDTH, description="Attention heads; must divide n_embd.")
-    n_embd: int = Field(128, ge=1, le=MAX_WIDTH, description="Width of the residual stream (at most 65536).")
-    block_size: int = Field(128, ge=2, le=MAX_BLOCK_SIZE, description="Context length in tokens (at most 2**24, "
-                            "and shorter than the training split).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
-    bias: bool = Field(True, description="Biases in linear layers and layer norms.")
-    norm_position: Literal["pre", "post", "residual"] = Field(
-        "pre", description="Where each block's LayerNorm sits: 'pre' x + f(Norm(x)) (GPT-2), 'post' Norm(x + f(x)) "
-        "(original Transformer), 'residual' x + Norm(f(x)) (Tuning Playbook: norm as the last operation of the "
-        "residual branch).",
-    )
-    zero_init_residual: bool = Field(
-        False, description="Gate each residual branch by a learned scalar initialised to 0 (ReZero): every block "
-        "starts as the identity.",
-    )
-    hf_config: dict[str, Any] | None = Field(
-        None, description="A transformers config of a causal LM to build instead of the GPT (randomly initialised), "
-        "e.g. {model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 2}; vocab_size defaults to the data's.",
-    )
-    hf_pretrained: str | None = Field(
-        None, description="A local directory written by transformers' save_pretrained, loaded instead of the GPT.",
-    )
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelConfig":
-        if self.hf_config is not None and self.hf_pretrained is not None:
-            raise ValueError("model.hf_config and model.hf_pretrained are both set; allowed: at most one")
-        if (self.hf_config is not None or self.hf_pretrained is not None) and (
-                self.norm_position != "pre" or self.zero_init_residual):
-            raise ValueError("model.norm_position and model.zero_init_residual are options of keel's GPT, not of a "
-                             "Hugging Face model; allowed with hf_config/hf_pretrained: norm_position pre, "
-                             "zero_init_residual false")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"model.n_head: {self.n_head} does not divide model.n_embd: {self.n_embd}; "
-                "allowed: a divisor of n_embd"
-            )
-        return self
-
-
-class SampleConfig(_Block):
-    """The short text generated at each evaluation."""
-
-    prompt: str = Field("The ", description="Fixed prompt the sample continues.")
-    tokens: int = Field(64, ge=0, le=MAX_SAMPLE_TOKENS,
-                        description="Tokens to generate (0 turns samples off; at most 65536).")
-    temperature: float = Field(0.8, gt=0.0, description="Sampling temperature.")
-    top_k: int | None = Field(40, ge=1, description="Sample among the k most likely tokens (null: all).")
 
 
 class LrScalingConfig(_Block):
     """Scale every LR of the schedule from a reference global batch to the run's (docs/distributed.md).
 
     factor = global_batch / base_batch (``linear``, Goyal et al. 2017, with warmup) or its square root (``sqrt``, for
-    adaptive optimizers); global_batch = data.batch_size x grad_accum x world size.
+    adaptive optimizers); global_batch = data.batch_size x grad_accum x world size. What a run resolves (its global
+    batch, the factor, the scaled LR) goes to its records (the ``run`` record of metrics.jsonl), not into the config.
     """
 
     rule: Literal["linear", "sqrt"] | None = Field(
@@ -203,16 +72,14 @@ class LrScalingConfig(_Block):
         None, ge=1, description="The global batch (examples per optimizer step) optimizer.lr and the schedule were "
         "tuned for.",
     )
-    global_batch: int | None = Field(
-        None, ge=1, description="Recorded by the trainer at every start: the global batch this run trains with.",
-    )
-    factor: float | None = Field(
-        None, gt=0, description="Recorded by the trainer at every start: the factor applied to every LR of the "
-        "schedule.",
-    )
-    lr: float | None = Field(
-        None, gt=0, description="Recorded by the trainer at every start: optimizer.lr x factor.",
-    )
+    @model_validator(mode="before")
+    @classmethod
+    def _results_are_records(cls, raw: Any) -> Any:
+        """A config.yaml of an earlier version recorded the resolved global_batch, factor and lr here: they are the
+        run's results, not settings (the run records them), so they are dropped on reading."""
+        if isinstance(raw, dict):
+            raw = {k: v for k, v in raw.items() if k not in ("global_batch", "factor", "lr")}
+        return raw
 
     @model_validator(mode="after")
     def _rule_needs_base(self) -> "LrScalingConfig":
@@ -233,7 +100,8 @@ class TrainConfig(_Block):
     """A whole training run. Lengths given as time units accept steps, '2%' of the run, '3ep' or '2Mtok'.
 
     Besides the fields below, every registered technique (``keel.techniques``) adds its block (``ema``, ``swa``,
-    ``early_stopping``, ...), validated by the technique's own config model.
+    ``early_stopping``, ...), validated by the technique's own config model, and the task adds the blocks it owns
+    (``keel.task_registry``: the language model's ``model`` and ``sample``, and its keys of ``data``).
     """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
@@ -264,7 +132,13 @@ class TrainConfig(_Block):
     )
     seed: int = Field(1337, ge=0, lt=SEED_LIMIT, description="Seed for initialisation, dropout and batch sampling "
                       "(0 <= seed < 2**32, what numpy and torch accept).")
-    max_steps: int = Field(600, ge=1, le=MAX_RUN_STEPS, description="Optimizer updates in the run (at most 10**12).")
+    max_steps: int | None = Field(600, ge=1, le=MAX_RUN_STEPS, description="The run length in optimizer updates (at "
+                                  "most 10**12); duration gives it in any unit instead (one of the two).")
+    duration: Time | None = Field(
+        None, description="The run length in any unit: steps (2000), epochs ('3ep'), tokens ('50Mtok') or examples "
+        "('1Mex'); the run stops at the first step at which the trainer's counted clock reaches it. Instead of "
+        "max_steps (giving both is an error).",
+    )
     out_dir: str | None = Field(None, description="Run directory (default: runs/<date>-<time>).")
     grad_accum: int = Field(1, ge=1, le=MAX_GRAD_ACCUM,
                             description="Micro-batches accumulated into one optimizer update (at most 65536).")
@@ -297,12 +171,12 @@ class TrainConfig(_Block):
         "fully_shard: parameters, gradients and optimizer state sharded over the ranks). One process ignores it.",
     )
     lr_scaling: LrScalingConfig = Field(default_factory=LrScalingConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    optimizer: dict[str, Any] = Field(
-        default_factory=lambda: dict(DEFAULT_OPTIMIZER),
-        description="Optimizer: name and hyperparameters (see `keel.optim.names()`); no weight decay on "
-        "biases, norms and embeddings.",
+    data: SerializeAsAny[DataConfig] = Field(default_factory=DataConfig)  # a task's data model may extend it
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(DEFAULT_OPTIMIZER),
+        description="Optimizer: name and hyperparameters (see `keel.optim.names()`), typed once by the optimizer's "
+        "registry record (its hyperparameters, defaults and checks); no weight decay on biases, norms and "
+        "embeddings.",
     )
     schedule: dict[str, Any] = Field(
         default_factory=lambda: dict(DEFAULT_SCHEDULE),
@@ -312,9 +186,11 @@ class TrainConfig(_Block):
     clip: ClipConfig = Field(default_factory=ClipConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     spike: SpikeConfig = Field(default_factory=SpikeConfig)
-    eval_interval: int = Field(100, ge=1, description="Evaluate every this many steps (and always at the end).")
+    eval_interval: Time = Field(Time.steps(100), description="Evaluate each time the clock passes a multiple of "
+                                "this: steps (100), '0.5ep', '10Mtok', '10%' of the run (and always at the end).")
     log_interval: int = Field(1, ge=1, description="Write a metrics record every this many steps.")
-    checkpoint_interval: int = Field(100, ge=1, description="Checkpoint every this many steps (and at the end).")
+    checkpoint_interval: Time = Field(Time.steps(100), description="Checkpoint each time the clock passes a multiple "
+                                      "of this (steps, '1ep', '50Mtok', '25%'; and at the end).")
     resume_policy: Literal["refuse", "keep_schedule", "new_decay"] = Field(
         "refuse", description="When --resume changes max_steps: 'refuse' (the LR would jump), 'keep_schedule' (the "
         "schedule keeps the planned length; after it the LR stays at its final value) or 'new_decay' (from the "
@@ -325,7 +201,7 @@ class TrainConfig(_Block):
         "(reached after resume_warmup; optimizer.lr's units). null: the current LR, or where that is 0 (a schedule "
         "that ended at 0, e.g. wsd) the schedule's peak (schedule.lr, else optimizer.lr).",
     )
-    resume_warmup: int | str | None = Field(
+    resume_warmup: Time | None = Field(
         None, description="With resume_policy new_decay: steps (or '2%', '1ep', '5Mtok') from the current LR up to "
         "the new decay's start. null: the schedule's own warmup (at most half the extension) when the decay starts "
         "above the current LR, else 0.",
@@ -337,14 +213,57 @@ class TrainConfig(_Block):
     )
     keep_last: int = Field(5, ge=1, description="Checkpoints kept besides the best by validation loss (5: `keel "
                            "average RUN --last 5` works on a default run; average.last raises it).")
-    sample: SampleConfig = Field(default_factory=SampleConfig)
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
-    progress_interval: int | str = Field(
-        "30s", description="Without a terminal (CI, nohup, cluster logs), print a progress line every this many "
-        "steps (e.g. 100) or seconds (e.g. '30s').",
+    progress_interval: Time | str = Field(
+        "30s", description="Without a terminal (CI, nohup, cluster logs), print a progress line every this long: "
+        "seconds ('30s'), or a length (100 steps, '0.1ep', '10%').",
     )
 
-    @model_validator(mode="before")
+    #: The keys the config was given, before its recipe filled in the rest (``for_task`` validates them again).
+    _given: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_given(cls, raw: Any, handler: Any) -> Any:
+        given = copy.deepcopy(raw) if isinstance(raw, dict) else None
+        config = handler(cls._task_data(cls._complete_default_recipe(raw)))
+        if given is not None:
+            config._given = given
+        return config
+
+    def __eq__(self, other: object) -> bool:
+        """Configs that resolve to the same values are equal, however they were given."""
+        if not isinstance(other, TrainConfig):
+            return NotImplemented
+        return self.__dict__ == other.__dict__ and self.__pydantic_extra__ == other.__pydantic_extra__
+
+    def gave(self, key: str) -> bool:
+        """Whether the config was given ``key`` (top-level), rather than a default or its recipe's value."""
+        return key in self._given
+
+    def for_task(self, task: str) -> TrainConfig:
+        """This config for another task (``keel.train`` handed a model or task object): the keys it was given,
+        validated again with ``task``, so the recipe and every default that depends on the task follow it."""
+        return validate({**copy.deepcopy(self._given), "task": task})
+
+    @classmethod
+    def _task_data(cls, raw: Any) -> Any:
+        """The ``data`` block validated with the task's own data model, when it has one (the language model's
+        data.source, data.tokenizer, ...); the core keys alone otherwise."""
+        if not isinstance(raw, dict):
+            return raw
+        spec = task_spec(raw.get("task", cls.model_fields["task"].default))
+        model = spec.settings.get("data") if spec is not None else None
+        block = raw.get("data")
+        if model is None or isinstance(block, model) or not isinstance(block, (dict, type(None), DataConfig)):
+            return raw
+        if isinstance(block, DataConfig):
+            block = block.model_dump()
+        try:
+            return {**raw, "data": model.model_validate(block or {})}
+        except ValidationError as error:
+            raise KeelError(_describe(error.errors()[0], model, prefix=["data"])) from None
+
     @classmethod
     def _complete_default_recipe(cls, raw: Any) -> Any:
         """The recipe (``recipe:``, else the task's default; ``keel.recipes``) fills in the keys the config leaves
@@ -352,29 +271,35 @@ class TrainConfig(_Block):
         a cosine schedule with no ``min_lr`` decays to a tenth of its peak LR."""
         if not isinstance(raw, dict):
             return raw
-        raw = apply_recipe(dict(raw))
+        if raw.get("duration") is not None:
+            if raw.get("max_steps") is not None:
+                raise KeelError(f"duration: {raw['duration']!r} and max_steps: {raw['max_steps']!r} are both given; "
+                                "allowed: one of the two (max_steps is the run length in steps)")
+            raw = {**raw, "max_steps": None}
+        raw = apply_recipe(dict(raw), default_task=cls.model_fields["task"].default)
         optimizer = raw.get("optimizer", {})
         if isinstance(optimizer, dict) and optimizer.get("name", DEFAULT_OPTIMIZER["name"]) == DEFAULT_OPTIMIZER["name"]:
-            raw["optimizer"] = optimizer = {**DEFAULT_OPTIMIZER, **optimizer}
+            raw["optimizer"] = optimizer = fill_in("optimizer", DEFAULT_OPTIMIZER, optimizer)
         schedule = raw.get("schedule", {})
         if isinstance(schedule, dict) and schedule.get("name", DEFAULT_SCHEDULE["name"]) == DEFAULT_SCHEDULE["name"]:
-            schedule = {**DEFAULT_SCHEDULE, **schedule}
-            if "min_lr" not in schedule:
-                from keel.optim import check_config
-
-                try:
-                    peak = schedule.get("lr", check_config(optimizer)["lr"])
-                    schedule["min_lr"] = float(peak) / 10
-                except (KeelError, TypeError, ValueError):
-                    pass  # the optimizer block is invalid: its own error is reported below
-            raw["schedule"] = schedule
+            raw["schedule"] = fill_in("schedule", DEFAULT_SCHEDULE, schedule)  # min_lr: once the optimizer is typed
         return raw
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _typed_optimizer(cls, value: Any, info: Any) -> Any:
+        """The block typed by its optimizer's registry record; an error about an optimizer the recipe chose says so
+        (a plain-PyTorch run told 'not a hyperparameter of muon' learns where muon came from)."""
+        if isinstance(value, OptimizerConfig) or not isinstance(value, Mapping):
+            return value
+        recipe = info.data.get("recipe")
+        chosen = RECIPES.get(recipe, {}).get("optimizer", {}).get("name")
+        note = f" (recipe {recipe}'s optimizer)" if chosen is not None and value.get("name") == chosen else ""
+        return OptimizerConfig(value, "optimizer", note)
 
     @field_validator("task")
     @classmethod
     def _task_syntax(cls, value: str) -> str:
-        from keel.tasks import check_task_name
-
         return check_task_name(value)
 
     @field_validator("compile", mode="before")
@@ -384,26 +309,72 @@ class TrainConfig(_Block):
             return value
         raise ValueError(f"{value!r} is not a choice; allowed: auto, true, false")
 
-    @field_validator("progress_interval")
+    @field_validator("progress_interval", mode="before")
     @classmethod
-    def _progress_syntax(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value >= 1:
-            return value
-        if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?s", value.strip()) and float(value.strip()[:-1]) > 0:
-            return value.strip()
-        raise ValueError(f"{value!r} is not an interval; allowed: steps (an int >= 1) or seconds ('30s')")
+    def _progress_syntax(cls, value: Any) -> Time | str:
+        if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?s", value.strip()):
+            if float(value.strip()[:-1]) > 0:
+                return value.strip()
+        else:
+            try:
+                return _interval(value)
+            except (KeelError, ValueError):
+                pass
+        raise ValueError(f"{value!r} is not an interval; allowed: seconds ('30s') or a length > 0 (steps, '0.1ep', "
+                         "'10Mtok', '10%')")
+
+    @field_validator("eval_interval", "checkpoint_interval", mode="before")
+    @classmethod
+    def _positive_interval(cls, value: Any) -> Time:
+        return _interval(value)
+
+    @model_validator(mode="after")
+    def _run_length_in_one_key(self) -> "TrainConfig":
+        """A duration in steps is max_steps; neither given: 600 steps."""
+        duration = self.duration
+        if duration is not None and duration.unit == "fraction":
+            raise KeelError(f"duration: {str(duration)!r} is a share of the run itself; allowed: steps (2000), epochs "
+                            "('3ep'), tokens ('50Mtok') or examples ('1Mex')")
+        if duration is not None and (duration.unit == "step" or duration.amount <= 0):
+            if duration.unit != "step" or not 1 <= duration.amount <= MAX_RUN_STEPS:
+                raise KeelError(f"duration: {str(duration)!r}; allowed: a run of at least 1 step (at most "
+                                f"{MAX_RUN_STEPS:.0e} steps)")
+            object.__setattr__(self, "duration", None)
+            object.__setattr__(self, "max_steps", int(duration.amount))
+        elif duration is None and self.max_steps is None:
+            object.__setattr__(self, "max_steps", 600)
+        return self
+
+    @property
+    def run_length(self) -> Time:
+        """The run length as a ``Time``: ``duration``, or ``max_steps`` steps."""
+        return self.duration if self.duration is not None else Time.steps(self.max_steps)
 
     @model_validator(mode="after")
     def _technique_blocks(self) -> "TrainConfig":
-        """Validate each technique's block with its registered model; unknown keys are errors."""
+        """Validate the blocks the task owns, then each technique's block, with their registered models; unknown
+        keys are errors (a block of another task says whose it is)."""
         registry = techniques()
+        spec = task_spec(self.task)
+        owned = {k: m for k, m in (spec.settings.items() if spec is not None else ()) if k != "data"}
         extra = self.__pydantic_extra__
         for key in list(extra):
-            if key not in registry:
-                allowed = [*type(self).model_fields, *registry]
+            if key not in registry and key not in owned:
+                allowed = [*type(self).model_fields, *owned, *registry]
+                owner = next((name for name, other in task_specs().items() if key in other.settings), None)
+                if owner is not None:
+                    raise KeelError(f"{key}: a setting of task {owner}, not of task {self.task!r}; allowed here: "
+                                    f"{', '.join(allowed)}")
                 close = _nested_match(key) or difflib.get_close_matches(key, allowed, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise KeelError(f"unknown key '{key}'{hint} allowed here: {', '.join(allowed)}")
+        for key, model in owned.items():
+            block = extra.get(key)
+            if not isinstance(block, model):
+                try:
+                    extra[key] = model.model_validate({} if block is None else block)
+                except ValidationError as error:
+                    raise KeelError(_describe(error.errors()[0], model, prefix=[key])) from None
         for key, technique in registry.items():
             block = extra.get(key)
             if not isinstance(block, technique.config):
@@ -414,15 +385,6 @@ class TrainConfig(_Block):
             if technique.check is not None:
                 technique.check(extra[key], self)
         return self
-
-    @field_validator("resume_warmup")
-    @classmethod
-    def _resume_warmup_syntax(cls, value: int | str | None) -> int | str | None:
-        if value is not None:
-            from keel.timeunits import resolve_steps
-
-            resolve_steps(value, name="resume_warmup", total_steps=1, steps_per_epoch=1, tokens_per_step=1)
-        return value
 
     @field_validator("out_dir", "init_from")
     @classmethod
@@ -449,19 +411,21 @@ class TrainConfig(_Block):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
-        from keel.optim import check_config
         from keel.schedules import from_config
 
-        optimizer = check_config(self.optimizer, key="optimizer")
-        if self.task == "lm":
-            train_tokens = train_token_count(self.data.source, self.data.val_fraction)
-            if self.model.hf_config is None and self.model.hf_pretrained is None:
-                self._check_lm_sizes(train_tokens, optimizer["name"])
-            lengths = {"steps_per_epoch": self.steps_per_epoch(train_tokens), "tokens_per_step": self.tokens_per_step}
-        else:  # the task's data sizes are known once it is built; the trainer resolves lengths again then
-            lengths = {"steps_per_epoch": 1, "tokens_per_step": 1}
-        from_config(self.schedule, base_lr=float(optimizer["lr"]), total_steps=self.max_steps, key="schedule",
-                    **lengths)
+        schedule = self.schedule
+        if isinstance(schedule, dict) and schedule.get("name") == DEFAULT_SCHEDULE["name"] and "min_lr" not in schedule:
+            peak = schedule.get("lr", self.optimizer.lr)  # a cosine without min_lr decays to a tenth of its peak
+            try:
+                schedule["min_lr"] = float(peak) / 10
+            except (TypeError, ValueError):
+                pass  # the schedule's own check names its lr
+        spec = task_spec(self.task)
+        if spec is not None and spec.check is not None:
+            spec.check(self)  # the task's own checks: sizes, memory
+        # Lengths in examples, tokens and epochs need the task's counts: the trainer resolves them once it is built.
+        from_config(self.schedule, base_lr=float(self.optimizer.lr), timeline=stand_in(self.run_length),
+                    key="schedule")
         if self.tensorboard:
             try:
                 import torch.utils.tensorboard  # noqa: F401
@@ -472,42 +436,7 @@ class TrainConfig(_Block):
                 ) from error
         return self
 
-    def _check_lm_sizes(self, train_tokens: int, optimizer: str) -> None:
-        """Task lm with keel's GPT: a window fits in the training split, and a step fits in memory (estimated by
-        ``keel.models.memory``, before anything is allocated; a token file's vocabulary, unknown until it is read,
-        counts as ``data.vocab_size`` or else 256, so the estimate stays a lower bound)."""
-        from keel.models.memory import available_memory, estimate_gpt_training, format_bytes
-
-        block_size = self.model.block_size
-        if block_size + 1 >= train_tokens:
-            raise KeelError(
-                f"model.block_size: {block_size} is too long for the {train_tokens:,} training tokens of data.source "
-                f"'{self.data.source}'; allowed: at most {max(train_tokens - 2, 0):,}, or a larger source"
-            )
-        estimate = estimate_gpt_training(
-            n_layer=self.model.n_layer, n_embd=self.model.n_embd, vocab_size=self.data.vocab_size or 256,
-            block_size=block_size, batch_size=self.data.batch_size, grad_accum=self.grad_accum,
-            precision=self._precision_on(self.device), optimizer=optimizer, bias=self.model.bias,
-        )
-        device = self.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        checks = [(device, estimate.total)]
-        if device != "cpu":
-            checks.append(("cpu", estimate.parameters))  # the model is built on the CPU, then moved
-        for where, needed in checks:
-            available = available_memory(where)
-            if available is not None and needed > available:
-                what = f"({estimate.breakdown()})" if needed == estimate.total else "for the parameters while the " \
-                    "model is built"
-                raise KeelError(
-                    f"model: about {format_bytes(needed)} needed {what}, {format_bytes(available)} available on "
-                    f"{where}; allowed: a smaller model.n_layer/n_embd/block_size or data.batch_size/grad_accum"
-                )
-
-    def _precision_on(self, device: str) -> str:
+    def precision_on(self, device: str) -> str:
         """``precision`` with auto resolved for ``device`` (``keel.precision.resolve_precision``)."""
         if self.precision != "auto":
             return self.precision
@@ -518,15 +447,6 @@ class TrainConfig(_Block):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return resolve_precision("auto", device)[0]
-
-    def steps_per_epoch(self, train_tokens: int) -> int:
-        """Optimizer steps in one epoch of ``train_tokens`` (whole batches of windows, at least 1)."""
-        return max(1, max(1, train_tokens // (self.data.batch_size * self.model.block_size)) // self.grad_accum)
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens of one optimizer step of task lm (full windows)."""
-        return self.data.batch_size * self.model.block_size * self.grad_accum
 
     def technique(self, key: str) -> BaseModel:
         """The validated block of technique ``key`` (also reachable as ``config.<key>``)."""
@@ -656,9 +576,18 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, *, overwrite: bool = 
     node[parts[-1]] = value
 
 
+#: Keys that say one thing two ways: a later layer that gives one replaces the other (``max_steps=100`` over a
+#: file with ``duration: 3ep``); within one layer both are an error.
+ALTERNATIVE_KEYS = (("max_steps", "duration"),)
+
+
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; ``update`` wins. Free-form blocks (optimizer, schedule) merge key by key too."""
     merged = dict(base)
+    for pair in ALTERNATIVE_KEYS:
+        for key in pair:
+            if update.get(key) is not None:
+                merged.update({other: None for other in pair if other != key and other in merged})
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = merge(merged[key], value)
@@ -697,6 +626,17 @@ def parse_config_text(text: str, where: str) -> dict[str, Any]:
     return data
 
 
+def _interval(value: Any) -> Time:
+    """A length > 0 (what an interval must be)."""
+    try:
+        time = Time.parse(value, "")
+    except KeelError as error:
+        raise ValueError(str(error).removeprefix(": ")) from None
+    if time.amount <= 0:
+        raise ValueError(f"{value!r} is not an interval; allowed: a length > 0 (steps, '0.5ep', '10Mtok', '10%')")
+    return time
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -724,8 +664,9 @@ def _nested_match(key: str) -> list[str]:
     for block, keys in blocks.items():
         if key in keys:
             return [f"{block}.{key}"]
-    for name, field in TrainConfig.model_fields.items():
-        annotation = field.annotation
+    blocks = [(name, field.annotation) for name, field in TrainConfig.model_fields.items()]
+    blocks += [(name, model) for name, (_, model) in task_blocks().items()]
+    for name, annotation in blocks:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel) and key in annotation.model_fields:
             return [f"{name}.{key}"]
     return []
@@ -738,6 +679,9 @@ def _describe(error: dict[str, Any], model: type[BaseModel], prefix: list[str] |
         allowed = _field_names(model, loc[len(prefix or []):-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
         hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
+        block = task_blocks().get(loc[0]) if len(loc) == 2 and model is TrainConfig else None
+        if block is not None and loc[1] in block[1].model_fields:
+            hint = f" (a setting of task {block[0]});"
         return f"unknown key '{key}'{hint} allowed here: {', '.join(allowed)}"
     message = error["msg"]
     if error["type"] == "value_error":
@@ -760,29 +704,37 @@ def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-#: Keys only the language-model task reads: left out of another task's config.yaml so it does not describe a GPT.
-LM_ONLY = {"model": True, "sample": True, "data": {"source", "vocab_size", "eval_tokens", "text_field", "tokenizer",
-                                                   "packing", "batch_tokens", "long_documents", "eod", "cache_dir"}}
-
-
 def dump_config(config: TrainConfig) -> str:
-    """The fully resolved config as YAML (what ``config.yaml`` in a run directory holds); a task other than ``lm``
-    leaves out the keys only the language model reads (their defaults apply if the file is loaded again)."""
-    exclude = None if config.task == "lm" else LM_ONLY
-    return yaml.safe_dump(config.model_dump(mode="json", exclude=exclude), sort_keys=False)
+    """The fully resolved config as YAML (what ``config.yaml`` in a run directory holds): the core keys, the blocks
+    its task owns and every technique's block."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
-    """One line per config key: dotted name, default and description (for ``keel train --help``)."""
+def task_blocks() -> dict[str, tuple[str, type[BaseModel]]]:
+    """Every block a registered task owns, by dotted prefix: ``{"model": ("lm", ModelConfig), ...}``; a task's
+    ``data`` model is listed under ``data`` (its keys beside the core ones)."""
+    return {key: (name, model) for name, spec in task_specs().items() for key, model in spec.settings.items()}
+
+
+def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "", only: set[str] | None = None,
+                    note: str = "") -> list[str]:
+    """One line per config key: dotted name, default and description (for ``keel train --help``); ``only``: those
+    fields alone; ``note``: said after each description (whose key it is)."""
     lines = []
     if model is TrainConfig:
         for key, technique in techniques().items():
             lines.extend(describe_fields(technique.config, f"{key}."))
+        for key, (task, block) in task_blocks().items():
+            core = set(DataConfig.model_fields) if key == "data" else set()
+            lines.extend(describe_fields(block, f"{key}.", set(block.model_fields) - core, f" (task {task})"))
     for name, field in model.model_fields.items():
+        if only is not None and name not in only:
+            continue
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             lines.extend(describe_fields(annotation, f"{prefix}{name}."))
             continue
         default = field.get_default(call_default_factory=True)
-        lines.append(f"  {prefix}{name} = {default!r}\n      {field.description or ''}")
+        default = dict(default) if isinstance(default, Mapping) else default  # the optimizer block as written
+        lines.append(f"  {prefix}{name} = {default!r}\n      {field.description or ''}{note}")
     return lines

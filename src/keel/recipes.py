@@ -1,13 +1,15 @@
 """Named recipes: ``recipe: baseline``, ``recipe: gpt-loop`` and ``recipe: fast`` fill in the keys of a recipe.
 
-Without ``recipe:``, a language model (task ``lm``) trains with ``fast``, every other task with ``baseline``
-(``default_recipe``).
+Without ``recipe:``, a config gets its task's recipe (``default_recipe``): a language model (task ``lm``) trains
+with ``fast``, every other task with ``baseline``.
 
 A recipe is a set of config values (optimizer, schedule, clipping, techniques). The keys a config gives itself
 win, key by key: ``optimizer.lr`` refines the recipe's optimizer, while another ``optimizer.name`` replaces it
 (as with keel's default recipe); a technique block (``ema:``, ``seq_warmup:``) given in the config is merged over
-the recipe's. ``config.yaml`` records the recipe's name and every value it resolved to, so a run stays
-reproducible if a recipe is changed in a later version.
+the recipe's. A key the config gives in another spelling replaces the recipe's (``schedule.decay`` over the
+recipe's ``decay_steps``): the config's spelling wins. The recipe is chosen once the task is known, wherever it
+comes from (``task:``, a factory, a Python object handed to ``keel.train``). ``config.yaml`` records the recipe's
+name and every value it resolved to, so a run stays reproducible if a recipe is changed in a later version.
 
 - ``baseline``: keel's AdamW recipe (AdamW with betas (0.9, 0.95) and decoupled weight decay 0.1, linear warmup
   from 0 over 5% of the run, cosine decay to a tenth of the peak LR, clipping the global gradient norm at 1.0 from
@@ -56,17 +58,22 @@ NAMED_BLOCKS = ("optimizer", "schedule")  # blocks with a name: another name rep
 
 
 def default_recipe(task: Any) -> str:
-    """The recipe a config without ``recipe:`` gets: ``fast`` for the language model, where it was measured to beat
-    the tuned baseline on every seed; ``baseline`` for every other task, where nothing measured says otherwise."""
-    return "fast" if task in (None, "lm") else "baseline"
+    """The recipe a config without ``recipe:`` gets: the one its task registered (``keel.task_registry``: the
+    language model's ``fast``, measured to beat the tuned baseline on every seed), ``baseline`` for every other
+    task, where nothing measured says otherwise."""
+    from keel.task_registry import DEFAULT_RECIPE, task_spec
+
+    spec = task_spec(task)
+    return spec.recipe if spec is not None else DEFAULT_RECIPE
 
 
-def apply_recipe(raw: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` with the values of its ``recipe`` (or the task's default recipe) filled in under the keys it gives,
-    and ``recipe`` set to the name used (unchanged for an unknown name: the ``recipe`` field reports it)."""
+def apply_recipe(raw: dict[str, Any], default_task: str = "lm") -> dict[str, Any]:
+    """``raw`` with the values of its ``recipe`` (or its task's default recipe; ``default_task`` when it names
+    none) filled in under the keys it gives, and ``recipe`` set to the name used (unchanged for an unknown name:
+    the ``recipe`` field reports it)."""
     name = raw.get("recipe")
     if name is None:
-        name = default_recipe(raw.get("task", "lm"))
+        name = default_recipe(raw.get("task", default_task))
     if not isinstance(name, str) or name not in RECIPES:
         return raw
     merged = {**raw, "recipe": name}
@@ -77,6 +84,24 @@ def apply_recipe(raw: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(given, dict) and isinstance(value, dict):
             if key in NAMED_BLOCKS and given.get("name", value.get("name")) != value.get("name"):
                 continue  # another optimizer or schedule: the config's block alone
-            merged[key] = {**copy.deepcopy(value), **given}
+            merged[key] = fill_in(key, value, given)
     return merged
+
+
+def fill_in(block: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` (a config's block) with the ``defaults`` it leaves out; a key it gives in another spelling
+    (``decay`` for ``decay_steps``) replaces the default's, so the config's spelling wins."""
+    spelled = {_spelling(block, k) for k in given}
+    kept = {k: v for k, v in defaults.items() if _spelling(block, k) not in spelled}
+    return {**copy.deepcopy(kept), **given}
+
+
+def _spelling(block: str, key: str) -> str:
+    """What ``key`` of ``block`` sets, whatever its spelling: a schedule's ``decay`` and ``decay_steps`` are one
+    argument (``keel.schedules.config``)."""
+    if block == "schedule":
+        from keel.schedules.config import argument_of
+
+        return argument_of(key)
+    return key
 

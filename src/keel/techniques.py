@@ -18,23 +18,27 @@ micro-batch before the forward pass and returns it, or a replacement), ``on_afte
 is committed); ``on_run_end``. A callback signals with ``should_stop``; the trainer acts. Keys a callback puts in
 ``trainer.step_metrics`` (e.g. ``seq_len``) go into each following step record of ``metrics.jsonl``. Its ``state_dict``
 (tensors and plain containers) is saved in every checkpoint under its unique ``name`` and handed back to
-``load_state_dict`` on resume (before ``on_run_start``).
+``load_state_dict`` on resume (before ``on_run_start``). A callback whose ``on_batch`` changes what a step counts
+(sequence-length warmup) says how in ``project_counts``, so lengths in tokens or examples resolve against what the
+clock will count.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keel.errors import KeelError
+from keel.plugins import discover
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from keel.train.loop import Trainer
+#: What a callback is handed: the trainer (``keel.train.loop.Trainer``), named here without importing it, so that the
+#: registry, which the config imports, depends on nothing of the trainer's (no import circle).
+Trainer = Any
 
 __all__ = ["Callback", "Technique", "check_unique_names", "make_callbacks", "register_technique", "techniques"]
 
@@ -62,6 +66,14 @@ class Callback:
 
     def on_run_end(self, trainer: Trainer, summary: dict[str, Any]) -> None: ...
 
+    def project_counts(self, trainer: Trainer) -> tuple[Callable[[int, tuple[float, float]], tuple[float, float]],
+                                                        int] | None:
+        """How ``on_batch`` changes the examples and tokens the clock counts, for lengths resolved before training
+        (``keel.timeunits.Timeline``): ``(transform(step, (examples, tokens)) -> (examples, tokens), until)`` for
+        the steps before ``until``, or None (the default: it changes nothing). Called once, when the trainer is
+        built, with the callbacks before it already applied to ``trainer.timeline``."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -74,40 +86,46 @@ class Technique:
 
     ``make(block)`` returns the callback for a validated block, or ``None`` when the block leaves it off.
     ``check(block, config)``, if given, checks the block against the rest of the run config when it is loaded
-    (e.g. a length against ``model.block_size``) and raises ``KeelError``.
+    (e.g. a length against ``model.block_size``) and raises ``KeelError``. ``order`` places its callback among the
+    others (lower first, then in the order found): a technique that records what the others put in the run's
+    summary (tracking) goes after them.
     """
 
     key: str
     config: type[BaseModel]
     make: Callable[[Any], Callback | None]
     check: Callable[[Any, Any], None] | None = None
+    order: int = 0
 
 
 _REGISTRY: dict[str, Technique] = {}
-# Modules that register keel's own techniques; imported on first use so that importing keel stays cheap and
-# the technique modules may import the units they wrap without a cycle through keel.config.
-_BUILTIN_MODULES = ("keel.averaging.callbacks", "keel.train.early_stopping", "keel.data.seq_warmup",
-                    "keel.diagnose.update_ratio", "keel.sweep.space", "keel.tracking")
+# keel's own techniques are found by package discovery, other packages' through the entry-point group
+# ``keel.techniques`` (``keel.plugins``), on first use: importing keel stays cheap, and the registry imports no
+# technique (the technique modules import it, and may import the units they wrap without a cycle).
 _loaded = False
 
 
 def register_technique(key: str, config: type[BaseModel], make: Callable[[Any], Callback | None],
-                       check: Callable[[Any, Any], None] | None = None) -> None:
+                       check: Callable[[Any, Any], None] | None = None, order: int = 0) -> None:
     """Register the config block ``key`` and the callback factory of a technique (once per key); ``check(block,
-    config)`` optionally checks the block against the whole run config when it is loaded."""
+    config)`` optionally checks the block against the whole run config when it is loaded; ``order`` places its
+    callback (lower first)."""
     existing = _REGISTRY.get(key)
     if existing is not None and (existing.config is not config or existing.make is not make):
         raise KeelError(f"technique '{key}' is registered twice ({existing.config.__name__} and {config.__name__})")
-    _REGISTRY[key] = Technique(key, config, make, check)
+    _REGISTRY[key] = Technique(key, config, make, check, order)
+    ordered = sorted(_REGISTRY.values(), key=lambda technique: technique.order)  # stable: found order within one
+    _REGISTRY.clear()
+    _REGISTRY.update((technique.key, technique) for technique in ordered)
 
 
 def techniques() -> dict[str, Technique]:
-    """Every registered technique by config key (keel's own ones loaded on first call)."""
+    """Every registered technique by config key, in callback order (keel's own and entry points' loaded on first
+    call)."""
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(module)
+        discover("register_technique", "keel.techniques")
     return _REGISTRY
 
 

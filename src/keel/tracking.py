@@ -273,6 +273,8 @@ class TrackingCallback(Callback):
                    and math.isfinite(value)}
         if record.get("kind") == "event":
             metrics = {f"event_{record.get('event')}": 1.0}
+        elif record.get("kind") == "run":
+            return  # what a start resolved: the tracker has the config, and the file keeps the record
         step = int(record.get("step", 0))
         for tracker in self.trackers.values():
             tracker.log_metrics(metrics, step)
@@ -322,4 +324,5 @@ def _short(value: Any) -> str:
 
 
 register_technique("log", LogConfig,
-                   lambda block: TrackingCallback(block) if block.mlflow.enabled or block.wandb.enabled else None)
+                   lambda block: TrackingCallback(block) if block.mlflow.enabled or block.wandb.enabled else None,
+                   order=100)  # last: it records what the other techniques put in the run's summary

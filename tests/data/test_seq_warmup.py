@@ -49,7 +49,7 @@ def test_lengths_are_multiples_of_8_monotone_and_within_bounds(start, extra, dur
 def test_bad_start_is_one_line_and_nothing_is_written(tmp_path, tiny_overrides, capsys):
     from keel.cli.main import main
 
-    for value, message in (("40", "seq_warmup.start: 40 is above the context (model.block_size 32); allowed: 8 to 32"),
+    for value, message in (("40", "seq_warmup.start: 40 is above the context (32 tokens, task lm); allowed: 8 to 32"),
                            ("4", "seq_warmup.start: 4 is below 8; allowed: 8 to model.block_size")):
         code = main(["train", *tiny_overrides, "seq_warmup.enabled=true", f"seq_warmup.start={value}",
                      "--out", str(tmp_path / "r")])
@@ -157,3 +157,28 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, tiny_overrides, extr
     lengths = {r["step"]: r["seq_len"] for r in read_metrics(run / "metrics.jsonl") if "seq_len" in r}
     assert lengths == {r["step"]: r["seq_len"] for r in read_metrics(reference / "metrics.jsonl") if "seq_len" in r}
     assert len(set(lengths.values())) > 2
+
+
+def test_a_duration_in_tokens_is_reached_by_the_truncated_batches_themselves():
+    """Truncating 8 rows of 64 tokens: the warmup over D steps is the first D whose own steps 0..D-1 (cut as it
+    cuts them) count 20,000 tokens; the timeline then projects each step's cut tokens exactly."""
+    from types import SimpleNamespace
+
+    from keel.data.seq_warmup import SeqWarmupCallback, SeqWarmupConfig, SequenceLengthWarmup
+    from keel.timeunits import Time, Timeline
+
+    block = SeqWarmupConfig(enabled=True, start=8, duration="20ktok", keep_tokens_per_step=False)
+    host = SimpleNamespace(task=SimpleNamespace(block_size=64), config=SimpleNamespace(task="lm"),
+                           timeline=Timeline(Time.steps(1000), lambda step: (8, 8 * 64)))
+    callback = SeqWarmupCallback(block)
+    transform, until = callback.project_counts(host)
+    duration = callback.unit.duration
+
+    def counted(d):
+        warmup = SequenceLengthWarmup(8, 64, d)
+        return sum(8 * warmup(t) for t in range(d))
+
+    assert until == duration and counted(duration) >= 20_000 > counted(duration - 1)
+    assert duration > 20_000 // (8 * 64)  # longer than at full length
+    host.timeline.add_transform(transform, until)
+    assert host.timeline.projected(duration)[1] == counted(duration)

@@ -22,7 +22,7 @@ from typing import Any
 
 from keel import schedules
 from keel.config import set_dotted, validate
-from keel.diagnose.active import PROBE_SETTINGS, Session
+from keel.diagnose.active import Session, probe_settings
 from keel.diagnose.probes import Display, LRRangeCallback, ProbeResult
 
 
@@ -54,7 +54,7 @@ class Synthetic:
               task: Any = None, step_limit: int | None = None, callbacks: tuple = (), eval_interval: int | None = None,
               time_limit: float | None = None, done=None, keep_length: bool = False) -> ProbeResult:
         raw = copy.deepcopy(session.raw)
-        for key, value in {**PROBE_SETTINGS, **overrides}.items():
+        for key, value in {**probe_settings(session.config), **overrides}.items():
             set_dotted(raw, key, value)
         if not keep_length:
             raw["max_steps"] = steps
@@ -65,6 +65,7 @@ class Synthetic:
         ranged = next((c for c in callbacks if isinstance(c, LRRangeCallback)), None)
         clip = config.clip.max_norm if config.clip.mode == "norm" else math.inf
         total = min(step_limit or steps, config.max_steps)
+        eval_steps = config.eval_interval.amount  # set in steps above
         result = ProbeResult(name, lr, total)
         progress = 0.0
         for t in range(total):
@@ -83,7 +84,7 @@ class Synthetic:
             loss = self.floor + self.lr_cost * rate + (self.initial - self.floor) * math.exp(-progress)
             progress += update
             result.losses.append(loss)
-            if (t + 1) % config.eval_interval == 0 or t + 1 == total:
+            if (t + 1) % eval_steps == 0 or t + 1 == total:
                 result.evals.append({"kind": "eval", "step": t + 1, "val_loss": loss + 0.05})
             if done is not None and done(loss):
                 result.reached, result.stopped = True, f"reached its goal at step {t + 1}"

@@ -175,6 +175,11 @@ def step_records(run: Path) -> list[dict]:
     return [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "step"]
 
 
+def run_records(run: Path) -> list[dict]:
+    """What each start of the run resolved (world size, global batch, LR scaling, kernels)."""
+    return [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "run"]
+
+
 def eval_records(run: Path) -> list[dict]:
     return [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "eval"]
 

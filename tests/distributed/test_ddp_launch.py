@@ -11,6 +11,7 @@ from ddp_helpers import (
     assert_bitwise_same_run,
     free_port,
     keel_in_ranks,
+    run_records,
     step_records,
     subprocess_env,
     task_modules_importable,  # noqa: F401  (an autouse fixture)
@@ -98,12 +99,14 @@ def test_lr_scaling_multiplies_every_lr_by_the_global_batch_ratio(tmp_path, caps
            f"-> {0.003 * factor:.6g})" in capsys.readouterr().out
     lrs = [r["lr"] for r in step_records(scaled)]
     assert lrs == pytest.approx([r["lr"] * factor for r in step_records(plain)], rel=1e-12)
-    recorded = yaml.safe_load((scaled / "config.yaml").read_text())["lr_scaling"]
-    assert recorded == {"rule": rule, "base_batch": 8, "global_batch": 16, "factor": pytest.approx(factor),
-                        "lr": pytest.approx(0.003 * factor)}
-    # Resume reads the record back and computes it again from the run's own global batch: the same LRs.
+    # What the scaling resolved to is the run's record, not a change to its config.
+    assert yaml.safe_load((scaled / "config.yaml").read_text())["lr_scaling"] == {"rule": rule, "base_batch": 8}
+    record = run_records(scaled)[0]
+    assert record["global_batch"] == 16 and record["lr_scaling"] == {
+        "rule": rule, "base_batch": 8, "factor": pytest.approx(factor), "lr": pytest.approx(0.003 * factor)}
+    # Resume computes it again from the run's own global batch: the same values, so nothing new is recorded.
     assert main(["train", "--resume", str(scaled), "max_steps=14", "resume_policy=keep_schedule", "--quiet"]) == 0
-    assert yaml.safe_load((scaled / "config.yaml").read_text())["lr_scaling"] == recorded
+    assert run_records(scaled) == [record]
 
 
 def test_lr_scaling_follows_the_world_size(tmp_path):
@@ -112,6 +115,7 @@ def test_lr_scaling_follows_the_world_size(tmp_path):
     keel_in_ranks(2, "train", *TINY_LM, *STEPS, "data.global_batch_size=null", "data.batch_size=8",
                   "lr_scaling.rule=linear", "lr_scaling.base_batch=8", "--out", str(run), "--quiet")
     recorded = yaml.safe_load((run / "config.yaml").read_text())
-    assert recorded["lr_scaling"]["global_batch"] == 16 and recorded["lr_scaling"]["factor"] == 2.0
+    record = run_records(run)[0]
+    assert record["world_size"] == 2 and record["global_batch"] == 16 and record["lr_scaling"]["factor"] == 2.0
     assert recorded["data"]["batch_size"] == 8
     assert max(r["lr"] for r in step_records(run)) == pytest.approx(2 * 0.003)

@@ -74,8 +74,9 @@ def test_config_validation_refuses_what_cannot_fit(monkeypatch):
     with pytest.raises(KeelError, match=needed):
         load_config(overrides=["device=cpu", "model.n_layer=24", "model.n_embd=512", "data.batch_size=16"])
     load_config(overrides=["device=cpu", "model.n_layer=2"])  # the default sizes fit easily
-    load_config(overrides=["device=cpu", "model.n_layer=24", "model.n_embd=512", "data.batch_size=16",
-                           "task=digits"])  # not a GPT
+    load_config(overrides=["device=cpu", "data.batch_size=16", "task=digits"])  # not a GPT: no model block
+    with pytest.raises(KeelError, match="model: a setting of task lm, not of task 'digits'"):
+        load_config(overrides=["device=cpu", "model.n_layer=24", "task=digits"])
 
 
 def test_on_cuda_the_free_gpu_memory_is_checked_and_the_ram_the_build_needs(monkeypatch):

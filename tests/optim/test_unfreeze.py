@@ -26,7 +26,7 @@ def _settings(group):
 @pytest.mark.parametrize("name", list(optim.names()))
 def test_frozen_parameters_are_untouched_until_the_step_then_train_with_their_groups_settings(name):
     model = _model()
-    optimizer = optim.create(name, model, freeze=["0."], unfreeze_at=3, lengths={"total_steps": 10})
+    optimizer = optim.create(name, model, freeze=["0."], unfreeze_at=3, total_steps=10)
     frozen = [model[0].weight, model[0].bias]
     start = [p.detach().clone() for p in frozen]
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
@@ -43,7 +43,7 @@ def test_frozen_parameters_are_untouched_until_the_step_then_train_with_their_gr
     if any(optimizer.state.get(p) for p in model[4].parameters()):  # an optimizer with state (not plain SGD)
         assert all(optimizer.state.get(p) for p in frozen)
     # their groups have the settings they would have had unfrozen
-    reference = optim.create(name, _model(), lengths={"total_steps": 10})
+    reference = optim.create(name, _model(), total_steps=10)
     by_name = {n: _settings(g) for g in reference.param_groups for n in g["param_names"]}
     for group in optimizer.param_groups:
         for param_name in group["param_names"]:

@@ -59,10 +59,10 @@ def test_check_space_tries_each_value_in_the_whole_config():
 
 
 def test_apply_params_sets_dotted_keys_and_drops_the_sweep_blocks():
-    raw = {"task": "digits", "optimizer": {"name": "adamw"}, "sweep": {"optimizer.lr": "uniform(0.1, 1)"},
+    raw = {"task": "lm", "optimizer": {"name": "adamw"}, "sweep": {"optimizer.lr": "uniform(0.1, 1)"},
            "sweep_options": {"trials": 3}}
-    out = apply_params(raw, {"optimizer.lr": 0.5, "model.n_layer": 2})
-    assert out == {"task": "digits", "optimizer": {"name": "adamw", "lr": 0.5}, "model": {"n_layer": 2}}
+    out = apply_params(raw, {"optimizer.lr": 0.5, "model.n_layer": 2})  # model: a block of task lm
+    assert out == {"task": "lm", "optimizer": {"name": "adamw", "lr": 0.5}, "model": {"n_layer": 2}}
     validate(out)
 
 

@@ -77,19 +77,19 @@ def test_a_users_task_is_searched_in_worker_processes(tmp_path, monkeypatch):
 
 
 def test_failed_trials_are_recorded_with_their_reason_and_plotted(tmp_path, capsys):
-    # lr 50 diverges; 3 heads do not divide a width of 128 (a combination the config refuses); the rest trains
-    config = write_config(tmp_path / "c.yaml", {"optimizer.lr": [1e-2, 50.0], "model.n_embd": [96, 128],
-                                                "model.n_head": [3]}, max_steps=20)
+    # lr 50 diverges; a CNN width of 2000 is one the digits task refuses when it is built; the rest trains
+    config = write_config(tmp_path / "c.yaml", {"optimizer.lr": [1e-2, 50.0], "task_args.width": [16, 2000]},
+                          max_steps=20)
     out = tmp_path / "sweep"
     assert main(["sweep", str(config), "--out", str(out)]) == 0
-    rows = {(float(r["optimizer.lr"]), int(r["model.n_embd"])): r for r in read_trials(out / "trials.csv")}
+    rows = {(float(r["optimizer.lr"]), int(r["task_args.width"])): r for r in read_trials(out / "trials.csv")}
     assert len(rows) == 4
-    assert rows[(1e-2, 96)]["state"] == "complete"
-    assert rows[(50.0, 96)]["state"] == "failed"
-    assert any(word in rows[(50.0, 96)]["reason"] for word in ("diverged", "non-finite", "nan", "NaN"))
+    assert rows[(1e-2, 16)]["state"] == "complete"
+    assert rows[(50.0, 16)]["state"] == "failed"
+    assert any(word in rows[(50.0, 16)]["reason"] for word in ("diverged", "non-finite", "nan", "NaN"))
     for lr in (1e-2, 50.0):
-        assert rows[(lr, 128)]["state"] == "failed"
-        assert "model.n_head: 3 does not divide model.n_embd: 128" in rows[(lr, 128)]["reason"]
+        assert rows[(lr, 2000)]["state"] == "failed"
+        assert "task_args.width: 2000; allowed: an int from 1 to 1024" in rows[(lr, 2000)]["reason"]
     assert "failed:" in capsys.readouterr().out
     assert (out / "objective_optimizer.lr.png").is_file() and (out / "best.yaml").is_file()
 

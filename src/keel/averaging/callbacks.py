@@ -24,7 +24,8 @@ from keel.techniques import Callback, register_technique
 
 
 def _steps(trainer, value, key: str) -> int:
-    return trainer.resolve_length(value, key)
+    """A length in time units: the first step at which the run's clock reaches it (``keel.timeunits``)."""
+    return trainer.timeline.steps(value, key)
 
 
 class AveragingCallback(Callback):
@@ -225,7 +226,7 @@ class SnapshotCallback(Callback):
         self.ends: set[int] = set()
 
     def on_run_start(self, trainer) -> None:
-        total = trainer.config.max_steps
+        total = trainer.timeline.total_steps
         if self.config.cycle is not None:
             offset, period = 0, _steps(trainer, self.config.cycle, "snapshot.cycle")
             mult = self.config.cycle_mult

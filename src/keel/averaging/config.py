@@ -1,37 +1,27 @@
 """Typed config blocks for weight averaging in the trainer: `ema`, `polyak`, `swa`, `snapshot`, `average`.
 
 Each block is disabled by default; `keel.averaging.callbacks` registers each block with its trainer callback.
-Lengths (`start`, `every`, `half_life`, ...) accept keel time units: 500 or "500" (steps), "2%" (fraction of
-the run), "3ep" (epochs), "2Mtok" (tokens).
+Lengths (`start`, `every`, `half_life`, ...) accept keel time units: 500 or "500" (steps), "2%" (share of the
+run), "3ep" (epochs), "2Mtok" (tokens), "50kex" (examples), resolved to the first step at which the run's clock
+reaches them.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keel.errors import KeelError
-from keel.timeunits import resolve_steps
+from keel.timeunits import Time
 
-
-def _length_syntax(value: int | str) -> int | str:
-    """A length's syntax, checked when the config is read; its steps are resolved when the run starts. Stand-ins
-    for the run's sizes (a run of 10**12 steps, 1 step per epoch, 10**12 tokens per step) let through every length
-    a run can have, and refuse malformed, negative and endless ones."""
-    try:
-        resolve_steps(value, name="", total_steps=10**12, steps_per_epoch=1, tokens_per_step=10**12)
-    except KeelError as error:
-        raise ValueError(str(error).removeprefix(": ")) from None
-    return value
-
-
-Length = Annotated[int | str, AfterValidator(_length_syntax)]
+#: A length in keel's time units, parsed when the config is read; its steps are resolved when the run starts.
+Length = Time
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 
 
 class _AveragingBlock(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     enabled: bool = Field(False, description="Turn this averaging on.")
     device: str | None = Field(

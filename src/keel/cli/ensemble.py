@@ -62,6 +62,7 @@ def resolve_members(members: list[str], weights: str) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     from keel.averaging.ensemble import ensemble_accuracy, ensemble_log_probs
+    from keel.task_registry import task_spec
     from keel.train.scoring import ValidationScorer, find_run_config
 
     files = resolve_members(args.members, args.weights)
@@ -74,10 +75,11 @@ def run(args: argparse.Namespace) -> int:
             raise KeelError(f"--config: none given and no config.yaml found beside {str(file)!r}")
         if config_path not in scorers:
             scorer = ValidationScorer.from_config_file(config_path, device=args.device)
-            shared = (scorer.config.task, scorer.config.task_args, scorer.config.data.model_dump(),
-                      scorer.config.model.block_size)
+            spec = task_spec(scorer.config.task)
+            context = spec.context_length(scorer.config) if spec is not None and spec.context_length else None
+            shared = (scorer.config.task, scorer.config.task_args, scorer.config.data.model_dump(), context)
             if reference is not None and shared != reference:
-                raise KeelError(f"ensemble: {str(config_path)!r} has another task, data or model.block_size than "
+                raise KeelError(f"ensemble: {str(config_path)!r} has another task, data or context length than "
                                 "the first member's run; members must be scored on the same validation data")
             reference = shared
             scorers[config_path] = scorer

@@ -7,10 +7,12 @@ without training anything. A SPEC is one of:
   (values are YAML scalars or flow lists: ``multistep,milestones=[300,600]``);
 * a YAML mapping such as ``"{name: join, schedules: [constant, cosine], boundaries: [10%]}"``;
 * a YAML file holding such a mapping, or a run config file (its ``schedule``, ``optimizer.lr``
-  and ``max_steps`` are used unless ``--lr`` / ``--steps`` are given).
+  and run length are used unless ``--lr`` / ``--steps`` are given; lengths in epochs, tokens and
+  examples resolve as the trainer resolves them, from the task's counts).
 
 With no SPEC the schedule of the default run config is shown. Keys and time units are those of the
-``schedule`` block of the run config (docs/schedules.md).
+``schedule`` block of the run config (docs/schedules.md); for a SPEC, ``--tokens-per-step``,
+``--examples-per-step`` and ``--steps-per-epoch`` say what a step counts.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import yaml
 
 from keel.errors import KeelError
 from keel.schedules import from_config, parse_spec
-from keel.timeunits import SYNTAX, resolve_steps
+from keel.timeunits import SYNTAX, Time, Timeline
 
 _PLOT_POINTS = 4000  # at most this many steps are drawn per curve (plus every step in --at)
 
@@ -35,7 +37,7 @@ class _Curve:
     spec: Any
     lr: float | None
     steps: int | None
-    tokens_per_step: int | None = None
+    timeline: Timeline | None = None  # a run config's
 
 
 def add_parser(subparsers) -> None:
@@ -67,8 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="PNG", default="schedule.png", help="PNG to write (default: schedule.png)")
     parser.add_argument("--no-plot", action="store_true", help="print the table only")
     parser.add_argument("--log", action="store_true", help="logarithmic LR axis")
-    parser.add_argument("--steps-per-epoch", type=int, metavar="N", help="for lengths in epochs ('3ep')")
-    parser.add_argument("--tokens-per-step", type=int, metavar="N", help="for lengths in tokens ('2Mtok')")
+    parser.add_argument("--steps-per-epoch", type=float, metavar="N", help="for lengths in epochs ('3ep') of a SPEC")
+    parser.add_argument("--tokens-per-step", type=float, metavar="N", help="for lengths in tokens ('2Mtok') of a SPEC")
+    parser.add_argument("--examples-per-step", type=float, metavar="N",
+                        help="for lengths in examples ('50kex') of a SPEC")
     parser.add_argument("--title", help="plot title")
     parser.add_argument("--dpi", type=int, metavar="N", default=100, help="plot resolution in dots per inch (default: 100)")
 
@@ -95,10 +99,15 @@ def _curves(args: argparse.Namespace) -> list[_Curve]:
 
 
 def _from_run_config(path: Path | None, label: str) -> _Curve:
+    """The schedule of a run config, with the trainer's timeline (its task built, its techniques' projections)."""
+    from keel import tasks
     from keel.config import load_config
+    from keel.techniques import make_callbacks
+    from keel.train.loop import run_timeline
 
     config = load_config(path)
-    return _Curve(label, config.schedule, float(config.optimizer["lr"]), config.max_steps, config.tokens_per_step)
+    timeline = run_timeline(config, tasks.from_config(config), make_callbacks(config))
+    return _Curve(label, config.schedule, float(config.optimizer.lr), timeline.total_steps, timeline)
 
 
 def _default_at(total: int) -> list[int]:
@@ -142,32 +151,20 @@ def run(args: argparse.Namespace) -> int:
     for curve in curves:  # a spec next to a run config gets the run config's length
         curve.steps = curve.steps or total
 
+    def timeline(curve: _Curve | None, steps: int) -> Timeline:
+        if curve is not None and curve.timeline is not None:
+            return curve.timeline.with_duration(Time.steps(steps))
+        return Timeline.at_rate(steps, examples_per_step=args.examples_per_step,
+                                tokens_per_step=args.tokens_per_step, steps_per_epoch=args.steps_per_epoch)
+
     schedules = []
     for i, curve in enumerate(curves):
         key = "schedule" if len(curves) == 1 else f"schedule[{i + 1}]"
-        schedules.append(
-            from_config(
-                curve.spec,
-                base_lr=curve.lr,
-                total_steps=curve.steps,
-                steps_per_epoch=args.steps_per_epoch,
-                tokens_per_step=args.tokens_per_step or curve.tokens_per_step,
-                key=key,
-            )
-        )
+        schedules.append(from_config(curve.spec, base_lr=curve.lr, timeline=timeline(curve, curve.steps), key=key))
 
     if args.at:
-        at = [
-            resolve_steps(
-                part.strip(),
-                name="--at",
-                total_steps=total,
-                steps_per_epoch=args.steps_per_epoch,
-                tokens_per_step=args.tokens_per_step,
-            )
-            for part in args.at.split(",")
-            if part.strip()
-        ]
+        at_timeline = timeline(next((c for c in curves if c.steps == total), None), total)
+        at = [at_timeline.steps(part.strip(), "--at") for part in args.at.split(",") if part.strip()]
     else:
         at = _default_at(total)
 

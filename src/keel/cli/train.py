@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         from keel.train.launch import launch_from_command_line
 
-        return launch_from_command_line(args)
+        config, resume_dir = build_config(args)
+        return launch_from_command_line(args, config, resume_dir)
     from keel import parent_process
     from keel.train import distributed, train
 

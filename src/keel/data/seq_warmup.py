@@ -25,6 +25,12 @@ l(t) = L. Two ways to shorten a batch of B rows of length L to l:
 Both act on each micro-batch alone and commute with splitting a batch into rows, and the trainer divides the
 summed loss by the counted targets after this transform, so gradient accumulation and data parallelism stay
 exact. Evaluation always uses the full context. The length is logged as ``seq_len`` in each step record.
+
+The clock counts what the cut batches hold, and lengths resolved ahead of time (a schedule's warmup in tokens,
+``duration`` itself) see it: truncation projects a step's tokens as l(t) / L of the full batch's, chunking its
+examples as ceil(L / l(t)) times as many rows (exact for the language model's packed windows; for documents
+shorter than l(t), which are not cut, an estimate). A ``duration`` in tokens, examples or epochs is the first D
+at which the steps 0..D-1 of the warmup over D steps reach it.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keel.errors import KeelError
 from keel.grad.accumulate import IGNORE_INDEX
+from keel.task_registry import task_spec
 from keel.techniques import Callback, register_technique
-from keel.timeunits import resolve_steps
+from keel.timeunits import Time, Timeline, whole_count
 
 MULTIPLE = 8  # lengths are multiples of 8 (DeepSpeed's difficulty_step), never below
 TARGET_KEYS = ("targets", "labels")
@@ -148,7 +155,7 @@ def _sequence_length(batch: Any) -> int | None:
 class SeqWarmupConfig(BaseModel):
     """Sequence-length warmup (Li et al. 2022): short sequences first, the full context after ``duration``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     enabled: bool | Literal["auto"] = Field(
         False, description="Turn sequence-length warmup on (true), off (false), or 'auto': on where the task's batches "
@@ -157,8 +164,8 @@ class SeqWarmupConfig(BaseModel):
     )
     start: int = Field(64, description="Sequence length at step 0 (>= 8, at most model.block_size; rounded down "
                        "to a multiple of 8).")
-    duration: int | str = Field("30%", description="Steps until the full context: steps, '30%' of the run, '2ep' or "
-                                "'50Mtok'.")
+    duration: Time = Field("30%", description="Until the full context: steps, '30%' of the run, '2ep', '50Mtok' "
+                           "(tokens as the cut batches count them) or '1Mex'.")
     keep_tokens_per_step: bool = Field(
         True, description="true: rows are cut into chunks of the current length, so the batch grows and the tokens "
         "per step stay constant (Composer); false: rows are truncated and the batch keeps its rows (Li et al.).",
@@ -174,23 +181,22 @@ class SeqWarmupConfig(BaseModel):
             raise KeelError(f"seq_warmup.start: {value} is below {MULTIPLE}; allowed: {MULTIPLE} to model.block_size")
         return value
 
-    @field_validator("duration")
-    @classmethod
-    def _length_syntax(cls, value: int | str) -> int | str:
-        resolve_steps(value, name="seq_warmup.duration", total_steps=1, steps_per_epoch=1, tokens_per_step=1)
-        return value
-
 
 def check_seq_warmup(block: SeqWarmupConfig, config: Any) -> None:
-    """Checks against the rest of the run config, when it is loaded: the start fits the context."""
+    """Checks against the rest of the run config, when it is loaded: the task has sequences, and the start fits
+    their context (a registered task says its context length; other tasks are checked when the run starts)."""
     if block.enabled is not True:  # off, or 'auto': decided by the task at run start
         return
-    if config.task == "digits":
-        raise KeelError("seq_warmup.enabled: task digits has no sequences; allowed: task lm, or a task whose batches "
-                        "are sequences (with a block_size attribute)")
-    if config.task == "lm" and block.start > config.model.block_size:
-        raise KeelError(f"seq_warmup.start: {block.start} is above the context (model.block_size "
-                        f"{config.model.block_size}); allowed: {MULTIPLE} to {config.model.block_size}")
+    spec = task_spec(config.task)
+    if spec is None or spec.context_length is None:
+        return
+    context = spec.context_length(config)
+    if context is None:
+        raise KeelError(f"seq_warmup.enabled: task {config.task} has no sequences; allowed: a task whose batches "
+                        "are sequences (task lm, or a task with a block_size attribute)")
+    if block.start > context:
+        raise KeelError(f"seq_warmup.start: {block.start} is above the context ({context} tokens, task "
+                        f"{config.task}); allowed: {MULTIPLE} to {context}")
 
 
 class SeqWarmupCallback(Callback):
@@ -204,11 +210,17 @@ class SeqWarmupCallback(Callback):
         self._saved: dict[str, Any] | None = None
 
     def check(self, trainer) -> None:
-        """The task has sequences (a block_size) and the warmup fits them: found before the run directory is made."""
-        plan = self._plan(trainer)
-        if plan is not None:
-            SequenceLengthWarmup(plan[0], plan[1], trainer.resolve_length(self.config.duration, "seq_warmup.duration"),
-                                 self.config.pacing, self.config.stages)
+        """The task has sequences (a block_size) and the warmup fits them: found before the run directory is made
+        (the trainer builds the unit when it projects the run's counts, ``project_counts``)."""
+        if self.unit is None:
+            self.unit = self._build(trainer)
+
+    def project_counts(self, trainer):
+        """The warmup resolved against the run's timeline, and how it changes each step's counts until it ends."""
+        self.unit = self._build(trainer)
+        if self.unit is None:
+            return None
+        return self._transform(self.unit), self.unit.duration
 
     def _plan(self, trainer) -> tuple[int, int] | None:
         """(start, full length), or None for 'auto' on a task without sequences."""
@@ -221,21 +233,58 @@ class SeqWarmupCallback(Callback):
                             "allowed: task lm, or a task with a block_size attribute whose batches are sequences")
         return (min(self.config.start, full // MULTIPLE * MULTIPLE) if auto else self.config.start), full
 
-    def on_run_start(self, trainer) -> None:
+    def _build(self, trainer) -> SequenceLengthWarmup | None:
         plan = self._plan(trainer)
         if plan is None:
-            self.unit = None
-            return
+            return None
         start, full = plan
-        duration = trainer.resolve_length(self.config.duration, "seq_warmup.duration")
-        if self._saved is not None and self._saved["duration"] != duration:  # e.g. '30%' of a longer run on resume
+
+        def warmup(duration: int) -> SequenceLengthWarmup:
+            return SequenceLengthWarmup(start, full, duration, self.config.pacing, self.config.stages)
+
+        return warmup(self._duration(trainer.timeline, warmup))
+
+    def _transform(self, unit: SequenceLengthWarmup):
+        """(examples, tokens) of a step of full-length rows -> those of the rows cut to the step's length."""
+        if self.config.keep_tokens_per_step:
+            return lambda step, counts: (counts[0] * -(-unit.full // unit(step)), counts[1])
+        return lambda step, counts: (counts[0], counts[1] * unit(step) / unit.full)
+
+    def _duration(self, timeline: Timeline, warmup) -> int:
+        """``duration`` in steps: as the timeline says for steps (and shares of a run in steps); for a length in
+        examples or tokens the first D at which the steps before D of a warmup over D steps, cut as it cuts them,
+        reach it (found by bisection: the counts grow with D)."""
+        key = "seq_warmup.duration"
+        unit, amount = timeline.amount(self.config.duration, key)
+        full_length = timeline.steps(self.config.duration, key)  # uncut: the warmup cuts counts, never adds
+        if unit == "step" or full_length == 0:
+            return full_length
+        index, target = ("example", "token").index(unit), whole_count(amount)
+
+        def counted(duration: int) -> float:
+            transform = self._transform(warmup(duration))
+            return sum(transform(t, timeline.counts(t))[index] for t in range(duration))
+
+        low, high = full_length, max(full_length, 1)
+        while counted(high) < target:
+            low, high = high, 2 * high
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (middle + 1, high) if counted(middle) < target else (low, middle)
+        return low
+
+    def on_run_start(self, trainer) -> None:
+        if self.unit is None:
+            return
+        if self._saved is not None and self._saved["duration"] != self.unit.duration:  # '30%' of a longer run
             trainer.say(f"seq_warmup: duration kept at {self._saved['duration']} steps from the checkpoint "
-                        f"({self.config.duration!r} now resolves to {duration})")
-            duration = self._saved["duration"]
-        self.unit = SequenceLengthWarmup(start, full, duration, self.config.pacing, self.config.stages)
+                        f"({self.config.duration} now resolves to {self.unit.duration})")
+            self.unit = SequenceLengthWarmup(self.unit.start, self.unit.full, self._saved["duration"],
+                                             self.unit.pacing, self.unit.stages)
         if self._saved is None:
-            trainer.say(f"seq_warmup: sequence length {self.unit(0)} -> {full} over {duration} steps "
-                        f"({self.config.pacing}; {'tokens per step kept' if self.config.keep_tokens_per_step else 'rows kept'})")
+            kept = "tokens per step kept" if self.config.keep_tokens_per_step else "rows kept"
+            trainer.say(f"seq_warmup: sequence length {self.unit(0)} -> {self.unit.full} over {self.unit.duration} "
+                        f"steps ({self.config.pacing}; {kept})")
 
     def on_step_start(self, trainer) -> None:
         if self.unit is not None:

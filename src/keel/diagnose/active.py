@@ -118,6 +118,13 @@ PROBE_SETTINGS: dict[str, Any] = {
 }
 
 
+def probe_settings(config: Any) -> dict[str, Any]:
+    """``PROBE_SETTINGS`` that apply to ``config``: a block its task does not own (a digits run has no ``sample``)
+    is left out."""
+    blocks = {*type(config).model_fields, *(config.model_extra or {})}
+    return {key: value for key, value in PROBE_SETTINGS.items() if key.split(".")[0] in blocks}
+
+
 class Session:
     """One ``keel diagnose --config`` run: the procedures in order, the budget, the findings."""
 
@@ -140,6 +147,9 @@ class Session:
             self.threads_note = f" (threads {threads}: the config sets none)"
         self.user_raw = copy.deepcopy(raw)
         self.config = validate(self.raw)
+        if self.config.max_steps is None:
+            raise KeelError(f"duration: {self.config.duration!r}: keel diagnose plans its probes in steps; allowed: "
+                            "the run length as max_steps")
         self.out = Path(out_dir)
         self.plan = plan or Plan()
         self.display = display or Display()
@@ -217,7 +227,7 @@ class Session:
         self._count += 1
         run_dir = self.out / "probes" / f"{self._count:02d}-{name}"
         raw = copy.deepcopy(self.raw)
-        for key, value in {**PROBE_SETTINGS, **overrides}.items():
+        for key, value in {**probe_settings(self.config), **overrides}.items():
             set_dotted(raw, key, value)
         if not keep_length:
             raw["max_steps"] = steps
@@ -347,7 +357,7 @@ class Session:
             self.diagnosis.skip("overfit one batch", "the budget left is too small",
                                 f"{self.plan.overfit_steps[1]} steps", bad_input=False)
             return
-        lr = float(self.config.optimizer.get("lr", 1e-3))
+        lr = float(self.config.optimizer.lr)
         overrides = {"schedule": {"name": "constant"}, "grad_accum": 1}
         if self._accepts(self.config.optimizer, "weight_decay"):
             overrides["optimizer.weight_decay"] = 0.0
@@ -411,7 +421,7 @@ class Session:
         stability = result.stability(early_steps=early)
         self.config_stability = stability
         self.results["config"] = {**result.summary(), "status": stability.status}
-        lr = float(self.config.optimizer.get("lr", math.nan))
+        lr = float(self.config.optimizer.lr)
         schedule = dict(self.config.schedule)
         evidence = {"steps_run": len(result.steps), "lr": lr, "schedule": schedule.get("name"),
                     "warmup": schedule.get("warmup", 0), **stability.evidence}
@@ -568,7 +578,7 @@ class Session:
             high = min(high, math.sqrt(top * min(above)))
         self.lr_star = lr_star
         self.results["sweep"].update({"lr_star": lr_star, "lr_low": low, "lr_high": high})
-        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        config_lr = float(self.config.optimizer.lr)
         edge = bool(above) and min(above) <= top * 10**0.5 * 1.05
         evidence = {"lr_star": lr_star, "lr_low": low, "lr_high": high, "steps_per_run": steps,
                     "val_loss_at_best": points[top]["val_loss"], "best_grid_lr": top,
@@ -700,7 +710,7 @@ class Session:
             return
         targets: list[tuple[str, float, int | None]] = []
         stability = getattr(self, "config_stability", None)
-        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        config_lr = float(self.config.optimizer.lr)
         if stability is not None and not stability.stable and math.isfinite(config_lr):
             targets.append(("your config's LR", config_lr, None))
             self.unstable_lrs.append(config_lr)
@@ -770,7 +780,7 @@ class Session:
         10,000 steps + 1,000 of warmup = 11,000)."""
         current = self.config.schedule.get("warmup", 0)
         current = current if isinstance(current, int) else 0
-        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        config_lr = float(self.config.optimizer.lr)
         changes: dict[str, Any] = {} if base == config_lr else {"optimizer.lr": base}
         if warmup > current:
             changes["schedule.warmup"] = warmup
@@ -782,7 +792,7 @@ class Session:
         LR, trained as long as the config run (plus the warmup) and compared with the config as it is, the
         baseline, by their best checkpoints (the lowest validation loss of each, not the last)."""
         found = [e for e in getattr(self, "warmups", []) if e["found"] is not None]
-        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        config_lr = float(self.config.optimizer.lr)
         if not any(e["base_lr"] > config_lr for e in found):
             return  # nothing above your LR to compare (a warmup at your LR is checked by the recommended config)
         baseline = getattr(self, "config_result", None)
@@ -858,7 +868,7 @@ class Session:
         unstable = stability is not None and not stability.stable
         winner = getattr(self, "warmup_winner", None)
         found = next((e["found"] for e in getattr(self, "warmups", []) if e["factor"] is None), None)
-        config_lr = float(self.config.optimizer.get("lr", math.nan))
+        config_lr = float(self.config.optimizer.lr)
         if winner is not None:
             changes.update(winner["changes"])
         elif unstable and found is not None:
@@ -938,19 +948,14 @@ class Session:
             from keel.diagnose.plots import sweep_figure
             from keel.diagnose.run import _write_bytes
 
-            lr = self.config.optimizer.get("lr")
+            lr = self.config.optimizer.lr
             _write_bytes(self.out / "lr_sweep.png",
                          sweep_figure(self.results["sweep"], lr if isinstance(lr, float) else None))
 
     @staticmethod
-    def _accepts(optimizer: dict[str, Any], key: str) -> bool:
-        from keel.optim import check_config
-
-        try:
-            check_config({**optimizer, key: 0.0})
-            return True
-        except KeelError:
-            return False
+    def _accepts(optimizer: Any, key: str) -> bool:
+        """Whether the (typed) optimizer block has the hyperparameter ``key``."""
+        return key in optimizer.settings
 
 
 def best_checkpoint(result: ProbeResult) -> tuple[int, float] | None:

@@ -119,5 +119,5 @@ def run_clip_harder(diagnosis: Any, lrs: list[float], step_numbers: list[int], n
     start = clip_start(config.clip, step_numbers[warm] if warm and step_numbers else 0)
     events = sorted((e for f in diagnosis.findings if f.kind in ("instability_early", "instability_sudden")
                      for e in f.evidence.get("events", []) if e["step"] >= start), key=lambda e: e["step"])
-    lr = config.optimizer.get("lr")
+    lr = config.optimizer.lr
     return clip_harder(config.clip, norms, lr if isinstance(lr, (int, float)) else None, events)

@@ -63,7 +63,8 @@ class ProbeTask(Task):
         self.val_batches, self.train_eval_batches = val_batches, train_eval_batches
         self.name = base.name
         self.batches_per_epoch = base.batches_per_epoch
-        self.tokens_per_batch = base.tokens_per_batch
+        self.token_unit = base.token_unit
+        self.batch_counts_vary = base.batch_counts_vary and one_batch is None
         self.num_classes = base.num_classes
         self.last_loss = math.nan
 
@@ -95,6 +96,17 @@ class ProbeTask(Task):
 
     def examples(self, batch: Any) -> int:
         return self.base.examples(batch)
+
+    def tokens(self, batch: Any) -> int:
+        return self.base.tokens(batch)
+
+    def batch_counts(self, index: int, world_size: int = 1) -> tuple[float, float]:
+        if self.one_batch is not None:
+            return self.examples(self.one_batch) * world_size, self.tokens(self.one_batch) * world_size
+        return self.base.batch_counts(index, world_size)
+
+    def epoch(self):
+        return self.base.epoch()
 
     def eval_batches(self, split: str, rank: int = 0, world_size: int = 1):
         if split == "train" and self.one_batch is not None:

@@ -276,7 +276,7 @@ def learning_curves(diagnosis: Diagnosis, records: RunRecords, context: dict[str
     lr_late = signals.level(records.lrs, 1.0, max(3, n // 10)) if lr_values else math.nan
     evidence_shape = {**evidence, "fraction_of_fall_in_first_20pct": first_fifth,
                       "fraction_of_fall_in_last_20pct": last_fifth, "peak_lr": peak_lr, "lr_last": lr_late}
-    lr_now = config.optimizer.get("lr") if config is not None else None
+    lr_now = config.optimizer.lr if config is not None else None
     if first_fifth < 0.35 and last_fifth >= 0.15 and warm < 0.2 * n:
         changes = {"optimizer.lr": _round(float(lr_now) * 3)} if isinstance(lr_now, (int, float)) else {}
         diagnosis.add(Finding(

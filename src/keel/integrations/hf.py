@@ -56,7 +56,7 @@ from keel.grad import Clipper, ClipConfig, NonFiniteConfig, grads_are_finite
 from keel.integrations.scheduler import KeelLRScheduler, optimizer_and_scheduler
 from keel.rundir.layout import AVERAGED_WEIGHTS
 from keel.safetensors_io import SafetensorsReader, write_safetensors
-from keel.timeunits import resolve_steps
+from keel.timeunits import Timeline
 
 __all__ = ["EMA", "SWA", "CheckpointAverage", "Clip", "KeelLRScheduler", "NonFinite", "Polyak", "UpdateRatio",
            "applied_steps", "keel_optimizers"]
@@ -93,7 +93,7 @@ def _steps(state, value: int | str, key: str) -> int:
     total = state.max_steps if state.max_steps and state.max_steps > 0 else None
     epochs = getattr(state, "num_train_epochs", 0) or 0
     per_epoch = max(1, math.ceil(total / epochs)) if total and epochs else None
-    return resolve_steps(value, name=key, total_steps=total, steps_per_epoch=per_epoch)
+    return Timeline.at_rate(total, steps_per_epoch=per_epoch).steps(value, key)
 
 
 def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -58,7 +58,7 @@ from keel.grad import Clipper, ClipConfig, LossSpikeDetector, NonFiniteConfig, S
 from keel.integrations.scheduler import KeelLRScheduler, make_schedule, optimizer_and_scheduler
 from keel.rundir.layout import AVERAGED_WEIGHTS
 from keel.safetensors_io import write_safetensors
-from keel.timeunits import resolve_steps
+from keel.timeunits import Timeline
 
 __all__ = ["EMA", "SWA", "CheckpointAverage", "Clip", "GradNorm", "KeelLRScheduler", "NonFinite", "Polyak",
            "SeqLenWarmup", "SpikeRollback", "UpdateRatio", "applied_steps", "keel_optimizers", "keel_scheduler"]
@@ -134,8 +134,8 @@ def _steps(trainer: pl.Trainer, value: int | str, key: str) -> int:
     total = trainer.estimated_stepping_batches
     batches = trainer.num_training_batches
     per_epoch = max(1, int(batches) // trainer.accumulate_grad_batches) if math.isfinite(batches) else None
-    return resolve_steps(value, name=key, total_steps=int(total) if math.isfinite(total) else None,
-                         steps_per_epoch=per_epoch)
+    run = Timeline.at_rate(int(total) if math.isfinite(total) else None, steps_per_epoch=per_epoch)
+    return run.steps(value, key)
 
 
 def _drop_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, callback: KeelCallback) -> None:

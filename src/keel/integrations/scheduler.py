@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from keel import optim, schedules
 from keel.errors import KeelError
+from keel.timeunits import Timeline
 
 __all__ = ["KeelLRScheduler", "base_lr", "make_schedule", "optimizer_and_scheduler", "training_config"]
 
@@ -50,8 +51,8 @@ def make_schedule(optimizer: torch.optim.Optimizer, schedule: Any, total_steps: 
     the optimizer's base LR unless it sets ``lr``. ``total_steps`` is the run length in optimizer updates."""
     total = _total(total_steps, "total_steps")
     if isinstance(schedule, (Mapping, str)):
-        return schedules.from_config(schedule, base_lr=base_lr(optimizer), total_steps=total,
-                                     steps_per_epoch=steps_per_epoch, key="schedule")
+        return schedules.from_config(schedule, base_lr=base_lr(optimizer), key="schedule",
+                                     timeline=Timeline.at_rate(total, steps_per_epoch=steps_per_epoch))
     if not callable(schedule):
         raise KeelError(f"schedule: {schedule!r} is not a schedule; allowed: a keel schedule (a function step -> lr) "
                         "or a schedule mapping such as {'name': 'cosine', 'warmup': 5}")
@@ -164,7 +165,7 @@ def optimizer_and_scheduler(model: torch.nn.Module, config: Any, total_steps: in
     if total is None:
         raise KeelError("total_steps: not given and the config has no max_steps; allowed: total_steps=N (the run "
                         "length in optimizer updates) or max_steps in the config")
-    lengths = {"total_steps": total, "steps_per_epoch": steps_per_epoch}
-    optimizer = optim.from_config(config.optimizer, model, lengths=lengths)
+    timeline = Timeline.at_rate(total, steps_per_epoch=steps_per_epoch)  # the host trainer's steps and epochs
+    optimizer = optim.from_config(config.optimizer, model, timeline=timeline)
     schedule = make_schedule(optimizer, config.schedule, total, steps_per_epoch)
     return optimizer, KeelLRScheduler(optimizer, schedule)

@@ -17,7 +17,8 @@ from keel.optim.param_groups import (
     parameter_categories,
     unfreeze,
 )
-from keel.optim.registry import OptimizerSpec, check_config, create, from_config, get, names, register
+from keel.optim.registry import (OptimizerConfig, OptimizerSpec, check_config, chosen_kernels, create, from_config, get,
+                                 names, register)
 from keel.optim.soap import SOAP
 
 __all__ = [
@@ -28,9 +29,11 @@ __all__ = [
     "AdEMAMix",
     "Lion",
     "MuonWithAdamW",
+    "OptimizerConfig",
     "OptimizerSpec",
     "build_param_groups",
     "check_config",
+    "chosen_kernels",
     "create",
     "freeze",
     "from_config",

@@ -83,7 +83,7 @@ class AdEMAMix(MultiTensorOptimizer):
             if isinstance(value, str):
                 raise ValueError(
                     f"{name} must be a number of steps > 0 or None, got {value!r}; "
-                    "keel.optim.create resolves lengths such as '100%' with its `lengths`"
+                    "keel.optim.create resolves lengths such as '100%' with its `total_steps` or `timeline`"
                 )
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be a number of steps > 0 or None, got {value}")

@@ -20,11 +20,11 @@ rule of five ops moves about 2.5x the bytes it must. keel therefore runs each ru
 after 1674 steps for Lion at nanoGPT-char shapes (10.8M elements), 562 for AdEMAMix there, and 96 and 49 steps
 at GPT-2-small shapes (124M): at most 1.8e10 elements x steps. keel compiles when elements x steps of the run
 reach `COMPILE_PAYS_ELEMENT_STEPS` = 5e10, which leaves room for a compile twice as slow as measured. The
-steps are the run's `total_steps` (the trainer, and `keel.optim.create` with `lengths`, pass it) or, unknown,
-`ASSUMED_RUN_STEPS` = 5000, so that an optimizer built without a run length compiles from `FUSED_MIN_NUMEL` =
-10M elements. A C++ compiler must be on the PATH. Small models, short runs and tests never wait for a compiler;
-the previous default (1M elements, regardless of the run) would have needed about 17000 steps to repay a cold
-compile of Lion.
+steps are the run's `total_steps` (the trainer, and `keel.optim.create` with `total_steps` or `timeline`, pass
+it) or, unknown, `ASSUMED_RUN_STEPS` = 5000, so that an optimizer built without a run length compiles from
+`FUSED_MIN_NUMEL` = 10M elements. A C++ compiler must be on the PATH. Small models, short runs and tests never
+wait for a compiler; the previous default (1M elements, regardless of the run) would have needed about 17000 steps
+to repay a cold compile of Lion.
 
 On CUDA a step is far cheaper, so a compile takes more steps to repay: the eager path moves about 52 bytes per
 element for Lion and 116 for AdEMAMix (one pass per foreach op) against 20 and 36 compiled, so at an H200's

@@ -4,7 +4,7 @@ Each record names the optimizer's hyperparameters with their defaults and a chec
 config dict without a model, `create` builds param groups from a model (no weight decay on biases, norms and
 embeddings; LR multipliers; layer-wise LR decay; freezing) and constructs the optimizer. Hyperparameters that are
 lengths (AdEMAMix's warmups) take keel's time units ("500", "100%", "2ep", "1Mtok"; `keel.timeunits`), resolved to
-steps by `create` / `from_config` with the run's `lengths`.
+steps by `create` / `from_config` with the run's `timeline` (or a run of `total_steps`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from torch import nn
 from keel.errors import KeelError
 from keel.optim.param_groups import NO_DECAY_DEFAULT, build_param_groups
 from keel.optim.torch_kernels import choose_kernels, has_sparse_embedding
-from keel.timeunits import SYNTAX, resolve_steps
+from keel.timeunits import SYNTAX, Time, Timeline, stand_in
 
 __all__ = [
     "GROUP_OPTIONS",
-    "LENGTH_KEYS",
+    "OptimizerConfig",
     "OptimizerSpec",
     "check_config",
     "create",
@@ -34,10 +34,6 @@ __all__ = [
     "names",
     "register",
 ]
-
-#: What `lengths` may give to resolve length hyperparameters (the arguments of `keel.timeunits.resolve_steps`).
-LENGTH_KEYS = ("total_steps", "steps_per_epoch", "tokens_per_step")
-
 
 # --- hyperparameter checks: each returns None if the value is allowed, else a description of what is allowed ---
 
@@ -77,11 +73,11 @@ def integer_in(low: int, high: int) -> Callable[[Any], str | None]:
 def length(value: Any) -> str | None:
     """A length of at least one step in keel's time units; only its syntax is checked (the run length may be unknown)."""
     problem = f"a length of at least 1 step: {SYNTAX}"
-    try:  # large stand-ins for the run's lengths: only malformed or zero lengths fail
-        steps = resolve_steps(value, name="", total_steps=10**12, steps_per_epoch=10**12, tokens_per_step=1)
+    try:  # a very long run stands in for the run's: only malformed or zero lengths fail
+        steps = stand_in(Time.steps(10**12)).steps(value, "")
     except KeelError:
         return problem
-    return None if steps >= 1 else problem
+    return None if steps >= 1 and Time.parse(value).amount > 0 else problem
 
 
 def optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
@@ -241,11 +237,12 @@ def _show(value: Any) -> str:
     return "(" + ", ".join(map(str, value)) + ")" if isinstance(value, (list, tuple)) else str(value)
 
 
-def check_config(spec: Mapping[str, Any], key: str = "optimizer") -> dict[str, Any]:
+def check_config(spec: Mapping[str, Any], key: str = "optimizer", note: str = "") -> dict[str, Any]:
     """Validate an optimizer config dict without a model; returns it with every default filled in.
 
     `{"name": "adamw", "lr": 6e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}`. Unknown names and hyperparameters
-    and out-of-range values raise KeelError naming the key, the value and what is allowed.
+    and out-of-range values raise KeelError naming the key, the value and what is allowed; `note` follows the
+    optimizer's name in them (where the name came from, e.g. a recipe).
     """
     if not isinstance(spec, Mapping):
         raise KeelError(f"{key}: {spec!r} is not a mapping; expected e.g. {{name: adamw, lr: 0.001}}")
@@ -254,16 +251,84 @@ def check_config(spec: Mapping[str, Any], key: str = "optimizer") -> dict[str, A
     record = get(spec["name"], key=key)
     _require_available(record, key)
     hparams = {k: v for k, v in spec.items() if k != "name"}
-    return {"name": record.name} | _check_hparams(record, hparams, key)
+    return {"name": record.name} | _check_hparams(record, hparams, key, note)
 
 
-def _check_hparams(record: OptimizerSpec, hparams: Mapping[str, Any], key: str) -> dict[str, Any]:
+class OptimizerConfig(Mapping):
+    """An optimizer block typed once, when the config is validated: the registered optimizer it names (``record``:
+    its hyperparameters, defaults and checks), every hyperparameter checked with its default filled in
+    (``settings``; also as attributes: ``config.optimizer.lr``, ``.betas``), and the block as given (the mapping
+    itself, what config.yaml records: ``config.optimizer["lr"]``, ``dict(config.optimizer)``).
+
+    ``keel.optim.from_config`` builds the optimizer from it without checking it again; the trainer, the schedule,
+    LR scaling and the commands read its ``lr``. What the run resolves from it (a scaled LR, the kernels chosen)
+    goes to the run's records, never back into it.
+    """
+
+    __slots__ = ("record", "settings", "_given")
+
+    def __init__(self, block: Mapping[str, Any], key: str = "optimizer", note: str = ""):
+        checked = check_config(block, key, note)
+        self.record = get(checked["name"], key=key)
+        self.settings: dict[str, Any] = {k: v for k, v in checked.items() if k != "name"}
+        self._given = {"name": self.record.name, **{k: v for k, v in block.items() if k != "name"}}
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    def __getattr__(self, key: str) -> Any:
+        settings = object.__getattribute__(self, "settings")
+        if key in settings:
+            return settings[key]
+        raise AttributeError(f"optimizer {self.name!r} has no hyperparameter {key!r}")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._given[key]
+
+    def __iter__(self):
+        return iter(self._given)
+
+    def __len__(self) -> int:
+        return len(self._given)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, OptimizerConfig):
+            return self._given == other._given
+        return dict(self._given) == other if isinstance(other, Mapping) else NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"OptimizerConfig({self._given!r})"
+
+    def __deepcopy__(self, memo: dict) -> OptimizerConfig:
+        return self  # immutable
+
+    def __copy__(self) -> OptimizerConfig:
+        return self
+
+    def __reduce__(self):
+        return OptimizerConfig, (self._given,)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        """As a pydantic field: a mapping is typed (KeelError naming the key otherwise); dumped as given."""
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_plain_validator_function(
+            lambda value: value if isinstance(value, OptimizerConfig) else OptimizerConfig(value),
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda value: dict(value._given)),
+            json_schema_input_schema=core_schema.dict_schema())
+
+
+def _check_hparams(record: OptimizerSpec, hparams: Mapping[str, Any], key: str, note: str = "") -> dict[str, Any]:
     allowed = ["lr", *record.hparams, *GROUP_OPTIONS]
     out = dict(record.defaults) | {k: v[0] for k, v in GROUP_OPTIONS.items()}
     for name, value in hparams.items():
         if name not in allowed:
             raise KeelError(
-                f"{key}.{name}: not a hyperparameter of {record.name!r}{_closest(str(name), allowed)}"
+                f"{key}.{name}: not a hyperparameter of {record.name!r}{note}{_closest(str(name), allowed)}"
                 f"allowed: {', '.join(allowed)}"
             )
         if name == "lr":
@@ -273,7 +338,7 @@ def _check_hparams(record: OptimizerSpec, hparams: Mapping[str, Any], key: str) 
         else:
             problem = record.hparams[name].check(value)
         if problem is not None:
-            raise KeelError(f"{key}.{name}: {value!r} is not allowed for {record.name!r}; allowed: {problem}")
+            raise KeelError(f"{key}.{name}: {value!r} is not allowed for {record.name!r}{note}; allowed: {problem}")
         out[name] = tuple(value) if isinstance(value, list) and name not in GROUP_OPTIONS else value
     if out["unfreeze_at"] is not None and not out["freeze"] and not out["freeze_depth"]:
         raise KeelError(f"{key}.unfreeze_at: {out['unfreeze_at']!r} is given but nothing is frozen; allowed: with "
@@ -281,32 +346,24 @@ def _check_hparams(record: OptimizerSpec, hparams: Mapping[str, Any], key: str) 
     return out
 
 
-def _resolve_lengths(
-    record: OptimizerSpec, settings: dict[str, Any], key: str, lengths: Mapping[str, Any] | None
-) -> None:
+def _resolve_lengths(record: OptimizerSpec, settings: dict[str, Any], key: str, timeline: Timeline) -> None:
     """Length hyperparameters (given in steps, "100%", "2ep", "1Mtok") to whole steps, in place."""
-    lengths = dict(lengths or {})
-    unknown = sorted(set(lengths) - set(LENGTH_KEYS))
-    if unknown:
-        raise KeelError(f"lengths: {', '.join(unknown)} not known; allowed: {', '.join(LENGTH_KEYS)}")
     for name, hparam in record.hparams.items():
         value = settings.get(name)
         if not hparam.length or value is None:
             continue
-        steps = resolve_steps(value, name=f"{key}.{name}", **lengths)
+        steps = timeline.steps(value, f"{key}.{name}")
         if steps < 1:
-            raise KeelError(
-                f"{key}.{name}: {value!r} is {steps} steps in this run "
-                f"({', '.join(f'{k}={v}' for k, v in lengths.items())}); allowed: a length of at least 1 step, or null"
-            )
+            raise KeelError(f"{key}.{name}: {value!r} is {steps} steps in this run; allowed: a length of at least 1 "
+                            "step, or null")
         settings[name] = steps
 
 
-def _unfreeze_step(value: Any, key: str, lengths: Mapping[str, Any] | None) -> int | None:
+def _unfreeze_step(value: Any, key: str, timeline: Timeline) -> int | None:
     """``unfreeze_at`` in steps of this run (a length in keel's time units), or None."""
     if value is None:
         return None
-    steps = resolve_steps(value, name=f"{key}.unfreeze_at", **dict(lengths or {}))
+    steps = timeline.steps(value, f"{key}.unfreeze_at")
     if steps < 1:
         raise KeelError(f"{key}.unfreeze_at: {value!r} is {steps} steps in this run; allowed: a length of at least "
                         "1 step, or null")
@@ -319,7 +376,8 @@ def create(
     lr: float | None = None,
     *,
     key: str = "optimizer",
-    lengths: Mapping[str, Any] | None = None,
+    total_steps: int | None = None,
+    timeline: Timeline | None = None,
     **hparams: Any,
 ) -> torch.optim.Optimizer:
     """Build the optimizer `name` for a model (param groups built by keel) or for params / param groups.
@@ -330,23 +388,36 @@ def create(
     group dicts, they are passed to the optimizer unchanged (group options are then an error).
 
     Length hyperparameters (AdEMAMix's `alpha_warmup`, `beta3_warmup`, `t_alpha_beta3`) may be given in keel's
-    time units; `lengths` (`total_steps`, `steps_per_epoch`, `tokens_per_step`) resolves them to steps.
+    time units; `timeline` (the trainer's `keel.timeunits.Timeline`) or a run of `total_steps` resolves them.
 
     torch's optimizers get `fused` / `foreach` chosen for the parameters' devices where left null: the fused
     kernel where torch has one (AdamW, Adam and SGD on CPU), else foreach where the device has fast multi-tensor
     kernels, else torch's per-tensor loop (`keel.optim.torch_kernels`); values given are kept. Lion and
-    AdEMAMix with `fused` null compile their update only if the run (`lengths["total_steps"]`, else an assumed
+    AdEMAMix with `fused` null compile their update only if the run (its length in steps, else an assumed
     5000 steps) is long enough to repay the compile (`keel.optim.multi_tensor`).
 
     >>> opt = create("adamw", nn.Linear(4, 2), lr=1e-3, weight_decay=0.1)
-    >>> opt = create("ademamix", nn.Linear(4, 2), alpha_warmup="100%", lengths={"total_steps": 1000})
+    >>> opt = create("ademamix", nn.Linear(4, 2), alpha_warmup="100%", total_steps=1000)
     """
     record = get(name, key=key)
     _require_available(record, key)
     if lr is not None:
         hparams["lr"] = lr
     settings = _check_hparams(record, hparams, key)
-    _resolve_lengths(record, settings, key, lengths)
+    return _build(record, settings, model_or_params, key, total_steps, timeline,
+                  group_options_given={k for k in GROUP_OPTIONS if k in hparams})
+
+
+def _build(record: OptimizerSpec, settings: dict[str, Any], model_or_params: Any, key: str,
+           total_steps: int | None, timeline: Timeline | None, group_options_given: set[str]) -> torch.optim.Optimizer:
+    """The optimizer of ``record`` with checked ``settings`` (every hyperparameter): param groups, lengths in time
+    units, kernels."""
+    settings = dict(settings)
+    if timeline is None:
+        timeline = Timeline.of_steps(total_steps)
+    elif total_steps is None:
+        total_steps = timeline.total_steps
+    _resolve_lengths(record, settings, key, timeline)
     group_settings = {k: settings.pop(k) for k in GROUP_OPTIONS}
     lr = settings.pop("lr")
     if isinstance(model_or_params, nn.Module):
@@ -360,13 +431,12 @@ def create(
             freeze_patterns=group_settings["freeze"],
             freeze_depth=group_settings["freeze_depth"],
             split=split,
-            unfreeze_at=_unfreeze_step(group_settings["unfreeze_at"], key, lengths),
+            unfreeze_at=_unfreeze_step(group_settings["unfreeze_at"], key, timeline),
         )
     else:
-        given = {k for k in GROUP_OPTIONS if k in hparams}
-        if given:
+        if group_options_given:
             raise KeelError(
-                f"{key}: {', '.join(sorted(given))} need a model (nn.Module), not a list of parameters"
+                f"{key}: {', '.join(sorted(group_options_given))} need a model (nn.Module), not a list of parameters"
             )
         groups = list(model_or_params)
         if not groups:
@@ -395,7 +465,7 @@ def create(
             key=key,
         )
     if record.takes_total_steps:
-        settings["total_steps"] = (lengths or {}).get("total_steps")
+        settings["total_steps"] = total_steps
     return record.build(groups, lr=lr, **settings)
 
 
@@ -403,13 +473,27 @@ def from_config(
     spec: Mapping[str, Any],
     model: nn.Module,
     key: str = "optimizer",
-    lengths: Mapping[str, Any] | None = None,
+    total_steps: int | None = None,
+    timeline: Timeline | None = None,
 ) -> torch.optim.Optimizer:
-    """Build the optimizer a config dict describes for `model`: `{"name": "adamw", "lr": 6e-4, ...}`.
+    """Build the optimizer a config block describes for `model`: `{"name": "adamw", "lr": 6e-4, ...}`, or an
+    `OptimizerConfig` (a run config's, checked once when it was validated: built without checking it again).
 
-    `lengths` (`total_steps`, `steps_per_epoch`, `tokens_per_step`; any may be missing or None) resolves length
-    hyperparameters given in time units, e.g. `{"name": "ademamix", "alpha_warmup": "100%"}`.
+    `timeline` (or a run of `total_steps`) resolves length hyperparameters given in time units, e.g.
+    `{"name": "ademamix", "alpha_warmup": "100%"}`.
     """
-    checked = check_config(spec, key=key)
-    given = {k: v for k, v in spec.items() if k != "name"}
-    return create(checked["name"], model, key=key, lengths=lengths, **given)
+    typed = spec if isinstance(spec, OptimizerConfig) else OptimizerConfig(spec, key)
+    _require_available(typed.record, key)
+    group_options = {k for k in GROUP_OPTIONS if k in typed}
+    return _build(typed.record, typed.settings, model, key, total_steps, timeline, group_options)
+
+
+#: Hyperparameters that choose an implementation (a kernel), not the update: what a run records it used.
+KERNEL_HPARAMS = ("fused", "foreach", "adam_fused", "adam_foreach", "batched")
+
+
+def chosen_kernels(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The kernels ``optimizer`` runs with, as built (``fused`` / ``foreach`` chosen for the parameters' devices
+    where the config left them null): for the run's records, not for its config."""
+    defaults = getattr(optimizer, "defaults", {})
+    return {k: defaults[k] for k in KERNEL_HPARAMS if k in defaults and isinstance(defaults[k], (bool, type(None)))}

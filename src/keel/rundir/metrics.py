@@ -7,8 +7,9 @@ Finite floats are written with Python's shortest round-trip repr, so a logged lo
 value.
 
 Every record has a ``kind``: ``"step"`` (a training step), ``"eval"`` (an evaluation: ``val_loss``, ``val_*``),
-``"event"`` (it has an ``"event"`` key: skipped, spike, rollback, stopped, metrics_gap, ...) or ``"diagnostic"`` (a
-periodic measurement of the model written with that kind, e.g. update-to-weight ratios: ``keel.diagnose``).
+``"event"`` (it has an ``"event"`` key: skipped, spike, rollback, stopped, metrics_gap, ...), ``"diagnostic"`` (a
+periodic measurement of the model written with that kind, e.g. update-to-weight ratios: ``keel.diagnose``) or
+``"run"`` (what a start of the run resolved: global batch, LR scaling, the optimizer's kernels; the trainer).
 ``MetricsLog.write`` adds it when the caller did not (``record_kind``); ``read_metrics`` adds it to records of
 older logs.
 
@@ -32,7 +33,7 @@ from typing import Any
 
 from keel.errors import KeelError, naming_the_file
 
-KINDS = ("step", "eval", "event", "diagnostic")
+KINDS = ("step", "eval", "event", "diagnostic", "run")
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 

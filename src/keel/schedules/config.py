@@ -10,7 +10,8 @@ arguments of its function in :mod:`keel.schedules`. Rules, in the order they app
   for ``decay_steps``, ``total`` for ``total_steps``).
 * Every length (``total_steps``, ``decay_steps``, ``interval``, ``period``, ``milestones``,
   ``boundaries``, ``step_start``, ...) takes time units: steps, ``"2%"`` of the whole run,
-  ``"3ep"``, ``"2Mtok"`` (:mod:`keel.timeunits`).
+  ``"3ep"``, ``"2Mtok"``, ``"50kex"`` (:mod:`keel.timeunits`), resolved to the first step at which
+  the run's clock reaches them (``timeline``; a schedule stays a pure function of the step).
 * ``warmup`` (with optional ``warmup_init_lr`` and ``warmup_shape``) on a schedule that has no
   warmup of its own puts :func:`~keel.schedules.warmup` in front of it; the schedule then spans the
   rest of the run: its ``total_steps`` defaults to ``run length - warmup``, so a cosine with
@@ -38,7 +39,7 @@ import yaml
 from keel.errors import KeelError
 from keel.schedules import combinators, decays, plateau
 from keel.schedules.base import check_lr
-from keel.timeunits import SYNTAX, resolve_steps
+from keel.timeunits import SYNTAX, Time, Timeline
 
 __all__ = ["from_config", "parse_spec", "SCHEDULES"]
 
@@ -80,38 +81,23 @@ _GENERIC_WARMUP = ("warmup", "warmup_init_lr", "warmup_shape")
 _GENERIC_WRAP = ("step_start", "step_duration", "minimum")
 
 
-@dataclass(frozen=True)
-class _Context:
-    total_steps: int | None
-    steps_per_epoch: int | None
-    tokens_per_step: int | None
-
-    def steps(self, value: Any, name: str) -> int:
-        return resolve_steps(
-            value,
-            name=name,
-            total_steps=self.total_steps,
-            steps_per_epoch=self.steps_per_epoch,
-            tokens_per_step=self.tokens_per_step,
-        )
-
-
 def from_config(
     spec: Mapping[str, Any] | str,
     *,
     base_lr: float,
     total_steps: int | None = None,
-    steps_per_epoch: int | None = None,
-    tokens_per_step: int | None = None,
+    timeline: Timeline | None = None,
     key: str = "schedule",
 ) -> Callable[[int], float]:
     """Build a schedule from a config spec such as ``{"name": "cosine", "warmup": "2%", "min_lr": 1e-5}``.
 
     ``base_lr`` is the optimizer's peak LR (a spec may override it with ``lr``); ``total_steps`` is
-    the run length, needed for fractions (``"2%"``) and for decays whose length defaults to the run.
-    Errors are :class:`~keel.errors.KeelError` naming ``<key>.<field>``, the value and what is allowed.
-    The result is a function of the step; for ``plateau`` it also has ``observe(metric)``,
-    ``state_dict()`` and ``load_state_dict(state)``. See the module docstring for the rules.
+    the run length in steps, needed for shares of the run (``"2%"``) and for decays whose length
+    defaults to the run. ``timeline`` (:class:`keel.timeunits.Timeline`, the trainer's) resolves
+    lengths in epochs, tokens and examples to steps, and gives the run length when ``total_steps``
+    is not given. Errors are :class:`~keel.errors.KeelError` naming ``<key>.<field>``, the value and
+    what is allowed. The result is a function of the step; for ``plateau`` it also has
+    ``observe(metric)``, ``state_dict()`` and ``load_state_dict(state)``. See the module docstring.
     """
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)):
         raise KeelError(f"{key}.lr: the optimizer's learning rate {base_lr!r} is not a number")
@@ -120,8 +106,26 @@ def from_config(
         isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
     ):
         raise KeelError(f"{key}: the run length {total_steps!r} is not allowed; must be a whole number of steps >= 1")
-    context = _Context(total_steps, steps_per_epoch, tokens_per_step)
-    return _build(spec, key, lr, total_steps, context, top=True)
+    if timeline is None:
+        timeline = Timeline.of_steps(total_steps)
+    elif total_steps is not None:
+        timeline = timeline.with_duration(Time.steps(total_steps))
+    else:
+        total_steps = timeline.total_steps
+    return _build(spec, key, lr, total_steps, _Context(timeline), top=True)
+
+
+@dataclass(frozen=True)
+class _Context:
+    timeline: Timeline
+
+    def steps(self, value: Any, name: str) -> int:
+        return self.timeline.steps(value, name)
+
+
+def argument_of(field: str) -> str:
+    """The argument a spec field sets, however it is spelled: ``decay`` and ``decay_steps`` are ``decay``."""
+    return field.removesuffix("_steps") if isinstance(field, str) else field
 
 
 def _lookup(name: Any, key: str) -> tuple[str, _Entry]:

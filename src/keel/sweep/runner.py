@@ -42,7 +42,7 @@ from keel.config import read_yaml, validate
 from keel.errors import KeelError
 from keel.sweep.space import SweepOptions, check_space, space_of
 from keel.sweep.study import Stage, Say, grid_size, run_stage
-from keel.timeunits import resolve_steps
+from keel.timeunits import Timeline
 
 SWEEP_FILE = "sweep.yaml"
 PRESETS = ("coarse-to-fine", "restarts")
@@ -198,9 +198,12 @@ def _finish_line(root: Path, best: dict[str, Any] | None, stage: Stage, say: Say
             f"best.yaml (keel train {root}/best.yaml), objective_*.png, history.png")
 
 
-def budget_steps(spec: dict[str, Any], max_steps: int) -> int:
+def budget_steps(spec: dict[str, Any], max_steps: int | None) -> int:
     options = SweepOptions(**spec["options"])
-    steps = resolve_steps(options.budget, name="sweep_options.budget", total_steps=max_steps)
+    if max_steps is None:
+        raise KeelError("duration: keel sweep's presets plan their stages in steps; allowed: the run length as "
+                        "max_steps")
+    steps = Timeline.of_steps(max_steps).steps(options.budget, "sweep_options.budget")
     if not 1 <= steps < max_steps:
         raise KeelError(f"sweep_options.budget: {options.budget!r} is {steps} steps of a {max_steps}-step run; "
                         "allowed: a short budget of at least 1 step and fewer than max_steps (e.g. '20%')")

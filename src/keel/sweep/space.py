@@ -25,6 +25,7 @@ import random
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -221,13 +222,17 @@ def _resolve(parts: list[str], model: type[BaseModel], prefix: str) -> Any:
     """The annotation of the field ``parts`` names under ``model`` (``Any`` inside free-form dicts)."""
     from keel.techniques import techniques
 
-    fields = dict(model.model_fields)
+    fields = {name: field.annotation for name, field in model.model_fields.items()}
     extra = {}
     if prefix == "":
+        from keel.config import task_blocks
+
         extra = {name: t.config for name, t in techniques().items() if name not in _NOT_SEARCHABLE}
+        for name, (_, block) in task_blocks().items():  # a task's blocks (model.n_embd), its data keys (data.source)
+            (fields if name in fields else extra)[name] = block
     name = parts[0]
     if name in fields:
-        annotation = fields[name].annotation
+        annotation = fields[name]
     elif name in extra:
         annotation = extra[name]
     else:
@@ -240,7 +245,8 @@ def _resolve(parts: list[str], model: type[BaseModel], prefix: str) -> Any:
         return annotation
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return _resolve(parts[1:], annotation, f"{prefix}{name}.")
-    if typing.get_origin(annotation) is dict or annotation is dict:
+    if typing.get_origin(annotation) is dict or annotation is dict or (
+            isinstance(annotation, type) and issubclass(annotation, Mapping)):  # the typed optimizer block
         return Any  # optimizer, schedule, task_args: their keys are checked with the whole config (check_space)
     raise KeelError(f"sweep.{prefix}{'.'.join(parts)}: '{prefix}{name}' holds a value, not keys; allowed: "
                     f"sweep.{prefix}{name}")

@@ -48,6 +48,7 @@ import yaml
 from keel.errors import KeelError
 from keel.sweep.space import Distribution, SweepOptions, apply_params, parse_distribution
 from keel.techniques import Callback
+from keel.timeunits import Timeline
 
 STAGE_FILE = "stage.yaml"
 STORAGE_FILE = "study.db"
@@ -250,10 +251,11 @@ def make_pruner(stage: Stage, config: Any):
     kind = stage.settings.pruner
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=stage.settings.prune_startup, n_warmup_steps=0)
+    eval_steps = Timeline.of_steps(config.max_steps).steps(config.eval_interval, "eval_interval")
     if kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=config.eval_interval)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_steps)
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=config.eval_interval,
+        return optuna.pruners.HyperbandPruner(min_resource=eval_steps,
                                               max_resource=stage.stop_at or config.max_steps)
     return optuna.pruners.NopPruner()
 

@@ -1,6 +1,7 @@
 """Tasks: what the trainer trains. ``task: lm`` (default), ``task: digits``, or ``task: package.module:factory``.
 
-A factory named by import path is called with ``task_args`` as keyword arguments and returns a ``Task`` (for
+Tasks with a name are registered (``keel.task_registry``) with the config blocks they own and their recipe. A
+factory named by import path is called with ``task_args`` as keyword arguments and returns a ``Task`` (for
 plain PyTorch objects, ``PlainTask(model, train_data, val_data, loss_fn)``).
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,35 +16,19 @@ from typing import Any
 from keel.errors import KeelError
 from keel.tasks.base import Task, batch_examples, check_loss, check_model, expected_initial_loss, move_to_device
 from keel.tasks.plain import PlainTask
+from keel.task_registry import PYTHON_TASK, TaskSpec, check_task_name, register_task, task_spec, task_specs
 
-BUILTIN_TASKS = ("lm", "digits")
-#: What ``config.yaml`` records for a task handed to ``train()`` as a Python object: it cannot be rebuilt from the
-#: config, so commands that rebuild tasks (``keel average --eval``, ``--resume`` from the command line) say so.
-PYTHON_TASK = "python"
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
-
-__all__ = ["BUILTIN_TASKS", "PlainTask", "Task", "batch_examples", "check_loss", "check_model",
-           "expected_initial_loss", "from_config", "move_to_device", "resolve_factory"]
-
-
-def check_task_name(name: str) -> str:
-    """Syntax of the ``task`` key (whether the factory imports is checked when the task is built)."""
-    if name in BUILTIN_TASKS or name == PYTHON_TASK or _IMPORT_PATH.match(name):
-        return name
-    raise KeelError(f"task: {name!r} is not a task; allowed: {', '.join(BUILTIN_TASKS)}, or an import path "
-                    "'package.module:factory'")
+__all__ = ["PYTHON_TASK", "PlainTask", "Task", "TaskSpec", "batch_examples", "check_loss", "check_model",
+           "expected_initial_loss", "from_config", "move_to_device", "register_task", "resolve_factory", "task_spec",
+           "task_specs"]
 
 
 def resolve_factory(name: str):
     """The class or function that builds task ``name``."""
-    if name == "lm":
-        from keel.tasks.lm import LanguageModelTask
-
-        return LanguageModelTask
-    if name == "digits":
-        from keel.tasks.digits import DigitsTask
-
-        return DigitsTask
+    spec = task_spec(name)
+    if spec is not None:
+        module_name, _, attribute = spec.factory.partition(":")
+        return getattr(importlib.import_module(module_name), attribute)
     if name == PYTHON_TASK:
         raise KeelError("task: 'python': this run's task was passed to keel.train() as a Python object and cannot be "
                         "rebuilt from its config; allowed: pass the same task again in Python, or name a factory "

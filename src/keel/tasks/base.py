@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from keel.errors import KeelError
-
-if TYPE_CHECKING:
-    from keel.config import TrainConfig
+from keel.timeunits import Time
 
 __all__ = ["Task", "batch_examples", "move_to_device"]
 
@@ -34,17 +32,23 @@ class Task:
 
     Methods a task must provide: ``build_model``, ``train_batch``, ``count``, ``loss``, ``eval_batches`` and the
     ``batches_per_epoch`` attribute. The rest have defaults.
+
+    What the trainer's clock counts comes from the task: ``examples(batch)`` and ``tokens(batch)`` of every batch
+    trained on (the target positions that contribute to the loss), summed over ranks.
     """
 
     name: str = "task"
     batches_per_epoch: int = 1
-    #: Targets a full training micro-batch holds (tokens for a language model, examples otherwise): the nominal
-    #: count that time units in tokens ('2Mtok') resolve with. The clock counts what batches actually hold.
-    tokens_per_batch: int = 1
+    #: Whether ``batch_counts`` changes from one index to the next (the language model's length buckets); if not,
+    #: lengths in tokens and examples resolve in closed form.
+    batch_counts_vary: bool = False
+    #: The word for what ``tokens`` counts, in messages, throughput and plots: a language model's ``tokens``,
+    #: another task's ``targets``.
+    token_unit: str = "targets"
     #: Number of classes (or vocabulary entries) of a classifier's output, for the expected initial loss ln(C).
     num_classes: int | None = None
 
-    def bind(self, config: TrainConfig) -> Task:
+    def bind(self, config: Any) -> Task:
         """Take the run's settings (batch size, seed, data options) before use; returns the task itself."""
         return self
 
@@ -56,8 +60,32 @@ class Task:
         raise NotImplementedError
 
     def count(self, batch: Any) -> int:
-        """How many terms ``loss`` sums over for ``batch`` (tokens that are not padding, or examples)."""
+        """How many terms ``loss`` sums over for ``batch`` (tokens that are not padding, or examples): the trainer
+        divides the summed loss of a global batch by the summed count."""
         raise NotImplementedError
+
+    def tokens(self, batch: Any) -> int:
+        """Tokens (target positions) ``batch`` trains on: what the clock's ``tokens``, throughput and lengths in
+        tokens ('2Mtok') count. Default: ``count(batch)``, the loss's terms."""
+        return self.count(batch)
+
+    def batch_counts(self, index: int, world_size: int = 1) -> tuple[float, float]:
+        """(examples, tokens) of training micro-batch ``index`` over ``world_size`` ranks, as the clock will count
+        them, projected before training: keel resolves lengths in examples, tokens and epochs to steps with it
+        (``keel.timeunits.Timeline``). Default: the counts of micro-batch 0 (built once), for every index: exact
+        when every batch holds as many examples and targets; where counts vary with the data (padding, ignored
+        targets) a task may override it with its own projection."""
+        cache = self.__dict__.setdefault("_batch0_counts", {})
+        if world_size not in cache:
+            batches = [self.train_batch(0, rank, world_size) for rank in range(world_size)]
+            cache[world_size] = (sum(self.examples(b) for b in batches), sum(self.tokens(b) for b in batches))
+        return cache[world_size]
+
+    def epoch(self) -> Time | None:
+        """One epoch as the clock counts it (``'3ep'`` is three of these): a ``keel.timeunits.Time`` in examples or
+        tokens, or None for a task without epochs. Default: the examples of ``batches_per_epoch`` micro-batches of
+        one rank, as ``batch_counts`` projects them."""
+        return Time(self.batches_per_epoch * self.batch_counts(0, 1)[0], "example")
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The loss of ``model`` on ``batch``, summed (not averaged) over its ``count(batch)`` terms."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from keel.errors import KeelError
 from keel.tasks.plain import PlainTask
+from keel.task_registry import TaskSpec, register_task
 
 SPLIT_SEED = 0
 
@@ -93,3 +94,7 @@ class DigitsTask(PlainTask):
         return [f"data: scikit-learn's 8x8 handwritten digits, {shown}; train {len(self.train_data):,} / val "
                 f"{len(self.val_data):,} images; chance accuracy {1 / self.num_classes:.3f}, "
                 f"initial loss ln({self.num_classes}) = {np.log(self.num_classes):.4f}"]
+
+
+register_task(TaskSpec("digits", "keel.tasks.digits:DigitsTask", "scikit-learn's 8x8 handwritten digits, a small CNN",
+                       context_length=lambda config: None))

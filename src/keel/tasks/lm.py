@@ -17,25 +17,228 @@ The model is keel's GPT (``model.n_layer`` ...) unless ``model.hf_config`` (a tr
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
+from keel.config import DataConfig
 from keel.data import (BucketSampler, RandomWindowSampler, document_spans, load_tokens, padded_batch,
-                       sequential_buckets, sequential_windows, unigram_cross_entropy)
+                       sequential_buckets, sequential_windows, train_token_count, unigram_cross_entropy)
+from keel.data.corpora import BUILTIN_CORPORA
 from keel.errors import KeelError
 from keel.grad import count_tokens
 from keel.grad.accumulate import IGNORE_INDEX
 from keel.models import GPT, GPTConfig, lm_loss_sum, sample_tokens
 from keel.tasks.base import Task
+from keel.task_registry import TaskSpec, register_task
+from keel.timeunits import Time
+
+# Hard bounds on sizes, far above any run this toolkit is for, so an absurd value fails here with its key rather
+# than as a failed allocation or a hang; what fits in memory is checked against the machine (check_lm).
+MAX_LAYERS = 1024
+MAX_WIDTH = 65536
+MAX_BLOCK_SIZE = 1 << 24
+MAX_EVAL_TOKENS = 10**12
+MAX_SAMPLE_TOKENS = 1 << 16
+
+
+# ---------------------------------------------------------------------------------------------- settings
+# The blocks task lm owns in a run config: data (beside the core data keys), model and sample.
+
+class LMDataConfig(DataConfig):
+    """The language model's data: where the tokens come from, how they are tokenized and batched (documents,
+    tokenizers, packing: docs/data.md); beside the core data keys (batch_size, val_fraction, ...)."""
+
+    source: str = Field(
+        "pydoc",
+        description="'pydoc' (CPython's reference topics), 'stdlib' (the standard library's source), a text "
+        "file, a folder of text files (one document each), a .jsonl file (one document per line), "
+        "'hf:FORMAT:PATH' (local files through Hugging Face datasets, e.g. hf:json:data/*.jsonl), a .bin uint16 "
+        "token file, or a folder with train.bin and val.bin.",
+    )
+    vocab_size: int | None = Field(
+        None, ge=2, description="Vocabulary size of a token file (default: largest id + 1) or of a tokenizer "
+        "(default: its own); byte text is 256 (257 with an end-of-document token).",
+    )
+    eval_tokens: int = Field(65536, ge=1, le=MAX_EVAL_TOKENS,
+                             description="Validation tokens per evaluation (from the split's start; at most 10**12).")
+    text_field: str = Field("text", description="The field holding the text in JSONL lines and hf: datasets.")
+    tokenizer: str | dict[str, int] = Field(
+        "bytes", description="'bytes' (no training), {bpe: VOCAB} (a byte-level BPE trained on the training split "
+        "with Hugging Face tokenizers, cached under cache_dir), or the path of a tokenizer.json.",
+    )
+    packing: bool = Field(
+        True, description="true: documents are concatenated into full windows (keel's behaviour); false: one "
+        "document per sequence, cut at the context length, batched by length under batch_tokens.",
+    )
+    batch_tokens: int | None = Field(
+        None, ge=1, description="With packing false: padded tokens per micro-batch (rows x longest row; default "
+        "batch_size x model.block_size); sequences of similar length share a batch.",
+    )
+    long_documents: Literal["split", "truncate"] = Field(
+        "split", description="With packing false: a document longer than the context is split into several "
+        "sequences ('split') or cut to its first ('truncate').",
+    )
+    eod: bool | None = Field(
+        None, description="End-of-document token after each document. null: on for BPE and tokenizer files that "
+        "have one, and for bytes without packing (vocabulary 257, id 256); off for packed bytes (keel's byte "
+        "stream, vocabulary 256).",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where trained tokenizers and tokenized data are cached (default: $KEEL_CACHE_DIR or "
+        "~/.cache/keel).",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, value: str) -> str:
+        from keel.data.documents import is_hf_source, parse_hf_source
+
+        if is_hf_source(value):
+            parse_hf_source(value)
+        elif value not in BUILTIN_CORPORA and not Path(value).expanduser().exists():
+            raise ValueError(
+                f"'{value}' does not exist; allowed: {', '.join(BUILTIN_CORPORA)}, a text file, a folder of "
+                "text files, a .jsonl file, hf:FORMAT:PATH, a .bin uint16 token file, or a folder with train.bin "
+                "and val.bin"
+            )
+        return value
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_syntax(cls, value: str | dict[str, int]) -> str | dict[str, int]:
+        from keel.data.tokenizer import BPE_MIN_VOCAB
+
+        if isinstance(value, dict):
+            if set(value) != {"bpe"}:
+                raise KeelError(f"data.tokenizer: {value!r}; allowed: bytes, {{bpe: VOCAB}} or a tokenizer.json path")
+            if value["bpe"] < BPE_MIN_VOCAB:
+                raise KeelError(f"data.tokenizer.bpe: {value['bpe']} is too small a vocabulary for the data (a "
+                                f"byte-level BPE needs the 256 bytes and <|endoftext|>); allowed: at least "
+                                f"{BPE_MIN_VOCAB}")
+        elif value != "bytes" and not Path(value).expanduser().is_file():
+            raise KeelError(f"data.tokenizer: '{value}' is not a file; allowed: bytes, {{bpe: VOCAB}} or the path of "
+                            "a tokenizer.json")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_tokens_without_packing(self) -> "LMDataConfig":
+        if self.batch_tokens is not None and self.packing:
+            raise KeelError(f"data.batch_tokens: {self.batch_tokens} is for data.packing: false (packed windows are "
+                             "data.batch_size x model.block_size); allowed: null, or data.packing: false")
+        return self
+
+
+class ModelConfig(BaseModel):
+    """The language model of task lm: keel's decoder-only GPT, or a Hugging Face causal LM (extra keel[hf])."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    n_layer: int = Field(4, ge=1, le=MAX_LAYERS, description="Transformer blocks (depth; at most 1024).")
+    n_head: int = Field(4, ge=1, le=MAX_WIDTH, description="Attention heads; must divide n_embd.")
+    n_embd: int = Field(128, ge=1, le=MAX_WIDTH, description="Width of the residual stream (at most 65536).")
+    block_size: int = Field(128, ge=2, le=MAX_BLOCK_SIZE, description="Context length in tokens (at most 2**24, "
+                            "and shorter than the training split).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
+    bias: bool = Field(True, description="Biases in linear layers and layer norms.")
+    norm_position: Literal["pre", "post", "residual"] = Field(
+        "pre", description="Where each block's LayerNorm sits: 'pre' x + f(Norm(x)) (GPT-2), 'post' Norm(x + f(x)) "
+        "(original Transformer), 'residual' x + Norm(f(x)) (Tuning Playbook: norm as the last operation of the "
+        "residual branch).",
+    )
+    zero_init_residual: bool = Field(
+        False, description="Gate each residual branch by a learned scalar initialised to 0 (ReZero): every block "
+        "starts as the identity.",
+    )
+    hf_config: dict[str, Any] | None = Field(
+        None, description="A transformers config of a causal LM to build instead of the GPT (randomly initialised), "
+        "e.g. {model_type: gpt2, n_layer: 2, n_embd: 64, n_head: 2}; vocab_size defaults to the data's.",
+    )
+    hf_pretrained: str | None = Field(
+        None, description="A local directory written by transformers' save_pretrained, loaded instead of the GPT.",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.hf_config is not None and self.hf_pretrained is not None:
+            raise ValueError("model.hf_config and model.hf_pretrained are both set; allowed: at most one")
+        if (self.hf_config is not None or self.hf_pretrained is not None) and (
+                self.norm_position != "pre" or self.zero_init_residual):
+            raise ValueError("model.norm_position and model.zero_init_residual are options of keel's GPT, not of a "
+                             "Hugging Face model; allowed with hf_config/hf_pretrained: norm_position pre, "
+                             "zero_init_residual false")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_head: {self.n_head} does not divide model.n_embd: {self.n_embd}; "
+                "allowed: a divisor of n_embd"
+            )
+        return self
+
+
+class SampleConfig(BaseModel):
+    """The short text generated at each evaluation."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    prompt: str = Field("The ", description="Fixed prompt the sample continues.")
+    tokens: int = Field(64, ge=0, le=MAX_SAMPLE_TOKENS,
+                        description="Tokens to generate (0 turns samples off; at most 65536).")
+    temperature: float = Field(0.8, gt=0.0, description="Sampling temperature.")
+    top_k: int | None = Field(40, ge=1, description="Sample among the k most likely tokens (null: all).")
+
+
+def check_lm(config: Any) -> None:
+    """Task lm, when its config is loaded: the source exists and holds tokens; with keel's GPT a window fits in the
+    training split, and a step fits in memory (estimated by ``keel.models.memory``, before anything is allocated;
+    a token file's vocabulary, unknown until it is read, counts as ``data.vocab_size`` or else 256, so the estimate
+    stays a lower bound)."""
+    train_tokens = train_token_count(config.data.source, config.data.val_fraction)
+    if config.model.hf_config is not None or config.model.hf_pretrained is not None:
+        return
+    optimizer = config.optimizer.name
+    from keel.models.memory import available_memory, estimate_gpt_training, format_bytes
+
+    block_size = config.model.block_size
+    if block_size + 1 >= train_tokens:
+        raise KeelError(
+            f"model.block_size: {block_size} is too long for the {train_tokens:,} training tokens of data.source "
+            f"'{config.data.source}'; allowed: at most {max(train_tokens - 2, 0):,}, or a larger source"
+        )
+    estimate = estimate_gpt_training(
+        n_layer=config.model.n_layer, n_embd=config.model.n_embd, vocab_size=config.data.vocab_size or 256,
+        block_size=block_size, batch_size=config.data.batch_size, grad_accum=config.grad_accum,
+        precision=config.precision_on(config.device), optimizer=optimizer, bias=config.model.bias,
+    )
+    device = config.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    checks = [(device, estimate.total)]
+    if device != "cpu":
+        checks.append(("cpu", estimate.parameters))  # the model is built on the CPU, then moved
+    for where, needed in checks:
+        available = available_memory(where)
+        if available is not None and needed > available:
+            what = f"({estimate.breakdown()})" if needed == estimate.total else "for the parameters while the " \
+                "model is built"
+            raise KeelError(
+                f"model: about {format_bytes(needed)} needed {what}, {format_bytes(available)} available on "
+                f"{where}; allowed: a smaller model.n_layer/n_embd/block_size or data.batch_size/grad_accum"
+            )
+
+
 
 
 class LanguageModelTask(Task):
     """Causal language modelling: the default task, exactly keel's original trainer behaviour."""
 
     name = "lm"
+    token_unit = "tokens"
 
     def bind(self, config) -> LanguageModelTask:
         self.config = config
@@ -48,7 +251,6 @@ class LanguageModelTask(Task):
         if self.packing:
             self._check_val_window(config)
             self.sampler = RandomWindowSampler(self.data.train, self.block_size, data.batch_size, config.seed)
-            self.tokens_per_batch = data.batch_size * self.block_size
         else:
             self._bind_documents(config)
         self.batches_per_epoch = self.sampler.batches_per_epoch
@@ -81,8 +283,11 @@ class LanguageModelTask(Task):
                             "document of two or more tokens (an empty document set); allowed: documents with text")
         lengths = self.train_spans[:, 1] - 1
         self.sampler = BucketSampler(lengths, self.batch_tokens, config.seed)
-        self.tokens_per_batch = max(1, int(round(lengths.sum() / self.sampler.batches_per_epoch)))
+        self.batch_counts_vary = True
         sorted_lengths, bounds = np.sort(lengths), self.sampler.bounds
+        # a bucket holds the same lengths whichever of equally long sequences it gets: its counts are known
+        self.bucket_rows = np.diff(bounds)
+        self.bucket_tokens = np.add.reduceat(sorted_lengths, bounds[:-1]) if len(bounds) > 1 else np.zeros(0)
         padded = sum(int(sorted_lengths[e - 1]) * int(e - b) for b, e in zip(bounds[:-1], bounds[1:]))
         self.expected_pad_fraction = 1.0 - float(lengths.sum()) / padded
 
@@ -102,6 +307,22 @@ class LanguageModelTask(Task):
 
     def count(self, batch) -> int:
         return count_tokens(batch[1])
+
+    def epoch(self) -> Time:
+        """A pass over the training tokens: packed, the split's tokens (windows are drawn at random, so an epoch is
+        as many targets as the split holds); without packing, the targets of every sequence."""
+        if self.packing:
+            return Time(len(self.data.train), "token")
+        return Time(int(self.bucket_tokens.sum()), "token")
+
+    def batch_counts(self, index: int, world_size: int = 1) -> tuple[float, float]:
+        """Exact: packed, ``batch_size`` windows of ``block_size`` targets per rank; without packing, the rows and
+        the unpadded targets of the bucket each rank draws (known from the lengths alone)."""
+        if self.packing:
+            rows = self.sampler.batch_size * world_size
+            return rows, rows * self.block_size
+        buckets = [int(self.sampler.buckets.locate(index, rank, world_size)[1][0]) for rank in range(world_size)]
+        return (sum(int(self.bucket_rows[b]) for b in buckets), sum(int(self.bucket_tokens[b]) for b in buckets))
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
@@ -231,3 +452,10 @@ def build_hf_model(model_config: Any, vocab_size: int, block_size: int) -> nn.Mo
         raise KeelError(f"model.block_size: {block_size} exceeds the Hugging Face model's {positions} positions; "
                         f"allowed: at most {positions}")
     return model
+
+
+register_task(TaskSpec(
+    "lm", "keel.tasks.lm:LanguageModelTask", "a language model on data.source (keel's GPT or a Hugging Face causal LM)",
+    settings={"data": LMDataConfig, "model": ModelConfig, "sample": SampleConfig}, recipe="fast", check=check_lm,
+    context_length=lambda config: config.model.block_size,
+))

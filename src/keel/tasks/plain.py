@@ -21,7 +21,9 @@ from torch.utils.data import default_collate
 
 from keel.data import IndexSampler
 from keel.errors import KeelError
+from keel.grad.accumulate import IGNORE_INDEX
 from keel.tasks.base import Task, batch_examples, check_loss, check_model
+from keel.timeunits import Time
 
 
 class DatasetBatches:
@@ -104,7 +106,6 @@ class PlainTask(Task):
         self._val = self._source(self.val_data, self.seed + 1, "val_data") if self.val_data is not None else None
         if isinstance(self._train, DatasetBatches):
             self.batches_per_epoch = self._train.sampler.batches_per_epoch
-        self.tokens_per_batch = self.batch_size
         return self
 
     def _source(self, data: Any, seed: int, key: str):
@@ -116,6 +117,12 @@ class PlainTask(Task):
         model = self.model if isinstance(self.model, nn.Module) else self.model()
         return check_model(model, "model")
 
+    def epoch(self) -> Time | None:
+        """A pass over ``train_data``'s examples (a batch function: ``batches_per_epoch`` batches' examples)."""
+        if isinstance(self._train, DatasetBatches):
+            return Time(len(self._train.dataset), "example")
+        return super().epoch()
+
     def train_batch(self, index: int, rank: int = 0, world_size: int = 1) -> Any:
         if isinstance(self._train, DatasetBatches):
             return self._train.batch(index, rank, world_size)
@@ -123,6 +130,18 @@ class PlainTask(Task):
 
     def count(self, batch: Any) -> int:
         return batch_examples(split_inputs_targets(batch, "train_data")[1])
+
+    def tokens(self, batch: Any) -> int:
+        """The target positions that contribute to the loss: integer targets not equal to the loss's
+        ``ignore_index`` (an ``nn.CrossEntropyLoss``'s, else -100, torch's default), every element of floating
+        targets. A classifier's ``(batch,)`` labels count one per example; a sequence model's ``(batch, length)``
+        targets count each position (a character model's 32 x 64 targets: 2,048)."""
+        targets = split_inputs_targets(batch, "train_data")[1]
+        if not isinstance(targets, torch.Tensor):
+            return batch_examples(targets)
+        if targets.is_floating_point() or targets.is_complex():
+            return targets.numel()
+        return int((targets != getattr(self.loss_fn, "ignore_index", IGNORE_INDEX)).sum())
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self._outputs_and_loss(model, batch)[1]

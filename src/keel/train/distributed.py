@@ -40,8 +40,8 @@ from keel.precision import resolve_precision
 if TYPE_CHECKING:
     from keel.config import TrainConfig
 
-__all__ = ["Distributed", "DistributedError", "NullMetricsLog", "check_strategy", "launched", "lr_scaling_factor",
-           "resolve_for_world", "setup"]
+__all__ = ["Distributed", "DistributedError", "LrScale", "NullMetricsLog", "check_strategy", "launched",
+           "lr_scale", "lr_scaling_factor", "resolve_for_world", "setup"]
 
 #: Set by ``keel train --nproc`` for its ranks: a folder where a failing rank writes its one-line message.
 FAILURE_DIR_ENV = "KEEL_FAILURE_DIR"
@@ -352,10 +352,29 @@ def lr_scaling_factor(rule: str | None, base_batch: int | None, global_batch: in
     return ratio if rule == "linear" else math.sqrt(ratio)
 
 
+@dataclass(frozen=True)
+class LrScale:
+    """What ``lr_scaling`` resolves to for a run (a result for the run's records, not a setting): its global batch
+    (examples per optimizer step over all ranks) and the factor every LR of the schedule is multiplied by."""
+
+    rule: str | None
+    base_batch: int | None
+    global_batch: int
+    factor: float
+
+
+def lr_scale(config: TrainConfig, world_size: int) -> LrScale:
+    """``config.lr_scaling`` resolved for ``world_size`` processes (``config`` with its per-rank batch size already
+    resolved: ``resolve_for_world``); factor 1 without a rule."""
+    scaling = config.lr_scaling
+    global_batch = config.data.batch_size * config.grad_accum * world_size
+    factor = lr_scaling_factor(scaling.rule, scaling.base_batch, global_batch)
+    return LrScale(scaling.rule, scaling.base_batch, global_batch, factor)
+
+
 def resolve_for_world(config: TrainConfig, world_size: int) -> TrainConfig:
     """``config`` for ``world_size`` processes: ``data.batch_size`` per rank (from ``data.global_batch_size`` when
-    set, which must divide by world size x grad_accum) and ``lr_scaling``'s record filled in. Unchanged when
-    neither key is set."""
+    set, which must divide by world size x grad_accum). Unchanged when it is not set."""
     data, accum = config.data, config.grad_accum
     update: dict[str, Any] = {}
     batch_size = data.batch_size
@@ -370,16 +389,6 @@ def resolve_for_world(config: TrainConfig, world_size: int) -> TrainConfig:
         batch_size = data.global_batch_size // per_step
         if batch_size != data.batch_size:
             update["data"] = data.model_copy(update={"batch_size": batch_size})
-    scaling = config.lr_scaling
-    if scaling.rule is not None:
-        from keel.optim import check_config
-
-        global_batch = batch_size * accum * world_size
-        factor = lr_scaling_factor(scaling.rule, scaling.base_batch, global_batch)
-        lr = float(check_config(config.optimizer)["lr"]) * factor
-        update["lr_scaling"] = scaling.model_copy(update={"global_batch": global_batch, "factor": factor, "lr": lr})
-    elif scaling.factor is not None:  # a record without a rule (edited config.yaml): nothing is scaled
-        update["lr_scaling"] = scaling.model_copy(update={"global_batch": None, "factor": None, "lr": None})
     return config.model_copy(update=update) if update else config
 
 

@@ -35,18 +35,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def launch_from_command_line(args: argparse.Namespace) -> int:
-    """``keel train ... --nproc N``: check, then run N ranks of ``keel train ...``; the job's exit code."""
+def launch_from_command_line(args: argparse.Namespace, config: Any, resume_dir: Path | None) -> int:
+    """``keel train ... --nproc N``: check, then run N ranks of ``keel train ...``; the job's exit code. ``config``
+    and ``resume_dir`` are what the command line resolved to (``keel.cli.train.build_config``)."""
     import torch
 
-    from keel.cli.train import build_config
     from keel.train.loop import default_run_dir, resolve_device
 
     if distributed.launched():
         raise KeelError("--nproc: this process already runs under torchrun (RANK and WORLD_SIZE are set); allowed: "
                         "--nproc without torchrun, or torchrun without --nproc")
     nproc = args.nproc
-    config, resume_dir = build_config(args)
     device = resolve_device(config.device)
     if device.type == "cuda":
         limit, what = torch.cuda.device_count(), "CUDA devices"
@@ -56,7 +55,7 @@ def launch_from_command_line(args: argparse.Namespace) -> int:
         raise KeelError(f"--nproc: {nproc} process{'es' if nproc != 1 else ''} on a machine with {limit} {what}; "
                         f"allowed: 1 to {limit} (one process per {what.rstrip('s')}; more machines: torchrun "
                         "--nnodes, see docs/distributed.md)")
-    distributed.resolve_for_world(config, nproc)  # the global batch divides into the ranks; LR scaling resolves
+    distributed.resolve_for_world(config, nproc)  # the global batch divides into the ranks
     distributed.check_strategy(config, device, nproc)
     worker = ["-m", "keel", "train", *args.items]
     if resume_dir is not None:

@@ -33,7 +33,7 @@ from keel.rundir.metrics import MetricsLog, decode_line, read_metrics
 from keel.safetensors_io import write_safetensors
 from keel.tasks import Task, move_to_device
 from keel.techniques import Callback, check_unique_names, make_callbacks
-from keel.timeunits import resolve_steps
+from keel.timeunits import Time, Timeline
 from keel.train import devices, distributed, export, restarts
 from keel.train.init import load_initial_weights
 from keel.train.performance import MfuMeter, choose_compile, peak_tflops
@@ -70,7 +70,38 @@ class TrainState(Clock):
     best_step: int | None = None
     best_checkpoint: str = ""
     schedule_steps: int = 0  # the run length the schedule was built for (kept when a resume changes max_steps)
+    resolved: dict = field(default_factory=dict)  # what the last start resolved (its run record, step aside)
     decays: list = field(default_factory=list)  # [start, end] of each new decay added on resume (new_decay)
+
+
+def run_timeline(config: TrainConfig, task: Task, callbacks=(), world_size: int = 1, host: Any = None) -> Timeline:
+    """The run's time (``keel.timeunits``): its duration, the task's epoch, and what each step is projected to
+    count: the task's counts of the micro-batches the step draws over all ranks, as the callbacks that cut them
+    (sequence-length warmup) change them. The clock itself counts what is trained; ``keel schedule`` previews a
+    run config's schedule with the same timeline. ``host`` (the trainer) is what ``project_counts`` is given."""
+    accum = config.grad_accum
+    host = host if host is not None else _TimelineHost(config, task)
+
+    def step_counts(step: int) -> tuple[float, float]:
+        counts = [task.batch_counts(step * accum + i, world_size) for i in range(accum)]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    host.timeline = Timeline(config.run_length, step_counts, steady_from=None if task.batch_counts_vary else 0,
+                             epoch=task.epoch(), what=f"task {config.task!r}")
+    for callback in callbacks:
+        projected = callback.project_counts(host)
+        if projected is not None:
+            host.timeline.add_transform(*projected)
+    return host.timeline
+
+
+@dataclass
+class _TimelineHost:
+    """What a callback's ``project_counts`` reads of a trainer, without one."""
+
+    config: TrainConfig
+    task: Task
+    timeline: Timeline | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,7 +153,7 @@ class Trainer:
         late_workspace = devices.set_cublas_workspace() if config.deterministic else None  # before any CUDA use
         self.dist = distributed.setup(config, resolve_device(config.device))  # one process: no process group
         self.rank, self.world_size, self.device = self.dist.rank, self.dist.world_size, self.dist.device
-        self.config = config = distributed.resolve_for_world(config, self.world_size)  # per-rank batch, LR scaling
+        self.config = config = distributed.resolve_for_world(config, self.world_size)  # per-rank batch
         self.quiet = quiet or not self.dist.is_main
         if late_workspace:
             self._say(late_workspace)
@@ -140,23 +171,24 @@ class Trainer:
                                            exclude=config.init_from_exclude))
         self.train_model = self.dist.wrap(self.model)  # DDP around it, or sharded in place (FSDP); else the model
         distributed.seed_rank(config.seed, self.rank)  # each rank its own dropout stream
-        global_batches = config.grad_accum * self.world_size  # per-rank batches in one optimizer step
-        self.steps_per_epoch = max(1, self.task.batches_per_epoch // global_batches)
-        self.tokens_per_step = self.task.tokens_per_batch * global_batches  # nominal: for time units
-        self._counted = "tokens" if config.task == "lm" else "targets"  # what the clock's token count counts
-        self.lr_factor = config.lr_scaling.factor or 1.0  # lr_scaling: global batch / base batch (or its sqrt)
-        self.lengths = {"total_steps": config.max_steps, "steps_per_epoch": self.steps_per_epoch,
-                        "tokens_per_step": self.tokens_per_step}
-        self.optimizer = optim.from_config(config.optimizer, self.model, lengths=self.lengths)
-        self.schedule = self._build_schedule(config.max_steps, [])
+        self._counted = self.task.token_unit  # what the clock's token count counts: tokens, or targets
+        self.lr_scale = distributed.lr_scale(config, self.world_size)  # a result: in the run record, not the config
+        self.lr_factor = self.lr_scale.factor  # lr_scaling: global batch / base batch (or its sqrt); else 1
+        self.callbacks = [*make_callbacks(config), *callbacks]  # the techniques' first: their projections shape time
+        check_unique_names(self.callbacks)
+        self.timeline = self._build_timeline()  # every length in time units resolves against it
+        self.total_steps = self.timeline.total_steps  # the run's length in steps, as projected
+        self.optimizer = optim.from_config(config.optimizer, self.model, timeline=self.timeline)
+        self.schedule = self._build_schedule(self.total_steps, [])
         self.precision = Precision(config.precision, self.device)
         self.clipper = Clipper(config.clip, warmup_steps=schedules.warmup_steps(self.schedule))
         spike = config.spike
         self.spike_detector = LossSpikeDetector(spike.window, spike.factor, spike.min_history, spike.min_rise) \
             if spike.enabled else None
-        self.callbacks = [*make_callbacks(config), *unfreeze_callbacks(self.optimizer, self.world_size), *callbacks]
+        techniques = len(self.callbacks) - len(callbacks)  # the optimizer's own callbacks go after the techniques
+        self.callbacks[techniques:techniques] = unfreeze_callbacks(self.optimizer, self.world_size)
         check_unique_names(self.callbacks)
-        self.state = TrainState(schedule_steps=config.max_steps)
+        self.state = TrainState(schedule_steps=self.total_steps)
         self.restored_from: Path | None = None
         self._resume = resume
         self._last_eval: dict[str, Any] = {}
@@ -167,21 +199,26 @@ class Trainer:
         for callback in self.callbacks:  # what a technique can tell from the task and model, before any file
             getattr(callback, "check", lambda trainer: None)(self)
         self.peak_tflops = peak_tflops(self.device, config.mfu_peak_tflops)  # for MFU; None: unknown
+        weighed = config.compile == "auto" and self.device.type == "cuda"  # the tokens the run is projected to train
+        run_tokens = self.timeline.projected(self.total_steps)[1] if weighed else 0.0
         self.compiled, self._compile_reason = choose_compile(
-            config.compile, self.device, self.task.flops_per_token(self.model), self.tokens_per_step,
-            config.max_steps, self.peak_tflops)
+            config.compile, self.device, self.task.flops_per_token(self.model), run_tokens / self.total_steps,
+            self.total_steps, self.peak_tflops)
         if self.compiled:  # the forward pass compiled; self.model (checkpoints, evaluation) stays the module itself
             self.train_model = torch.compile(self.train_model)
         follow_compile_choice(self.optimizer, config.compile)  # true/false also decide keel's update kernels
         self._config_text = dump_config(config)
         self.step_metrics: dict[str, Any] = {}  # callbacks' keys for the next step record (e.g. seq_len)
 
+    def _build_timeline(self) -> Timeline:
+        return run_timeline(self.config, self.task, self.callbacks, self.world_size, host=self)
+
     def _build_schedule(self, total_steps: int, decays: list) -> Any:
-        return build_schedule(self.config, self.lengths, total_steps, decays)
+        return build_schedule(self.config, self.timeline, total_steps, decays)
 
     def _apply_resume_policy(self, payload: dict[str, Any]) -> None:
         """A resume that changes the run length must not stretch the schedule silently (the LR would jump)."""
-        schedule = resume_schedule(self.config, self.lengths, self.state, self._say)
+        schedule = resume_schedule(self.config, self.timeline, self.state, self._say)
         if schedule is not None:
             self.schedule = schedule
             self._load_schedule_state(payload)
@@ -190,9 +227,10 @@ class Trainer:
         if payload.get("schedule") is not None and hasattr(self.schedule, "load_state_dict"):
             self.schedule.load_state_dict(payload["schedule"])
 
-    def resolve_length(self, value: int | str, name: str) -> int:
-        """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run."""
-        return resolve_steps(value, name=name, **self.lengths)
+    def resolve_length(self, value: Time | int | str, name: str) -> int:
+        """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run: the first step at
+        which the clock is projected to reach it (``Timeline.steps``)."""
+        return self.timeline.steps(value, name)
 
     def keep_at_least(self, count: int) -> None:
         """Keep at least the newest ``count`` checkpoints (e.g. for averaging them at the end)."""
@@ -207,7 +245,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, Any]:
-        """Train until ``max_steps`` updates are applied (or a callback stops the run); return the summary."""
+        """Train until the counted clock reaches the run length (``duration`` or ``max_steps``), or a callback
+        stops the run; return the summary."""
         made = None  # rank 0 of a new run, once it holds its directory: whether this run created it
         kernels = devices.use_deterministic(self.config.deterministic)  # deterministic: true, for this run
         try:
@@ -240,10 +279,17 @@ class Trainer:
                 rundir.atomic_write_text(self.run_dir / name, text)
         config, state, model, optimizer, task = self.config, self.state, self.train_model, self.optimizer, self.task
         self._open_metrics(metrics_offset, state.step)
+        resolved = self._run_record()
+        if resolved != state.resolved:  # a start that resolves as the last one did (a plain resume) adds nothing
+            state.resolved = resolved
+            self.log({"kind": "run", "step": state.step, **resolved})
         for line in task.describe():
             self._say(line)
-        self._say(f"task: {config.task}; model: {sum(p.numel() for p in model.parameters()):,} parameters; "
-                  f"{self.tokens_per_step:,} {self._counted} per step; "
+        tokens = self.timeline.counts(state.step)[1]
+        length = "" if config.duration is None else f" ({self.total_steps:,} steps projected)"
+        self._say(f"task: {config.task}; recipe: {config.recipe} ({self._recipe_summary()}); "
+                  f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
+                  f"{tokens:,.0f} {self._counted} per step; run length {config.run_length}{length}; "
                   f"run directory: {self.run_dir}")
         self._say(self._describe_speed())
         for line in self._describe_ranks():
@@ -254,15 +300,16 @@ class Trainer:
                 lambda: not rundir.list_checkpoints(self.run_dir / rundir.CHECKPOINTS)):
             self.save_checkpoint()  # a loss spike can always roll back, even before the first checkpoint
         model.train()
-        bar = tqdm(total=config.max_steps, initial=state.step, disable=True if self.quiet else None,
+        bar = tqdm(total=self.total_steps, initial=state.step, disable=True if self.quiet else None,
                    dynamic_ncols=True, unit="step")
         progress = _Progress(config.progress_interval, enabled=bar.disable and not self.quiet,
-                             unit=f"{self._counted}/s")
+                             unit=f"{self._counted}/s", timeline=self.timeline)
         started, tokens_at_start = time.perf_counter(), state.tokens
         elapsed_at_start = state.elapsed
         meter, mfu = MfuMeter(self.peak_tflops, self.world_size), None
 
-        while state.step < config.max_steps and not any(cb.should_stop for cb in self.callbacks):
+        timeline, duration = self.timeline, config.run_length
+        while not timeline.reached(duration, state) and not any(cb.should_stop for cb in self.callbacks):
             meter.start_step()
             lr = self.schedule(state.step) * state.lr_multiplier * self.lr_factor
             schedules.set_lr(optimizer, lr)
@@ -275,8 +322,9 @@ class Trainer:
             # batch whatever each micro-batch holds. Ranks all-reduce gradients on the last micro-batch only.
             micro_batches = [self._batch(state.batch_index + i) for i in range(config.grad_accum)]
             state.batch_index += config.grad_accum
-            n_targets, n_examples = self.dist.sum_counts(sum(task.count(b) for b in micro_batches),
-                                                         sum(task.examples(b) for b in micro_batches))
+            n_targets, n_examples, n_tokens = self.dist.sum_counts(sum(task.count(b) for b in micro_batches),
+                                                                   sum(task.examples(b) for b in micro_batches),
+                                                                   sum(task.tokens(b) for b in micro_batches))
             loss_sum = 0.0
             for i, batch in enumerate(micro_batches):
                 batch = move_to_device(batch, self.device)
@@ -309,16 +357,17 @@ class Trainer:
             if self.spike_detector is not None:
                 self.spike_detector.update(loss_value)  # only losses of applied updates enter its window
 
-            tokens_before = state.tokens
-            state.advance(n_examples, n_targets)
-            meter.end_step(n_targets)
+            before = Clock(state.step, state.examples, state.tokens)
+            state.advance(n_examples, n_tokens)
+            meter.end_step(n_tokens)
             state.elapsed = elapsed_at_start + time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_step_end(self)
-            if (state.step - 1) % config.log_interval == 0 or state.step == config.max_steps:
+            last = timeline.reached(duration, state)
+            if (state.step - 1) % config.log_interval == 0 or last:
                 if meter.peak is not None:  # MFU of the steps since the last record (known peak and FLOPs)
                     mfu = meter.read(task.flops_per_token(self.model, micro_batches[0]))
-                self.log({"step": state.step - 1, "tokens": tokens_before, "lr": lr, "loss": loss_value,
+                self.log({"step": state.step - 1, "tokens": before.tokens, "lr": lr, "loss": loss_value,
                           "grad_norm": clip.norm, "clipped": clip.clipped, "skipped": state.skipped,
                           "time": round(state.elapsed, 4), **({"mfu": round(mfu, 4)} if mfu is not None else {}),
                           **task.step_metrics(micro_batches), **self.step_metrics})
@@ -327,16 +376,17 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}",
                                 **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}), refresh=False)
                 bar.update(1)
-                progress.maybe_print(state, config.max_steps, loss_value, lr, speed,
-                                     state.elapsed - elapsed_at_start, mfu)
+                progress.maybe_print(state, self.total_steps, loss_value, lr, speed,
+                                     state.elapsed - elapsed_at_start, mfu, before=before)
 
-            last = state.step == config.max_steps or any(cb.should_stop for cb in self.callbacks)
+            last = last or any(cb.should_stop for cb in self.callbacks)
             improved = False
-            if state.step % config.eval_interval == 0 or last:
+            if timeline.crossed(config.eval_interval, before, state, "eval_interval") or last:
                 improved = self._evaluate_and_report(bar)
                 improved = self._agree_with_main(improved)  # every rank stops and checkpoints as rank 0 decides
             last = last or any(cb.should_stop for cb in self.callbacks)  # e.g. early stopping, decided at eval
-            if state.step % config.checkpoint_interval == 0 or last or (improved and self._best[3]):
+            if timeline.crossed(config.checkpoint_interval, before, state, "checkpoint_interval") or last or (
+                    improved and self._best[3]):
                 self.save_checkpoint()
         bar.close()
         return self._finish()
@@ -431,7 +481,7 @@ class Trainer:
         if hasattr(self.schedule, "observe"):
             self.schedule.observe(record["val_loss"])
         shown = "".join(f" | {k} {v:.4f}" for k, v in record.items() if k not in ("step", "tokens"))
-        self._say(f"step {state.step}/{self.config.max_steps}{shown}", bar)
+        self._say(f"step {state.step}/{self.total_steps}{shown}", bar)
         text = self.sample()
         if text:
             self._say(f"  sample: {text!r}", bar)
@@ -612,7 +662,7 @@ class Trainer:
         self.log({"step": self.state.step, "event": "stopped", "skipped": self.state.skipped})
         self.metrics.close()
         if self.dist.is_main:
-            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / rundir.LOSS_PLOT, self.tokens_per_step,
+            plot_run(read_metrics(self.run_dir / rundir.METRICS), self.run_dir / rundir.LOSS_PLOT, self.state,
                      title=str(self.run_dir), counted=self._counted)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written"
         restart = "" if self.config.restarts else ("; to start a diverged run again with a new seed, set restarts: N "
@@ -623,7 +673,7 @@ class Trainer:
         self.metrics.close()
         history = self.dist.from_main(lambda: read_metrics(self.run_dir / rundir.METRICS))
         if self.dist.is_main:
-            plot_run(history, self.run_dir / rundir.LOSS_PLOT, self.tokens_per_step, title=str(self.run_dir),
+            plot_run(history, self.run_dir / rundir.LOSS_PLOT, self.state, title=str(self.run_dir),
                      counted=self._counted)
         train_losses = [r["loss"] for r in history if "grad_norm" in r]
         evals = [r for r in history if "val_loss" in r]
@@ -681,6 +731,12 @@ class Trainer:
             callback.should_stop = stop
         return improved
 
+    def _recipe_summary(self) -> str:
+        """What the recipe resolved to, in a few words: optimizer, schedule, clipping."""
+        clip = self.config.clip
+        clipping = {"none": "no clipping", "norm": f"clip {clip.max_norm:g}"}.get(clip.mode, f"clip {clip.mode}")
+        return f"{self.config.optimizer.name}, {self.config.schedule['name']}, {clipping}"
+
     def _describe_speed(self) -> str:
         """The start line saying what was chosen for speed: device, precision, TF32, compile, the MFU peak."""
         cuda = self.device.type == "cuda"
@@ -701,13 +757,22 @@ class Trainer:
             lines.append(f"distributed: {self.world_size} ranks ({self.dist.strategy}, {backend}); global batch "
                          f"{global_batch} = {config.data.batch_size} per rank x {config.grad_accum} micro-batches x "
                          f"{self.world_size} ranks")
-        scaling = config.lr_scaling
-        if scaling.rule is not None:
-            base_lr = float(optim.check_config(config.optimizer)["lr"])
-            lines.append(f"lr_scaling: {scaling.rule} rule, global batch {global_batch} / base batch "
-                         f"{scaling.base_batch}: every LR x {scaling.factor:.6g} (optimizer.lr {base_lr:.6g} -> "
-                         f"{scaling.lr:.6g})")
+        scale = self.lr_scale
+        if scale.rule is not None:
+            lines.append(f"lr_scaling: {scale.rule} rule, global batch {global_batch} / base batch "
+                         f"{scale.base_batch}: every LR x {scale.factor:.6g} (optimizer.lr {config.optimizer.lr:.6g} "
+                         f"-> {config.optimizer.lr * scale.factor:.6g})")
         return lines
+
+    def _run_record(self) -> dict[str, Any]:
+        """What this start of the run resolved, for the run's records (a ``run`` record of metrics.jsonl): the world
+        size and global batch, LR scaling, the optimizer's LR as applied and the kernels chosen for it."""
+        scale, lr = self.lr_scale, self.config.optimizer.lr * self.lr_scale.factor
+        return {"world_size": self.world_size, "global_batch": scale.global_batch,
+                "lr_scaling": {"rule": scale.rule, "base_batch": scale.base_batch, "factor": scale.factor,
+                               "lr": lr} if scale.rule is not None else None,
+                "optimizer": {"name": self.config.optimizer.name, "lr": lr,
+                              "kernels": optim.chosen_kernels(self.optimizer)}}
 
     def _remove_new_run(self, made_dir: bool) -> bool:
         """Remove what a new run that failed before its first checkpoint wrote (the directory itself when the run
@@ -742,20 +807,28 @@ class Trainer:
 
 
 class _Progress:
-    """Plain progress lines for logs without a terminal (CI, nohup, cluster jobs): every N steps or seconds."""
+    """Plain progress lines for logs without a terminal (CI, nohup, cluster jobs): every N seconds, or each time the
+    clock passes a multiple of a length."""
 
-    def __init__(self, interval: int | str, enabled: bool, unit: str):
-        self.enabled, self.unit = enabled, unit
+    def __init__(self, interval: Time | int | str, enabled: bool, unit: str, timeline: Timeline | None = None):
+        self.enabled, self.unit, self.timeline = enabled, unit, timeline
         self.seconds = float(interval[:-1]) if isinstance(interval, str) else None
-        self.steps = interval if isinstance(interval, int) else None
+        self.interval = None if self.seconds is not None else Time.steps(interval) if isinstance(interval, int) \
+            else interval
         self._last = time.perf_counter()
 
     def maybe_print(self, state: TrainState, max_steps: int, loss: float, lr: float, speed: float,
-                    elapsed: float, mfu: float | None = None) -> None:
+                    elapsed: float, mfu: float | None = None, before: Clock | None = None) -> None:
+        """A line when due: ``before`` is the clock before this step (an interval in steps needs none)."""
         if not self.enabled:
             return
         now = time.perf_counter()
-        due = state.step % self.steps == 0 if self.steps else now - self._last >= self.seconds
+        if self.interval is not None and self.timeline is not None and before is not None:
+            due = self.timeline.crossed(self.interval, before, state, "progress_interval")
+        elif self.interval is not None:
+            due = state.step % max(1, int(self.interval.amount)) == 0
+        else:
+            due = now - self._last >= self.seconds
         if not due and state.step != 1:
             return
         self._last = now
@@ -826,8 +899,8 @@ def train(
         task = tasks.PlainTask(model, train_data, val_data, loss_fn)
     elif train_data is not None or val_data is not None or loss_fn is not None:
         raise KeelError("train: train_data, val_data and loss_fn go with model=; allowed: model=... too, or a task")
-    if task is not None and config.task == "lm":
-        config = config.model_copy(update={"task": "python"})
+    if task is not None and not config.gave("task"):  # the config names no task: it is this one
+        config = config.for_task(tasks.PYTHON_TASK)  # its recipe and blocks follow the task: baseline, not lm's fast
     if not config.restarts:
         return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
                        allow_world_size_change=allow_world_size_change).fit()

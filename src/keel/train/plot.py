@@ -22,12 +22,16 @@ def _rolling(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(np.maximum(sq - mean**2, 0.0))
 
 
-def _tokens_axis(train: list[dict[str, Any]], tokens_per_step: int):
-    """Step <-> tokens seen: interpolated from the logged counts (a curriculum changes tokens per step), or the
-    nominal tokens per step where the log holds too few points."""
-    points = sorted({(r["step"], r["tokens"]) for r in train if "tokens" in r})
+def _tokens_axis(train: list[dict[str, Any]], clock: Any):
+    """Step <-> tokens seen: interpolated from the counts logged before each step and the clock's at the end (a
+    curriculum changes the tokens of a step)."""
+    points = {(r["step"], r["tokens"]) for r in train if "tokens" in r}
+    if clock is not None:
+        points.add((clock.step, clock.tokens))
+    points = sorted(points)
     if len(points) < 2 or any(b[1] <= a[1] for a, b in zip(points, points[1:])):
-        return (lambda s: s * tokens_per_step), (lambda t: t / tokens_per_step)
+        rate = clock.tokens / clock.step if clock is not None and clock.step else 1.0
+        return (lambda s: s * rate), (lambda t: t / rate)
     steps, tokens = map(np.asarray, zip(*points))
     slope = (tokens[-1] - tokens[0]) / max(steps[-1] - steps[0], 1)
 
@@ -42,8 +46,9 @@ def _tokens_axis(train: list[dict[str, Any]], tokens_per_step: int):
     return to_tokens, to_steps
 
 
-def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, title: str = "",
+def plot_run(records: list[dict[str, Any]], path: Path, clock: Any = None, title: str = "",
              counted: str = "tokens") -> None:
+    """Draw ``records`` (a run's metrics) into ``path``; ``clock`` (``step``, ``tokens``) is where the run ended."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +101,7 @@ def plot_run(records: list[dict[str, Any]], path: Path, tokens_per_step: int, ti
         ax.set_xlabel("step (optimizer updates)")
     ax.set_ylabel("loss (nats per target)")
     ax.grid(alpha=0.3)
-    to_tokens, to_steps = _tokens_axis(train, tokens_per_step)
+    to_tokens, to_steps = _tokens_axis(train, clock)
     top = ax.secondary_xaxis("top", functions=(to_tokens, to_steps))
     top.set_xlabel(f"{counted} seen")
     handles, labels = ax.get_legend_handles_labels()

@@ -26,18 +26,19 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from keel import optim, schedules
+from keel import schedules
 from keel.errors import KeelError
-from keel.timeunits import resolve_steps
+from keel.timeunits import Time, Timeline
 
 
-def build_schedule(config, lengths: dict[str, Any], total_steps: int, decays: list) -> Any:
+def build_schedule(config, timeline: Timeline, total_steps: int, decays: list) -> Any:
     """The run's schedule built for ``total_steps``, then each new decay added on resume: from ``start`` the LR
     goes from its value there (or up to ``peak`` over ``warmup`` steps) down to the schedule's final value by
-    ``end`` (cosine)."""
-    base_lr = float(optim.check_config(config.optimizer)["lr"])
-    schedule = schedules.from_config(config.schedule, base_lr=base_lr, key="schedule",
-                                     **{**lengths, "total_steps": total_steps})
+    ``end`` (cosine). ``timeline`` resolves lengths in time units (``keel.timeunits``)."""
+    base_lr = float(config.optimizer.lr)
+    if total_steps != timeline.total_steps:  # planned for another length: shares of the run are of that one
+        timeline = timeline.with_duration(Time.steps(total_steps))
+    schedule = schedules.from_config(config.schedule, base_lr=base_lr, key="schedule", timeline=timeline)
     previous_end = total_steps
     for record in decays:
         start, end = int(record[0]), int(record[1])
@@ -60,54 +61,56 @@ def schedule_peak(config) -> float:
     if isinstance(spec, str):
         spec = schedules.parse_spec(spec)
     peak = spec.get("lr") if isinstance(spec, dict) else None
-    return float(peak if peak is not None else optim.check_config(config.optimizer)["lr"])
+    return float(peak if peak is not None else config.optimizer.lr)
 
 
-def resume_schedule(config, lengths: dict[str, Any], state, say: Callable[[str], None]) -> Any | None:
+def resume_schedule(config, timeline: Timeline, state, say: Callable[[str], None]) -> Any | None:
     """The schedule a resumed run continues with, or None when the one built for ``config`` is already right.
 
     ``state`` is the restored ``TrainState`` (``schedule_steps``, ``decays``, ``step``); ``new_decay`` appends to
     ``state.decays``, an accepted unchanged extension sets ``state.schedule_steps``. Refusing raises ``KeelError``
     before anything is written.
     """
-    old_total = state.schedule_steps or config.max_steps
+    new_total = timeline.total_steps  # the run length now, in steps
+    old_total = state.schedule_steps or new_total
     planned_end = state.decays[-1][1] if state.decays else old_total
-    if planned_end == config.max_steps:
-        if old_total != config.max_steps or state.decays:
-            return build_schedule(config, lengths, old_total, state.decays)
+    if planned_end == new_total:
+        if old_total != new_total or state.decays:
+            return build_schedule(config, timeline, old_total, state.decays)
         return None
     at = state.step
-    kept = build_schedule(config, lengths, old_total, state.decays)
-    stretched = build_schedule(config, lengths, config.max_steps, [])
+    kept = build_schedule(config, timeline, old_total, state.decays)
+    stretched = build_schedule(config, timeline, new_total, [])
     policy = config.resume_policy
     before = kept(max(at - 1, 0))
     if not state.decays and all(math.isclose(kept(s), stretched(s), rel_tol=1e-12, abs_tol=0.0)
                                 for s in {max(at - 1, 0), at}):
-        state.schedule_steps = config.max_steps
-        say(f"max_steps {planned_end} -> {config.max_steps}: the schedule built for the new length gives the same LR "
+        state.schedule_steps = new_total
+        say(f"max_steps {planned_end} -> {new_total}: the schedule built for the new length gives the same LR "
             f"at step {at} ({stretched(at):.3e}); continuing with it")
         return stretched
     end_lr = kept(max(planned_end, at))
     if policy == "refuse":
         raise KeelError(
-            f"max_steps: {config.max_steps} on resume, but the run was planned for {planned_end} steps: rebuilt "
+            f"{_length_key(config)}: {config.run_length} ({new_total} steps) on resume, but the run was planned "
+            f"for {planned_end} steps: rebuilt "
             f"for the new length the schedule would move the LR at step {at} from {kept(at):.3e} to "
             f"{stretched(at):.3e}; allowed: resume_policy=keep_schedule (the schedule keeps its length; past "
             f"step {planned_end} the LR stays at {end_lr:.3e}) or resume_policy=new_decay (a new "
-            f"decay from {_decay_start(config, kept(at))} to {end_lr:.3e} at step {config.max_steps}), or the old "
+            f"decay from {_decay_start(config, kept(at))} to {end_lr:.3e} at step {new_total}), or the old "
             f"max_steps={planned_end}")
-    if policy == "keep_schedule" and config.max_steps > planned_end and end_lr == 0:
+    if policy == "keep_schedule" and new_total > planned_end and end_lr == 0:
         raise KeelError(
             f"resume_policy: keep_schedule keeps the schedule planned for {planned_end} steps, which ends at LR 0: "
-            f"steps {max(planned_end, at)} to {config.max_steps} would train at LR 0 and change nothing; allowed: "
+            f"steps {max(planned_end, at)} to {new_total} would train at LR 0 and change nothing; allowed: "
             f"resume_policy=new_decay (a new decay from {_decay_start(config, kept(at))}; resume_peak_lr and "
             f"resume_warmup set it), or max_steps={planned_end}")
     if policy == "new_decay":
-        state.decays = [*state.decays, _new_decay(config, lengths, kept, at, say)]
-    schedule = build_schedule(config, lengths, old_total, state.decays)
-    say(f"resume_policy {policy}: max_steps {planned_end} -> {config.max_steps}; LR at step {max(at - 1, 0)} "
+        state.decays = [*state.decays, _new_decay(config, timeline, kept, at, say)]
+    schedule = build_schedule(config, timeline, old_total, state.decays)
+    say(f"resume_policy {policy}: max_steps {planned_end} -> {new_total}; LR at step {max(at - 1, 0)} "
         f"(before the resume point) {before:.3e}, at step {at} {schedule(at):.3e}, at the end "
-        f"{schedule(config.max_steps - 1):.3e}")
+        f"{schedule(new_total - 1):.3e}")
     return schedule
 
 
@@ -119,10 +122,10 @@ def _decay_start(config, current: float) -> str:
     return f"the schedule's peak {schedule_peak(config):.3e} (the current LR is 0)"
 
 
-def _new_decay(config, lengths: dict[str, Any], kept, at: int, say: Callable[[str], None]) -> list:
+def _new_decay(config, timeline: Timeline, kept, at: int, say: Callable[[str], None]) -> list:
     """The record of the decay ``new_decay`` adds at step ``at``: ``[at, max_steps]`` from the current LR, or
     ``[at, max_steps, peak, warmup]`` from another peak."""
-    current, end = kept(at), config.max_steps
+    current, end = kept(at), timeline.total_steps
     peak = config.resume_peak_lr
     if peak is None and current > 0:
         return [at, end]
@@ -132,7 +135,7 @@ def _new_decay(config, lengths: dict[str, Any], kept, at: int, say: Callable[[st
             f"restarts from the schedule's peak {peak:.3e} (set resume_peak_lr for another)")
     length = end - at
     if config.resume_warmup is not None:
-        warm = resolve_steps(config.resume_warmup, name="resume_warmup", **{**lengths, "total_steps": end})
+        warm = timeline.with_duration(Time.steps(end)).steps(config.resume_warmup, "resume_warmup")
         if warm >= length:
             raise KeelError(f"resume_warmup: {config.resume_warmup!r} is {warm} steps, and the extension from step "
                             f"{at} to max_steps {end} has {length}; allowed: fewer steps than the extension")
@@ -141,3 +144,7 @@ def _new_decay(config, lengths: dict[str, Any], kept, at: int, say: Callable[[st
     else:
         warm = 0
     return [at, end, float(peak), int(warm)]
+
+
+def _length_key(config) -> str:
+    return "max_steps" if config.duration is None else "duration"
