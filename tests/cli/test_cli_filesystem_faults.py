@@ -13,7 +13,7 @@ import pytest
 from keel import rundir
 
 from fault_helpers import keel_train as keel, reference_run, tmpfs  # noqa: F401 (tmpfs: a fixture)
-from test_resume import assert_bitwise_equal  # tests/ (the conftest's folder) is on sys.path
+from run_helpers import assert_bitwise_equal  # tests/ (the conftest's folder) is on sys.path
 
 pytestmark = pytest.mark.faults
 

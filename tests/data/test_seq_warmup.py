@@ -21,7 +21,7 @@ from keel.tasks.lm import LanguageModelTask
 from keel.train import Trainer, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_resume import assert_bitwise_equal, keel_train, kill_when_step_reached  # noqa: E402
+from run_helpers import assert_bitwise_equal, keel_train, kill_when_step_reached  # noqa: E402
 
 
 def test_linear_and_stepped_schedules_at_their_boundaries():

@@ -23,9 +23,7 @@ from keel.train import Trainer, train
 from tiny_config import TINY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the CPU tests' injector and helpers
-from test_averaging_train import StopAt  # noqa: E402
-from test_resume import assert_bitwise_equal, kill_when_step_reached  # noqa: E402
-from test_stability import Inject, same  # noqa: E402
+from run_helpers import Inject, StopAt, assert_bitwise_equal, kill_when_step_reached, same  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

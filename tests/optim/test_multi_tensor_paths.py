@@ -1,7 +1,7 @@
 """Lion and AdEMAMix: which path runs on which device (compiled or multi-tensor eager), the trainer's `compile` choice,
 and the compiled path's scalars reaching the device without a host synchronisation. The rule itself (compiled
-against eager, in float32 and bfloat16) is checked in tests/test_optim_conformance.py, float64 parity with the
-references in tests/test_optim_parity.py."""
+against eager, in float32 and bfloat16) is checked in tests/optim/test_optim_conformance.py, float64 parity with the
+references in tests/optim/test_optim_parity.py."""
 
 import pytest
 import torch

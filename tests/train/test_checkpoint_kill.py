@@ -31,7 +31,7 @@ from keel.config import load_config
 from keel.rundir.metrics import read_metrics
 from keel.train import train
 
-from test_resume import train_losses  # tests/ (the conftest's folder) is on sys.path
+from run_helpers import train_losses  # tests/ (the conftest's folder) is on sys.path
 
 # tests/conftest.py's TINY config (a fixture there, so not importable from a module-scoped fixture)
 TINY = ["device=cpu", "threads=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",

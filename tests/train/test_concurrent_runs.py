@@ -18,7 +18,7 @@ from keel import rundir
 from keel.rundir.metrics import read_metrics
 
 from fault_helpers import keel_train as keel, reference_run  # tests/ is on sys.path
-from test_resume import assert_bitwise_equal, train_losses  # tests/ (the conftest's folder) is on sys.path
+from run_helpers import assert_bitwise_equal, train_losses  # tests/ (the conftest's folder) is on sys.path
 
 pytestmark = pytest.mark.faults
 

@@ -78,7 +78,7 @@ def test_early_stopping_ends_the_run_and_exports_the_best_weights(tmp_path):
 
 def _kill_and_resume(tmp_path, overrides, kill_at, env=None):
     """A reference run in-process; the same run SIGKILLed at ``kill_at`` and resumed: bitwise equal."""
-    from test_resume import assert_bitwise_equal, keel_train, kill_when_step_reached
+    from run_helpers import assert_bitwise_equal, keel_train, kill_when_step_reached
 
     reference = tmp_path / "reference"
     train(load_config(None, overrides + [f"out_dir={reference}"]), quiet=True)

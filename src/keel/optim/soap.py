@@ -23,7 +23,7 @@ when the basis changes, so a step costs two rotations instead of three.
 Two ways to run it, the same rule:
 
 - **one parameter at a time** (`batched=False`, the path on the CPU): each rotation, statistic and refresh is a
-  product of its own; `tests/test_optim_parity.py` holds it to pytorch-optimizer in float64.
+  product of its own; `tests/optim/test_optim_parity.py` holds it to pytorch-optimizer in float64.
 - **batched** (`batched=True`, the default on CUDA): parameters whose (merged) shape is 2-D are stacked by shape, and
   their state lives in one tensor per stack (the state dict holds views of it): a step's rotations and statistics
   are batched products over the stack (`torch.bmm`), its Adam part one elementwise pass per stack, and the refresh

@@ -7,7 +7,7 @@ import torch
 
 from keel.train import performance
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "performance.md"
 TEXT = DOC.read_text()
 
 

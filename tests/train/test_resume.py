@@ -3,65 +3,16 @@
 import os
 import random
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from keel.config import load_config
 from keel.train import train
-from keel.rundir.metrics import read_metrics
+from run_helpers import assert_bitwise_equal, keel_train, kill_when_step_reached  # tests/ is on sys.path
 
 RESUME = ["max_steps=60", "checkpoint_interval=7", "eval_interval=20", "keep_last=2", "model.dropout=0.1"]
-
-
-def keel_train(*args):
-    return [sys.executable, "-m", "keel.cli.main", "train", *args]
-
-
-def train_losses(run: Path) -> dict[int, float]:
-    records = [r for r in read_metrics(run / "metrics.jsonl") if "grad_norm" in r]
-    steps = [r["step"] for r in records]
-    assert steps == sorted(set(steps)), "a step was logged twice"
-    return {r["step"]: r["loss"] for r in records}
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    name = (run / "checkpoints" / "latest").read_text().strip()
-    return load_file(str(run / "checkpoints" / name / "model.safetensors"))
-
-
-def assert_bitwise_equal(run_a: Path, run_b: Path):
-    a, b = final_weights(run_a), final_weights(run_b)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert train_losses(run_a) == train_losses(run_b)
-    val_a = [r["val_loss"] for r in read_metrics(run_a / "metrics.jsonl") if "val_loss" in r]
-    val_b = [r["val_loss"] for r in read_metrics(run_b / "metrics.jsonl") if "val_loss" in r]
-    assert val_a == val_b
-
-
-def kill_when_step_reached(cmd, run: Path, step: int, timeout: float = 60.0, env=None) -> None:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and any(r.get("step", -1) >= step for r in read_metrics(metrics)):
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before step {step}: {proc.stderr.read().decode()}"
 
 
 def kill_at_steps_then_resume(tmp_path: Path, overrides: list[str], seed: int, kills: int = 3) -> None:

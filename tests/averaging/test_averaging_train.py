@@ -12,19 +12,10 @@ from keel.cli.main import main
 from keel.config import load_config
 from keel.train import Callback, train
 from keel.rundir.metrics import read_metrics
+from run_helpers import StopAt  # tests/ is on sys.path
 
 AVERAGES = ["ema.enabled=true", "ema.decay=0.95", "ema.dynamic_decay=true", "polyak.enabled=true",
             "polyak.start=50%", "swa.enabled=true", "swa.start=80", "swa.lr=1e-3", "swa.anneal_steps=10"]
-
-
-class StopAt(Callback):
-    name = "stop_at"
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer):
-        self.should_stop = trainer.state.step >= self.step
 
 
 class RecordLR(Callback):

@@ -8,9 +8,9 @@ import torch
 from keel.config import load_config
 from keel.grad import TrainingUnstableError
 from keel import rundir as ckpt
-from keel.train.callbacks import Callback
 from keel.train.loop import Trainer
 from keel.rundir.metrics import read_metrics
+from run_helpers import Inject, same  # tests/ is on sys.path
 
 SHORT = ["max_steps=24", "checkpoint_interval=8", "eval_interval=100", "sample.tokens=0", "log_interval=1"]
 
@@ -22,70 +22,6 @@ def make_trainer(tmp_path, tiny_overrides):
         return Trainer(config, callbacks=list(callbacks), run_dir=tmp_path / name, quiet=True)
 
     return make
-
-
-def snapshot(trainer):
-    ema = next((cb for cb in trainer.callbacks if cb.name == "ema"), None)
-    return {
-        "step": trainer.state.step,
-        "lr": trainer.optimizer.param_groups[0]["lr"],
-        "params": [p.detach().clone() for p in trainer.model.parameters()],
-        "optimizer": [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-                      for s in trainer.optimizer.state.values()],
-        "ema": [t.clone() for t in ema.unit.state_dict()["shadow"].values()] if ema is not None else None,
-    }
-
-
-def same(a, b):
-    if torch.is_tensor(a):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-class Inject(Callback):
-    """Corrupts chosen update attempts (counted from 0, skipped ones included) and snapshots the state before each."""
-
-    name = "inject"
-
-    def __init__(self, nan_loss=(), inf_grad=(), spike_batches=(), inf_loss=(), nan_grad=()):
-        self.nan_loss, self.inf_grad, self.spike_batches = set(nan_loss), set(inf_grad), set(spike_batches)
-        self.inf_loss, self.nan_grad = set(inf_loss), set(nan_grad)
-        self.attempt, self.snapshots, self.spiked = -1, [], []
-        self._hooked = False
-
-    def on_run_start(self, trainer):
-        if not self._hooked:
-            trainer.model.register_forward_hook(self._forward_hook)
-            self._hooked = True
-        self.trainer = trainer
-
-    def on_step_start(self, trainer):
-        self.attempt += 1
-        self.snapshots.append(snapshot(trainer))
-
-    def _forward_hook(self, module, inputs, output):
-        if not module.training:
-            return None
-        if self.attempt in self.nan_loss:
-            return output * float("nan")
-        if self.attempt in self.inf_loss:
-            return output * float("inf")
-        batch = self.trainer.state.batch_index - self.trainer.config.grad_accum  # this update's first micro-batch
-        if batch in self.spike_batches:
-            self.spiked.append((self.trainer.state.step, batch))
-            noise = torch.randn(output.shape, generator=torch.Generator().manual_seed(0)).to(output)
-            return output + 40.0 * noise
-        return None
-
-    def on_after_backward(self, trainer):
-        if self.attempt in self.inf_grad:
-            next(trainer.model.parameters()).grad.view(-1)[0] = float("inf")
-        if self.attempt in self.nan_grad:
-            list(trainer.model.parameters())[-1].grad.view(-1)[-1] = float("nan")
 
 
 def test_nan_and_inf_skip_the_update_and_change_nothing(make_trainer):

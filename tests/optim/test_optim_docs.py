@@ -9,7 +9,7 @@ import torch
 import keel.optim
 from keel.config import load_yaml, validate
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "optimizers.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "optimizers.md"
 TEXT = DOC.read_text()
 EXAMPLES = re.findall(r"```python\n(.*?)```", TEXT, re.S)
 CONFIGS = re.findall(r"```yaml\n(.*?)```", TEXT, re.S)
