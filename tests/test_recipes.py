@@ -170,3 +170,28 @@ def test_a_gpt_loop_run_clips_only_after_warmup(tmp_path):
     steps = [r for r in train(config, quiet=True)["history"] if "grad_norm" in r]
     assert steps[0]["lr"] == 3e-5
     assert [r["clipped"] for r in steps] == [False, False] + [True] * 38  # warmup: 5% of 40 steps
+
+
+def test_a_gpt_loop_run_in_epochs_stops_at_the_epoch_and_anneals_over_it(tmp_path):
+    """The GPT loop's length in epochs (docs/recipes.md: `duration: 3ep`): the run stops at the first step whose
+    examples reach the epochs, and the warmup and cosine span exactly those steps, device=cpu."""
+    import math
+
+    from keel.schedules import from_config, warmup_steps
+    from keel.tasks.digits import load_digits_tensors
+    from keel.train import train
+
+    config = load_config(None, ["task=digits", "recipe=gpt-loop", "duration=2ep", "data.batch_size=256", "device=cpu",
+                                "threads=1", "eval_interval=1000", f"out_dir={tmp_path / 'r'}"])
+    result = train(config, quiet=True)
+    n_all = len(load_digits_tensors(range(10))[1])
+    n_train = n_all - max(1, round(n_all * config.data.val_fraction))
+    steps = [r for r in result["history"] if "grad_norm" in r]
+    assert result["step"] == len(steps) == math.ceil(2 * n_train / 256)
+    assert result["examples"] - 256 < 2 * n_train <= result["examples"]
+    schedule = from_config(config.schedule, base_lr=config.optimizer["lr"], total_steps=len(steps))
+    warmup = warmup_steps(schedule)
+    for record in steps:
+        t = record["step"]
+        assert record["lr"] == pytest.approx(_articles_loop_lr(t, len(steps), warmup, config.optimizer["lr"]),
+                                             rel=1e-9), t
