@@ -83,3 +83,20 @@ def test_a_run_config_resolves_tokens_with_the_runs_own_counts(tmp_path, capsys)
                  "--at", "244,245"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert float(rows[0][1]) < 1.0 and float(rows[1][1]) == 1.0  # 245 x 4096 >= 1,000,000 > 244 x 4096
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`keel schedule ... | head -1`: the reader closes the pipe while keel still writes. keel stops with the shell's
+    code for SIGPIPE (141) and writes nothing to stderr, rather than an 'error: Broken pipe' line or a traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    steps = ",".join(str(s) for s in range(0, 20000, 2))  # ~10,000 rows: more than a pipe's buffer holds
+    process = subprocess.Popen([sys.executable, "-m", "keel", "schedule", "cosine", "--steps", "20000", "--at", steps,
+                                "--no-plot"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline().split() == [b"step", b"cosine"]
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE, stderr
+    assert stderr == b""

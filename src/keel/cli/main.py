@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
+import signal
 import sys
 
 from keel.errors import KeelError, TrainingUnstableError
@@ -50,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.command, 1, f"{error}")
     except KeelError as error:
         return _fail(args.command, 2, f"error: {error}")
+    except BrokenPipeError as error:
+        if error.filename is not None:
+            return _fail(args.command, 2, f"error: {describe_os_error(error)}")
+        # whoever read the output stopped reading (`keel schedule | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as error:  # the machine refused (a full disk, a read-only or vanished directory): one line too
         return _fail(args.command, 2, f"error: {describe_os_error(error)}")
     except KeyboardInterrupt:
