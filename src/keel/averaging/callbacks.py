@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from keel import rundir
+from keel.averaging.build import ema_unit, polyak_unit, swa_unit
 from keel.averaging.config import CheckpointAverageConfig, EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
 from keel.averaging.ema import EMA
 from keel.averaging.shadow import ShadowWeights, model_tensors
@@ -128,17 +129,7 @@ class EMACallback(AveragingCallback):
                             "the ema weights (ema.checkpoint_weights: ema); the raw ones stay in raw.safetensors")
 
     def make_unit(self, trainer) -> EMA:
-        c = self.config
-        half_life = None
-        if c.half_life is not None:
-            half_life = _steps(trainer, c.half_life, "ema.half_life") / self.every
-            if half_life <= 0:
-                raise KeelError(f"ema.half_life: {c.half_life!r} resolves to 0 steps; allowed: > 0")
-        return EMA(
-            trainer.model, decay=c.decay, dynamic_decay=c.dynamic_decay, warmup_gamma=c.warmup_gamma,
-            warmup_power=c.warmup_power, half_life=half_life, include_buffers=c.include_buffers,
-            device=c.device, dtype=c.dtype,
-        )
+        return ema_unit(trainer.model, self.config, every=self.every, steps=trainer.timeline.steps)
 
     def _shadow_file(self) -> str | None:
         return rundir.weights_name("ema") if (self.config.save or self.config.checkpoint_weights == "ema") else None
@@ -174,8 +165,7 @@ class PolyakCallback(AveragingCallback):
         super().__init__("polyak", config)
 
     def make_unit(self, trainer) -> Polyak:
-        c = self.config
-        return Polyak(trainer.model, include_buffers=c.include_buffers, device=c.device, dtype=c.dtype)
+        return polyak_unit(trainer.model, self.config)
 
 
 class SWACallback(AveragingCallback):
@@ -187,9 +177,8 @@ class SWACallback(AveragingCallback):
         self._prepared_updates: int | None = None
 
     def make_unit(self, trainer) -> SWA:
-        c = self.config
-        self.anneal_steps = _steps(trainer, c.anneal_steps, "swa.anneal_steps")
-        return SWA(trainer.model, include_buffers=c.include_buffers, device=c.device, dtype=c.dtype)
+        self.anneal_steps = _steps(trainer, self.config.anneal_steps, "swa.anneal_steps")
+        return swa_unit(trainer.model, self.config)
 
     def on_step_start(self, trainer) -> None:
         if self.config.lr is None:

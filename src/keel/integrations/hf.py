@@ -26,6 +26,7 @@ sees the batch, so there is no ``SeqLenWarmup`` (cut batches with ``keel.data.se
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -48,6 +49,7 @@ from keel.averaging import EMA as EMAUnit
 from keel.averaging import SWA as SWAUnit
 from keel.averaging import Polyak as PolyakUnit
 from keel.averaging import average_checkpoints, swa_learning_rate
+from keel.averaging.build import ema_unit, polyak_unit, swa_unit
 from keel.averaging.config import EMAConfig, PolyakConfig, SWAConfig
 from keel.config import validate
 from keel.diagnose.update_ratio import UpdateRatio as UpdateRatioUnit
@@ -263,15 +265,7 @@ class EMA(_Averaging):
         super().__init__(name, config, apply_at_end)
 
     def make_unit(self, state, model) -> EMAUnit:
-        c = self.config
-        half_life = None
-        if c.half_life is not None:
-            half_life = _steps(state, c.half_life, f"{self.name}.half_life") / self.every
-            if half_life <= 0:
-                raise KeelError(f"{self.name}.half_life: {c.half_life!r} resolves to 0 steps; allowed: > 0")
-        return EMAUnit(model, decay=c.decay, dynamic_decay=c.dynamic_decay, warmup_gamma=c.warmup_gamma,
-                       warmup_power=c.warmup_power, half_life=half_life, include_buffers=c.include_buffers,
-                       device=c.device, dtype=c.dtype)
+        return ema_unit(model, self.config, every=self.every, steps=functools.partial(_steps, state), name=self.name)
 
 
 def _block(model, **fields: Any):
@@ -289,8 +283,7 @@ class Polyak(_Averaging):
         super().__init__(name, config, apply_at_end)
 
     def make_unit(self, state, model) -> PolyakUnit:
-        c = self.config
-        return PolyakUnit(model, include_buffers=c.include_buffers, device=c.device, dtype=c.dtype)
+        return polyak_unit(model, self.config)
 
 
 class SWA(_Averaging):
@@ -313,9 +306,8 @@ class SWA(_Averaging):
         self._prepared: int | None = None
 
     def make_unit(self, state, model) -> SWAUnit:
-        c = self.config
-        self.anneal_steps = _steps(state, c.anneal_steps, f"{self.name}.anneal_steps")
-        return SWAUnit(model, include_buffers=c.include_buffers, device=c.device, dtype=c.dtype)
+        self.anneal_steps = _steps(state, self.config.anneal_steps, f"{self.name}.anneal_steps")
+        return swa_unit(model, self.config)
 
     def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs) -> None:
         if self.config.lr is None or self.unit is None or optimizer is None:

@@ -29,6 +29,7 @@ count it. Lightning events used: ``on_train_start``, ``on_train_batch_start`` (t
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ from keel.averaging import EMA as EMAUnit
 from keel.averaging import SWA as SWAUnit
 from keel.averaging import Polyak as PolyakUnit
 from keel.averaging import average_checkpoints, swa_learning_rate
+from keel.averaging.build import ema_unit, polyak_unit, swa_unit
 from keel.averaging.config import EMAConfig, PolyakConfig, SWAConfig
 from keel.config import validate
 from keel.data.seq_warmup import SeqWarmupConfig, SequenceLengthWarmup, _sequence_length, reshape_sequences, \
@@ -311,15 +313,7 @@ class EMA(_Averaging):
         super().__init__(name, config, checkpoint_weights, apply_at_end)
 
     def make_unit(self, trainer, pl_module) -> EMAUnit:
-        c = self.config
-        half_life = None
-        if c.half_life is not None:
-            half_life = _steps(trainer, c.half_life, f"{self.name}.half_life") / self.every
-            if half_life <= 0:
-                raise KeelError(f"{self.name}.half_life: {c.half_life!r} resolves to 0 steps; allowed: > 0")
-        return EMAUnit(pl_module, decay=c.decay, dynamic_decay=c.dynamic_decay, warmup_gamma=c.warmup_gamma,
-                       warmup_power=c.warmup_power, half_life=half_life, include_buffers=c.include_buffers,
-                       device=c.device, dtype=c.dtype)
+        return ema_unit(pl_module, self.config, every=self.every, steps=functools.partial(_steps, trainer), name=self.name)
 
 
 class Polyak(_Averaging):
@@ -334,8 +328,7 @@ class Polyak(_Averaging):
         super().__init__(name, config, checkpoint_weights, apply_at_end)
 
     def make_unit(self, trainer, pl_module) -> PolyakUnit:
-        c = self.config
-        return PolyakUnit(pl_module, include_buffers=c.include_buffers, device=c.device, dtype=c.dtype)
+        return polyak_unit(pl_module, self.config)
 
 
 class SWA(_Averaging):
@@ -361,9 +354,8 @@ class SWA(_Averaging):
         self._prepared: int | None = None
 
     def make_unit(self, trainer, pl_module) -> SWAUnit:
-        c = self.config
-        self.anneal_steps = _steps(trainer, c.anneal_steps, f"{self.name}.anneal_steps")
-        return SWAUnit(pl_module, include_buffers=c.include_buffers, device=c.device, dtype=c.dtype)
+        self.anneal_steps = _steps(trainer, self.config.anneal_steps, f"{self.name}.anneal_steps")
+        return swa_unit(pl_module, self.config)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.config.lr is None or self.unit is None:
