@@ -80,6 +80,16 @@ def merged_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _apply(p: torch.Tensor, update: torch.Tensor, size: float, decay: float | None) -> None:
+    """``p <- (p - size * update) * decay`` (no decay when None), in float32 for low-precision weights."""
+    work = p.float() if p.dtype in _LOW_PRECISION else p
+    work.add_(update, alpha=-size)
+    if decay is not None:
+        work.mul_(decay)
+    if work is not p:
+        p.copy_(work)
+
+
 def _rotate(x: torch.Tensor, bases: list, back: bool, mm: Callable = torch.matmul, stacked: bool = False
             ) -> torch.Tensor:
     """x multiplied along each dimension i by Q_i^T (`back=False`) or Q_i (`back=True`); None bases are skipped.
@@ -359,16 +369,7 @@ class SOAP(torch.optim.Optimizer):
         lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
         size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step) if group["correct_bias"] else lr
         for p, u in zip(params, update):
-            u = u.view(p.shape)
-            if p.dtype in _LOW_PRECISION:
-                work = p.float().add_(u, alpha=-size)
-                if group["weight_decay"] > 0:
-                    work.mul_(decay)
-                p.copy_(work)
-            else:
-                p.add_(u, alpha=-size)
-                if group["weight_decay"] > 0:
-                    p.mul_(decay)
+            _apply(p, u.view(p.shape), size, decay if group["weight_decay"] > 0 else None)
         beta = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
         left, right = stack.gg
         if left is not None:
@@ -441,15 +442,7 @@ class SOAP(torch.optim.Optimizer):
                 if group["correct_bias"]:
                     size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
                 update = _rotate(ratio.reshape(shape), state["Q"], back=True, mm=mm).reshape(p.shape)
-                if p.dtype in _LOW_PRECISION:
-                    work = p.float().add_(update, alpha=-size)
-                    if group["weight_decay"] > 0:
-                        work.mul_(decay)
-                    p.copy_(work)
-                else:
-                    p.add_(update, alpha=-size)
-                    if group["weight_decay"] > 0:
-                        p.mul_(decay)
+                _apply(p, update, size, decay if group["weight_decay"] > 0 else None)
                 self._accumulate(state, grad.reshape(shape), group, mm)
                 if step % group["precondition_frequency"] == 0:
                     self._refresh(state, shape, mm)
