@@ -14,6 +14,8 @@ import pytest
 
 import keel
 
+from process_helpers import alive, wait_for  # tests/ is on sys.path
+
 SRC = str(Path(keel.__file__).resolve().parents[1])
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="POSIX signals")
 
@@ -52,31 +54,13 @@ MIDDLE = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except OSError:
-        return True
-
-
-def _wait(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
-
-
 def _start(tmp_path: Path, mode: str):
     out = tmp_path / "notes.txt"
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     middle = subprocess.Popen([sys.executable, "-c", MIDDLE, CHILD, str(out), mode], stdout=subprocess.PIPE,
                               text=True, env=env)
     child = int(middle.stdout.readline())
-    assert _wait(lambda: out.is_file() and "ready" in out.read_text(), 60), "the child never started"
+    assert wait_for(lambda: out.is_file() and "ready" in out.read_text(), 60, poll=0.01), "the child never started"
     return middle, child, out
 
 
@@ -89,7 +73,7 @@ def test_a_child_stops_when_its_parent_is_killed(tmp_path, mode):
         middle.wait()
         killed = time.monotonic()
         Path(str(out) + ".go").touch()
-        assert _wait(lambda: not _alive(child), 30), "the orphan went on running"
+        assert wait_for(lambda: not alive(child), 30, poll=0.01), "the orphan went on running"
         print(f"orphan gone {time.monotonic() - killed:.2f} s after its parent's SIGKILL")
         notes = out.read_text().splitlines()
         assert f"gone {middle.pid}" in notes and notes[-1] == "finally ran"
@@ -97,7 +81,7 @@ def test_a_child_stops_when_its_parent_is_killed(tmp_path, mode):
             assert notes.index("deferred block finished") < notes.index(f"gone {middle.pid}")
     finally:
         middle.kill()
-        if _alive(child):
+        if alive(child):
             os.kill(child, signal.SIGKILL)
 
 
@@ -109,8 +93,8 @@ def test_the_notice_signal_from_elsewhere_is_ignored_while_the_parent_lives(tmp_
     try:
         os.kill(child, NOTICE_SIGNAL)
         time.sleep(1.0)
-        assert _alive(child) and "gone" not in out.read_text()
+        assert alive(child) and "gone" not in out.read_text()
     finally:
         middle.kill()
         middle.wait()
-        assert _wait(lambda: not _alive(child), 30)
+        assert wait_for(lambda: not alive(child), 30, poll=0.01)

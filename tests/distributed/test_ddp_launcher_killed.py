@@ -21,21 +21,10 @@ from ddp_helpers import (
 
 from keel import rundir
 
+from process_helpers import alive, children  # tests/ is on sys.path
+
 STOP_BOUND_S = 15  # from the kill to the last rank gone; measured well below (the report of issue 20)
 OVERRIDES = [*TINY_LM, "max_steps=60", "checkpoint_interval=5", "eval_interval=20", "model.dropout=0.1"]
-
-
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"  # a zombie has exited (and waits for whoever adopted it)
 
 
 def kill_launcher_when_step_reached(run: Path, step: int, timeout: float = 240.0) -> float:
@@ -50,13 +39,13 @@ def kill_launcher_when_step_reached(run: Path, step: int, timeout: float = 240.0
             if step_reached(run / "metrics.jsonl", step, seen):
                 break
             time.sleep(0.01)
-        ranks = _children(launcher.pid)
+        ranks = children(launcher.pid)
         assert launcher.poll() is None and len(ranks) == 2, f"the run ended before step {step}: " \
             f"{launcher.stderr.read().decode() if launcher.poll() is not None else ''}"
         killed = time.monotonic()
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
-        while any(_alive(pid) for pid in ranks) and time.monotonic() - killed < 120:
+        while any(alive(pid) for pid in ranks) and time.monotonic() - killed < 120:
             time.sleep(0.01)
         return time.monotonic() - killed
     finally:
@@ -64,7 +53,7 @@ def kill_launcher_when_step_reached(run: Path, step: int, timeout: float = 240.0
             launcher.kill()
             launcher.wait()
         for pid in ranks:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 

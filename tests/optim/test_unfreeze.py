@@ -11,7 +11,9 @@ from keel.config import load_config
 from keel.errors import KeelError
 from keel.optim import unfreeze
 from keel.rundir.metrics import read_metrics
-from keel.train import Callback, train
+from keel.train import train
+
+from run_helpers import StopAt  # tests/ (the conftest's folder) is on sys.path
 
 
 def _model():
@@ -62,16 +64,6 @@ def test_unfreeze_at_needs_something_frozen():
 DIGITS = ["task=digits", "device=cpu", "threads=1", "max_steps=20", "eval_interval=5", "checkpoint_interval=5",
           "keep_last=10",
           "optimizer.freeze=[features]", "optimizer.unfreeze_at=50%"]
-
-
-class StopAt(Callback):
-    name = "stop_at"
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer):
-        self.should_stop = trainer.state.step >= self.step
 
 
 def _parameters(weights):
