@@ -715,7 +715,6 @@ def report(data: dict) -> str:
             f"{n} {v['ms']:.2f} ms ({v['tflops']:.0f} TFLOP/s)" for n, v in mu["newton_schulz"].items()), ""]
     if "soap" in s:
         so = s["soap"]
-        auto = so["batched, auto precision"]
         lines += [f"### SOAP ({so['numel']:,} parameters of the blocks, precondition_frequency "
                   f"{so['precondition_frequency']})", "",
                   "| path | products | step ms (period average) | init s |", "|---|---|---|---|"]
