@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from keel import rundir
-from keel.averaging.build import ema_unit, polyak_unit, swa_unit
 from keel.averaging.config import CheckpointAverageConfig, EMAConfig, PolyakConfig, SnapshotConfig, SWAConfig
 from keel.averaging.ema import EMA
 from keel.averaging.shadow import ShadowWeights, model_tensors
@@ -129,7 +128,7 @@ class EMACallback(AveragingCallback):
                             "the ema weights (ema.checkpoint_weights: ema); the raw ones stay in raw.safetensors")
 
     def make_unit(self, trainer) -> EMA:
-        return ema_unit(trainer.model, self.config, every=self.every, steps=trainer.timeline.steps)
+        return EMA.from_config(trainer.model, self.config, every=self.every, steps=trainer.timeline.steps)
 
     def _shadow_file(self) -> str | None:
         return rundir.weights_name("ema") if (self.config.save or self.config.checkpoint_weights == "ema") else None
@@ -165,7 +164,7 @@ class PolyakCallback(AveragingCallback):
         super().__init__("polyak", config)
 
     def make_unit(self, trainer) -> Polyak:
-        return polyak_unit(trainer.model, self.config)
+        return Polyak.from_config(trainer.model, self.config)
 
 
 class SWACallback(AveragingCallback):
@@ -178,7 +177,7 @@ class SWACallback(AveragingCallback):
 
     def make_unit(self, trainer) -> SWA:
         self.anneal_steps = _steps(trainer, self.config.anneal_steps, "swa.anneal_steps")
-        return swa_unit(trainer.model, self.config)
+        return SWA.from_config(trainer.model, self.config)
 
     def on_step_start(self, trainer) -> None:
         if self.config.lr is None:

@@ -66,6 +66,20 @@ class EMA(ShadowWeights):
         self.half_life = half_life
         super().__init__(model, include_buffers=include_buffers, device=device, dtype=dtype)
 
+    @classmethod
+    def from_config(cls, model: nn.Module, config, *, every: int = 1, steps=None, name: str = "ema") -> EMA:
+        """The EMA an ``ema:`` block (``keel.averaging.config.EMAConfig``) describes, as keel's trainer and the
+        Lightning and HF adapters all build it: ``steps(value, key)`` resolves a ``half_life`` in time units on the
+        caller's clock, and the half-life counts the EMA's own updates, one every ``every`` steps."""
+        half_life = None
+        if config.half_life is not None:
+            half_life = steps(config.half_life, f"{name}.half_life") / every
+            if half_life <= 0:
+                raise KeelError(f"{name}.half_life: {config.half_life!r} resolves to 0 steps; allowed: > 0")
+        return cls(model, decay=config.decay, dynamic_decay=config.dynamic_decay, warmup_gamma=config.warmup_gamma,
+                   warmup_power=config.warmup_power, half_life=half_life, include_buffers=config.include_buffers,
+                   device=config.device, dtype=config.dtype)
+
     def decay_at(self, k: int) -> float:
         """The decay d_k of the k-th update (k = 1 for the first update, whose result is the weights)."""
         if self.half_life is not None:

@@ -51,6 +51,12 @@ class ShadowWeights:
     (e.g. an fp32 shadow on the CPU for bf16 weights on an accelerator).
     """
 
+    @classmethod
+    def from_config(cls, model: nn.Module, config) -> ShadowWeights:
+        """The unit a ``polyak:`` or ``swa:`` block describes (its ``include_buffers``, ``device``, ``dtype``), as
+        keel's trainer and the Lightning and HF adapters all build it."""
+        return cls(model, include_buffers=config.include_buffers, device=config.device, dtype=config.dtype)
+
     def __init__(
         self,
         model: nn.Module,

@@ -49,7 +49,6 @@ from keel.averaging import EMA as EMAUnit
 from keel.averaging import SWA as SWAUnit
 from keel.averaging import Polyak as PolyakUnit
 from keel.averaging import average_checkpoints, swa_learning_rate
-from keel.averaging.build import ema_unit, polyak_unit, swa_unit
 from keel.averaging.config import EMAConfig, PolyakConfig, SWAConfig
 from keel.config import validate
 from keel.diagnose.update_ratio import UpdateRatio as UpdateRatioUnit
@@ -265,7 +264,8 @@ class EMA(_Averaging):
         super().__init__(name, config, apply_at_end)
 
     def make_unit(self, state, model) -> EMAUnit:
-        return ema_unit(model, self.config, every=self.every, steps=functools.partial(_steps, state), name=self.name)
+        return EMAUnit.from_config(model, self.config, every=self.every, steps=functools.partial(_steps, state),
+                                   name=self.name)
 
 
 def _block(model, **fields: Any):
@@ -283,7 +283,7 @@ class Polyak(_Averaging):
         super().__init__(name, config, apply_at_end)
 
     def make_unit(self, state, model) -> PolyakUnit:
-        return polyak_unit(model, self.config)
+        return PolyakUnit.from_config(model, self.config)
 
 
 class SWA(_Averaging):
@@ -307,7 +307,7 @@ class SWA(_Averaging):
 
     def make_unit(self, state, model) -> SWAUnit:
         self.anneal_steps = _steps(state, self.config.anneal_steps, f"{self.name}.anneal_steps")
-        return swa_unit(model, self.config)
+        return SWAUnit.from_config(model, self.config)
 
     def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs) -> None:
         if self.config.lr is None or self.unit is None or optimizer is None:

@@ -48,7 +48,6 @@ from keel.averaging import EMA as EMAUnit
 from keel.averaging import SWA as SWAUnit
 from keel.averaging import Polyak as PolyakUnit
 from keel.averaging import average_checkpoints, swa_learning_rate
-from keel.averaging.build import ema_unit, polyak_unit, swa_unit
 from keel.averaging.config import EMAConfig, PolyakConfig, SWAConfig
 from keel.config import validate
 from keel.data.seq_warmup import SeqWarmupConfig, SequenceLengthWarmup, _sequence_length, reshape_sequences, \
@@ -313,7 +312,8 @@ class EMA(_Averaging):
         super().__init__(name, config, checkpoint_weights, apply_at_end)
 
     def make_unit(self, trainer, pl_module) -> EMAUnit:
-        return ema_unit(pl_module, self.config, every=self.every, steps=functools.partial(_steps, trainer), name=self.name)
+        return EMAUnit.from_config(pl_module, self.config, every=self.every, steps=functools.partial(_steps, trainer),
+                                   name=self.name)
 
 
 class Polyak(_Averaging):
@@ -328,7 +328,7 @@ class Polyak(_Averaging):
         super().__init__(name, config, checkpoint_weights, apply_at_end)
 
     def make_unit(self, trainer, pl_module) -> PolyakUnit:
-        return polyak_unit(pl_module, self.config)
+        return PolyakUnit.from_config(pl_module, self.config)
 
 
 class SWA(_Averaging):
@@ -355,7 +355,7 @@ class SWA(_Averaging):
 
     def make_unit(self, trainer, pl_module) -> SWAUnit:
         self.anneal_steps = _steps(trainer, self.config.anneal_steps, f"{self.name}.anneal_steps")
-        return swa_unit(pl_module, self.config)
+        return SWAUnit.from_config(pl_module, self.config)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.config.lr is None or self.unit is None:
