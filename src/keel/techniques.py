@@ -70,8 +70,9 @@ class Callback:
                                                         int] | None:
         """How ``on_batch`` changes the examples and tokens the clock counts, for lengths resolved before training
         (``keel.timeunits.Timeline``): ``(transform(step, (examples, tokens)) -> (examples, tokens), until)`` for
-        the steps before ``until``, or None (the default: it changes nothing). Called once, when the trainer is
-        built, with the callbacks before it already applied to ``trainer.timeline``."""
+        the steps before ``until``, or None (the default: it changes nothing). Called when the trainer is built,
+        and again on resume once ``load_state_dict`` ran (what a callback keeps from the checkpoint shapes the run's
+        time), with the callbacks before it already applied to ``trainer.timeline``."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -182,3 +182,30 @@ def test_a_duration_in_tokens_is_reached_by_the_truncated_batches_themselves():
     assert duration > 20_000 // (8 * 64)  # longer than at full length
     host.timeline.add_transform(transform, until)
     assert host.timeline.projected(duration)[1] == counted(duration)
+
+
+def test_a_resume_with_a_longer_duration_ends_where_the_kept_warmup_projects_it(tmp_path, tiny_overrides, capsys):
+    """The warmup keeps its length from the checkpoint ('30%' of the first run: 10 steps, where 30% of the new run
+    would be 20): the new run length in steps, the new decay and the cut batches all follow the kept warmup, so the
+    run stops exactly where the decay it planned ends."""
+    import re
+
+    from keel.cli.main import main
+
+    run = tmp_path / "run"
+    fast = [item for item in tiny_overrides
+            if not item.startswith(("max_steps=", "recipe=", "schedule.", "optimizer."))]  # wsd: ends at LR 0
+    overrides = fast + ["sample.tokens=0", "eval_interval=100%", "checkpoint_interval=100%", "seq_warmup.enabled=true",
+                        "seq_warmup.start=8", "seq_warmup.duration=30%", "seq_warmup.keep_tokens_per_step=false"]
+    first = train(load_config(None, overrides + ["duration=4ktok", f"out_dir={run}"]), quiet=True)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "duration=8ktok", "resume_policy=new_decay"]) == 0
+    out = capsys.readouterr().out
+    assert "seq_warmup: duration kept at 10 steps from the checkpoint (30% now resolves to 20)" in out
+    projected = int(re.search(r"run length 8ktok \((\d+) steps projected\)", out).group(1))
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "step"]
+    assert steps[-1]["step"] == projected - 1 and steps[-1]["tokens"] + 8 * 32 >= 8000 > steps[-1]["tokens"]
+    assert [r["seq_len"] for r in steps if r["step"] >= 10] == [32] * (projected - 10)  # the kept warmup's end
+    decay = [r["lr"] for r in steps if r["step"] > first["step"]]
+    assert decay[0] == pytest.approx(0.02) and all(a > b for a, b in zip(decay, decay[1:]))
+    assert decay[-1] < 0.02 / 50  # the new decay reached its end (cut short, it stopped near 0.02 / 5)

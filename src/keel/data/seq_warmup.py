@@ -35,7 +35,7 @@ at which the steps 0..D-1 of the warmup over D steps reach it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -207,7 +207,8 @@ class SeqWarmupCallback(Callback):
     def __init__(self, config: SeqWarmupConfig):
         self.config = config
         self.unit: SequenceLengthWarmup | None = None
-        self._saved: dict[str, Any] | None = None
+        self._saved: dict[str, Any] | None = None  # the state a checkpoint restored
+        self._kept: str | None = None  # what on_run_start says when a restored warmup keeps its length
 
     def check(self, trainer) -> None:
         """The task has sequences (a block_size) and the warmup fits them: found before the run directory is made
@@ -216,10 +217,17 @@ class SeqWarmupCallback(Callback):
             self.unit = self._build(trainer)
 
     def project_counts(self, trainer):
-        """The warmup resolved against the run's timeline, and how it changes each step's counts until it ends."""
+        """The warmup resolved against the run's timeline, and how it changes each step's counts until it ends.
+        Restored from a checkpoint (the trainer projects again after ``load_state_dict``), the warmup keeps the
+        length it was trained with, so the run's projection, its schedule and the cut batches all follow it."""
         self.unit = self._build(trainer)
         if self.unit is None:
             return None
+        self._kept = None
+        if self._saved is not None and self._saved["duration"] != self.unit.duration:  # '30%' of a longer run
+            self._kept = (f"seq_warmup: duration kept at {self._saved['duration']} steps from the checkpoint "
+                          f"({self.config.duration} now resolves to {self.unit.duration})")
+            self.unit = replace(self.unit, duration=self._saved["duration"])
         return self._transform(self.unit), self.unit.duration
 
     def _plan(self, trainer) -> tuple[int, int] | None:
@@ -276,11 +284,9 @@ class SeqWarmupCallback(Callback):
     def on_run_start(self, trainer) -> None:
         if self.unit is None:
             return
-        if self._saved is not None and self._saved["duration"] != self.unit.duration:  # '30%' of a longer run
-            trainer.say(f"seq_warmup: duration kept at {self._saved['duration']} steps from the checkpoint "
-                        f"({self.config.duration} now resolves to {self.unit.duration})")
-            self.unit = SequenceLengthWarmup(self.unit.start, self.unit.full, self._saved["duration"],
-                                             self.unit.pacing, self.unit.stages)
+        if self._kept is not None:
+            trainer.say(self._kept)
+            self._kept = None
         if self._saved is None:
             kept = "tokens per step kept" if self.config.keep_tokens_per_step else "rows kept"
             trainer.say(f"seq_warmup: sequence length {self.unit(0)} -> {self.unit.full} over {self.unit.duration} "

@@ -216,6 +216,15 @@ class Trainer:
     def _build_schedule(self, total_steps: int, decays: list) -> Any:
         return build_schedule(self.config, self.timeline, total_steps, decays)
 
+    def _project_again(self, payload: dict[str, Any]) -> None:
+        """The run's time and schedule projected again once the callbacks hold their restored state, so that what
+        they keep from the checkpoint (a sequence-length warmup its length) shapes the run's length in steps."""
+        self.timeline = self._build_timeline()
+        self.total_steps = self.timeline.total_steps
+        self.schedule = self._build_schedule(self.total_steps, [])
+        self._load_schedule_state(payload)
+        self.clipper.warmup_steps = schedules.warmup_steps(self.schedule)
+
     def _apply_resume_policy(self, payload: dict[str, Any]) -> None:
         """A resume that changes the run length must not stretch the schedule silently (the LR would jump)."""
         schedule = resume_schedule(self.config, self.timeline, self.state, self._say)
@@ -561,6 +570,7 @@ class Trainer:
             return 0
         payload = self._load_checkpoint(*found)
         self.dist.on_main(lambda: rundir.point_latest(root, found[0]))  # a kill may have left it behind
+        self._project_again(payload)
         self._apply_resume_policy(payload)
         self._say(f"resumed from {found[0].name} (step {self.state.step}, {self.state.tokens:,} tokens)")
         return int(payload["metrics_offset"])
