@@ -63,3 +63,29 @@ def test_a_late_error_after_a_checkpoint_keeps_the_run_to_resume(tmp_path):
                            "ema.every=1%", "--quiet")
     assert code == 2 and "nothing was kept" not in err
     assert rundir.list_checkpoints(run / rundir.CHECKPOINTS)
+
+
+def test_a_late_error_after_a_snapshot_removes_the_snapshots_too(tmp_path):
+    """Snapshots are part of a run (a new run is refused beside them): a new run that fails after writing one, but
+    before its first checkpoint, removes them with the rest, so the corrected command runs in the same folder."""
+    from keel.config import load_config
+    from keel.errors import KeelError
+    from keel.techniques import Callback
+    from keel.train import train
+
+    class FailsAtStep3(Callback):
+        name = "fails_at_step_3"
+
+        def on_step_end(self, trainer):
+            if trainer.state.step == 3:
+                raise KeelError("late: bad input found at step 3")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine\n")
+    config = load_config(None, ["task=digits", "device=cpu", "threads=1", "max_steps=6", "checkpoint_interval=4",
+                                "snapshot.enabled=true", "snapshot.cycle=2", f"out_dir={run}"])
+    with pytest.raises(KeelError, match=f"late: bad input found at step 3 \\(nothing was kept in '{run}'"):
+        train(config, callbacks=[FailsAtStep3()], quiet=True)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert train(config, quiet=True)["step"] == 6

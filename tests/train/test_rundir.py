@@ -116,6 +116,20 @@ def test_a_new_run_is_refused_where_another_run_left_anything(tmp_path, part, sh
         rundir.prepare_run_dir(tmp_path, resume=False)
 
 
+def test_discarding_a_failed_new_run_removes_every_part_a_new_run_is_refused_for(tmp_path):
+    parts = ["metrics.jsonl", "config.yaml", "loss.png", "tokenizer.json", "checkpoints/.tmp-step_00000005/x",
+             "checkpoints/step_00000006/model.safetensors", "snapshots/step_00000005.safetensors", "tensorboard/e"]
+    for part in [*parts, "notes.txt"]:
+        (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / part).write_text("")
+    assert rundir.discard_new_run(tmp_path, made=False, task_files=["tokenizer.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    rundir.check_new_run_dir(tmp_path)
+    tiny_checkpoint(tmp_path / "checkpoints", 5)  # a checkpoint: resumable, so nothing is removed
+    assert not rundir.discard_new_run(tmp_path, made=True)
+    assert rundir.list_checkpoints(tmp_path / "checkpoints")
+
+
 def test_a_new_run_may_use_a_missing_empty_or_unrelated_directory(tmp_path):
     rundir.check_new_run_dir(tmp_path / "missing")
     (tmp_path / "checkpoints").mkdir()  # empty: nothing of a run in it

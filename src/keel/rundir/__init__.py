@@ -92,15 +92,21 @@ from keel.rundir.layout import (
 )
 from keel.rundir.lock import RunLock
 from keel.rundir.manifest import read_manifest, verify
-from keel.rundir.start import check_new_run_dir, prepare_run_dir, read_run_config
+from keel.rundir.start import (
+    check_new_run_dir,
+    check_resume_dir,
+    discard_new_run,
+    prepare_run_dir,
+    read_run_config,
+)
 
 __all__ = [
     "AVERAGED_WEIGHTS", "BEST", "CHECKPOINTS", "CONFIG", "CONFIG_META_KEY", "DIAGNOSIS", "GRAD_NORM_PLOT", "LATEST",
     "LOCK", "LOSS_PLOT", "MANIFEST", "METRICS", "MODEL_WEIGHTS", "RAW_WEIGHTS", "RECOMMENDED", "REQUIRED_FILES",
     "RESTARTS", "RESTARTS_RECORD", "SNAPSHOTS",
     "SNAPSHOT_FILE", "STATE", "STEP_DIR", "TENSORBOARD", "UPDATE_RATIO_PLOT", "KeelError", "Report", "RunDir",
-    "RunLock", "atomic_write_text", "check_new_run_dir", "checkpoint_step", "checkpoint_weights", "list_checkpoints",
-    "list_snapshots", "load_checkpoint", "load_latest", "newest_intact", "point_best", "point_latest",
-    "prepare_run_dir", "prune", "read_manifest", "read_run_config", "run_of_checkpoint", "snapshot_name",
-    "step_dir_name", "step_dirs", "verify", "weights_name", "write_checkpoint",
+    "RunLock", "atomic_write_text", "check_new_run_dir", "check_resume_dir", "checkpoint_step", "checkpoint_weights",
+    "discard_new_run", "list_checkpoints", "list_snapshots", "load_checkpoint", "load_latest", "newest_intact",
+    "point_best", "point_latest", "prepare_run_dir", "prune", "read_manifest", "read_run_config", "run_of_checkpoint",
+    "snapshot_name", "step_dir_name", "step_dirs", "verify", "weights_name", "write_checkpoint",
 ]

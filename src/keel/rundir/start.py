@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from keel.errors import KeelError
 from keel.rundir.checkpoint import _newest
 from keel.rundir.files import Report, _describe
-from keel.rundir.layout import CHECKPOINTS, CONFIG, CONFIG_META_KEY, METRICS, RUN_FILES, RUN_FOLDERS
+from keel.rundir.layout import (
+    CHECKPOINTS,
+    CONFIG,
+    CONFIG_META_KEY,
+    LOCK,
+    METRICS,
+    RUN_FILES,
+    RUN_FOLDERS,
+    list_checkpoints,
+)
 from keel.rundir.manifest import _check
 
 
@@ -43,23 +54,34 @@ def check_new_run_dir(path: Path) -> None:
         )
 
 
+def check_resume_dir(path: Path) -> None:
+    """Refuse to resume ``path`` unless it is a directory holding config.yaml, metrics.jsonl or checkpoints/: the one
+    rule for a run to resume (the trainer checks it before it builds anything, ``prepare_run_dir`` when it takes the
+    directory). KeelError (one line) names what is wrong."""
+    path = Path(path)
+    try:
+        if not path.is_dir():
+            what = "is a file" if path.exists() else "does not exist"
+            raise KeelError(f"--resume: '{path}' {what}; allowed: the directory of a keel run")
+        if not any((path / name).exists() for name in (CONFIG, METRICS, CHECKPOINTS)):
+            raise KeelError(
+                f"--resume: '{path}' is not a keel run directory (no {CONFIG}, {METRICS} or {CHECKPOINTS}/)"
+            )
+    except OSError as error:
+        raise KeelError(f"--resume: cannot use '{path}' as a run directory ({_describe(error)})") from None
+
+
 def prepare_run_dir(path: Path, resume: bool) -> Path:
     """Check and make the run directory; KeelError with the reason (one line) on any problem, never a traceback.
 
-    New run: ``check_new_run_dir``, then create it (parents too). Resume: it must exist and hold config.yaml,
-    metrics.jsonl or checkpoints/. Either way it must be writable. Take the ``RunLock`` right after this.
+    New run: ``check_new_run_dir``, then create it (parents too). Resume: ``check_resume_dir``. Either way it must
+    be writable. Take the ``RunLock`` right after this.
     """
     path = Path(path)
     option = "--resume" if resume else "out_dir"
     try:
         if resume:
-            if not path.is_dir():
-                what = "is a file" if path.exists() else "does not exist"
-                raise KeelError(f"--resume: '{path}' {what}; allowed: the directory of a keel run")
-            if not any((path / name).exists() for name in (CONFIG, METRICS, CHECKPOINTS)):
-                raise KeelError(
-                    f"--resume: '{path}' is not a keel run directory (no {CONFIG}, {METRICS} or {CHECKPOINTS}/)"
-                )
+            check_resume_dir(path)
         else:
             check_new_run_dir(path)
             path.mkdir(parents=True, exist_ok=True)
@@ -73,6 +95,27 @@ def prepare_run_dir(path: Path, resume: bool) -> Path:
         where = f" at '{error.filename}'" if error.filename and Path(error.filename) != path else ""
         raise KeelError(f"{option}: cannot use '{path}' as a run directory ({_describe(error)}){where}") from None
     return path
+
+
+def discard_new_run(path: Path, made: bool, task_files: Iterable[str] = ()) -> bool:
+    """Remove what a new run that failed before its first checkpoint wrote in ``path``, so that the corrected
+    command can start again there: the directory itself when the run ``made`` it, else the parts of a run
+    (``RUN_FILES`` and ``RUN_FOLDERS``, what ``check_new_run_dir`` refuses; the lock removes itself) and the task's
+    ``task_files``. True when removed; False, and nothing removed, once a checkpoint exists (``--resume`` continues
+    the run)."""
+    path = Path(path)
+    if list_checkpoints(path / CHECKPOINTS):
+        return False
+    if made:
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    for name in [*RUN_FILES, *RUN_FOLDERS, *task_files]:
+        part = path / name
+        if name == LOCK:
+            continue
+        shutil.rmtree(part, ignore_errors=True) if part.is_dir() and not part.is_symlink() else part.unlink(
+            missing_ok=True)
+    return True
 
 
 def read_run_config(run_dir: Path, report: Report = print) -> str | None:

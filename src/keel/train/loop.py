@@ -271,7 +271,8 @@ class Trainer:
                     lock.enter_context(cuda_tf32(self.config.tf32))
                 return self._fit()
         except KeelError as error:  # bad input found late: a new run without a checkpoint leaves nothing behind
-            if made is not None and not isinstance(error, TrainingUnstableError) and self._remove_new_run(made):
+            if made is not None and not isinstance(error, TrainingUnstableError) and rundir.discard_new_run(
+                    self.run_dir, made, self.task.run_files()):
                 raise KeelError(f"{error} (nothing was kept in '{self.run_dir}': no checkpoint had been written)") \
                     from None
             raise
@@ -784,31 +785,9 @@ class Trainer:
                 "optimizer": {"name": self.config.optimizer.name, "lr": lr,
                               "kernels": optim.chosen_kernels(self.optimizer)}}
 
-    def _remove_new_run(self, made_dir: bool) -> bool:
-        """Remove what a new run that failed before its first checkpoint wrote (the directory itself when the run
-        made it), so the corrected command can run again in it; True when removed."""
-        import shutil
-
-        if rundir.list_checkpoints(self.run_dir / rundir.CHECKPOINTS):
-            return False  # resumable: keel train --resume continues it
-        if made_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            return True
-        for name in [rundir.CONFIG, rundir.METRICS, rundir.LOSS_PLOT, rundir.TENSORBOARD, rundir.CHECKPOINTS,
-                     *self.task.run_files()]:
-            path = self.run_dir / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        return True
-
     def _check_run_dir(self, resume: bool) -> None:
         """Refuse a directory that cannot hold this run, before anything is built or written."""
-        if resume:
-            if not (self.run_dir / rundir.CONFIG).is_file() and not rundir.list_checkpoints(
-                    self.run_dir / rundir.CHECKPOINTS):
-                raise KeelError(f"--resume: '{self.run_dir}' is not a keel run directory (no {rundir.CONFIG} and no "
-                                "checkpoint)")
-        else:
-            rundir.check_new_run_dir(self.run_dir)
+        (rundir.check_resume_dir if resume else rundir.check_new_run_dir)(self.run_dir)
 
     def _say(self, message: str, bar=None) -> None:
         if self.quiet:
