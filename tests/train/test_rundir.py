@@ -162,6 +162,21 @@ def test_resume_needs_a_run_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # the write probe left nothing
 
 
+def test_the_trainer_refuses_a_resume_by_the_same_rule_before_it_builds_anything(tmp_path):
+    from keel.config import load_config
+    from keel.train import Trainer
+
+    (tmp_path / "file").write_text("")
+    (tmp_path / "empty").mkdir()
+    config = load_config(None, ["task=digits", "device=cpu", "threads=1"])
+    for path in (tmp_path / "missing", tmp_path / "file", tmp_path / "empty"):
+        with pytest.raises(KeelError) as expected:
+            rundir.prepare_run_dir(path, resume=True)
+        with pytest.raises(KeelError) as refused:
+            Trainer(config, run_dir=path, resume=True, quiet=True)
+        assert str(refused.value) == str(expected.value)
+
+
 def test_read_run_config_prefers_config_yaml_then_the_newest_intact_checkpoint(tmp_path):
     root = tmp_path / rundir.CHECKPOINTS
     messages = []
