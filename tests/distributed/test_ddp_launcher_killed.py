@@ -74,3 +74,35 @@ def test_ranks_of_a_killed_launcher_stop_release_the_lock_and_resume_bitwise(tmp
     assert done.returncode == 0, done.stderr
     assert f"resumed from {newest.name}" in done.stdout and "stale lock" not in done.stdout + done.stderr
     assert_bitwise_same_run(reference, run)
+
+
+def test_the_line_of_a_gone_launcher_names_the_checkpoint_of_a_run_without_out_dir(tmp_path, monkeypatch, capsys):
+    """Under plain torchrun without out_dir the run goes to runs/<time>: when the launcher is gone, the line rank 0
+    prints names the newest checkpoint there (it said that none was written). In-process: the notice is raised at
+    step 3 of one process, after the checkpoint of step 2."""
+    from keel import parent_process
+    from keel.cli.main import main
+    from keel.techniques import Callback
+    from keel.train import loop
+
+    class LauncherGone(Callback):
+        name = "launcher_gone"
+
+        def on_step_end(self, trainer):
+            if trainer.state.step == 3:
+                raise parent_process.ParentGone(4242)
+
+    def end_now():
+        raise SystemExit(parent_process.EXIT_CODE)
+
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", lambda *args, **kwargs: real_train(*args, callbacks=[LauncherGone()], **kwargs))
+    monkeypatch.setattr(parent_process, "end_now", end_now)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["train", "task=digits", "device=cpu", "threads=1", "max_steps=6", "checkpoint_interval=2", "--quiet"])
+    [run] = (tmp_path / "runs").iterdir()
+    err = capsys.readouterr().err
+    assert "the launcher (PID 4242) is gone; the ranks stopped; the last complete checkpoint is " \
+           f"{Path('runs') / run.name / 'checkpoints' / 'step_00000002'}" in err
+    assert f"--resume {Path('runs') / run.name})" in err

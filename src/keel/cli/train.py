@@ -74,12 +74,14 @@ def run(args: argparse.Namespace) -> int:
         return launch_from_command_line(args, config, resume_dir)
     from keel import parent_process
     from keel.train import distributed, train
+    from keel.train.loop import default_run_dir
 
     distributed.stop_with_launcher()  # a rank of keel train --nproc: stop if the launcher is killed
     config, resume_dir = build_config(args)
-    run_dir = resume_dir if resume_dir is not None else config.out_dir
+    # the run's directory, chosen here so the messages below can name it (several ranks: the trainer takes rank 0's)
+    run_dir = resume_dir if resume_dir is not None else Path(config.out_dir or default_run_dir())
     try:
-        train(config, run_dir=resume_dir, resume=resume_dir is not None, quiet=args.quiet,
+        train(config, run_dir=run_dir, resume=resume_dir is not None, quiet=args.quiet,
               allow_world_size_change=args.allow_world_size_change)
     except parent_process.ParentGone as gone:
         distributed.report_launcher_gone(gone.parent, run_dir)  # exits: see there
