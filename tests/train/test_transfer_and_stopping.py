@@ -76,6 +76,34 @@ def test_early_stopping_ends_the_run_and_exports_the_best_weights(tmp_path):
     assert all(torch.equal(exported[k], kept[k]) for k in kept)
 
 
+def test_finding_the_evaluation_keys_puts_every_generator_back():
+    """Early stopping's check runs the task's evaluation once: a task that draws from Python's, NumPy's or torch's
+    generator there leaves the training streams as they were."""
+    import contextlib
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from keel.train.early_stopping import evaluation_keys
+
+    class Drawing:
+        def eval_batches(self, split, rank, world_size):
+            return [torch.zeros(2, 3)]
+
+        def eval_sums(self, model, batch):
+            noise = random.random() + float(np.random.rand()) + float(torch.rand(()))
+            return {"loss": model(batch).sum() * 0 + noise}
+
+    trainer = SimpleNamespace(model=torch.nn.Linear(3, 1), device=torch.device("cpu"), task=Drawing(),
+                              precision=SimpleNamespace(autocast=contextlib.nullcontext))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = random.random(), float(np.random.rand()), float(torch.rand(()))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    assert evaluation_keys(trainer) == {"val_loss", "train_eval_loss"}
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+
+
 def _kill_and_resume(tmp_path, overrides, kill_at, env=None):
     """A reference run in-process; the same run SIGKILLed at ``kill_at`` and resumed: bitwise equal."""
     from run_helpers import assert_bitwise_equal, keel_train, kill_when_step_reached

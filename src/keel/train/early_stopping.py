@@ -118,15 +118,15 @@ class EarlyStoppingCallback(Callback):
 
 def evaluation_keys(trainer) -> set[str]:
     """The keys the task puts into an evaluation record (``val_loss``, ``val_accuracy``, ``train_eval_loss`` ...):
-    one batch of each split through ``task.eval_sums``, in eval mode without gradients, the RNG put back."""
+    one batch of each split through ``task.eval_sums``, in eval mode without gradients, every RNG put back."""
     import torch
 
     from keel.tasks import move_to_device
+    from keel.train import devices
 
     model, keys = trainer.model, set()
     was_training = model.training
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else None
+    rng = devices.rng_state(trainer.device)
     model.eval()
     try:
         with torch.no_grad(), trainer.precision.autocast():
@@ -137,9 +137,7 @@ def evaluation_keys(trainer) -> set[str]:
                     keys |= {prefix + key for key in sums}
     finally:
         model.train(was_training)
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        devices.set_rng_state(rng, trainer.device)
     return keys
 
 
