@@ -302,7 +302,7 @@ class Trainer:
                   f"{tokens:,.0f} {self._counted} per step; run length {config.run_length}{length}; "
                   f"run directory: {self.run_dir}")
         self._say(self._describe_speed())
-        for line in self._describe_ranks():
+        for line in self._describe_ranks(resolved):
             self._say(line)
         for callback in self.callbacks:
             callback.on_run_start(self)
@@ -759,10 +759,11 @@ class Trainer:
             f"MFU against {self.peak_tflops:g} TFLOP/s"
         return f"speed: {device}; precision {precision}{tf32}; {compiled}; {peak}"
 
-    def _describe_ranks(self) -> list[str]:
-        """Start lines for data parallelism and LR scaling (none for one process without scaling)."""
+    def _describe_ranks(self, resolved: dict[str, Any]) -> list[str]:
+        """Start lines for data parallelism and LR scaling (none for one process without scaling), from what this
+        start resolved (``_run_record``)."""
         config, lines = self.config, []
-        global_batch = config.data.batch_size * config.grad_accum * self.world_size
+        global_batch, lr = resolved["global_batch"], resolved["optimizer"]["lr"]
         if self.dist.active:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             lines.append(f"distributed: {self.world_size} ranks ({self.dist.strategy}, {backend}); global batch "
@@ -772,7 +773,7 @@ class Trainer:
         if scale.rule is not None:
             lines.append(f"lr_scaling: {scale.rule} rule, global batch {global_batch} / base batch "
                          f"{scale.base_batch}: every LR x {scale.factor:.6g} (optimizer.lr {config.optimizer.lr:.6g} "
-                         f"-> {config.optimizer.lr * scale.factor:.6g})")
+                         f"-> {lr:.6g})")
         return lines
 
     def _run_record(self) -> dict[str, Any]:
