@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from keel import rundir
 from keel.config import load_config
 from keel.rundir.metrics import read_metrics
-from keel.train import Callback, Trainer, devices, train
+from keel.train import Callback, Trainer, devices, export, train
+from keel.train.early_stopping import EarlyStoppingCallback, EarlyStoppingConfig
 from tiny_config import TINY
 
 # Pinned to the CPU: the reference and the resumed run are compared bitwise.
@@ -119,11 +120,16 @@ def test_the_trainer_reads_checkpoints_on_the_cpu_whatever_its_device(reference,
     assert trainer.state.step == 30 and offset == payload["metrics_offset"]
     assert torch.equal(torch.get_rng_state(), payload["rng"]["torch"])
     assert all(p.device.type == "cpu" for p in trainer.model.parameters())
-    trainer.state.best_checkpoint, trainer.state.best_step = "step_00000010", 10
-    trainer.load_best_weights()  # early stopping's restore
-    best = load_file(str(run / "checkpoints" / "step_00000010" / "model.safetensors"))
+    assert asked == ["cpu"]
+    # early stopping's export of its best checkpoint: read on the CPU too, into the model
+    stopping = EarlyStoppingCallback(EarlyStoppingConfig(patience=2))
+    stopping.unit.best, stopping.unit.best_step = 1.0, 10
+    summary = {}
+    stopping.on_run_end(trainer, summary)
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+    assert export.finish(trainer, summary, evals) == f" ({summary['weights']} weights of step 10, exported)"
+    best = load_file(str(rundir.checkpoint_weights(run / "checkpoints" / "step_00000010", summary["weights"])))
     assert all(torch.equal(best[k], v) for k, v in trainer.model.state_dict().items())
-    assert asked == ["cpu", "cpu"]
 
 
 def test_the_cuda_generator_state_is_restored_on_cuda_for_the_gpus_there(monkeypatch):

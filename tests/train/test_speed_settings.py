@@ -170,11 +170,12 @@ def test_step_records_and_banner_say_mfu_and_the_choices(tmp_path, tiny_override
 
 
 def test_progress_line_shows_mfu_where_known(capsys):
+    from keel.timeunits import Time, Timeline
     from keel.train.loop import TrainState
 
-    progress = _Progress(1, enabled=True, unit="tokens/s")
-    progress.maybe_print(TrainState(step=1), 10, 2.0, 1e-3, 1000.0, 1.0, 0.315)
-    progress.maybe_print(TrainState(step=2), 10, 2.0, 1e-3, 1000.0, 2.0)
+    progress = _Progress(Time.steps(1), enabled=True, unit="tokens/s", timeline=Timeline.of_steps(10))
+    progress.maybe_print(TrainState(step=1), 10, 2.0, 1e-3, 1000.0, 1.0, TrainState(step=0), 0.315)
+    progress.maybe_print(TrainState(step=2), 10, 2.0, 1e-3, 1000.0, 2.0, TrainState(step=1))
     lines = capsys.readouterr().out.splitlines()
     assert "| 1,000 tokens/s | MFU 31.5% | ETA" in lines[0] and "MFU" not in lines[1]
 

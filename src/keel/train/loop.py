@@ -236,19 +236,14 @@ class Trainer:
         if payload.get("schedule") is not None and hasattr(self.schedule, "load_state_dict"):
             self.schedule.load_state_dict(payload["schedule"])
 
-    def resolve_length(self, value: Time | int | str, name: str) -> int:
-        """A length in time units ('500', '5%', '3ep', '2Mtok') in optimizer steps of this run: the first step at
-        which the clock is projected to reach it (``Timeline.steps``)."""
-        return self.timeline.steps(value, name)
-
     def keep_at_least(self, count: int) -> None:
         """Keep at least the newest ``count`` checkpoints (e.g. for averaging them at the end)."""
         self.keep_last = max(self.keep_last, count)
 
     def track_best(self, metric: str, mode: str, min_delta: float = 0.0) -> None:
         """Track the best evaluation by ``metric`` (``min`` or ``max``, improving by more than ``min_delta``)
-        instead of val_loss, and checkpoint each evaluation that improves it, so ``load_best_weights`` can restore
-        it (early stopping asks for this)."""
+        instead of val_loss, and checkpoint each evaluation that improves it, so that its weights can be exported
+        at the end (early stopping asks for this; ``keel.train.export``)."""
         self._best = (metric, mode, min_delta, True)
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -387,7 +382,7 @@ class Trainer:
                                 **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}), refresh=False)
                 bar.update(1)
                 progress.maybe_print(state, self.total_steps, loss_value, lr, speed,
-                                     state.elapsed - elapsed_at_start, mfu, before=before)
+                                     state.elapsed - elapsed_at_start, before, mfu)
 
             last = last or any(cb.should_stop for cb in self.callbacks)
             improved = False
@@ -549,15 +544,6 @@ class Trainer:
         finally:
             self.dist.barrier()
         return path
-
-    def load_best_weights(self) -> None:
-        """Put the best checkpoint's weights (by the tracked metric) into the model, if it is not already them."""
-        state = self.state
-        if not state.best_checkpoint or state.best_step == state.step:
-            return
-        weights, _ = rundir.load_checkpoint(self.run_dir / rundir.CHECKPOINTS / state.best_checkpoint, "cpu")
-        self.dist.load_model_state_dict(self.model, weights)
-        self._say(f"restored the best weights, from {state.best_checkpoint} (step {state.best_step})")
 
     def _restore(self) -> int | None:
         """Load the newest checkpoint that loads (reporting newer corrupt ones); return the metrics-log length to
@@ -797,26 +783,23 @@ class Trainer:
 
 
 class _Progress:
-    """Plain progress lines for logs without a terminal (CI, nohup, cluster jobs): every N seconds, or each time the
-    clock passes a multiple of a length."""
+    """Plain progress lines for logs without a terminal (CI, nohup, cluster jobs): every N seconds ('30s'), or each
+    time the clock passes a multiple of a length (``timeline.crossed``)."""
 
-    def __init__(self, interval: Time | int | str, enabled: bool, unit: str, timeline: Timeline | None = None):
+    def __init__(self, interval: Time | str, enabled: bool, unit: str, timeline: Timeline):
         self.enabled, self.unit, self.timeline = enabled, unit, timeline
         self.seconds = float(interval[:-1]) if isinstance(interval, str) else None
-        self.interval = None if self.seconds is not None else Time.steps(interval) if isinstance(interval, int) \
-            else interval
+        self.interval = interval if self.seconds is None else None
         self._last = time.perf_counter()
 
     def maybe_print(self, state: TrainState, max_steps: int, loss: float, lr: float, speed: float,
-                    elapsed: float, mfu: float | None = None, before: Clock | None = None) -> None:
-        """A line when due: ``before`` is the clock before this step (an interval in steps needs none)."""
+                    elapsed: float, before: Clock, mfu: float | None = None) -> None:
+        """A line when due (and after the first step): ``before`` is the clock before this step."""
         if not self.enabled:
             return
         now = time.perf_counter()
-        if self.interval is not None and self.timeline is not None and before is not None:
+        if self.interval is not None:
             due = self.timeline.crossed(self.interval, before, state, "progress_interval")
-        elif self.interval is not None:
-            due = state.step % max(1, int(self.interval.amount)) == 0
         else:
             due = now - self._last >= self.seconds
         if not due and state.step != 1:
