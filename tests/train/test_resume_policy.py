@@ -134,3 +134,19 @@ def test_extending_a_constant_schedule_changes_nothing_and_is_accepted(tmp_path,
     assert main(["train", "--resume", str(run), "max_steps=30", f"resume_policy={policy}", "--quiet"]) == 0
     assert set(lrs(run).values()) == {3e-3}
     assert main(["train", "--resume", str(run), "--quiet"]) == 0  # finished at its new length: nothing to do
+
+
+def test_the_messages_name_a_run_length_given_as_a_duration_as_given(tmp_path, tiny_overrides, capsys):
+    """40 steps of 256 tokens, then duration 20480tok (80 steps): the messages say duration, not max_steps."""
+    run = tmp_path / "run"
+    overrides = [item for item in tiny_overrides if not item.startswith("max_steps=")]
+    train(load_config(None, overrides + ["duration=10240tok", "checkpoint_interval=20", "eval_interval=40",
+                                         "sample.tokens=0", f"out_dir={run}"]), quiet=True)
+    assert main(["train", "--resume", str(run), "duration=20480tok", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "duration: 20480tok (80 steps) on resume, but the run was planned for 40 steps" in err
+    assert err.rstrip().endswith("or the old duration=40 (steps)") and "max_steps" not in err
+    assert main(["train", "--resume", str(run), "duration=20480tok", "resume_policy=keep_schedule"]) == 0
+    out = capsys.readouterr().out
+    assert "resume_policy keep_schedule: duration 20480tok (40 -> 80 steps); LR at step 39" in out
+    assert "max_steps" not in out

@@ -1,14 +1,14 @@
 """What a resume does when the run length changes (``resume_policy``): the LR never jumps silently.
 
-A schedule is a function of the step and the run length; rebuilt for a new ``max_steps`` it would move the LR at
+A schedule is a function of the step and the run length; rebuilt for a new run length it would move the LR at
 the resume point (a cosine over 600 steps stretched to 3,000 jumps from its tail back towards its peak). So a
 changed length is refused by default, with both LRs in the message, or follows the policy the user chose:
 
 - ``keep_schedule``: the schedule keeps the length it was planned for; past its end the LR stays at its final value.
   A schedule that ends at 0 (wsd, a cosine to 0) would train the whole extension at LR 0, changing nothing: that is
   refused, naming ``new_decay``.
-- ``new_decay``: from the resume point a cosine decay runs down to the schedule's final LR at the new
-  ``max_steps``. It starts from the current LR; from ``resume_peak_lr`` when that is set; and, where the current LR
+- ``new_decay``: from the resume point a cosine decay runs down to the schedule's final LR at the new run
+  length's end. It starts from the current LR; from ``resume_peak_lr`` when that is set; and, where the current LR
   is 0 (a finished run whose schedule ended at 0: extending it is what "train longer" means), from the schedule's
   peak. A start above the current LR is reached by a linear warmup of ``resume_warmup`` steps (default: the
   schedule's own warmup, at most half the extension): re-warming then re-decaying, as continual pre-training does
@@ -86,7 +86,7 @@ def resume_schedule(config, timeline: Timeline, state, say: Callable[[str], None
     if not state.decays and all(math.isclose(kept(s), stretched(s), rel_tol=1e-12, abs_tol=0.0)
                                 for s in {max(at - 1, 0), at}):
         state.schedule_steps = new_total
-        say(f"max_steps {planned_end} -> {new_total}: the schedule built for the new length gives the same LR "
+        say(f"{_change(config, planned_end, new_total)}: the schedule built for the new length gives the same LR "
             f"at step {at} ({stretched(at):.3e}); continuing with it")
         return stretched
     end_lr = kept(max(planned_end, at))
@@ -98,17 +98,17 @@ def resume_schedule(config, timeline: Timeline, state, say: Callable[[str], None
             f"{stretched(at):.3e}; allowed: resume_policy=keep_schedule (the schedule keeps its length; past "
             f"step {planned_end} the LR stays at {end_lr:.3e}) or resume_policy=new_decay (a new "
             f"decay from {_decay_start(config, kept(at))} to {end_lr:.3e} at step {new_total}), or the old "
-            f"max_steps={planned_end}")
+            f"{_length(config, planned_end)}")
     if policy == "keep_schedule" and new_total > planned_end and end_lr == 0:
         raise KeelError(
             f"resume_policy: keep_schedule keeps the schedule planned for {planned_end} steps, which ends at LR 0: "
             f"steps {max(planned_end, at)} to {new_total} would train at LR 0 and change nothing; allowed: "
             f"resume_policy=new_decay (a new decay from {_decay_start(config, kept(at))}; resume_peak_lr and "
-            f"resume_warmup set it), or max_steps={planned_end}")
+            f"resume_warmup set it), or {_length(config, planned_end)}")
     if policy == "new_decay":
         state.decays = [*state.decays, _new_decay(config, timeline, kept, at, say)]
     schedule = build_schedule(config, timeline, old_total, state.decays)
-    say(f"resume_policy {policy}: max_steps {planned_end} -> {new_total}; LR at step {max(at - 1, 0)} "
+    say(f"resume_policy {policy}: {_change(config, planned_end, new_total)}; LR at step {max(at - 1, 0)} "
         f"(before the resume point) {before:.3e}, at step {at} {schedule(at):.3e}, at the end "
         f"{schedule(new_total - 1):.3e}")
     return schedule
@@ -138,7 +138,7 @@ def _new_decay(config, timeline: Timeline, kept, at: int, say: Callable[[str], N
         warm = timeline.with_duration(Time.steps(end)).steps(config.resume_warmup, "resume_warmup")
         if warm >= length:
             raise KeelError(f"resume_warmup: {config.resume_warmup!r} is {warm} steps, and the extension from step "
-                            f"{at} to max_steps {end} has {length}; allowed: fewer steps than the extension")
+                            f"{at} to {_end(config, end)} has {length}; allowed: fewer steps than the extension")
     elif peak > current:
         warm = min(schedules.warmup_steps(kept), length // 2)
     else:
@@ -148,3 +148,24 @@ def _new_decay(config, timeline: Timeline, kept, at: int, say: Callable[[str], N
 
 def _length_key(config) -> str:
     return "max_steps" if config.duration is None else "duration"
+
+
+# Messages name the run length the way the user gave it: max_steps, or duration (in any unit, which takes steps too).
+
+
+def _length(config, steps: int) -> str:
+    """A run length of ``steps`` steps, to set: ``max_steps=40``, or ``duration=40 (steps)``."""
+    return f"max_steps={steps}" if config.duration is None else f"duration={steps} (steps)"
+
+
+def _change(config, planned_end: int, new_total: int) -> str:
+    """The run length now against the one the schedule was planned for: ``max_steps 40 -> 80``, or
+    ``duration 20ktok (40 -> 80 steps)``."""
+    if config.duration is None:
+        return f"max_steps {planned_end} -> {new_total}"
+    return f"duration {config.duration} ({planned_end} -> {new_total} steps)"
+
+
+def _end(config, end: int) -> str:
+    """The end of the run: ``max_steps 80``, or ``step 80 (duration 20ktok)``."""
+    return f"max_steps {end}" if config.duration is None else f"step {end} (duration {config.duration})"
