@@ -104,6 +104,22 @@ def test_finding_the_evaluation_keys_puts_every_generator_back():
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
 
 
+def test_early_stopping_reads_the_evaluation_after_the_averages_whatever_was_imported_first():
+    """Its callback comes after the averages' (which add val_loss_ema to the record) even where its module was
+    imported before the techniques were discovered (a fresh interpreter: the registry fills on first use)."""
+    import sys
+
+    code = ("import keel.train.early_stopping\n"
+            "from keel.config import load_config\n"
+            "from keel.techniques import make_callbacks\n"
+            "config = load_config(None, ['task=digits', 'ema.enabled=true', 'early_stopping.patience=2', "
+            "'early_stopping.metric=val_loss_ema'])\n"
+            "print(*[callback.name for callback in make_callbacks(config)])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ema", "early_stopping"]
+
+
 def _kill_and_resume(tmp_path, overrides, kill_at, env=None):
     """A reference run in-process; the same run SIGKILLed at ``kill_at`` and resumed: bitwise equal."""
     from run_helpers import assert_bitwise_equal, keel_train, kill_when_step_reached

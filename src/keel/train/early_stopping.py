@@ -142,4 +142,5 @@ def evaluation_keys(trainer) -> set[str]:
 
 
 register_technique("early_stopping", EarlyStoppingConfig,
-                   lambda block: EarlyStoppingCallback(block) if block.patience is not None else None)
+                   lambda block: EarlyStoppingCallback(block) if block.patience is not None else None,
+                   order=50)  # after the techniques that add to an evaluation (val_loss_ema), whatever the import order
