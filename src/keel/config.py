@@ -474,18 +474,6 @@ class TrainConfig(_Block):
                 ) from error
         return self
 
-    def precision_on(self, device: str) -> str:
-        """``precision`` with auto resolved for ``device`` (``keel.precision.resolve_precision``)."""
-        if self.precision != "auto":
-            return self.precision
-        import torch
-
-        from keel.precision import resolve_precision
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return resolve_precision("auto", device)[0]
-
     def technique(self, key: str) -> BaseModel:
         """The validated block of technique ``key`` (also reachable as ``config.<key>``)."""
         return self.__pydantic_extra__[key]

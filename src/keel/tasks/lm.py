@@ -33,6 +33,7 @@ from keel.errors import KeelError
 from keel.grad import count_tokens
 from keel.grad.accumulate import IGNORE_INDEX
 from keel.models import GPT, GPTConfig, lm_loss_sum, sample_tokens
+from keel.precision import resolve_precision
 from keel.tasks.base import Task
 from keel.task_registry import TaskSpec, register_task
 from keel.timeunits import Time
@@ -208,16 +209,14 @@ def check_lm(config: Any) -> None:
             f"model.block_size: {block_size} is too long for the {train_tokens:,} training tokens of data.source "
             f"'{config.data.source}'; allowed: at most {max(train_tokens - 2, 0):,}, or a larger source"
         )
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     estimate = estimate_gpt_training(
         n_layer=config.model.n_layer, n_embd=config.model.n_embd, vocab_size=config.data.vocab_size or 256,
         block_size=block_size, batch_size=config.data.batch_size, grad_accum=config.grad_accum,
-        precision=config.precision_on(config.device), optimizer=optimizer, bias=config.model.bias,
+        precision=resolve_precision(config.precision, device)[0], optimizer=optimizer, bias=config.model.bias,
     )
-    device = config.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     checks = [(device, estimate.total)]
     if device != "cpu":
         checks.append(("cpu", estimate.parameters))  # the model is built on the CPU, then moved
