@@ -266,7 +266,7 @@ def test_resume_at_any_step_continues_on_the_same_curve(name, resume_at):
     ["duration=3ep", "schedule={name: multistep, milestones: [30%, 60%]}"],  # docs/schedules.md's form
     ["task=digits", "schedule={name: multistep, milestones: [100, 1ep]}"],  # units apart: the trainer orders them
     ["task=digits", "schedule={name: join, schedules: [constant, constant, cosine], boundaries: [1ep, 2ep]}"],
-    ["task=digits", "schedule={name: join, schedules: [constant, {name: cosine, warmup: 50}], boundaries: [1ep]}"],
+    ["task=digits", "schedule={name: join, schedules: [{name: cosine, warmup: 50}, constant], boundaries: [1ep]}"],
 ])
 def test_lists_of_lengths_the_task_decides_pass_the_config_check(overrides):
     """Before the task is known a length in epochs or examples (or a share of a run in them) has no step: the
