@@ -162,6 +162,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         groups = split
         adam_params = [p for g in groups if g.get("kind", "muon") == "adamw" for p in g["params"]]
         kernels = choose_kernels(torch.optim.AdamW, adam_params, fused=adam_fused, foreach=adam_foreach)
+        self._adam_kernels = kernels
         built = []
         for group in groups:
             group = dict(group)
@@ -194,6 +195,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
         super().__init__(built, {"lr": lr, "lr_scale": 1.0})
         self._muon = torch.optim.Muon([torch.zeros(1, 1, requires_grad=True)])
         self._adamw = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+    def kernels(self) -> dict:
+        """The implementation this optimizer runs, as chosen for its parameters (``keel.optim.chosen_kernels``)."""
+        return {"batched": self.uses_batched(), "ns_dtype": self.ns_dtype,
+                **{f"adam_{k}": v for k, v in self._adam_kernels.items()}}
 
     def uses_batched(self) -> bool:
         """Whether the Muon groups step through the batched Newton-Schulz path (see `batched`)."""

@@ -282,6 +282,10 @@ class SOAP(torch.optim.Optimizer):
                 elif isinstance(value, list):
                     self.state[p][key] = [None if v is None else v.to(device=p.device, copy=True) for v in value]
 
+    def kernels(self) -> dict:
+        """The implementation this optimizer runs, as chosen for its parameters (``keel.optim.chosen_kernels``)."""
+        return {"batched": self.uses_batched(), "matmul_precision": self.products()}
+
     def uses_batched(self) -> bool:
         """Whether steps go through the batched path (see `batched`): null means where every parameter is a plain
         tensor on a CUDA device."""
