@@ -17,12 +17,14 @@ Two ways to run the Newton-Schulz iterations, the same update:
   once per iteration and serves both of its products. At GPT-2-small shapes the 48 hidden matrices become 3 stacks
   (768 x 768, 768 x 2304, 768 x 3072) instead of 48 chains of small products: one launch per product instead of
   48, and products large enough to fill a GPU. The stack's dtype is `ns_dtype` (bfloat16, as torch's; float32 for
-  accuracy). The same arithmetic as torch's, in another order: in bfloat16 the two paths' updates differ by
-  rounding (`tests/optim/test_muon_batched.py` states the tolerance).
+  accuracy, with full float32 products on CUDA whatever the run's `tf32`). The same arithmetic as torch's, in
+  another order: in bfloat16 the two paths' updates differ by rounding (`tests/optim/test_muon_batched.py` states
+  the tolerance).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -31,6 +33,7 @@ from torch import nn
 from keel.errors import KeelError
 from keel.optim.closure import closure_loss
 from keel.optim.torch_kernels import choose_kernels
+from keel.precision import cuda_tf32
 
 __all__ = ["MAX_NS_STEPS", "MUON_TORCH_VERSION", "NS_DTYPES", "MuonWithAdamW", "muon_missing", "muon_split",
            "newton_schulz"]
@@ -269,7 +272,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
                     torch.lerp(grad, buffer, group["momentum"], out=into)
                 else:
                     into.copy_(buffer)
-            orthogonal = newton_schulz(stack, coefficients, steps, eps)
+            # float32 is asked for accuracy: full float32 products on CUDA too, whatever the run's `tf32` says
+            with cuda_tf32(False) if dtype == torch.float32 else contextlib.nullcontext():
+                orthogonal = newton_schulz(stack, coefficients, steps, eps)
             for i, (p, group, _, _, transposed) in enumerate(members):
                 lr, weight_decay = group["lr"], group["weight_decay"]
                 update = orthogonal[i].mT if transposed else orthogonal[i]
