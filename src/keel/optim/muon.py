@@ -32,7 +32,7 @@ from torch import nn
 
 from keel.errors import KeelError
 from keel.optim.closure import closure_loss
-from keel.optim.torch_kernels import choose_kernels
+from keel.optim.torch_kernels import choose_kernels, plain_on_cuda
 from keel.precision import cuda_tf32
 
 __all__ = ["MAX_NS_STEPS", "MUON_TORCH_VERSION", "NS_DTYPES", "MuonWithAdamW", "muon_missing", "muon_split",
@@ -210,9 +210,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             return self.batched
         if self.ns_dtype != "bfloat16":
             return True
-        params = [p for g in self.param_groups if g["kind"] == "muon" for p in g["params"]]
-        return bool(params) and all(type(p) in (torch.Tensor, nn.Parameter) and p.device.type == "cuda"
-                                    for p in params)
+        return plain_on_cuda([p for g in self.param_groups if g["kind"] == "muon" for p in g["params"]])
 
     @torch.no_grad()
     def step(self, closure=None):

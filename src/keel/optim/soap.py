@@ -49,9 +49,9 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from keel.optim.closure import closure_loss
+from keel.optim.torch_kernels import plain_on_cuda
 from keel.precision import cuda_tf32
 
 __all__ = ["MATMUL_PRECISIONS", "SOAP", "merged_shape"]
@@ -291,9 +291,7 @@ class SOAP(torch.optim.Optimizer):
         tensor on a CUDA device."""
         if self.batched is not None:
             return self.batched
-        params = [p for g in self.param_groups for p in g["params"]]
-        return bool(params) and all(type(p) in (torch.Tensor, nn.Parameter) and p.device.type == "cuda"
-                                    for p in params)
+        return plain_on_cuda([p for g in self.param_groups for p in g["params"]])
 
     def products(self) -> str:
         """The precision of the matrix products this optimizer runs (`matmul_precision`, null resolved)."""
