@@ -14,7 +14,15 @@ pytest.importorskip("accelerate")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from keel.errors import KeelError  # noqa: E402
-from keel.integrations.hf import EMA, CheckpointAverage, Clip, NonFinite, UpdateRatio, keel_optimizers  # noqa: E402
+from keel.integrations.hf import (  # noqa: E402
+    EMA,
+    CheckpointAverage,
+    Clip,
+    NonFinite,
+    Polyak,
+    UpdateRatio,
+    keel_optimizers,
+)
 
 
 class Regression(nn.Module):
@@ -55,13 +63,27 @@ class Recorder(TrainerCallback):
         self.lrs.append(group["lr"] / group["lr_scale"])
 
 
-def train(tmp_path, module, config, steps, callbacks, *, resume=None, start=0, **arguments):
+class SizedBatches(torch.utils.data.Dataset):
+    """``count`` batches with a length: the Trainer knows its epoch (and shuffles them)."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int):
+        x, y = batch(i)
+        return {"x": x, "labels": y}
+
+
+def train(tmp_path, module, config, steps, callbacks, *, resume=None, start=0, dataset=None, **arguments):
     optimizer, scheduler = keel_optimizers(module, config)
     options = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=1, max_grad_norm=0,
                    logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
                    dataloader_num_workers=0, seed=0)
     trainer = Trainer(model=module, args=TrainingArguments(**{**options, **arguments}),
-                      train_dataset=Batches(steps - start, start), eval_dataset=Batches(2, 100),
+                      train_dataset=dataset or Batches(steps - start, start), eval_dataset=Batches(2, 100),
                       data_collator=lambda items: items[0], optimizers=(optimizer, scheduler), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -139,6 +161,21 @@ def test_checkpoint_average_at_train_end(tmp_path):
     for name, value in module.state_dict().items():
         torch.testing.assert_close(value, (saved[0][name] + saved[1][name]) / 2, rtol=1e-12, atol=1e-14)
     assert (tmp_path / "averaged.safetensors").is_file()
+
+
+def test_an_epoch_is_the_trainers_count_of_updates_and_needs_a_sized_loader(tmp_path):
+    """7 batches with 2 accumulated: the Trainer steps after batches 2, 4, 6 and the epoch's last, 4 updates an
+    epoch (not max_steps / the Trainer's rounded-up epoch count); an unsized loader has no epoch: an error."""
+    steps = 6
+    config = keel_config(steps, tmp_path / "unused")
+    polyak, ema = Polyak(start="1ep", evaluate=False), EMA(0.9, half_life="1ep", start=0, evaluate=False)
+    train(tmp_path / "sized", Regression(make_net()), config, steps, [polyak, ema], dataset=SizedBatches(7),
+          gradient_accumulation_steps=2)
+    assert polyak.start == 4 and polyak.unit.num_updates == steps - 4
+    assert ema.unit.half_life == 4
+    with pytest.raises(KeelError, match="polyak.start: '1ep' is in epochs, but a train_dataloader without a "
+                                        "length has no epoch"):
+        train(tmp_path / "unsized", Regression(make_net()), config, steps, [Polyak(start="1ep")])
 
 
 def test_clip_refuses_the_trainers_own_clipping(tmp_path):

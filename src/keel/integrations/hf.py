@@ -26,7 +26,6 @@ sees the batch, so there is no ``SeqLenWarmup`` (cut batches with ``keel.data.se
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -90,11 +89,25 @@ def _keel_scheduler(lr_scheduler) -> KeelLRScheduler | None:
     return inner if isinstance(inner, KeelLRScheduler) else None
 
 
-def _steps(state, value: int | str, key: str) -> int:
+def _length(loader) -> int | None:
+    try:
+        return len(loader) or None
+    except (TypeError, AttributeError, NotImplementedError):  # an iterable dataset: no length
+        return None
+
+
+def run_timeline(args, state, train_dataloader) -> Timeline:
+    """The run's time as the Trainer counts it: ``state.max_steps`` updates, an epoch of
+    ``max(1, ceil(len(train_dataloader) / gradient_accumulation_steps))`` updates (the Trainer's
+    ``num_update_steps_per_epoch``: it steps on an epoch's last batch too); no epoch for a loader without a length,
+    so a length in epochs is then an error rather than a guess."""
     total = state.max_steps if state.max_steps and state.max_steps > 0 else None
-    epochs = getattr(state, "num_train_epochs", 0) or 0
-    per_epoch = max(1, math.ceil(total / epochs)) if total and epochs else None
-    return Timeline.at_rate(total, steps_per_epoch=per_epoch).steps(value, key)
+    batches = _length(train_dataloader) if train_dataloader is not None else None
+    per_epoch = max(1, math.ceil(batches / max(1, args.gradient_accumulation_steps))) if batches else None
+    timeline = Timeline.at_rate(total, steps_per_epoch=per_epoch)
+    if per_epoch is None:
+        timeline.what = "a train_dataloader without a length"
+    return timeline
 
 
 def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -181,15 +194,16 @@ class _Averaging(KeelTrainerCallback):
         self.unit = None
         self.start, self.every = 0, 1
 
-    def make_unit(self, state, model):
+    def make_unit(self, timeline: Timeline, model):
         raise NotImplementedError
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
-        self.start = _steps(state, self.config.start, f"{self.name}.start")
-        self.every = _steps(state, self.config.every, f"{self.name}.every")
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs) -> None:
+        timeline = run_timeline(args, state, train_dataloader)
+        self.start = timeline.steps(self.config.start, f"{self.name}.start")
+        self.every = timeline.steps(self.config.every, f"{self.name}.every")
         if self.every < 1:
             raise KeelError(f"{self.name}.every: {self.config.every!r} resolves to 0 steps; allowed: >= 1 step")
-        self.unit = self.make_unit(state, model)
+        self.unit = self.make_unit(timeline, model)
         self._resume(args, state)
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
@@ -263,9 +277,8 @@ class EMA(_Averaging):
                         include_buffers=include_buffers, device=device, dtype=dtype, evaluate=evaluate)
         super().__init__(name, config, apply_at_end)
 
-    def make_unit(self, state, model) -> EMAUnit:
-        return EMAUnit.from_config(model, self.config, every=self.every, steps=functools.partial(_steps, state),
-                                   name=self.name)
+    def make_unit(self, timeline: Timeline, model) -> EMAUnit:
+        return EMAUnit.from_config(model, self.config, every=self.every, steps=timeline.steps, name=self.name)
 
 
 def _block(model, **fields: Any):
@@ -282,7 +295,7 @@ class Polyak(_Averaging):
                         dtype=dtype, evaluate=evaluate)
         super().__init__(name, config, apply_at_end)
 
-    def make_unit(self, state, model) -> PolyakUnit:
+    def make_unit(self, timeline: Timeline, model) -> PolyakUnit:
         return PolyakUnit.from_config(model, self.config)
 
 
@@ -305,8 +318,8 @@ class SWA(_Averaging):
         self.start_lr: float | None = None
         self._prepared: int | None = None
 
-    def make_unit(self, state, model) -> SWAUnit:
-        self.anneal_steps = _steps(state, self.config.anneal_steps, f"{self.name}.anneal_steps")
+    def make_unit(self, timeline: Timeline, model) -> SWAUnit:
+        self.anneal_steps = timeline.steps(self.config.anneal_steps, f"{self.name}.anneal_steps")
         return SWAUnit.from_config(model, self.config)
 
     def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs) -> None:
