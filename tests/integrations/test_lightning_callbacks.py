@@ -19,6 +19,7 @@ from keel.integrations.lightning import (  # noqa: E402
     Clip,
     GradNorm,
     NonFinite,
+    Polyak,
     SeqLenWarmup,
     SpikeRollback,
     UpdateRatio,
@@ -30,13 +31,13 @@ from lightning_run import KILL_STEPS, Recorder, Regression, kill_run  # noqa: E4
 from keel.schedules import cosine_decay, from_config, warmup  # noqa: E402
 
 
-def fit(module, steps, callbacks, tmp_path, *, ckpt_path=None, logger=False, start=0, **options):
+def fit(module, steps, callbacks, tmp_path, *, ckpt_path=None, logger=False, start=0, batches=None, **options):
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=str(tmp_path), log_every_n_steps=1,
                         enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint)
                                                  for c in callbacks), **options)
-    loader = torch.utils.data.DataLoader(Batches(steps - start, start), batch_size=None)
+    loader = torch.utils.data.DataLoader(Batches(batches or steps - start, start), batch_size=None)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return trainer
 
@@ -229,6 +230,17 @@ def test_seq_len_warmup_cuts_batches_in_place_keeping_every_token(tmp_path):
     assert all(targets == 2 * 32 for _, targets in lengths)  # tokens per step kept exactly
     with pytest.raises(KeelError, match="tuple batch cannot be changed"):
         warm.on_train_batch_start(SimpleNamespace(global_step=0, callbacks=[]), None, (rows[:2, :-1], rows[:2, 1:]), 0)
+
+
+def test_an_epoch_is_lightnings_count_of_updates(tmp_path):
+    """10 batches with 4 accumulated: Lightning steps after batches 4, 8 and the epoch's last, 3 updates an epoch
+    (not 10 // 4)."""
+    steps = 5
+    config = keel_config(steps, tmp_path / "unused")
+    polyak, ema = Polyak(start="1ep", evaluate=False), EMA(0.9, half_life="2ep", evaluate=False)
+    fit(Regression(make_net(), config), steps, [polyak, ema], tmp_path, batches=10, accumulate_grad_batches=4)
+    assert polyak.start == 3 and polyak.unit.num_updates == steps - 3
+    assert ema.unit.half_life == 6
 
 
 def test_bad_arguments_are_one_line_keel_errors():

@@ -130,13 +130,22 @@ def _keel_schedulers(trainer: pl.Trainer) -> list[KeelLRScheduler]:
     return [c.scheduler for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, KeelLRScheduler)]
 
 
-def _steps(trainer: pl.Trainer, value: int | str, key: str) -> int:
-    """A length in keel's time units, in optimizer steps of this Lightning run."""
+def run_timeline(trainer: pl.Trainer) -> Timeline:
+    """This Lightning run's time: ``estimated_stepping_batches`` updates, an epoch of
+    ``ceil(num_training_batches / accumulate_grad_batches)`` updates (Lightning also steps on an epoch's last batch,
+    as its ``estimated_stepping_batches`` counts); no epoch for a loader without a length."""
     total = trainer.estimated_stepping_batches
     batches = trainer.num_training_batches
-    per_epoch = max(1, int(batches) // trainer.accumulate_grad_batches) if math.isfinite(batches) else None
-    run = Timeline.at_rate(int(total) if math.isfinite(total) else None, steps_per_epoch=per_epoch)
-    return run.steps(value, key)
+    per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches)) if math.isfinite(batches) else None
+    timeline = Timeline.at_rate(int(total) if math.isfinite(total) else None, steps_per_epoch=per_epoch)
+    if per_epoch is None:
+        timeline.what = "a train dataloader without a length"
+    return timeline
+
+
+def _steps(trainer: pl.Trainer, value: int | str, key: str) -> int:
+    """A length in keel's time units, in optimizer steps of this Lightning run."""
+    return run_timeline(trainer).steps(value, key)
 
 
 def _drop_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, callback: KeelCallback) -> None:
