@@ -171,6 +171,14 @@ def test_clip_percentile_after_warmup_logs_grad_norm(tmp_path):
     assert trainer.global_step == steps
 
 
+def test_clip_refuses_lightnings_own_clipping_grad_norm_logs_beside_it(tmp_path):
+    config = keel_config(4, tmp_path / "unused")
+    with pytest.raises(KeelError, match=r"gradient_clip_val: 0\.5 in the Lightning Trainer clips after keel's Clip"):
+        fit(Regression(make_net(), config), 4, [Clip(max_norm=1.0)], tmp_path, gradient_clip_val=0.5)
+    trainer = fit(Regression(make_net(), config), 4, [GradNorm()], tmp_path, gradient_clip_val=0.5)
+    assert trainer.global_step == 4
+
+
 def test_update_ratio_and_grad_norm_are_logged(tmp_path):
     config = keel_config(6, tmp_path / "unused")
     ratio = UpdateRatio(every=2)

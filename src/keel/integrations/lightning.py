@@ -474,8 +474,9 @@ class Clip(KeelCallback):
     """Gradient clipping by ``keel.grad.Clipper``: ``mode`` norm | value | agc | percentile (the Tuning Playbook's
     90th percentile of the last ``window`` norms, after ``calibration_steps``) | none, from the end of the warmup
     with ``start_after_warmup`` (``warmup_steps``, default: the warmup of the run's ``keel_scheduler``). Logs the
-    unclipped global norm as ``grad_norm`` and ``clipped`` every update. Runs in ``on_before_optimizer_step``:
-    leave Lightning's ``gradient_clip_val`` unset."""
+    unclipped global norm as ``grad_norm`` and ``clipped`` every update. Runs in ``on_before_optimizer_step``, before
+    Lightning's own clipping, which it refuses (leave ``gradient_clip_val`` unset; ``GradNorm``, which clips
+    nothing, works beside it)."""
 
     name = "clip"
 
@@ -492,6 +493,9 @@ class Clip(KeelCallback):
         self.last = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.gradient_clip_val and self.config.mode != "none":
+            raise KeelError(f"gradient_clip_val: {trainer.gradient_clip_val} in the Lightning Trainer clips after "
+                            "keel's Clip; allowed: Trainer(gradient_clip_val=None) with Clip")
         warmup = self.warmup_steps
         if warmup is None:
             keel = _keel_schedulers(trainer)
