@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from integration_helpers import assert_close_tensors, batch, keel_config, keel_run, make_net
+from integration_helpers import (
+    FROZEN_OPTIMIZER,
+    assert_close_tensors,
+    assert_trains_from_the_unfreeze_step,
+    batch,
+    keel_config,
+    keel_run,
+    make_net,
+)
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -130,6 +138,39 @@ def test_resume_reloads_the_ema_saved_beside_the_checkpoint(tmp_path):
     with pytest.raises(KeelError, match="keel_ema.safetensors"):
         train(tmp_path / "run", Regression(make_net()), config, steps, [EMA(0.9)],
               resume=str(tmp_path / "run" / f"checkpoint-{stop}"), ignore_data_skip=True, start=stop)
+
+
+class FirstLayer(TrainerCallback):
+    """The first layer's weight after every update."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights.append(model.net[0].weight.detach().clone())
+
+
+def test_unfreeze_at_trains_the_frozen_layer_from_that_step_as_keel_train(tmp_path):
+    """optimizer.freeze with optimizer.unfreeze_at through keel_optimizers: the first layer trains from update
+    unfreeze_at on, and the weights equal keel train's; a resume past the unfreeze step trains it at once."""
+    steps, stop = 8, 5
+    config = keel_config(steps, tmp_path / "keel", optimizer=FROZEN_OPTIMIZER)
+    expected = keel_run(config, make_net())
+
+    module, first = Regression(make_net()), FirstLayer()
+    initial = module.net[0].weight.detach().clone()
+    train(tmp_path / "hf", module, config, steps, [Clip(max_norm=1.0), first])
+    assert_trains_from_the_unfreeze_step(first.weights, initial)
+    for got, want in zip(module.net.parameters(), expected["weights"]):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+    train(tmp_path / "run", Regression(make_net()), config, stop, [Clip(max_norm=1.0)], save_strategy="steps",
+          save_steps=stop)
+    resumed = Regression(make_net())
+    train(tmp_path / "run", resumed, config, steps, [Clip(max_norm=1.0)],
+          resume=str(tmp_path / "run" / f"checkpoint-{stop}"), ignore_data_skip=True, start=stop)
+    for a, b in zip(module.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_nonfinite_skips_the_update_and_holds_schedule_and_ema(tmp_path):

@@ -7,7 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from integration_helpers import Batches, assert_close_tensors, keel_config, keel_run, make_net
+from integration_helpers import (
+    FROZEN_OPTIMIZER,
+    Batches,
+    assert_close_tensors,
+    assert_trains_from_the_unfreeze_step,
+    keel_config,
+    keel_run,
+    make_net,
+)
 from torch import nn
 
 L = pytest.importorskip("lightning")
@@ -115,6 +123,40 @@ def test_resume_from_a_lightning_checkpoint_is_exact(tmp_path):
         assert torch.equal(a, b)
     assert resumed[2].lrs == straight[2].lrs[stop:]
     assert list(resumed[1].clipper.norms) == list(straight[1].clipper.norms)
+
+
+class FirstLayer(L.Callback):
+    """The first layer's weight after every update."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.weights.append(pl_module.net[0].weight.detach().clone())
+
+
+def test_unfreeze_at_trains_the_frozen_layer_from_that_step_as_keel_train(tmp_path):
+    """optimizer.freeze with optimizer.unfreeze_at through keel_optimizers: the first layer trains from update
+    unfreeze_at on, and the weights equal keel train's; a resume past the unfreeze step trains it at once."""
+    steps, stop = 8, 5
+    config = keel_config(steps, tmp_path / "keel", optimizer=FROZEN_OPTIMIZER)
+    expected = keel_run(config, make_net())
+
+    module, first = Regression(make_net(), config), FirstLayer()
+    initial = module.net[0].weight.detach().clone()
+    fit(module, steps, [Clip(max_norm=1.0), first], tmp_path / "lightning")
+    assert_trains_from_the_unfreeze_step(first.weights, initial)
+    for got, want in zip(module.net.parameters(), expected["weights"]):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop,
+                                                     save_top_k=-1)
+    fit(Regression(make_net(), config), stop, [Clip(max_norm=1.0), checkpoint], tmp_path / "first")
+    resumed = Regression(make_net(), config)
+    fit(resumed, steps, [Clip(max_norm=1.0)], tmp_path / "resumed", start=stop,
+        ckpt_path=str(tmp_path / "ckpt" / f"epoch=0-step={stop}.ckpt"))
+    for a, b in zip(module.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_nonfinite_skips_the_update_and_holds_schedule_and_ema(tmp_path):
