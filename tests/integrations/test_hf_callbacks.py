@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from keel.errors import KeelError  # noqa: E402
 from keel.integrations.hf import (  # noqa: E402
     EMA,
+    SWA,
     CheckpointAverage,
     Clip,
     NonFinite,
@@ -138,6 +139,19 @@ def test_resume_reloads_the_ema_saved_beside_the_checkpoint(tmp_path):
     with pytest.raises(KeelError, match="keel_ema.safetensors"):
         train(tmp_path / "run", Regression(make_net()), config, steps, [EMA(0.9)],
               resume=str(tmp_path / "run" / f"checkpoint-{stop}"), ignore_data_skip=True, start=stop)
+
+
+def test_swa_sets_keel_trains_lr_phase(tmp_path):
+    """SWA with its own LR: from the phase start the LR anneals from the schedule's to swa.lr, update by update as
+    keel train applies it, and the mean counts the updates of the phase."""
+    steps, start = 10, 6
+    swa = {"start": start, "lr": 0.01, "anneal_steps": 2, "bn_update": False, "evaluate": False}
+    config = keel_config(steps, tmp_path / "keel", swa={"enabled": True, **swa})
+    expected = keel_run(config, make_net())
+    recorder, average = Recorder(), SWA(**swa, apply_at_end=False)
+    train(tmp_path / "hf", Regression(make_net()), config, steps, [recorder, average, Clip(max_norm=1.0)])
+    assert recorder.lrs == pytest.approx(expected["lrs"], rel=1e-12, abs=0)
+    assert recorder.lrs[-1] == pytest.approx(0.01) and average.unit.num_updates == steps - start
 
 
 class FirstLayer(TrainerCallback):

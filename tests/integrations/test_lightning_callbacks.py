@@ -27,6 +27,7 @@ from keel.integrations.lightning import (  # noqa: E402
     Clip,
     GradNorm,
     NonFinite,
+    SWA,
     Polyak,
     SeqLenWarmup,
     SpikeRollback,
@@ -123,6 +124,19 @@ def test_resume_from_a_lightning_checkpoint_is_exact(tmp_path):
         assert torch.equal(a, b)
     assert resumed[2].lrs == straight[2].lrs[stop:]
     assert list(resumed[1].clipper.norms) == list(straight[1].clipper.norms)
+
+
+def test_swa_sets_keel_trains_lr_phase(tmp_path):
+    """SWA with its own LR: from the phase start the LR anneals from the schedule's to swa.lr, update by update as
+    keel train applies it, and the mean counts the updates of the phase."""
+    steps, start = 10, 6
+    swa = {"start": start, "lr": 0.01, "anneal_steps": 2, "bn_update": False, "evaluate": False}
+    config = keel_config(steps, tmp_path / "keel", swa={"enabled": True, **swa})
+    expected = keel_run(config, make_net())
+    recorder, average = Recorder(), SWA(**swa, apply_at_end=False)
+    fit(Regression(make_net(), config), steps, [average, Clip(max_norm=1.0), recorder], tmp_path / "lightning")
+    assert recorder.lrs == pytest.approx(expected["lrs"], rel=1e-12, abs=0)
+    assert recorder.lrs[-1] == pytest.approx(0.01) and average.unit.num_updates == steps - start
 
 
 class FirstLayer(L.Callback):

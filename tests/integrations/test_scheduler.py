@@ -44,7 +44,7 @@ def test_the_scheduler_unfreezes_the_frozen_groups_at_their_step_and_after_a_loa
     """optimizer.unfreeze_at: requires_grad follows the position (built, stepped, held, rewound, loaded)."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     config = {"optimizer": {"name": "adamw", "lr": 1e-3, "freeze": ["0.*"], "unfreeze_at": 2}, "max_steps": 10}
-    optimizer, scheduler = optimizer_and_scheduler(model, config)
+    _, scheduler = optimizer_and_scheduler(model, config)
 
     def frozen() -> bool:
         return not any(p.requires_grad for p in model[0].parameters())
