@@ -349,9 +349,13 @@ class LanguageModelTask(Task):
         """6 N + 12 L d T (Kaplan et al. 2020; Chowdhery et al. 2022, Appendix B): N the parameters of the matrix
         products (every parameter but the embedding tables), and for keel's GPT the attention scores and their
         weighted sum over a context of T tokens (the batch's length, else model.block_size), L layers of width d,
-        counted without the causal mask's saving as PaLM counts them. A Hugging Face model: 6 N."""
+        counted without the causal mask's saving as PaLM counts them. A Hugging Face model: 6 N. An output head
+        tied to an embedding table (GPT-2's) is a product too: it counts, although its weight is the table's."""
         matrices = sum(p.numel() for name, p in model.named_parameters()
                        if not _is_embedding(model, name))
+        tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        matrices += sum(m.weight.numel() for m in model.modules()
+                        if isinstance(m, nn.Linear) and id(m.weight) in tables)
         flops = 6.0 * matrices
         if isinstance(model, GPT):
             context = batch[0].shape[1] if batch is not None else self.block_size
