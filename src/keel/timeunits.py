@@ -212,8 +212,9 @@ class Timeline:
     in those units, and epochs in them, cannot be resolved ahead of time). ``steady_from``: the step from which the
     counts no longer change (None: they may change at every step). ``epoch``: one epoch as the clock counts it (a
     ``Time`` in examples, tokens or steps; None: the task has no epochs). Techniques that change the counts add a
-    transform (``add_transform``). ``given_by``: for a timeline of assumed rates (``of_steps``, ``at_rate``), the
-    argument or option that gives each unknown count (``epoch``, ``token``, ``example``), named in errors.
+    transform (``add_transform``). ``given_by``: where a count this timeline lacks (``epoch``, ``token``,
+    ``example``) can be given, named in its errors (``of_steps``: a timeline with rates; ``keel schedule``: its
+    options); without it, an error says that ``what`` has no epoch.
     """
 
     given_by: dict[str, str] = {}
@@ -243,13 +244,14 @@ class Timeline:
                 given_by: dict[str, str] | None = None) -> Timeline:
         """A run of ``total_steps`` whose every step counts the examples and tokens given (what a user assumes for
         a preview, e.g. ``keel schedule --tokens-per-step``); an epoch of ``steps_per_epoch`` steps. ``given_by``:
-        what errors tell the user to give for an unknown count (default: these arguments' names)."""
+        what errors tell the user to give for an unknown count (an option of a command; default: nothing, and
+        an epoch-less timeline says that ``what`` has no epoch)."""
         known = [unit for unit, rate in zip(_COUNTS, (examples_per_step, tokens_per_step)) if rate is not None]
         rates = (examples_per_step or 0.0, tokens_per_step or 0.0)
         epoch = None if steps_per_epoch is None else Time(steps_per_epoch, "step")
         timeline = cls.of_steps(total_steps)
         timeline.epoch, timeline.what = epoch, "the given rates"
-        timeline.given_by = {**_RATE_ARGUMENTS, **(given_by or {})}
+        timeline.given_by = dict(given_by or {})
         if known:
             timeline._step_counts, timeline._known = (lambda step: rates), set(known)
         return timeline
@@ -315,9 +317,9 @@ class Timeline:
             if self.epoch is None and "epoch" in self.given_by:
                 raise KeelError(f"{key}: {time!r} is in epochs, but the steps per epoch are not known here; allowed: "
                                 f"steps, tokens, examples or a share of the run, or give {self.given_by['epoch']}")
-            if self.epoch is None:
-                raise KeelError(f"{key}: {time!r} is in epochs, but {self.what} has no epoch (e.g. batches from a "
-                                "function, not a dataset); allowed: steps, tokens, examples or a share of the run")
+            if self.epoch is None:  # e.g. a task whose batches come from a function, a loader without a length
+                raise KeelError(f"{key}: {time!r} is in epochs, but {self.what} has no epoch; allowed: steps, tokens, "
+                                "examples or a share of the run")
             unit, size = self.amount(self.epoch, "epoch")
             return unit, time.amount * size
         return time.unit, time.amount
@@ -400,7 +402,7 @@ class Timeline:
 
 
 _MAX_PROJECTED = 10**7
-#: What a unit-level timeline's errors tell the user to give for a count it lacks: ``at_rate``'s arguments.
+#: What ``of_steps``' errors tell the user to give for a count it lacks: a timeline with rates (``at_rate``).
 _RATE_ARGUMENTS = {unit: f"Timeline.at_rate({rate}=...)" for unit, rate in
                    (("epoch", "steps_per_epoch"), ("token", "tokens_per_step"), ("example", "examples_per_step"))}
 

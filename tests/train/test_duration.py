@@ -114,8 +114,8 @@ def test_a_batch_function_has_no_epoch(tmp_path):
     config = load_config(None, ["duration=3ep", "threads=1", "device=cpu", f"out_dir={tmp_path / 'r'}"])
     with pytest.raises(KeelError) as error:
         train(config, model=torch.nn.Linear(4, 2), train_data=_batches, val_data=_batches, quiet=True)
-    assert str(error.value).startswith("duration: '3ep' is in epochs, but task 'python' has no epoch (e.g. batches "
-                                       "from a function")
+    assert str(error.value) == ("duration: '3ep' is in epochs, but task 'python' has no epoch; allowed: steps, "
+                                "tokens, examples or a share of the run")
     assert not (tmp_path / "r").exists()
     task = PlainTask(torch.nn.Linear(4, 2), _batches, _batches)
     task.batches_per_epoch = 5
