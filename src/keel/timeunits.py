@@ -286,7 +286,8 @@ class Timeline:
         base = self._cumulative[last]
         return base[0] + (steps - last) * e, base[1] + (steps - last) * t
 
-    def _steady(self) -> int | None:
+    def steady_step(self) -> int | None:
+        """The step from which every step counts the same (after any curriculum); None when steps vary all run."""
         if self._steady_from is None:
             return None
         return max([self._steady_from, *(until for _, until in self._transforms)])
@@ -294,7 +295,7 @@ class Timeline:
     def _extend(self, steps: int, key: str = "duration", value: Any = None) -> None:
         """Project the counts of the steps up to ``steps`` one by one; ``key`` and ``value``: the length that needs
         them, named if it needs more than ``_MAX_PROJECTED``."""
-        steady = self._steady()
+        steady = self.steady_step()
         target = steps if steady is None else min(steps, steady)
         cumulative = self._cumulative
         while len(cumulative) <= target:
@@ -338,7 +339,7 @@ class Timeline:
         index, target = _COUNTS.index(unit), whole_count(amount)
         if target <= 0:
             return 0
-        steady = self._steady()
+        steady = self.steady_step()
         self._extend(len(self._cumulative) if steady is None else steady, key, time)
         cumulative = self._cumulative
         while steady is None and cumulative[-1][index] < target:  # counts may change at every step

@@ -285,11 +285,15 @@ class Trainer:
             self.log({"kind": "run", "step": state.step, **resolved})
         for line in task.describe():
             self._say(line)
-        tokens = self.timeline.counts(state.step)[1]
+        tokens = f"{self.timeline.counts(state.step)[1]:,.0f} {self._counted} per step"
+        steady = self.timeline.steady_step()
+        if steady is not None and steady > state.step:  # a curriculum (sequence warmup) changes it until then
+            tokens += (f" at first, {self.timeline.counts(steady)[1]:,.0f} from step {steady:,}"
+                       if steady < self.total_steps else " at first, changing all run")
         length = "" if config.duration is None else f" ({self.total_steps:,} steps projected)"
         self._say(f"task: {config.task}; recipe: {config.recipe} ({self._recipe_summary()}); "
                   f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
-                  f"{tokens:,.0f} {self._counted} per step; run length {config.run_length}{length}; "
+                  f"{tokens}; run length {config.run_length}{length}; "
                   f"run directory: {self.run_dir}")
         self._say(self._describe_speed())
         for line in self._describe_ranks():
