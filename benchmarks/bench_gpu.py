@@ -299,7 +299,6 @@ def section_trainer(ctx: dict) -> dict:
             free_memory()
             ctx["say"](f"trainer {name}: keel {row['keel_tokens_per_second']:,.0f} tokens/s, bare "
                        f"{row['bare_tokens_per_second']:,.0f}, keel / bare {row['ratio_keel_over_bare']['median']:.3f}")
-    ctx["step_seconds"] = ctx["tokens_per_step"] / out["eager"]["bare_tokens_per_second"]
     return out
 
 

@@ -115,10 +115,14 @@ def measure(layout: str, shape: dict, lr: float = 1e-3) -> dict:
 
 
 def rounded_away(shape: dict, lr: float = 1e-4, steps: int = 1) -> float:
-    """Share of the weights an fp32 AdamW update changes whose bf16 value stays the same after it (no master)."""
+    """Share of the weights an fp32 AdamW update changes whose bf16 value stays the same after it (no master),
+    starting from weights as bf16 storage holds them (each rounded to bf16 first)."""
     torch.manual_seed(0)
     config = GPTConfig(**shape)
     model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
     for step in range(steps):

@@ -102,7 +102,8 @@ def test_unit_level_timelines():
     ("value", "timeline", "needle"),
     [
         ("2%", Timeline.of_steps(), "fraction of the run, but the run length is not known"),
-        ("3ep", Timeline.of_steps(100), "is in epochs, but the run has no epoch"),
+        ("3ep", Timeline.of_steps(100), "is in epochs, but the steps per epoch are not known here; allowed: "
+         "steps, tokens, examples or a share of the run, or give Timeline.at_rate(steps_per_epoch=...)"),
         ("2Mtok", Timeline.of_steps(100), "is in tokens, but the tokens per step are not known"),
         ("2kex", Timeline.at_rate(100, tokens_per_step=5), "is in examples, but the examples per step are not known"),
         ("2Mtok", Timeline(Time.steps(9), lambda step: (1, 0)), "is never reached"),
@@ -147,3 +148,45 @@ def test_the_longest_length_is_a_signed_64_bit_step_count():
 def test_a_duration_cannot_be_a_share_of_itself():
     with pytest.raises(KeelError, match="duration: '30%' is a share of the run itself"):
         Timeline(parse_time("30%"))
+
+
+def test_a_length_needing_many_projected_steps_names_its_key(monkeypatch):
+    """Counts that change at every step are projected one step at a time up to a bound: past it, the error names
+    the key and the length that needed more."""
+    monkeypatch.setattr("keel.timeunits._MAX_PROJECTED", 100)
+    timeline = Timeline(Time.steps(10), lambda step: (1, 1), steady_from=None, what="task 'x'")
+    with pytest.raises(KeelError, match=r"^schedule\.warmup: '1kex' lies beyond the first 100 steps"):
+        timeline.steps("1kex", "schedule.warmup")
+
+
+def test_a_tiny_count_per_step_is_too_long_not_an_overflow():
+    with pytest.raises(KeelError, match=r"^x: '1e30ex' is too long"):
+        Timeline.at_rate(100, examples_per_step=1e-300).steps("1e30ex", "x")
+
+
+def test_a_duration_in_counts_is_held_to_the_run_length_bound():
+    """max_steps is at most MAX_RUN_STEPS; so is a duration in examples, tokens or epochs once resolved."""
+    from keel.timeunits import MAX_RUN_STEPS
+
+    timeline = Timeline(parse_time("1e14ex"), lambda step: (32, 0), what="task 'digits'")
+    with pytest.raises(KeelError, match=r"^duration: '1e14ex' is 3,12\d,\d{3},\d{3},\d{3} steps for task 'digits'; "
+                                        r"allowed: a run of at most 1e\+12 steps"):
+        timeline.total_steps
+    assert Timeline(parse_time(f"{MAX_RUN_STEPS}ex"), lambda step: (1, 0)).total_steps == MAX_RUN_STEPS
+
+
+def test_the_config_time_stand_in_knows_which_lengths_it_resolves():
+    from keel.timeunits import stand_in
+
+    in_steps, in_epochs = stand_in(Time.steps(200)), stand_in(parse_time("3ep"))
+    assert in_steps.resolves(50) and in_steps.resolves("10%") and in_steps.steps("10%", "x") == 20
+    assert not in_steps.resolves("1ep") and in_steps.steps("1ep", "x") == 1  # at least one step
+    assert not in_epochs.resolves("10%") and in_epochs.resolves("0ex") and in_epochs.steps("0ex", "x") == 0
+    assert Timeline.of_steps(10).resolves("1ep")  # every other timeline resolves what it can, or says why not
+
+
+def test_a_whole_count_is_exact_at_any_size_and_forgives_float_noise():
+    from keel.timeunits import whole_count
+
+    assert whole_count(0.3 * 5e7) == 15_000_000 and whole_count(100.5) == 101 and whole_count(0) == 0
+    assert whole_count(2e12) == 2 * 10**12 and whole_count(1e15 + 0.5) == 10**15  # not a thousand short

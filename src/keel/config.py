@@ -24,13 +24,12 @@ from keel.optim.registry import OptimizerConfig
 from keel.recipes import RECIPES, apply_recipe, fill_in
 from keel.task_registry import check_task_name, task_spec, task_specs
 from keel.techniques import techniques
-from keel.timeunits import Time, stand_in
+from keel.timeunits import MAX_RUN_STEPS, Time, stand_in
 
 # Hard bounds on sizes, far above any run this toolkit is for, so an absurd value fails here with its key rather
 # than as a failed allocation or a hang; what fits in memory is checked against the machine by the task.
 MAX_BATCH_SIZE = 1 << 20
 MAX_GRAD_ACCUM = 1 << 16
-MAX_RUN_STEPS = 10**12
 SEED_LIMIT = 2**32  # numpy's legacy seeding takes 0 <= seed < 2**32
 THREADS_PER_CPU = 4
 MAX_CONFIG_DEPTH = 64  # nesting levels of a config file or override value
@@ -221,6 +220,8 @@ class TrainConfig(_Block):
 
     #: The keys the config was given, before its recipe filled in the rest (``for_task`` validates them again).
     _given: dict[str, Any] = PrivateAttr(default_factory=dict)
+    #: The top-level keys assigned since (``config.max_steps = 3``): the user's, whatever their value.
+    _assigned: frozenset[str] = PrivateAttr(default=frozenset())
 
     @model_validator(mode="wrap")
     @classmethod
@@ -237,14 +238,51 @@ class TrainConfig(_Block):
             return NotImplemented
         return self.__dict__ == other.__dict__ and self.__pydantic_extra__ == other.__pydantic_extra__
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Assignment is validated. A run length set one way clears the other (``config.duration = '3ep'`` clears
+        max_steps, and the reverse); a value refused leaves the config as it was and is one KeelError."""
+        if name.startswith("_"):
+            return super().__setattr__(name, value)
+        before = dict(self.__dict__), dict(self.__pydantic_extra__ or {}), set(self.__pydantic_fields_set__)
+        for pair in ALTERNATIVE_KEYS:
+            if name in pair and value is not None:
+                self.__dict__.update({other: None for other in pair if other != name})
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as error:
+            self.__dict__.clear()
+            self.__dict__.update(before[0])
+            if self.__pydantic_extra__ is not None:
+                self.__pydantic_extra__.clear()
+                self.__pydantic_extra__.update(before[1])
+            object.__setattr__(self, "__pydantic_fields_set__", before[2])
+            raise KeelError(_describe(error.errors()[0], type(self))) from None
+        self._assigned = self._assigned | {name}
+
     def gave(self, key: str) -> bool:
-        """Whether the config was given ``key`` (top-level), rather than a default or its recipe's value."""
-        return key in self._given
+        """Whether the config was given or assigned ``key`` (top-level), rather than a default or its recipe's
+        value."""
+        return key in self._given or key in self._assigned
 
     def for_task(self, task: str) -> TrainConfig:
-        """This config for another task (``keel.train`` handed a model or task object): the keys it was given,
-        validated again with ``task``, so the recipe and every default that depends on the task follow it."""
-        return validate({**copy.deepcopy(self._given), "task": task})
+        """This config for another task (``keel.train`` handed a model or task object), validated again with
+        ``task``: every value the user set (the keys it was given, and whatever was assigned or changed since) is
+        kept; what its recipe filled in and every default that depends on the task follow the new task; the blocks
+        of the old task that the new one does not own are dropped (an lm's ``model``, ``sample``, ``data.source``)."""
+        base = validate(self._given).model_dump(mode="json")  # what the given keys came to: the rest are changes
+        current = self.model_dump(mode="json")
+        raw = _user_values(self._given, base, current)
+        raw.update({key: current[key] for key in self._assigned if key in current})
+        raw["task"] = task
+        old, new = task_spec(self.task), task_spec(task)
+        owned = new.settings if new is not None else {}
+        for key in (old.settings if old is not None else {}):
+            if key == "data" and isinstance(raw.get("data"), dict):
+                keys = owned.get("data", DataConfig).model_fields
+                raw["data"] = {k: v for k, v in raw["data"].items() if k in keys}
+            elif key not in owned:
+                raw.pop(key, None)
+        return validate(raw)
 
     @classmethod
     def _task_data(cls, raw: Any) -> Any:
@@ -436,18 +474,6 @@ class TrainConfig(_Block):
                 ) from error
         return self
 
-    def precision_on(self, device: str) -> str:
-        """``precision`` with auto resolved for ``device`` (``keel.precision.resolve_precision``)."""
-        if self.precision != "auto":
-            return self.precision
-        import torch
-
-        from keel.precision import resolve_precision
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return resolve_precision("auto", device)[0]
-
     def technique(self, key: str) -> BaseModel:
         """The validated block of technique ``key`` (also reachable as ``config.<key>``)."""
         return self.__pydantic_extra__[key]
@@ -624,6 +650,21 @@ def parse_config_text(text: str, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise KeelError(f"{where} holds a {type(data).__name__}; allowed: a mapping of config keys")
     return data
+
+
+def _user_values(given: Any, base: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The keys ``given`` (a config's raw keys), updated with every value of ``current`` (the config now, dumped)
+    that differs from ``base`` (what ``given`` validated to): key by key inside blocks, so a block's keys its recipe
+    filled in stay the recipe's; a block whose name changed, or that lost keys, is taken whole."""
+    raw = copy.deepcopy(given) if isinstance(given, dict) else {}
+    for key, value in current.items():
+        before = base.get(key)
+        if key in base and value == before:
+            continue
+        partial = (isinstance(value, dict) and isinstance(before, dict) and before.keys() <= value.keys()
+                   and value.get("name") == before.get("name") and isinstance(raw.get(key, {}), dict))
+        raw[key] = _user_values(raw.get(key, {}), before, value) if partial else value
+    return raw
 
 
 def _interval(value: Any) -> Time:

@@ -38,10 +38,13 @@ from typing import Any
 
 from keel.errors import KeelError
 
-__all__ = ["MAX_STEPS", "SYNTAX", "UNITS", "Time", "Timeline", "parse_time", "whole_count"]
+__all__ = ["MAX_RUN_STEPS", "MAX_STEPS", "SYNTAX", "UNITS", "Time", "Timeline", "parse_time", "whole_count"]
 
 #: The longest length any key may have: what a signed 64-bit step counter holds.
 MAX_STEPS = 2**63 - 1
+#: The longest run: ``max_steps``' bound, and a ``duration`` in any unit once resolved to steps (far above any run
+#: this toolkit is for, so an absurd length fails with its key rather than as a hang).
+MAX_RUN_STEPS = 10**12
 
 SYNTAX = ("steps (500), epochs ('3ep'), tokens ('2Mtok', '500ktok'), examples ('50kex') or a share of the run "
           "('2%', '0.3dur')")
@@ -209,8 +212,12 @@ class Timeline:
     in those units, and epochs in them, cannot be resolved ahead of time). ``steady_from``: the step from which the
     counts no longer change (None: they may change at every step). ``epoch``: one epoch as the clock counts it (a
     ``Time`` in examples, tokens or steps; None: the task has no epochs). Techniques that change the counts add a
-    transform (``add_transform``).
+    transform (``add_transform``). ``given_by``: where a count this timeline lacks (``epoch``, ``token``,
+    ``example``) can be given, named in its errors (``of_steps``: a timeline with rates; ``keel schedule``: its
+    options); without it, an error says that ``what`` has no epoch.
     """
+
+    given_by: dict[str, str] = {}
 
     def __init__(self, duration: Time, step_counts: StepCounts | None = None, *, steady_from: int | None = 0,
                  epoch: Time | None = None, known: Sequence[str] = _COUNTS, what: str = "the run"):
@@ -227,18 +234,24 @@ class Timeline:
     @classmethod
     def of_steps(cls, total_steps: int | None = None) -> Timeline:
         """Steps only: lengths in steps, and shares of a run of ``total_steps`` (None: unknown)."""
-        return _UnknownLength() if total_steps is None else cls(Time.steps(total_steps))
+        timeline = _UnknownLength() if total_steps is None else cls(Time.steps(total_steps))
+        timeline.given_by = dict(_RATE_ARGUMENTS)
+        return timeline
 
     @classmethod
     def at_rate(cls, total_steps: int | None, *, examples_per_step: float | None = None,
-                tokens_per_step: float | None = None, steps_per_epoch: float | None = None) -> Timeline:
+                tokens_per_step: float | None = None, steps_per_epoch: float | None = None,
+                given_by: dict[str, str] | None = None) -> Timeline:
         """A run of ``total_steps`` whose every step counts the examples and tokens given (what a user assumes for
-        a preview, e.g. ``keel schedule --tokens-per-step``); an epoch of ``steps_per_epoch`` steps."""
+        a preview, e.g. ``keel schedule --tokens-per-step``); an epoch of ``steps_per_epoch`` steps. ``given_by``:
+        what errors tell the user to give for an unknown count (an option of a command; default: nothing, and
+        an epoch-less timeline says that ``what`` has no epoch)."""
         known = [unit for unit, rate in zip(_COUNTS, (examples_per_step, tokens_per_step)) if rate is not None]
         rates = (examples_per_step or 0.0, tokens_per_step or 0.0)
         epoch = None if steps_per_epoch is None else Time(steps_per_epoch, "step")
         timeline = cls.of_steps(total_steps)
         timeline.epoch, timeline.what = epoch, "the given rates"
+        timeline.given_by = dict(given_by or {})
         if known:
             timeline._step_counts, timeline._known = (lambda step: rates), set(known)
         return timeline
@@ -273,19 +286,24 @@ class Timeline:
         base = self._cumulative[last]
         return base[0] + (steps - last) * e, base[1] + (steps - last) * t
 
-    def _steady(self) -> int | None:
+    def steady_step(self) -> int | None:
+        """The step from which every step counts the same (after any curriculum); None when steps vary all run."""
         if self._steady_from is None:
             return None
         return max([self._steady_from, *(until for _, until in self._transforms)])
 
-    def _extend(self, steps: int) -> None:
-        steady = self._steady()
+    def _extend(self, steps: int, key: str = "duration", value: Any = None) -> None:
+        """Project the counts of the steps up to ``steps`` one by one; ``key`` and ``value``: the length that needs
+        them, named if it needs more than ``_MAX_PROJECTED``."""
+        steady = self.steady_step()
         target = steps if steady is None else min(steps, steady)
         cumulative = self._cumulative
         while len(cumulative) <= target:
             if len(cumulative) > _MAX_PROJECTED:
-                raise KeelError(f"a length beyond {_MAX_PROJECTED:,} projected steps; allowed: a shorter length, or a "
-                                "length in steps")
+                shown = repr(value) if value is not None else f"a length of {steps:,} steps"
+                raise KeelError(f"{key}: {shown} lies beyond the first {_MAX_PROJECTED:,} steps, which are as far "
+                                f"as the counts of {self.what} are projected step by step; allowed: a shorter length, "
+                                "or a length in steps")
             e, t = self.counts(len(cumulative) - 1)
             last = cumulative[-1]
             cumulative.append((last[0] + e, last[1] + t))
@@ -297,9 +315,12 @@ class Timeline:
             unit, whole = self.amount(self.duration, "duration")
             return unit, time.amount * whole
         if time.unit == "epoch":
-            if self.epoch is None:
-                raise KeelError(f"{key}: {time!r} is in epochs, but {self.what} has no epoch (e.g. batches from a "
-                                "function); allowed: steps, tokens, examples or a share of the run")
+            if self.epoch is None and "epoch" in self.given_by:
+                raise KeelError(f"{key}: {time!r} is in epochs, but the steps per epoch are not known here; allowed: "
+                                f"steps, tokens, examples or a share of the run, or give {self.given_by['epoch']}")
+            if self.epoch is None:  # e.g. a task whose batches come from a function, a loader without a length
+                raise KeelError(f"{key}: {time!r} is in epochs, but {self.what} has no epoch; allowed: steps, tokens, "
+                                "examples or a share of the run")
             unit, size = self.amount(self.epoch, "epoch")
             return unit, time.amount * size
         return time.unit, time.amount
@@ -312,16 +333,17 @@ class Timeline:
         if unit == "step":
             return round_steps(amount, key, str(time))
         if unit not in self._known:
+            give = self.given_by.get(unit, "the counts per step")
             raise KeelError(f"{key}: {time!r} is in {unit}s, but the {unit}s per step are not known here; allowed: a "
-                            "length in steps or a share of the run (or give the counts per step)")
+                            f"length in steps or a share of the run (or give {give})")
         index, target = _COUNTS.index(unit), whole_count(amount)
         if target <= 0:
             return 0
-        steady = self._steady()
-        self._extend(len(self._cumulative) if steady is None else steady)
+        steady = self.steady_step()
+        self._extend(len(self._cumulative) if steady is None else steady, key, time)
         cumulative = self._cumulative
         while steady is None and cumulative[-1][index] < target:  # counts may change at every step
-            self._extend(2 * len(cumulative))
+            self._extend(2 * len(cumulative), key, time)
         if cumulative[-1][index] >= target:  # within the steps projected one by one: bisect
             low, high = 0, len(cumulative) - 1
             while low < high:
@@ -333,15 +355,28 @@ class Timeline:
             raise KeelError(f"{key}: {time!r} is never reached: {self.what} counts {per_step:g} {unit}s a step; "
                             "allowed: a length in steps")
         last = len(cumulative) - 1
-        steps = last + math.ceil((target - cumulative[last][index]) / per_step - 1e-9)
+        remaining = (target - cumulative[last][index]) / per_step
+        if not remaining < MAX_STEPS:  # also infinite (a tiny count per step): math.ceil would overflow
+            raise _too_long(key, str(time))
+        steps = last + math.ceil(remaining - 1e-9)
         if steps > MAX_STEPS:
             raise _too_long(key, str(time))
         return steps
 
+    def resolves(self, time: Time | int | str) -> bool:
+        """Whether ``steps(time)`` is the step the run will reach ``time`` at (or an error saying why it cannot be
+        known); False only on a config-time stand-in (``stand_in``) for lengths that need the task's counts."""
+        return True
+
     @property
     def total_steps(self) -> int:
-        """The run's projected length in steps."""
-        return self.steps(self.duration, "duration")
+        """The run's projected length in steps; a duration in epochs, tokens or examples that comes to more than
+        ``MAX_RUN_STEPS`` steps is a KeelError, as ``max_steps`` beyond it is."""
+        steps = self.steps(self.duration, "duration")
+        if self.duration.unit != "step" and steps > MAX_RUN_STEPS:
+            raise KeelError(f"duration: {self.duration!r} is {steps:,} steps for {self.what}; allowed: a run of at "
+                            f"most {MAX_RUN_STEPS:.0e} steps, as for max_steps")
+        return steps
 
     @staticmethod
     def elapsed(clock: Any, unit: str) -> float:
@@ -368,11 +403,18 @@ class Timeline:
 
 
 _MAX_PROJECTED = 10**7
+#: What ``of_steps``' errors tell the user to give for a count it lacks: a timeline with rates (``at_rate``).
+_RATE_ARGUMENTS = {unit: f"Timeline.at_rate({rate}=...)" for unit, rate in
+                   (("epoch", "steps_per_epoch"), ("token", "tokens_per_step"), ("example", "examples_per_step"))}
 
 
 def whole_count(amount: float) -> int:
-    """A count the clock must reach: the amount rounded up, forgiving float noise (0.3 * 5e7 is 15000000.000000002)."""
-    return math.ceil(amount - 1e-9 * max(1.0, abs(amount)))
+    """A count the clock must reach: the amount rounded up, forgiving float noise (0.3 * 5e7 is 15000000.000000002):
+    an amount within a relative 1e-9 of a whole number is that number (so 2e12 stays 2e12, not 1999999998000)."""
+    nearest = round(amount)
+    if abs(amount - nearest) <= 1e-9 * max(1.0, abs(amount)):
+        return nearest
+    return math.ceil(amount)
 
 
 class _UnknownLength(Timeline):
@@ -393,23 +435,31 @@ class _UnknownLength(Timeline):
 
 
 def stand_in(duration: Time) -> Timeline:
-    """A timeline for checking a config before its task is built: steps and shares of a run in steps resolve
-    exactly; other lengths (which need the task's counts) resolve to one step, and a run of unknown steps counts as
-    a very long one, so only what the config alone decides can fail."""
+    """A timeline for checking a config before its task is built (``resolves`` says which lengths it knows).
+
+    Exact: steps, lengths of 0, and shares of a run given in steps. Every other length needs the task's counts: it
+    stands in as 1 step (what any length > 0 comes to at least), a run of unknown length as one of
+    ``MAX_RUN_STEPS``, so only what the config alone decides can fail (syntax, sign); whatever depends on where
+    such a length falls (the order of a list of them, a warmup against the run) is checked on the trainer's
+    timeline, once the task is known."""
     return _StandIn(duration)
 
 
 class _StandIn(Timeline):
     def __init__(self, duration: Time) -> None:
-        super().__init__(duration, None)
+        super().__init__(duration, None, what="the run")
+
+    def resolves(self, time: Time | int | str) -> bool:
+        time = parse_time(time)
+        return (time.unit == "step" or time.amount == 0
+                or (time.unit == "fraction" and self.duration.unit == "step"))
 
     def steps(self, time: Time | int | str, key: str) -> int:
         time = parse_time(time, key)
-        if time.unit == "step" or (time.unit == "fraction" and self.duration.unit == "step"):
-            return super().steps(time, key)
-        return 1
+        if time.amount == 0:
+            return 0
+        return super().steps(time, key) if self.resolves(time) else 1
 
     @property
     def total_steps(self) -> int:
-        return int(self.duration.amount) if self.duration.unit == "step" else 10**12
-
+        return int(self.duration.amount) if self.duration.unit == "step" else MAX_RUN_STEPS

@@ -132,6 +132,20 @@ def test_seq_len_is_logged_tokens_follow_the_mode_and_evaluation_uses_the_full_c
     assert (tmp_path / "a" / "loss.png").stat().st_size > 0
 
 
+def test_the_start_line_says_the_tokens_per_step_change_until_the_warmup_ends(tmp_path, tiny_overrides, capsys):
+    """Truncating rows, the first steps count fewer tokens: the start line gives both counts and where the second
+    begins, rather than the first step's count as if it held all run."""
+    base = tiny_overrides + ["max_steps=2", "schedule.warmup=1", "seq_warmup.enabled=true", "seq_warmup.start=8",
+                             "seq_warmup.duration=8",
+                             "seq_warmup.keep_tokens_per_step=false", f"out_dir={tmp_path / 'a'}"]
+    train(load_config(None, base))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("task: lm"))
+    assert "64 tokens per step at first, changing all run;" in line, line  # 8 rows of 8, the warmup outlasts the run
+    train(load_config(None, base + ["max_steps=10", f"out_dir={tmp_path / 'b'}"]))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("task: lm"))
+    assert "64 tokens per step at first, 256 from step 8;" in line, line  # then 8 rows of 32
+
+
 def test_non_sequence_task_is_refused():
     with pytest.raises(KeelError, match="task digits has no sequences"):
         load_config(None, ["task=digits", "seq_warmup.enabled=true"])

@@ -244,6 +244,10 @@ def test_clip_harder_when_instability_persists_with_clipping(tmp_path):
     found = _unstable_while_clipping(tmp_path / "f", norms, ["clip.start_after_warmup=true", "schedule.warmup=280"],
                                      lrs=lrs)
     assert "clip_harder" not in found
+    # percentile clipping still calibrating when the events came: not while clipping either, so the sudden
+    # instability's remedy still says to clip at the 90th percentile, from the start
+    found = _unstable_while_clipping(tmp_path / "g", norms, ["clip.mode=percentile", "clip.calibration_steps=280"])
+    assert "clip_harder" not in found and found["instability_sudden"].changes["clip.max_norm"] == p90
 
 
 # ---------------------------------------------------------------------------------------------- hostile logs

@@ -75,7 +75,8 @@ def keel_config(steps: int, out_dir, **blocks) -> object:
 
 
 def keel_run(config, net: nn.Module) -> dict:
-    """Train ``net`` (a copy) with keel's own trainer; return the LR of every step and the final EMA and weights."""
+    """Train ``net`` (a copy) with keel's own trainer; return the LR of every step and the final EMA (None without
+    one) and weights."""
     from keel.train import train
 
     model = copy.deepcopy(net)
@@ -84,8 +85,10 @@ def keel_run(config, net: nn.Module) -> dict:
     records = read_metrics(run.metrics)
     lrs = [r["lr"] for r in records if r.get("kind") == "step" and "lr" in r]
     last = rundir.list_checkpoints(run.checkpoints)[-1]
-    with SafetensorsReader(rundir.checkpoint_weights(last, "ema")) as reader:
-        ema = {name: reader.read(name) for name in reader.tensors}
+    ema = None
+    if rundir.checkpoint_weights(last, "ema").is_file():
+        with SafetensorsReader(rundir.checkpoint_weights(last, "ema")) as reader:
+            ema = {name: reader.read(name) for name in reader.tensors}
     return {"lrs": lrs, "ema": ema, "weights": [p.detach().clone() for p in model.parameters()], "records": records}
 
 
@@ -95,3 +98,16 @@ def assert_close_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch
     assert sorted(got) == sorted(prefix + k for k in expected)
     for name, value in expected.items():
         torch.testing.assert_close(got[prefix + name].double(), value.double(), rtol=1e-10, atol=1e-12)
+
+
+UNFREEZE_AT = 3
+FROZEN_OPTIMIZER = {"name": "adamw", "lr": 0.05, "freeze": ["0.*"], "unfreeze_at": UNFREEZE_AT}  # the first layer
+
+
+def assert_trains_from_the_unfreeze_step(first_layer: list[torch.Tensor], initial: torch.Tensor) -> None:
+    """``first_layer[s]``: the frozen layer's weight after update ``s``; it stays as it was through the updates
+    before ``UNFREEZE_AT`` and changes with every update from it (keel's trainer: update ``unfreeze_at`` is the first
+    that trains it)."""
+    for step, weight in enumerate(first_layer):
+        before = initial if step == 0 else first_layer[step - 1]
+        assert torch.equal(weight, before) == (step < UNFREEZE_AT), step

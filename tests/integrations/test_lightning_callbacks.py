@@ -7,7 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from integration_helpers import Batches, assert_close_tensors, keel_config, keel_run, make_net
+from integration_helpers import (
+    FROZEN_OPTIMIZER,
+    Batches,
+    assert_close_tensors,
+    assert_trains_from_the_unfreeze_step,
+    keel_config,
+    keel_run,
+    make_net,
+)
 from torch import nn
 
 L = pytest.importorskip("lightning")
@@ -19,6 +27,8 @@ from keel.integrations.lightning import (  # noqa: E402
     Clip,
     GradNorm,
     NonFinite,
+    SWA,
+    Polyak,
     SeqLenWarmup,
     SpikeRollback,
     UpdateRatio,
@@ -30,13 +40,13 @@ from lightning_run import KILL_STEPS, Recorder, Regression, kill_run  # noqa: E4
 from keel.schedules import cosine_decay, from_config, warmup  # noqa: E402
 
 
-def fit(module, steps, callbacks, tmp_path, *, ckpt_path=None, logger=False, start=0, **options):
+def fit(module, steps, callbacks, tmp_path, *, ckpt_path=None, logger=False, start=0, batches=None, **options):
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=str(tmp_path), log_every_n_steps=1,
                         enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint)
                                                  for c in callbacks), **options)
-    loader = torch.utils.data.DataLoader(Batches(steps - start, start), batch_size=None)
+    loader = torch.utils.data.DataLoader(Batches(batches or steps - start, start), batch_size=None)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return trainer
 
@@ -116,6 +126,53 @@ def test_resume_from_a_lightning_checkpoint_is_exact(tmp_path):
     assert list(resumed[1].clipper.norms) == list(straight[1].clipper.norms)
 
 
+def test_swa_sets_keel_trains_lr_phase(tmp_path):
+    """SWA with its own LR: from the phase start the LR anneals from the schedule's to swa.lr, update by update as
+    keel train applies it, and the mean counts the updates of the phase."""
+    steps, start = 10, 6
+    swa = {"start": start, "lr": 0.01, "anneal_steps": 2, "bn_update": False, "evaluate": False}
+    config = keel_config(steps, tmp_path / "keel", swa={"enabled": True, **swa})
+    expected = keel_run(config, make_net())
+    recorder, average = Recorder(), SWA(**swa, apply_at_end=False)
+    fit(Regression(make_net(), config), steps, [average, Clip(max_norm=1.0), recorder], tmp_path / "lightning")
+    assert recorder.lrs == pytest.approx(expected["lrs"], rel=1e-12, abs=0)
+    assert recorder.lrs[-1] == pytest.approx(0.01) and average.unit.num_updates == steps - start
+
+
+class FirstLayer(L.Callback):
+    """The first layer's weight after every update."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.weights.append(pl_module.net[0].weight.detach().clone())
+
+
+def test_unfreeze_at_trains_the_frozen_layer_from_that_step_as_keel_train(tmp_path):
+    """optimizer.freeze with optimizer.unfreeze_at through keel_optimizers: the first layer trains from update
+    unfreeze_at on, and the weights equal keel train's; a resume past the unfreeze step trains it at once."""
+    steps, stop = 8, 5
+    config = keel_config(steps, tmp_path / "keel", optimizer=FROZEN_OPTIMIZER)
+    expected = keel_run(config, make_net())
+
+    module, first = Regression(make_net(), config), FirstLayer()
+    initial = module.net[0].weight.detach().clone()
+    fit(module, steps, [Clip(max_norm=1.0), first], tmp_path / "lightning")
+    assert_trains_from_the_unfreeze_step(first.weights, initial)
+    for got, want in zip(module.net.parameters(), expected["weights"]):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop,
+                                                     save_top_k=-1)
+    fit(Regression(make_net(), config), stop, [Clip(max_norm=1.0), checkpoint], tmp_path / "first")
+    resumed = Regression(make_net(), config)
+    fit(resumed, steps, [Clip(max_norm=1.0)], tmp_path / "resumed", start=stop,
+        ckpt_path=str(tmp_path / "ckpt" / f"epoch=0-step={stop}.ckpt"))
+    for a, b in zip(module.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_nonfinite_skips_the_update_and_holds_schedule_and_ema(tmp_path):
     steps = 8
     config = keel_config(steps, tmp_path / "unused")
@@ -168,6 +225,14 @@ def test_clip_percentile_after_warmup_logs_grad_norm(tmp_path):
     text = (tmp_path / "log" / "version_0" / "metrics.csv").read_text()
     assert "grad_norm" in text.splitlines()[0] and "clipped" in text.splitlines()[0]
     assert trainer.global_step == steps
+
+
+def test_clip_refuses_lightnings_own_clipping_grad_norm_logs_beside_it(tmp_path):
+    config = keel_config(4, tmp_path / "unused")
+    with pytest.raises(KeelError, match=r"gradient_clip_val: 0\.5 in the Lightning Trainer clips after keel's Clip"):
+        fit(Regression(make_net(), config), 4, [Clip(max_norm=1.0)], tmp_path, gradient_clip_val=0.5)
+    trainer = fit(Regression(make_net(), config), 4, [GradNorm()], tmp_path, gradient_clip_val=0.5)
+    assert trainer.global_step == 4
 
 
 def test_update_ratio_and_grad_norm_are_logged(tmp_path):
@@ -229,6 +294,17 @@ def test_seq_len_warmup_cuts_batches_in_place_keeping_every_token(tmp_path):
     assert all(targets == 2 * 32 for _, targets in lengths)  # tokens per step kept exactly
     with pytest.raises(KeelError, match="tuple batch cannot be changed"):
         warm.on_train_batch_start(SimpleNamespace(global_step=0, callbacks=[]), None, (rows[:2, :-1], rows[:2, 1:]), 0)
+
+
+def test_an_epoch_is_lightnings_count_of_updates(tmp_path):
+    """10 batches with 4 accumulated: Lightning steps after batches 4, 8 and the epoch's last, 3 updates an epoch
+    (not 10 // 4)."""
+    steps = 5
+    config = keel_config(steps, tmp_path / "unused")
+    polyak, ema = Polyak(start="1ep", evaluate=False), EMA(0.9, half_life="2ep", evaluate=False)
+    fit(Regression(make_net(), config), steps, [polyak, ema], tmp_path, batches=10, accumulate_grad_batches=4)
+    assert polyak.start == 3 and polyak.unit.num_updates == steps - 3
+    assert ema.unit.half_life == 6
 
 
 def test_bad_arguments_are_one_line_keel_errors():

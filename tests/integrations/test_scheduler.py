@@ -40,6 +40,44 @@ def test_the_lr_of_update_s_is_schedule_s_and_hold_and_rewind_move_the_position(
         scheduler.step(3)
 
 
+def test_the_scheduler_unfreezes_the_frozen_groups_at_their_step_and_after_a_load():
+    """optimizer.unfreeze_at: requires_grad follows the position (built, stepped, held, rewound, loaded)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    config = {"optimizer": {"name": "adamw", "lr": 1e-3, "freeze": ["0.*"], "unfreeze_at": 2}, "max_steps": 10}
+    _, scheduler = optimizer_and_scheduler(model, config)
+
+    def frozen() -> bool:
+        return not any(p.requires_grad for p in model[0].parameters())
+
+    assert frozen() and all(p.requires_grad for p in model[1].parameters())
+    scheduler.step()
+    scheduler.hold()
+    scheduler.step()
+    assert scheduler.position == 1 and frozen()
+    scheduler.step()
+    assert scheduler.position == 2 and not frozen()
+    scheduler.rewind(1)
+    assert frozen()
+    state = {**scheduler.state_dict(), "last_epoch": 5}
+    other_model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    _, other = optimizer_and_scheduler(other_model, config)
+    assert not any(p.requires_grad for p in other_model[0].parameters())
+    other.load_state_dict(state)  # a resume past the unfreeze step trains the whole network at once
+    assert all(p.requires_grad for p in other_model.parameters())
+
+
+def test_unfreezing_refuses_several_processes(monkeypatch):
+    """As keel's trainer: a wrapped data-parallel model would not reduce the gradients of parameters frozen when
+    it was wrapped."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(KeelError, match="optimizer.unfreeze_at: not supported with several processes"):
+        optimizer_and_scheduler(model, {"optimizer": {"name": "adamw", "freeze": ["0.*"], "unfreeze_at": 2},
+                                        "max_steps": 10})
+    optimizer_and_scheduler(model, {"optimizer": {"name": "adamw"}, "max_steps": 10})  # nothing to unfreeze: fine
+
+
 def test_group_ratios_and_a_plateau_schedule():
     a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}])

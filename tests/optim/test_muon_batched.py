@@ -66,6 +66,31 @@ def test_float32_iterations_match_float64_and_differ_from_bfloat16_by_its_roundi
         assert _relative(a, b) <= BF16_TOLERANCE
 
 
+def test_float32_iterations_run_full_float32_products_whatever_tf32_says(monkeypatch):
+    """ns_dtype float32 is asked for accuracy: under a run's TF32 setting (on by default on CUDA) its products still
+    run in full float32. The switch is torch's, so its value is seen on the CPU too (device=cpu); bfloat16 stacks
+    leave it as the run set it."""
+    from keel.optim import muon
+    from keel.precision import _tf32_now, cuda_tf32
+
+    seen = []
+
+    def spy(stack, *args):
+        seen.append((stack.dtype, _tf32_now()[1]))
+        return newton_schulz(stack, *args)
+
+    monkeypatch.setattr(muon, "newton_schulz", spy)
+    with cuda_tf32(True):
+        on = _tf32_now()[1]
+        _train(steps=1, batched=True, ns_dtype="float32")
+        _train(steps=1, batched=True, ns_dtype="bfloat16")
+        assert _tf32_now()[1] == on  # restored after the step
+    off = {torch.float32: [v for d, v in seen if d == torch.float32], torch.bfloat16: [v for d, v in seen
+                                                                                    if d == torch.bfloat16]}
+    assert off[torch.float32] and all(v != on for v in off[torch.float32])
+    assert off[torch.bfloat16] and all(v == on for v in off[torch.bfloat16])
+
+
 def test_batched_stack_equals_one_matrix_at_a_time():
     """Batching is only a layout: each matrix of a stack comes out as it would alone (float64: no rounding)."""
     x = torch.randn(4, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

@@ -289,3 +289,16 @@ def test_trainer_resolves_ademamix_warmups_with_its_run_lengths(tmp_path, tiny_o
     result = train(config, callbacks=[groups], quiet=True)
     assert result["step"] == 20 and math.isfinite(result["val_loss"])
     assert set(groups.seen) == {(20, groups.steps_per_epoch)}
+
+
+def test_a_run_records_the_kernels_keels_own_optimizers_chose():
+    """keel's optimizers keep their implementation choices outside torch's ``defaults``; the run record
+    (``chosen_kernels``) still says what each runs with, device=cpu."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    kernels = {name: ko.chosen_kernels(ko.create(name, model, total_steps=10))
+               for name in ("muon", "soap", "lion", "ademamix", "adamw")}
+    assert kernels["muon"]["batched"] in (True, False) and kernels["muon"]["ns_dtype"] in ("float32", "bfloat16")
+    assert {"adam_fused", "adam_foreach"} <= kernels["muon"].keys()
+    assert kernels["soap"] == {"batched": False, "matmul_precision": "highest"}  # the CPU: per parameter, exact
+    assert kernels["lion"] == {"fused": False} and kernels["ademamix"] == {"fused": False}  # too small to compile
+    assert kernels["adamw"] == {"fused": True, "foreach": False}  # torch's, chosen for the CPU

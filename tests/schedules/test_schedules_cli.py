@@ -52,6 +52,15 @@ def test_nested_yaml_spec_and_log_plot(tmp_path, capsys):
         (["cosine", "--steps", "10", "--at", "5,x"], "--at: 'x' is not a length"),
         (["cosine,min_lr", "--steps", "10"], "'min_lr' in 'cosine,min_lr' is not KEY=VALUE"),
         (["cosine", "--steps", "10", "--out", "no/such/dir/x.png"], "--out: the directory of 'no/such/dir/x.png'"),
+        (["cosine,warmup=1ep", "--steps", "100", "--steps-per-epoch", "-5"],
+         "--steps-per-epoch: -5.0 is not allowed; must be a finite number > 0"),
+        (["cosine,warmup=1ep", "--steps", "100", "--steps-per-epoch", "nan"], "--steps-per-epoch: nan is not allowed"),
+        (["cosine,warmup=1Mtok", "--steps", "100", "--tokens-per-step", "0"], "--tokens-per-step: 0.0 is not allowed"),
+        (["cosine,warmup=1e30ex", "--steps", "100", "--examples-per-step", "1e-300"],
+         "schedule.warmup: '1e30ex' is too long"),
+        (["cosine", "--steps", "100", "--at", "5ep"], "--at: '5ep' is in epochs, but the steps per epoch are not known "
+         "here; allowed: steps, tokens, examples or a share of the run, or give --steps-per-epoch"),
+        (["cosine,warmup=1Mtok", "--steps", "100"], "(or give --tokens-per-step)"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
@@ -100,3 +109,12 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly():
     stderr = process.stderr.read()
     assert process.wait(timeout=60) == 128 + signal.SIGPIPE, stderr
     assert stderr == b""
+
+
+def test_a_run_config_with_a_global_batch_previews_the_trainers_steps(tmp_path, capsys):
+    """data.global_batch_size: 128 on one process is batch_size 128, as the trainer resolves it: one epoch of
+    1,617 digits is 13 steps (51 at the default 32 a step)."""
+    config = tmp_path / "gb.yaml"
+    config.write_text("task: digits\ndevice: cpu\nduration: 1ep\ndata: {global_batch_size: 128}\n")
+    assert main(["schedule", str(config), "--no-plot"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split()[0] == "13"

@@ -153,7 +153,7 @@ def test_plateau_from_config_observes_and_resumes():
         ({"name": "cosine", "warmup": "100%"}, 100, "at or beyond the run length (100 steps)"),
         ({"name": "cosine", "warmup": "2%"}, None, "schedule.warmup: '2%' is a fraction of the run, but the run length"),
         ({"name": "cosine"}, None, "schedule.total_steps: 'cosine' needs its length"),
-        ({"name": "cosine", "warmup": "3ep"}, 100, "'3ep' is in epochs, but the run has no epoch"),
+        ({"name": "cosine", "warmup": "3ep"}, 100, "'3ep' is in epochs, but the steps per epoch are not known here"),
         ({"name": "cosine", "warmup": -5}, 100, "schedule.warmup: -5 is negative"),
         ({"name": "cosine", "warmup_shape": "exponential"}, 100, "schedule.warmup_shape: given without warmup"),
         ({"name": "cosine", "warmup": 5, "warmup_shape": "cubic"}, 100,
@@ -258,3 +258,43 @@ def test_resume_at_any_step_continues_on_the_same_curve(name, resume_at):
     whole = run(0, RUN, build(), make())
     resumed = run(0, resume_at, build(), make()) + run(resume_at, RUN, build(), make())
     assert resumed == whole
+
+
+@pytest.mark.parametrize("overrides", [
+    ["task=digits", "schedule={name: multistep, milestones: [1ep, 2ep]}"],
+    ["task=digits", "schedule={name: multistep, milestones: [100ex, 200ex]}"],
+    ["duration=3ep", "schedule={name: multistep, milestones: [30%, 60%]}"],  # docs/schedules.md's form
+    ["task=digits", "schedule={name: multistep, milestones: [100, 1ep]}"],  # units apart: the trainer orders them
+    ["task=digits", "schedule={name: join, schedules: [constant, constant, cosine], boundaries: [1ep, 2ep]}"],
+    ["task=digits", "schedule={name: join, schedules: [{name: cosine, warmup: 50}, constant], boundaries: [1ep]}"],
+])
+def test_lists_of_lengths_the_task_decides_pass_the_config_check(overrides):
+    """Before the task is known a length in epochs or examples (or a share of a run in them) has no step: the
+    config check holds only their syntax and the order of entries in one unit, not stand-in steps."""
+    from keel.config import load_config
+
+    load_config(None, ["device=cpu", *overrides])
+
+
+def test_lengths_of_one_unit_out_of_order_are_one_line_at_config_time():
+    from keel.config import load_config
+
+    with pytest.raises(KeelError) as error:
+        load_config(None, ["task=digits", "schedule={name: multistep, milestones: [100, 2ep, 1ep]}"])
+    assert str(error.value) == ("schedule.milestones: [100, '2ep', '1ep'] is not allowed; lengths in the same unit "
+                                "must be strictly increasing")
+
+
+def test_lists_of_lengths_resolve_on_the_real_timeline():
+    """On a timeline with counts (32 examples a step, 51 steps an epoch) the entries resolve to steps; entries
+    that come to one step are refused there, naming what they came to."""
+    timeline = Timeline.at_rate(600, examples_per_step=32, steps_per_epoch=51)
+    schedule = from_config({"name": "multistep", "milestones": ["1ep", "2ep"]}, base_lr=1.0, timeline=timeline)
+    assert schedule.params["milestones"] == (51, 102)
+    joined = from_config({"name": "join", "schedules": ["constant", "cosine"], "boundaries": ["320ex"]}, base_lr=1.0,
+                         timeline=timeline)
+    assert joined.params["boundaries"] == (10,) and joined.params["schedules"][1].params["total_steps"] == 590
+    with pytest.raises(KeelError) as error:
+        from_config({"name": "multistep", "milestones": ["100ex", "110ex"]}, base_lr=1.0, timeline=timeline)
+    assert str(error.value) == ("schedule.milestones: ['100ex', '110ex'] comes to steps [4, 4] for the given rates, "
+                                "which is not allowed; must be strictly increasing (lengths at least a step apart)")

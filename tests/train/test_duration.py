@@ -98,3 +98,49 @@ def test_epochs_on_a_batch_function_are_an_error_naming_the_key(tmp_path):
         train(config, task=task, quiet=True)
     assert not (tmp_path / "r").exists()
     assert isinstance(task, Task)
+
+
+def _batches(index):
+    g = torch.Generator().manual_seed(index)
+    x = torch.randn(8, 4, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+def test_a_batch_function_has_no_epoch(tmp_path):
+    """Batches from a function have no epoch: duration=3ep is refused, naming the key, before anything is
+    written (it trained 3 one-batch 'epochs' before); a task that sets batches_per_epoch has one."""
+    from keel.tasks import PlainTask
+
+    config = load_config(None, ["duration=3ep", "threads=1", "device=cpu", f"out_dir={tmp_path / 'r'}"])
+    with pytest.raises(KeelError) as error:
+        train(config, model=torch.nn.Linear(4, 2), train_data=_batches, val_data=_batches, quiet=True)
+    assert str(error.value) == ("duration: '3ep' is in epochs, but task 'python' has no epoch; allowed: steps, "
+                                "tokens, examples or a share of the run")
+    assert not (tmp_path / "r").exists()
+    task = PlainTask(torch.nn.Linear(4, 2), _batches, _batches)
+    task.batches_per_epoch = 5
+    lengths = Lengths()
+    train(load_config(None, ["duration=2ep", "threads=1", "device=cpu", f"out_dir={tmp_path / 's'}"]),
+          callbacks=[lengths], task=task, quiet=True)
+    assert lengths.total_steps == 10
+
+
+def test_a_duration_beyond_the_run_bound_is_refused_before_the_run_directory(tmp_path):
+    from keel.train.loop import Trainer
+
+    config = load_config(None, DIGITS + ["duration=1e14ex", f"out_dir={tmp_path / 'r'}"])  # 1.6e12 steps of 64
+    with pytest.raises(KeelError, match=r"^duration: '1e14ex' is 1,562,500,000,000 steps for task 'digits'; "
+                                        r"allowed: a run of at most 1e\+12 steps"):
+        Trainer(config, quiet=True)
+    assert not (tmp_path / "r").exists()
+
+
+def test_milestones_as_shares_of_a_run_in_epochs(tmp_path):
+    """docs/schedules.md's `milestones: [30%, 60%]` with a run in epochs: checked at load, placed by the trainer
+    (3 epochs of 1,617 digits at 64 a step: 76 steps; 30% and 60% of 4,851 examples are reached at 23 and 46)."""
+    from keel.train.loop import Trainer
+
+    config = load_config(None, DIGITS + ["duration=3ep", "schedule={name: multistep, milestones: [30%, 60%]}",
+                                         f"out_dir={tmp_path / 'r'}"])
+    trainer = Trainer(config, quiet=True)
+    assert trainer.total_steps == 76 and trainer.schedule.params["milestones"] == (23, 46)

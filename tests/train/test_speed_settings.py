@@ -121,6 +121,18 @@ def test_gpt_flops_per_token_is_6n_plus_attention():
     assert task.flops_per_token(gpt2) == pytest.approx(8.554e8, rel=1e-3)
 
 
+def test_a_tied_output_head_counts_as_a_product():
+    """GPT-2's output head shares the token embedding's weight, so named_parameters lists it once, as the
+    embedding: the head's product (vocab x width per token) must still be counted."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=16,
+                                                                 n_layer=1, n_head=2))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    task = LanguageModelTask()
+    others = sum(p.numel() for name, p in model.named_parameters() if "wte" not in name and "wpe" not in name)
+    assert task.flops_per_token(model) == 6 * (others + 100 * 16)
+
+
 def test_mfu_arithmetic_and_the_meter(monkeypatch):
     assert mfu(1e9, 500_000, 1.0, 989.0) == pytest.approx(1e9 * 5e5 / 989e12)
     assert mfu(1e9, 500_000, 1.0, 989.0, world_size=2) == pytest.approx(1e9 * 5e5 / 989e12 / 2)

@@ -7,8 +7,9 @@ without training anything. A SPEC is one of:
   (values are YAML scalars or flow lists: ``multistep,milestones=[300,600]``);
 * a YAML mapping such as ``"{name: join, schedules: [constant, cosine], boundaries: [10%]}"``;
 * a YAML file holding such a mapping, or a run config file (its ``schedule``, ``optimizer.lr``
-  and run length are used unless ``--lr`` / ``--steps`` are given; lengths in epochs, tokens and
-  examples resolve as the trainer resolves them, from the task's counts).
+  and run length are used unless ``--lr`` / ``--steps`` are given; its batch size and lengths in
+  epochs, tokens and examples resolve as the trainer resolves them for one process, from the task's
+  counts; the LR shown is before ``lr_scaling``'s factor).
 
 With no SPEC the schedule of the default run config is shown. Keys and time units are those of the
 ``schedule`` block of the run config (docs/schedules.md); for a SPEC, ``--tokens-per-step``,
@@ -18,6 +19,7 @@ With no SPEC the schedule of the default run config is shown. Keys and time unit
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,9 @@ from keel.schedules import from_config, parse_spec
 from keel.timeunits import SYNTAX, Time, Timeline
 
 _PLOT_POINTS = 4000  # at most this many steps are drawn per curve (plus every step in --at)
+#: The options that say what a step of a SPEC counts: (option, the unit it is for, an example length).
+_RATES = (("--steps-per-epoch", "epoch", "'3ep'"), ("--tokens-per-step", "token", "'2Mtok'"),
+          ("--examples-per-step", "example", "'50kex'"))
 
 
 @dataclass
@@ -69,10 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="PNG", default="schedule.png", help="PNG to write (default: schedule.png)")
     parser.add_argument("--no-plot", action="store_true", help="print the table only")
     parser.add_argument("--log", action="store_true", help="logarithmic LR axis")
-    parser.add_argument("--steps-per-epoch", type=float, metavar="N", help="for lengths in epochs ('3ep') of a SPEC")
-    parser.add_argument("--tokens-per-step", type=float, metavar="N", help="for lengths in tokens ('2Mtok') of a SPEC")
-    parser.add_argument("--examples-per-step", type=float, metavar="N",
-                        help="for lengths in examples ('50kex') of a SPEC")
+    for option, unit, example in _RATES:
+        parser.add_argument(option, type=float, metavar="N", help=f"for lengths in {unit}s ({example}) of a SPEC "
+                            "(a number > 0)")
     parser.add_argument("--title", help="plot title")
     parser.add_argument("--dpi", type=int, metavar="N", default=100, help="plot resolution in dots per inch (default: 100)")
 
@@ -103,9 +107,10 @@ def _from_run_config(path: Path | None, label: str) -> _Curve:
     from keel import tasks
     from keel.config import load_config
     from keel.techniques import make_callbacks
+    from keel.train import distributed
     from keel.train.loop import run_timeline
 
-    config = load_config(path)
+    config = distributed.resolve_for_world(load_config(path), 1)  # as the trainer resolves it for one process
     timeline = run_timeline(config, tasks.from_config(config), make_callbacks(config))
     return _Curve(label, config.schedule, float(config.optimizer.lr), timeline.total_steps, timeline)
 
@@ -127,6 +132,10 @@ def run(args: argparse.Namespace) -> int:
         raise KeelError(f"--steps: {args.steps!r} is not allowed; must be >= 1")
     if args.dpi < 10:
         raise KeelError(f"--dpi: {args.dpi!r} is not allowed; must be >= 10")
+    for option, _, _ in _RATES:
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise KeelError(f"{option}: {value!r} is not allowed; must be a finite number > 0")
     if not args.no_plot and not Path(args.out).resolve().parent.is_dir():
         raise KeelError(f"--out: the directory of '{args.out}' does not exist")
     if not args.no_plot:
@@ -155,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         if curve is not None and curve.timeline is not None:
             return curve.timeline.with_duration(Time.steps(steps))
         return Timeline.at_rate(steps, examples_per_step=args.examples_per_step,
-                                tokens_per_step=args.tokens_per_step, steps_per_epoch=args.steps_per_epoch)
+                                tokens_per_step=args.tokens_per_step, steps_per_epoch=args.steps_per_epoch,
+                                given_by={unit: option for option, unit, _ in _RATES})
 
     schedules = []
     for i, curve in enumerate(curves):

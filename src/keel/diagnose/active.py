@@ -49,7 +49,7 @@ import torch
 from keel import tasks
 from keel.config import set_dotted
 from keel.diagnose import signals
-from keel.diagnose.clipping import clip_harder, clip_start
+from keel.diagnose.clipping import clip_harder, clipping_from
 from keel.diagnose.findings import Diagnosis, Finding, write_recommended
 from keel.diagnose.probes import (Display, LRRangeCallback, ProbeResult, ProbeTask, ProbeWatch, read_probe,
                                   take_examples, tidy_probe_dir)
@@ -452,8 +452,7 @@ class Session:
                     finding.message += f" (the first {len(records.norms)} steps only)"
             self.diagnosis.skipped = [s for s in self.diagnosis.skipped if s.procedure != "update ratios"]
         if stability.status in ("diverged", "jump", "early") and stability.step is not None:
-            warm = signals.warmup_end(result.lrs)
-            if stability.step >= clip_start(self.config.clip, result.steps[warm] if warm else 0):
+            if stability.step >= clipping_from(self.config.clip, result.lrs, result.steps):
                 self.clip_finding = clip_harder(self.config.clip, result.norms, lr,
                                                 [{"step": stability.step, "event": stability.status}])
                 self.diagnosis.add(self.clip_finding)

@@ -107,16 +107,21 @@ def clip_start(clip: Any, warmup_steps: int) -> int:
     return start + (clip.calibration_steps if clip.mode == "percentile" else 0)
 
 
+def clipping_from(clip: Any, lrs: list[float], step_numbers: list[int]) -> int:
+    """``clip_start`` for a run's records: its warmup's end read from the LRs it logged."""
+    from keel.diagnose import signals
+
+    warm = signals.warmup_end(lrs)
+    return clip_start(clip, step_numbers[warm] if warm and step_numbers else 0)
+
+
 def run_clip_harder(diagnosis: Any, lrs: list[float], step_numbers: list[int], norms: list[float],
                     config: Any) -> Finding | None:
     """``clip_harder`` for a run: the events of its ``instability_early`` and ``instability_sudden`` findings that
     came while its config clipped."""
     if config is None:
         return None
-    from keel.diagnose import signals
-
-    warm = signals.warmup_end(lrs)
-    start = clip_start(config.clip, step_numbers[warm] if warm and step_numbers else 0)
+    start = clipping_from(config.clip, lrs, step_numbers)
     events = sorted((e for f in diagnosis.findings if f.kind in ("instability_early", "instability_sudden")
                      for e in f.evidence.get("events", []) if e["step"] >= start), key=lambda e: e["step"])
     lr = config.optimizer.lr

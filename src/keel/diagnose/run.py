@@ -25,7 +25,7 @@ import numpy as np
 
 from keel import rundir
 from keel.diagnose import signals
-from keel.diagnose.clipping import run_clip_harder
+from keel.diagnose.clipping import clipping_from, run_clip_harder
 from keel.diagnose.findings import Diagnosis, Finding
 from keel.diagnose.update_ratio import HEALTHY_RATIO, RECORD_TYPE
 from keel.errors import KeelError
@@ -505,8 +505,12 @@ def instability_events(diagnosis: Diagnosis, records: RunRecords, context: dict[
             "check with `keel diagnose --config` which warmup the LR needs",
             {"schedule.warmup": warmup}))
     if sudden:
-        clipping = context["config"] is not None and context["config"].clip.mode in ("norm", "percentile")
-        changes = {"clip.mode": "norm", "clip.max_norm": _round(p90)} if p90 and not clipping else {}  # clip_harder
+        config = context["config"]
+        # events that came while the config clipped are clip_harder's to answer; before clipping began (calibration,
+        # start_after_warmup) clipping at the P90 from the start is the remedy
+        clipping = config is not None and config.clip.mode in ("norm", "percentile") and any(
+            e["step"] >= clipping_from(config.clip, records.lrs, records.step_numbers) for e in sudden)
+        changes = {"clip.mode": "norm", "clip.max_norm": _round(p90)} if p90 and not clipping else {}
         diagnosis.add(Finding(
             "instability_sudden", "error" if stopped and sudden[-1]["event"] == "stopped" else "warning",
             f"{len(sudden)} instability event(s) mid-run: "

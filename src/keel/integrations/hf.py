@@ -26,7 +26,6 @@ sees the batch, so there is no ``SeqLenWarmup`` (cut batches with ``keel.data.se
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -44,16 +43,17 @@ if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover
     raise ImportError("keel.integrations.hf needs transformers >= 4.43 (TrainerCallback.on_pre_optimizer_step): "
                       "pip install -U 'keel[hf]'")
 
-from keel import schedules
 from keel.averaging import EMA as EMAUnit
 from keel.averaging import SWA as SWAUnit
 from keel.averaging import Polyak as PolyakUnit
-from keel.averaging import average_checkpoints, swa_learning_rate
+from keel.averaging import average_checkpoints
 from keel.averaging.config import EMAConfig, PolyakConfig, SWAConfig
 from keel.config import validate
 from keel.diagnose.update_ratio import UpdateRatio as UpdateRatioUnit
 from keel.errors import KeelError, TrainingUnstableError
-from keel.grad import Clipper, ClipConfig, NonFiniteConfig, grads_are_finite
+from keel.grad import Clipper, NonFiniteConfig, grads_are_finite
+from keel.integrations.callbacks import clip_config, config_block, count, every_steps, last_checkpoint, \
+    start_clipper, swa_phase_lr
 from keel.integrations.scheduler import KeelLRScheduler, optimizer_and_scheduler
 from keel.rundir.layout import AVERAGED_WEIGHTS
 from keel.safetensors_io import SafetensorsReader, write_safetensors
@@ -90,11 +90,25 @@ def _keel_scheduler(lr_scheduler) -> KeelLRScheduler | None:
     return inner if isinstance(inner, KeelLRScheduler) else None
 
 
-def _steps(state, value: int | str, key: str) -> int:
+def _length(loader) -> int | None:
+    try:
+        return len(loader) or None
+    except (TypeError, AttributeError, NotImplementedError):  # an iterable dataset: no length
+        return None
+
+
+def run_timeline(args, state, train_dataloader) -> Timeline:
+    """The run's time as the Trainer counts it: ``state.max_steps`` updates, an epoch of
+    ``max(1, ceil(len(train_dataloader) / gradient_accumulation_steps))`` updates (the Trainer's
+    ``num_update_steps_per_epoch``: it steps on an epoch's last batch too); no epoch for a loader without a length,
+    so a length in epochs is then an error rather than a guess."""
     total = state.max_steps if state.max_steps and state.max_steps > 0 else None
-    epochs = getattr(state, "num_train_epochs", 0) or 0
-    per_epoch = max(1, math.ceil(total / epochs)) if total and epochs else None
-    return Timeline.at_rate(total, steps_per_epoch=per_epoch).steps(value, key)
+    batches = _length(train_dataloader) if train_dataloader is not None else None
+    per_epoch = max(1, math.ceil(batches / max(1, args.gradient_accumulation_steps))) if batches else None
+    timeline = Timeline.at_rate(total, steps_per_epoch=per_epoch)
+    if per_epoch is None:
+        timeline.what = "a train_dataloader without a length"
+    return timeline
 
 
 def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -166,7 +180,7 @@ class KeelTrainerCallback(TrainerCallback):
 def _last_checkpoint(args) -> str:
     found = sorted((int(m.group(1)), p) for p in Path(args.output_dir).glob("checkpoint-*")
                    if (m := CHECKPOINT.fullmatch(p.name)))
-    return f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written"
+    return last_checkpoint(found[-1][1] if found else None)
 
 
 # ---------------------------------------------------------------------------------------------- averaging
@@ -181,15 +195,14 @@ class _Averaging(KeelTrainerCallback):
         self.unit = None
         self.start, self.every = 0, 1
 
-    def make_unit(self, state, model):
+    def make_unit(self, timeline: Timeline, model):
         raise NotImplementedError
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
-        self.start = _steps(state, self.config.start, f"{self.name}.start")
-        self.every = _steps(state, self.config.every, f"{self.name}.every")
-        if self.every < 1:
-            raise KeelError(f"{self.name}.every: {self.config.every!r} resolves to 0 steps; allowed: >= 1 step")
-        self.unit = self.make_unit(state, model)
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs) -> None:
+        timeline = run_timeline(args, state, train_dataloader)
+        self.start = timeline.steps(self.config.start, f"{self.name}.start")
+        self.every = every_steps(timeline, self.config.every, f"{self.name}.every")
+        self.unit = self.make_unit(timeline, model)
         self._resume(args, state)
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
@@ -258,18 +271,13 @@ class EMA(_Averaging):
                  warmup_power: float | None = None, half_life: int | str | None = None, every: int | str = 1,
                  start: int | str = 0, include_buffers: bool = True, device: str | None = None,
                  dtype: str | None = None, evaluate: bool = True, apply_at_end: bool = False, name: str = "ema"):
-        config = _block(EMAConfig, decay=decay, dynamic_decay=dynamic_decay, warmup_gamma=warmup_gamma,
-                        warmup_power=warmup_power, half_life=half_life, every=every, start=start,
-                        include_buffers=include_buffers, device=device, dtype=dtype, evaluate=evaluate)
+        config = config_block(EMAConfig, decay=decay, dynamic_decay=dynamic_decay, warmup_gamma=warmup_gamma,
+                             warmup_power=warmup_power, half_life=half_life, every=every, start=start,
+                             include_buffers=include_buffers, device=device, dtype=dtype, evaluate=evaluate)
         super().__init__(name, config, apply_at_end)
 
-    def make_unit(self, state, model) -> EMAUnit:
-        return EMAUnit.from_config(model, self.config, every=self.every, steps=functools.partial(_steps, state),
-                                   name=self.name)
-
-
-def _block(model, **fields: Any):
-    return validate({"enabled": True, **{k: v for k, v in fields.items() if v is not None}}, model)
+    def make_unit(self, timeline: Timeline, model) -> EMAUnit:
+        return EMAUnit.from_config(model, self.config, every=self.every, steps=timeline.steps, name=self.name)
 
 
 class Polyak(_Averaging):
@@ -278,11 +286,11 @@ class Polyak(_Averaging):
     def __init__(self, start: int | str = "50%", *, every: int | str = 1, include_buffers: bool = True,
                  device: str | None = None, dtype: str | None = None, evaluate: bool = True,
                  apply_at_end: bool = False, name: str = "polyak"):
-        config = _block(PolyakConfig, start=start, every=every, include_buffers=include_buffers, device=device,
-                        dtype=dtype, evaluate=evaluate)
+        config = config_block(PolyakConfig, start=start, every=every, include_buffers=include_buffers, device=device,
+                             dtype=dtype, evaluate=evaluate)
         super().__init__(name, config, apply_at_end)
 
-    def make_unit(self, state, model) -> PolyakUnit:
+    def make_unit(self, timeline: Timeline, model) -> PolyakUnit:
         return PolyakUnit.from_config(model, self.config)
 
 
@@ -297,31 +305,24 @@ class SWA(_Averaging):
                  include_buffers: bool = False, bn_update: bool = True, bn_batches: int | None = None,
                  device: str | None = None, dtype: str | None = None, evaluate: bool = True,
                  apply_at_end: bool = True, name: str = "swa"):
-        config = _block(SWAConfig, start=start, lr=lr, anneal_steps=anneal_steps, anneal_strategy=anneal_strategy,
-                        every=every, include_buffers=include_buffers, bn_update=bn_update, bn_batches=bn_batches,
-                        device=device, dtype=dtype, evaluate=evaluate)
+        config = config_block(SWAConfig, start=start, lr=lr, anneal_steps=anneal_steps, anneal_strategy=anneal_strategy,
+                             every=every, include_buffers=include_buffers, bn_update=bn_update, bn_batches=bn_batches,
+                             device=device, dtype=dtype, evaluate=evaluate)
         super().__init__(name, config, apply_at_end)
         self.anneal_steps = 0
         self.start_lr: float | None = None
         self._prepared: int | None = None
 
-    def make_unit(self, state, model) -> SWAUnit:
-        self.anneal_steps = _steps(state, self.config.anneal_steps, f"{self.name}.anneal_steps")
+    def make_unit(self, timeline: Timeline, model) -> SWAUnit:
+        self.anneal_steps = timeline.steps(self.config.anneal_steps, f"{self.name}.anneal_steps")
         return SWAUnit.from_config(model, self.config)
 
     def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs) -> None:
         if self.config.lr is None or self.unit is None or optimizer is None:
             return
-        step, keel = applied_steps(state), _keel_scheduler(lr_scheduler)
-        if self.start_lr is None and step >= self.start:
-            group = optimizer.param_groups[0]
-            self.start_lr = keel.schedule(self.start) if keel else float(group["lr"]) / group.get("lr_scale", 1.0)
-        if self.start_lr is None:
-            return
-        lr = swa_learning_rate(step, start=self.start, start_lr=self.start_lr, swa_lr=self.config.lr,
-                               anneal_steps=self.anneal_steps, strategy=self.config.anneal_strategy)
-        if lr is not None:
-            schedules.set_lr(optimizer, lr * (keel.multiplier if keel else 1.0))
+        self.start_lr = swa_phase_lr(applied_steps(state), start=self.start, start_lr=self.start_lr,
+                                     config=self.config, anneal_steps=self.anneal_steps, optimizers=[optimizer],
+                                     scheduler=_keel_scheduler(lr_scheduler))
 
     def prepare(self, model, train_dataloader) -> None:
         if not self.config.bn_update or self._prepared == self.unit.num_updates or train_dataloader is None:
@@ -353,9 +354,7 @@ class CheckpointAverage(TrainerCallback):
     following ``trainer.save_model()`` or evaluation uses it)."""
 
     def __init__(self, last: int = 5, load: bool = True):
-        if isinstance(last, bool) or not isinstance(last, int) or last < 1:
-            raise KeelError(f"CheckpointAverage.last: {last!r}; allowed: an int >= 1")
-        self.last, self.load = last, load
+        self.last, self.load = count(last, "CheckpointAverage.last"), load
         self.files: list[Path] = []
 
     def on_train_end(self, args, state, control, model=None, **kwargs) -> None:
@@ -388,9 +387,9 @@ class Clip(KeelTrainerCallback):
     def __init__(self, mode: str = "norm", *, max_norm: float = 1.0, max_value: float = 1.0,
                  percentile: float = 90.0, window: int = 1000, calibration_steps: int = 100, clipping: float = 0.01,
                  eps: float = 1e-3, start_after_warmup: bool = False, warmup_steps: int | None = None):
-        self.config = validate({"mode": mode, "max_norm": max_norm, "max_value": max_value, "percentile": percentile,
-                                "window": window, "calibration_steps": calibration_steps, "clipping": clipping,
-                                "eps": eps, "start_after_warmup": start_after_warmup}, ClipConfig)
+        self.config = clip_config(mode=mode, max_norm=max_norm, max_value=max_value, percentile=percentile,
+                                  window=window, calibration_steps=calibration_steps, clipping=clipping, eps=eps,
+                                  start_after_warmup=start_after_warmup)
         self.warmup_steps = warmup_steps
         self.clipper = Clipper(self.config)
         self.last = None
@@ -400,16 +399,8 @@ class Clip(KeelTrainerCallback):
         if args.max_grad_norm:
             raise KeelError(f"max_grad_norm: {args.max_grad_norm} in TrainingArguments clips before keel's Clip; "
                             "allowed: TrainingArguments(max_grad_norm=0) with Clip")
-        warmup = self.warmup_steps
-        if warmup is None:
-            keel = _keel_scheduler(lr_scheduler)
-            if self.config.start_after_warmup and keel is None:
-                raise KeelError("Clip.start_after_warmup: the Trainer has no KeelLRScheduler to take the warmup "
-                                "from; allowed: Clip(warmup_steps=N, start_after_warmup=True), or keel_optimizers")
-            warmup = schedules.warmup_steps(keel.schedule) if keel is not None else 0
-        norms = self.clipper.state_dict()
-        self.clipper = Clipper(self.config, warmup_steps=warmup)
-        self.clipper.load_state_dict(norms)
+        self.clipper = start_clipper(self.config, self.clipper.state_dict(), self.warmup_steps,
+                                     _keel_scheduler(lr_scheduler), "keel_optimizers")
         self._resume(args, state)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
@@ -487,9 +478,7 @@ class UpdateRatio(TrainerCallback):
     (in ``trainer_state.json``, where ``keel diagnose`` reads them)."""
 
     def __init__(self, every: int = 1):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise KeelError(f"UpdateRatio.every: {every!r}; allowed: an int >= 1")
-        self.every = every
+        self.every = count(every, "UpdateRatio.every")
         self.unit = UpdateRatioUnit()
         self.last: dict[str, float] = {}
 

@@ -43,19 +43,19 @@ try:
 except ImportError:  # pragma: no cover - exercised where Lightning is missing
     raise ImportError("keel.integrations.lightning needs Lightning: pip install 'keel[lightning]'") from None
 
-from keel import schedules
 from keel.averaging import EMA as EMAUnit
 from keel.averaging import SWA as SWAUnit
 from keel.averaging import Polyak as PolyakUnit
-from keel.averaging import average_checkpoints, swa_learning_rate
+from keel.averaging import average_checkpoints
 from keel.averaging.config import EMAConfig, PolyakConfig, SWAConfig
 from keel.config import validate
 from keel.data.seq_warmup import SeqWarmupConfig, SequenceLengthWarmup, _sequence_length, reshape_sequences, \
     truncate_sequences
 from keel.diagnose.update_ratio import UpdateRatio as UpdateRatioUnit
 from keel.errors import KeelError, TrainingUnstableError
-from keel.grad import Clipper, ClipConfig, LossSpikeDetector, NonFiniteConfig, SpikeConfig, all_ranks_agree, \
-    grads_are_finite
+from keel.grad import Clipper, LossSpikeDetector, NonFiniteConfig, SpikeConfig, all_ranks_agree, grads_are_finite
+from keel.integrations.callbacks import clip_config, config_block, count, every_steps, last_checkpoint, \
+    start_clipper, swa_phase_lr
 from keel.integrations.scheduler import KeelLRScheduler, make_schedule, optimizer_and_scheduler
 from keel.rundir.layout import AVERAGED_WEIGHTS
 from keel.safetensors_io import write_safetensors
@@ -130,13 +130,22 @@ def _keel_schedulers(trainer: pl.Trainer) -> list[KeelLRScheduler]:
     return [c.scheduler for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, KeelLRScheduler)]
 
 
-def _steps(trainer: pl.Trainer, value: int | str, key: str) -> int:
-    """A length in keel's time units, in optimizer steps of this Lightning run."""
+def run_timeline(trainer: pl.Trainer) -> Timeline:
+    """This Lightning run's time: ``estimated_stepping_batches`` updates, an epoch of
+    ``ceil(num_training_batches / accumulate_grad_batches)`` updates (Lightning also steps on an epoch's last batch,
+    as its ``estimated_stepping_batches`` counts); no epoch for a loader without a length."""
     total = trainer.estimated_stepping_batches
     batches = trainer.num_training_batches
-    per_epoch = max(1, int(batches) // trainer.accumulate_grad_batches) if math.isfinite(batches) else None
-    run = Timeline.at_rate(int(total) if math.isfinite(total) else None, steps_per_epoch=per_epoch)
-    return run.steps(value, key)
+    per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches)) if math.isfinite(batches) else None
+    timeline = Timeline.at_rate(int(total) if math.isfinite(total) else None, steps_per_epoch=per_epoch)
+    if per_epoch is None:
+        timeline.what = "a train dataloader without a length"
+    return timeline
+
+
+def _steps(trainer: pl.Trainer, value: int | str, key: str) -> int:
+    """A length in keel's time units, in optimizer steps of this Lightning run."""
+    return run_timeline(trainer).steps(value, key)
 
 
 def _drop_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, callback: KeelCallback) -> None:
@@ -154,7 +163,7 @@ def _drop_gradients(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, callb
 def _last_checkpoint(trainer: pl.Trainer) -> str:
     callback = trainer.checkpoint_callback
     path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") if callback else ""
-    return f"the last good checkpoint is {path}" if path else "no checkpoint was written"
+    return last_checkpoint(path)
 
 
 def _clone(state: Any) -> Any:
@@ -203,10 +212,9 @@ class _Averaging(KeelCallback):
             pl_module.load_state_dict(raw)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = _steps(trainer, self.config.start, f"{self.name}.start")
-        self.every = _steps(trainer, self.config.every, f"{self.name}.every")
-        if self.every < 1:
-            raise KeelError(f"{self.name}.every: {self.config.every!r} resolves to 0 steps; allowed: >= 1 step")
+        timeline = run_timeline(trainer)
+        self.start = timeline.steps(self.config.start, f"{self.name}.start")
+        self.every = every_steps(timeline, self.config.every, f"{self.name}.every")
         self.unit = self.make_unit(trainer, pl_module)
         if self._pending is not None:
             self.unit.load_state_dict({"num_updates": self._pending["num_updates"],
@@ -288,11 +296,6 @@ class _Averaging(KeelCallback):
             self.unit.load_state_dict(state if state is not None else {"num_updates": 0, "shadow": None})
 
 
-def _block(model, **fields: Any):
-    """A keel config block (``ema:``, ``swa:``, ...) from keyword arguments: the same keys, defaults and checks."""
-    return validate({"enabled": True, **{k: v for k, v in fields.items() if v is not None}}, model)
-
-
 class EMA(_Averaging):
     """Exponential moving average of the weights (``keel.averaging.EMA``): fixed ``decay``, OpenNMT-tf's
     ``dynamic_decay`` (d_k = min(decay, (1 + k) / (10 + k))), the warmup form or a ``half_life``; updated every
@@ -306,9 +309,9 @@ class EMA(_Averaging):
                  dtype: str | None = None, evaluate: bool = True,
                  checkpoint_weights: Literal["averaged", "raw"] = "averaged", apply_at_end: bool = False,
                  name: str = "ema"):
-        config = _block(EMAConfig, decay=decay, dynamic_decay=dynamic_decay, warmup_gamma=warmup_gamma,
-                        warmup_power=warmup_power, half_life=half_life, every=every, start=start,
-                        include_buffers=include_buffers, device=device, dtype=dtype, evaluate=evaluate)
+        config = config_block(EMAConfig, decay=decay, dynamic_decay=dynamic_decay, warmup_gamma=warmup_gamma,
+                             warmup_power=warmup_power, half_life=half_life, every=every, start=start,
+                             include_buffers=include_buffers, device=device, dtype=dtype, evaluate=evaluate)
         super().__init__(name, config, checkpoint_weights, apply_at_end)
 
     def make_unit(self, trainer, pl_module) -> EMAUnit:
@@ -323,8 +326,8 @@ class Polyak(_Averaging):
                  device: str | None = None, dtype: str | None = None, evaluate: bool = True,
                  checkpoint_weights: Literal["averaged", "raw"] = "raw", apply_at_end: bool = False,
                  name: str = "polyak"):
-        config = _block(PolyakConfig, start=start, every=every, include_buffers=include_buffers,
-                        device=device, dtype=dtype, evaluate=evaluate)
+        config = config_block(PolyakConfig, start=start, every=every, include_buffers=include_buffers,
+                             device=device, dtype=dtype, evaluate=evaluate)
         super().__init__(name, config, checkpoint_weights, apply_at_end)
 
     def make_unit(self, trainer, pl_module) -> PolyakUnit:
@@ -344,9 +347,9 @@ class SWA(_Averaging):
                  dtype: str | None = None, evaluate: bool = True,
                  checkpoint_weights: Literal["averaged", "raw"] = "raw", apply_at_end: bool = True,
                  name: str = "swa"):
-        config = _block(SWAConfig, start=start, lr=lr, anneal_steps=anneal_steps,
-                        anneal_strategy=anneal_strategy, every=every, include_buffers=include_buffers,
-                        bn_update=bn_update, bn_batches=bn_batches, device=device, dtype=dtype, evaluate=evaluate)
+        config = config_block(SWAConfig, start=start, lr=lr, anneal_steps=anneal_steps,
+                             anneal_strategy=anneal_strategy, every=every, include_buffers=include_buffers,
+                             bn_update=bn_update, bn_batches=bn_batches, device=device, dtype=dtype, evaluate=evaluate)
         super().__init__(name, config, checkpoint_weights, apply_at_end)
         self.bn_forward = bn_forward
         self.anneal_steps = 0
@@ -360,19 +363,10 @@ class SWA(_Averaging):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.config.lr is None or self.unit is None:
             return
-        step = applied_steps(trainer)
         keel = _keel_schedulers(trainer)
-        if self.start_lr is None and step >= self.start:  # the schedule's LR where the phase starts
-            group = trainer.optimizers[0].param_groups[0]
-            self.start_lr = keel[0].schedule(self.start) if keel else float(group["lr"]) / group.get("lr_scale", 1.0)
-        if self.start_lr is None:
-            return
-        lr = swa_learning_rate(step, start=self.start, start_lr=self.start_lr, swa_lr=self.config.lr,
-                               anneal_steps=self.anneal_steps, strategy=self.config.anneal_strategy)
-        if lr is not None:
-            multiplier = keel[0].multiplier if keel else 1.0
-            for optimizer in trainer.optimizers:
-                schedules.set_lr(optimizer, lr * multiplier)
+        self.start_lr = swa_phase_lr(applied_steps(trainer), start=self.start, start_lr=self.start_lr,
+                                     config=self.config, anneal_steps=self.anneal_steps,
+                                     optimizers=trainer.optimizers, scheduler=keel[0] if keel else None)
 
     def prepare(self, trainer, pl_module) -> None:
         if not self.config.bn_update or self._prepared == self.unit.num_updates:
@@ -409,18 +403,15 @@ class CheckpointAverage(KeelCallback):
     name = "checkpoint_average"
 
     def __init__(self, every: int | str, last: int = 5, dirpath: str | Path | None = None, load: bool = True):
-        if isinstance(last, bool) or not isinstance(last, int) or last < 1:
-            raise KeelError(f"CheckpointAverage.last: {last!r}; allowed: an int >= 1")
-        self.every_spec, self.last, self.dirpath, self.load = every, last, dirpath, load
+        self.every_spec, self.last = every, count(last, "CheckpointAverage.last")
+        self.dirpath, self.load = dirpath, load
         self.every = 1
         self.files: list[str] = []
         self.averaged: Path | None = None
         self._stepped = _Stepped()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.every = _steps(trainer, self.every_spec, "CheckpointAverage.every")
-        if self.every < 1:
-            raise KeelError(f"CheckpointAverage.every: {self.every_spec!r} resolves to 0 steps; allowed: >= 1 step")
+        self.every = every_steps(run_timeline(trainer), self.every_spec, "CheckpointAverage.every")
         self.folder = Path(self.dirpath or Path(trainer.default_root_dir) / "keel_checkpoint_average")
         self.files = [f for f in self.files if Path(f).is_file()]
         self._stepped.seen = trainer.global_step
@@ -465,8 +456,9 @@ class Clip(KeelCallback):
     """Gradient clipping by ``keel.grad.Clipper``: ``mode`` norm | value | agc | percentile (the Tuning Playbook's
     90th percentile of the last ``window`` norms, after ``calibration_steps``) | none, from the end of the warmup
     with ``start_after_warmup`` (``warmup_steps``, default: the warmup of the run's ``keel_scheduler``). Logs the
-    unclipped global norm as ``grad_norm`` and ``clipped`` every update. Runs in ``on_before_optimizer_step``:
-    leave Lightning's ``gradient_clip_val`` unset."""
+    unclipped global norm as ``grad_norm`` and ``clipped`` every update. Runs in ``on_before_optimizer_step``, before
+    Lightning's own clipping, which it refuses (leave ``gradient_clip_val`` unset; ``GradNorm``, which clips
+    nothing, works beside it)."""
 
     name = "clip"
 
@@ -474,25 +466,21 @@ class Clip(KeelCallback):
                  percentile: float = 90.0, window: int = 1000, calibration_steps: int = 100, clipping: float = 0.01,
                  eps: float = 1e-3, start_after_warmup: bool = False, warmup_steps: int | None = None,
                  log: bool = True):
-        self.config = validate({"mode": mode, "max_norm": max_norm, "max_value": max_value, "percentile": percentile,
-                                "window": window, "calibration_steps": calibration_steps, "clipping": clipping,
-                                "eps": eps, "start_after_warmup": start_after_warmup}, ClipConfig)
+        self.config = clip_config(mode=mode, max_norm=max_norm, max_value=max_value, percentile=percentile,
+                                  window=window, calibration_steps=calibration_steps, clipping=clipping, eps=eps,
+                                  start_after_warmup=start_after_warmup)
         self.warmup_steps, self.log = warmup_steps, log
         self.clipper = Clipper(self.config)
         self._pending: dict[str, Any] | None = None
         self.last = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        warmup = self.warmup_steps
-        if warmup is None:
-            keel = _keel_schedulers(trainer)
-            if self.config.start_after_warmup and not keel:
-                raise KeelError("Clip.start_after_warmup: the run has no keel_scheduler to take the warmup from; "
-                                "allowed: Clip(warmup_steps=N, start_after_warmup=True), or keel_scheduler")
-            warmup = schedules.warmup_steps(keel[0].schedule) if keel else 0
-        norms = list(self.clipper.norms)
-        self.clipper = Clipper(self.config, warmup_steps=warmup)
-        self.clipper.load_state_dict(self._pending or {"norms": norms})
+        if trainer.gradient_clip_val and self.config.mode != "none":
+            raise KeelError(f"gradient_clip_val: {trainer.gradient_clip_val} in the Lightning Trainer clips after "
+                            "keel's Clip; allowed: Trainer(gradient_clip_val=None) with Clip")
+        keel = _keel_schedulers(trainer)
+        self.clipper = start_clipper(self.config, self._pending or self.clipper.state_dict(), self.warmup_steps,
+                                     keel[0] if keel else None, "keel_scheduler")
         self._pending = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -602,9 +590,7 @@ class SpikeRollback(KeelCallback):
         self._stepped = _Stepped()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.every = _steps(trainer, self.every_spec, "SpikeRollback.every")
-        if self.every < 1:
-            raise KeelError(f"SpikeRollback.every: {self.every_spec!r} resolves to 0 steps; allowed: >= 1 step")
+        self.every = every_steps(run_timeline(trainer), self.every_spec, "SpikeRollback.every")
         self._stepped.seen = trainer.global_step
         self._take_snapshot(trainer, pl_module)  # a spike can always roll back, even before the first snapshot
 
@@ -753,9 +739,7 @@ class UpdateRatio(KeelCallback):
     name = "update_ratio"
 
     def __init__(self, every: int = 1):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise KeelError(f"UpdateRatio.every: {every!r}; allowed: an int >= 1")
-        self.every = every
+        self.every = count(every, "UpdateRatio.every")
         self.unit = UpdateRatioUnit()
         self.last: dict[str, float] = {}
         self._step: int | None = None

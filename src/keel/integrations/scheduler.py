@@ -6,6 +6,11 @@ update. After ``s`` applied updates every param group's LR is ``schedule(s) * mu
 ``schedule(0)`` drives the first update; ``lr_scale`` as in ``keel.schedules.set_lr``), so the LR of each update is
 the one ``keel train`` applies. keel's callbacks that skip an update (non-finite gradients, a loss spike) call
 ``hold()``, so the schedule keeps its position as in keel's trainer, and a spike rollback ``rewind``s it.
+
+The scheduler also carries out ``optimizer.unfreeze_at`` (``keel.optim.unfreeze``): whenever its position is set
+(built, stepped, rewound, loaded on resume) the optimizer's frozen groups train from their step on, so, as in keel's
+trainer, the update at step ``unfreeze_at`` is the first that trains them and a resumed run is frozen exactly as the
+uninterrupted one was.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.optim.lr_scheduler import LRScheduler
 
 from keel import optim, schedules
@@ -66,7 +72,9 @@ class KeelLRScheduler(LRScheduler):
     ``hold()``: the next ``step()`` leaves the position where it is (the update was skipped). ``rewind(step)``: go
     back to ``step`` (a loss-spike rollback). ``multiplier`` scales every LR (``spike lr_factor``). The state
     (``state_dict``) is the position, the multiplier and a plateau schedule's state: plain numbers, so a host
-    checkpoint restores it exactly and loads with ``torch.load(weights_only=True)``.
+    checkpoint restores it exactly and loads with ``torch.load(weights_only=True)``. Param groups with an
+    ``unfreeze_at`` step (``optimizer.unfreeze_at``) train from that step on: ``requires_grad`` follows the
+    position (not with several processes, as in keel's trainer).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: Callable[[int], float]):
@@ -75,6 +83,7 @@ class KeelLRScheduler(LRScheduler):
         self.schedule = schedule
         self.multiplier = 1.0
         self._held = False
+        self._unfreezes = any(group.get("unfreeze_at") is not None for group in optimizer.param_groups)
         super().__init__(optimizer)  # sets initial_lr on the groups, then step(): the LR of step 0
 
     @property
@@ -112,9 +121,17 @@ class KeelLRScheduler(LRScheduler):
             self._apply()
 
     def _apply(self) -> None:
-        schedules.set_lr(self.optimizer, self.lr_at(max(self.last_epoch, 0)))
+        """The LR, and which groups train (``unfreeze_at``), of the update at the current position."""
+        step = max(self.last_epoch, 0)
+        schedules.set_lr(self.optimizer, self.lr_at(step))
         self._last_lr = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
                          for g in self.optimizer.param_groups]
+        if self._unfreezes:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                raise KeelError("optimizer.unfreeze_at: not supported with several processes (data parallelism fixes "
+                                "which parameters have gradients when the model is wrapped); allowed: one process, "
+                                "or null")
+            optim.unfreeze(self.optimizer, step)
 
     def get_lr(self) -> list[float]:  # noqa: D102 (torch's API)
         return [float(g["lr"]) for g in self.optimizer.param_groups]

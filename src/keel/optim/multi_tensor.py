@@ -148,6 +148,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 
     # --- the engine ---
 
+    def kernels(self) -> dict:
+        """The implementation this optimizer runs, as chosen for its parameters (``keel.optim.chosen_kernels``):
+        ``fused``, the compiled update (null resolved by the parameters' device and size)."""
+        return {"fused": self._use_fused()}
+
     def _use_fused(self) -> bool:
         if self.fused is False or type(self)._compile_failed:
             return False

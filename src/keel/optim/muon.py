@@ -17,12 +17,14 @@ Two ways to run the Newton-Schulz iterations, the same update:
   once per iteration and serves both of its products. At GPT-2-small shapes the 48 hidden matrices become 3 stacks
   (768 x 768, 768 x 2304, 768 x 3072) instead of 48 chains of small products: one launch per product instead of
   48, and products large enough to fill a GPU. The stack's dtype is `ns_dtype` (bfloat16, as torch's; float32 for
-  accuracy). The same arithmetic as torch's, in another order: in bfloat16 the two paths' updates differ by
-  rounding (`tests/optim/test_muon_batched.py` states the tolerance).
+  accuracy, with full float32 products on CUDA whatever the run's `tf32`). The same arithmetic as torch's, in
+  another order: in bfloat16 the two paths' updates differ by rounding (`tests/optim/test_muon_batched.py` states
+  the tolerance).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -30,7 +32,8 @@ from torch import nn
 
 from keel.errors import KeelError
 from keel.optim.closure import closure_loss
-from keel.optim.torch_kernels import choose_kernels
+from keel.optim.torch_kernels import choose_kernels, plain_on_cuda
+from keel.precision import cuda_tf32
 
 __all__ = ["MAX_NS_STEPS", "MUON_TORCH_VERSION", "NS_DTYPES", "MuonWithAdamW", "muon_missing", "muon_split",
            "newton_schulz"]
@@ -162,6 +165,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         groups = split
         adam_params = [p for g in groups if g.get("kind", "muon") == "adamw" for p in g["params"]]
         kernels = choose_kernels(torch.optim.AdamW, adam_params, fused=adam_fused, foreach=adam_foreach)
+        self._adam_kernels = kernels
         built = []
         for group in groups:
             group = dict(group)
@@ -195,15 +199,18 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._muon = torch.optim.Muon([torch.zeros(1, 1, requires_grad=True)])
         self._adamw = torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
 
+    def kernels(self) -> dict:
+        """The implementation this optimizer runs, as chosen for its parameters (``keel.optim.chosen_kernels``)."""
+        return {"batched": self.uses_batched(), "ns_dtype": self.ns_dtype,
+                **{f"adam_{k}": v for k, v in self._adam_kernels.items()}}
+
     def uses_batched(self) -> bool:
         """Whether the Muon groups step through the batched Newton-Schulz path (see `batched`)."""
         if self.batched is not None:
             return self.batched
         if self.ns_dtype != "bfloat16":
             return True
-        params = [p for g in self.param_groups if g["kind"] == "muon" for p in g["params"]]
-        return bool(params) and all(type(p) in (torch.Tensor, nn.Parameter) and p.device.type == "cuda"
-                                    for p in params)
+        return plain_on_cuda([p for g in self.param_groups if g["kind"] == "muon" for p in g["params"]])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -263,7 +270,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
                     torch.lerp(grad, buffer, group["momentum"], out=into)
                 else:
                     into.copy_(buffer)
-            orthogonal = newton_schulz(stack, coefficients, steps, eps)
+            # float32 is asked for accuracy: full float32 products on CUDA too, whatever the run's `tf32` says
+            with cuda_tf32(False) if dtype == torch.float32 else contextlib.nullcontext():
+                orthogonal = newton_schulz(stack, coefficients, steps, eps)
             for i, (p, group, _, _, transposed) in enumerate(members):
                 lr, weight_decay = group["lr"], group["weight_decay"]
                 update = orthogonal[i].mT if transposed else orthogonal[i]

@@ -488,12 +488,16 @@ def from_config(
     return _build(typed.record, typed.settings, model, key, total_steps, timeline, group_options)
 
 
-#: Hyperparameters that choose an implementation (a kernel), not the update: what a run records it used.
-KERNEL_HPARAMS = ("fused", "foreach", "adam_fused", "adam_foreach", "batched")
+#: Hyperparameters of torch's optimizers that choose an implementation (a kernel), not the update.
+KERNEL_HPARAMS = ("fused", "foreach")
 
 
 def chosen_kernels(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The kernels ``optimizer`` runs with, as built (``fused`` / ``foreach`` chosen for the parameters' devices
-    where the config left them null): for the run's records, not for its config."""
+    """The kernels ``optimizer`` runs with, as built (chosen for the parameters' devices where the config left them
+    null): for the run's records, not for its config. keel's own optimizers say it (``kernels()``: Muon's batched
+    Newton-Schulz and AdamW kernels, SOAP's batched path and product precision, Lion's and AdEMAMix's compiled
+    update); torch's hold it in ``defaults`` (``fused`` / ``foreach``)."""
+    if callable(getattr(optimizer, "kernels", None)):
+        return optimizer.kernels()
     defaults = getattr(optimizer, "defaults", {})
     return {k: defaults[k] for k in KERNEL_HPARAMS if k in defaults and isinstance(defaults[k], (bool, type(None)))}

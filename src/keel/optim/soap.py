@@ -49,9 +49,9 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from keel.optim.closure import closure_loss
+from keel.optim.torch_kernels import plain_on_cuda
 from keel.precision import cuda_tf32
 
 __all__ = ["MATMUL_PRECISIONS", "SOAP", "merged_shape"]
@@ -282,14 +282,16 @@ class SOAP(torch.optim.Optimizer):
                 elif isinstance(value, list):
                     self.state[p][key] = [None if v is None else v.to(device=p.device, copy=True) for v in value]
 
+    def kernels(self) -> dict:
+        """The implementation this optimizer runs, as chosen for its parameters (``keel.optim.chosen_kernels``)."""
+        return {"batched": self.uses_batched(), "matmul_precision": self.products()}
+
     def uses_batched(self) -> bool:
         """Whether steps go through the batched path (see `batched`): null means where every parameter is a plain
         tensor on a CUDA device."""
         if self.batched is not None:
             return self.batched
-        params = [p for g in self.param_groups for p in g["params"]]
-        return bool(params) and all(type(p) in (torch.Tensor, nn.Parameter) and p.device.type == "cuda"
-                                    for p in params)
+        return plain_on_cuda([p for g in self.param_groups for p in g["params"]])
 
     def products(self) -> str:
         """The precision of the matrix products this optimizer runs (`matmul_precision`, null resolved)."""

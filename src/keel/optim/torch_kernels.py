@@ -50,6 +50,13 @@ def fused_kernel_available(optimizer_class: type, device_type: str) -> bool:
     return True
 
 
+def plain_on_cuda(params: list[torch.Tensor]) -> bool:
+    """Whether there are parameters and every one is a plain tensor on a CUDA device: where keel's batched GPU
+    paths (Muon's stacked Newton-Schulz, SOAP's stacked factors) are chosen when left null (tensor subclasses, e.g.
+    DTensor shards, keep the per-parameter path)."""
+    return bool(params) and all(type(p) in (torch.Tensor, nn.Parameter) and p.device.type == "cuda" for p in params)
+
+
 def fast_foreach_devices() -> set[str]:
     """The device types with fast multi-tensor (foreach) kernels, as torch lists them (not CPU)."""
     try:

@@ -39,7 +39,7 @@ import yaml
 from keel.errors import KeelError
 from keel.schedules import combinators, decays, plateau
 from keel.schedules.base import check_lr
-from keel.timeunits import SYNTAX, Time, Timeline
+from keel.timeunits import SYNTAX, Time, Timeline, parse_time
 
 __all__ = ["from_config", "parse_spec", "SCHEDULES"]
 
@@ -112,15 +112,7 @@ def from_config(
         timeline = timeline.with_duration(Time.steps(total_steps))
     else:
         total_steps = timeline.total_steps
-    return _build(spec, key, lr, total_steps, _Context(timeline), top=True)
-
-
-@dataclass(frozen=True)
-class _Context:
-    timeline: Timeline
-
-    def steps(self, value: Any, name: str) -> int:
-        return self.timeline.steps(value, name)
+    return _build(spec, key, lr, total_steps, timeline, top=True)
 
 
 def argument_of(field: str) -> str:
@@ -193,17 +185,17 @@ def _field_map(
     return field_of, generic
 
 
-def _convert(argument: str, value: Any, field_name: str, context: _Context) -> Any:
+def _convert(argument: str, value: Any, field_name: str, timeline: Timeline) -> Any:
     """Turn a config value into the function argument: lengths to steps, numbers to floats."""
     if argument in _LENGTHS:
-        steps = context.steps(value, field_name)
+        steps = timeline.steps(value, field_name)
         if argument == "decay_steps" and steps == 0 and isinstance(value, str):
             return 1  # a share of a very short run ('20%' of 2 steps) still decays, over its last step
         return steps
     if argument in _LENGTH_LISTS:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise KeelError(f"{field_name}: {value!r} is not a list of lengths; each one is {SYNTAX}")
-        return [context.steps(v, f"{field_name}[{i}]") for i, v in enumerate(value)]
+        return _length_list(value, field_name, timeline)
     if argument in _INTEGERS:
         return _integer(value, field_name)
     if argument in _WORDS or argument in ("schedule", "schedules"):
@@ -211,11 +203,31 @@ def _convert(argument: str, value: Any, field_name: str, context: _Context) -> A
     return _real(value, field_name)
 
 
+def _length_list(value: list | tuple, field_name: str, timeline: Timeline) -> list[int]:
+    """A list of lengths (milestones, boundaries) in steps. Where ``timeline`` cannot place them all (a config
+    checked before its task is known: ``keel.timeunits.stand_in``), the entries of each unit must increase, and
+    1, 2, 3, ... stand in for them; the trainer's timeline checks the steps they come to."""
+    times = [parse_time(v, f"{field_name}[{i}]") for i, v in enumerate(value)]
+    if not all(timeline.resolves(t) for t in times):
+        for unit in {t.unit for t in times}:
+            amounts = [t.amount for t in times if t.unit == unit]
+            if any(b <= a for a, b in zip(amounts, amounts[1:])):
+                raise KeelError(f"{field_name}: {[t.serialize() for t in times]!r} is not allowed; lengths in the "
+                                "same unit must be strictly increasing")
+        return list(range(1, len(times) + 1))
+    steps = [timeline.steps(t, f"{field_name}[{i}]") for i, t in enumerate(times)]
+    if any(t.unit != "step" for t in times) and any(b <= a for a, b in zip(steps, steps[1:])):
+        raise KeelError(f"{field_name}: {[t.serialize() for t in times]!r} comes to steps {steps} for "
+                        f"{timeline.what}, which is not allowed; must be strictly increasing (lengths at least a step "
+                        "apart)")
+    return steps
+
+
 _WARMUP_FIELDS = {"steps": "warmup", "init_lr": "warmup_init_lr", "shape": "warmup_shape"}
 
 
 def _build(
-    spec: Any, key: str, lr: float, span: int | None, context: _Context, *, top: bool = False
+    spec: Any, key: str, lr: float, span: int | None, timeline: Timeline, *, top: bool = False
 ) -> Callable[[int], float]:
     """Build ``spec``; ``span`` is the number of steps it covers (None if unknown)."""
     if isinstance(spec, str):
@@ -232,12 +244,12 @@ def _build(
         lr = check_lr(_real(fields.pop("lr"), f"{key}.lr"), f"{key}.lr")
     parameters = list(inspect.signature(entry.function).parameters)
     field_of, generic = _field_map(name, parameters, fields, key)
-    arguments = {a: _convert(a, fields[f], f"{key}.{f}", context) for a, f in field_of.items()}
+    arguments = {a: _convert(a, fields[f], f"{key}.{f}", timeline) for a, f in field_of.items()}
 
     # A warmup in front of this schedule, for schedules that do not warm up themselves.
     warmup_options: dict[str, Any] = {}
     if "warmup" in generic:
-        warmup_options["steps"] = context.steps(fields["warmup"], f"{key}.warmup")
+        warmup_options["steps"] = timeline.steps(fields["warmup"], f"{key}.warmup")
         if span is not None and warmup_options["steps"] >= span:
             where = "the run length" if top else "the length of this part of the run"
             raise KeelError(
@@ -282,9 +294,11 @@ def _build(
                 f"{len(pieces)} schedules need {len(pieces) - 1}"
             )
         starts, ends = [0, *boundaries], [*boundaries, rest]
+        spans = [_length(start, end) for start, end in zip(starts, ends)]
+        if not all(timeline.resolves(b) for b in fields["boundaries"]):
+            spans = [rest] * len(pieces)  # stand-in boundaries: each part is at most the rest of the run
         arguments["schedules"] = [
-            _build(piece, f"{key}.schedules[{i}]", lr, _length(starts[i], ends[i]), context)
-            for i, piece in enumerate(pieces)
+            _build(piece, f"{key}.schedules[{i}]", lr, spans[i], timeline) for i, piece in enumerate(pieces)
         ]
     elif name in ("warmup", "wrap", "plateau") and "schedule" in fields:
         child_span = rest
@@ -298,7 +312,7 @@ def _build(
         elif rest is not None and name == "wrap":
             start, duration = arguments.get("step_start", 0), arguments.get("step_duration", 1)
             child_span = -(-(rest - start) // max(duration, 1)) if rest > start else None
-        arguments["schedule"] = _build(fields["schedule"], f"{key}.schedule", lr, child_span, context)
+        arguments["schedule"] = _build(fields["schedule"], f"{key}.schedule", lr, child_span, timeline)
     elif name in ("warmup", "wrap"):
         raise KeelError(f"{key}.schedule: missing; {name} needs the schedule it applies to, e.g. {{name: cosine}}")
 
@@ -316,7 +330,7 @@ def _build(
         schedule = _call(combinators.warmup, key, _WARMUP_FIELDS, schedule=schedule, **warmup_options)
     wrap_fields = [f for f in _GENERIC_WRAP if f in generic]
     if wrap_fields:
-        wrap_arguments = {f: _convert(f, fields[f], f"{key}.{f}", context) for f in wrap_fields}
+        wrap_arguments = {f: _convert(f, fields[f], f"{key}.{f}", timeline) for f in wrap_fields}
         schedule = _call(combinators.wrap, key, {}, schedule=schedule, **wrap_arguments)
     return schedule
 

@@ -262,8 +262,10 @@ def make_pruner(stage: Stage, config: Any):
 
 def open_study(stage: Stage, worker_index: int = 0):
     """Create or load the stage's study (its direction must match a study that exists). A study that holds trials
-    already (``--resume``, a worker joining late) gets a sampler seeded from their number (``resumed_seed``): one
-    re-seeded as at the start would draw the points it drew then again."""
+    already gets a sampler seeded from their number (``resumed_seed``): one re-seeded as at the start would draw the
+    points it drew then again. That is a ``--resume`` or a worker joining late, and also every fresh stage whose
+    points were queued before its workers open it (a grid, a preset's survivors): harmless there, since queued points
+    are taken before the sampler draws."""
     optuna = require_optuna()
     from keel.config import validate
 

@@ -33,6 +33,7 @@ from keel.errors import KeelError
 from keel.grad import count_tokens
 from keel.grad.accumulate import IGNORE_INDEX
 from keel.models import GPT, GPTConfig, lm_loss_sum, sample_tokens
+from keel.precision import resolve_precision
 from keel.tasks.base import Task
 from keel.task_registry import TaskSpec, register_task
 from keel.timeunits import Time
@@ -208,16 +209,14 @@ def check_lm(config: Any) -> None:
             f"model.block_size: {block_size} is too long for the {train_tokens:,} training tokens of data.source "
             f"'{config.data.source}'; allowed: at most {max(train_tokens - 2, 0):,}, or a larger source"
         )
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     estimate = estimate_gpt_training(
         n_layer=config.model.n_layer, n_embd=config.model.n_embd, vocab_size=config.data.vocab_size or 256,
         block_size=block_size, batch_size=config.data.batch_size, grad_accum=config.grad_accum,
-        precision=config.precision_on(config.device), optimizer=optimizer, bias=config.model.bias,
+        precision=resolve_precision(config.precision, device)[0], optimizer=optimizer, bias=config.model.bias,
     )
-    device = config.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     checks = [(device, estimate.total)]
     if device != "cpu":
         checks.append(("cpu", estimate.parameters))  # the model is built on the CPU, then moved
@@ -350,9 +349,13 @@ class LanguageModelTask(Task):
         """6 N + 12 L d T (Kaplan et al. 2020; Chowdhery et al. 2022, Appendix B): N the parameters of the matrix
         products (every parameter but the embedding tables), and for keel's GPT the attention scores and their
         weighted sum over a context of T tokens (the batch's length, else model.block_size), L layers of width d,
-        counted without the causal mask's saving as PaLM counts them. A Hugging Face model: 6 N."""
+        counted without the causal mask's saving as PaLM counts them. A Hugging Face model: 6 N. An output head
+        tied to an embedding table (GPT-2's) is a product too: it counts, although its weight is the table's."""
         matrices = sum(p.numel() for name, p in model.named_parameters()
                        if not _is_embedding(model, name))
+        tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        matrices += sum(m.weight.numel() for m in model.modules()
+                        if isinstance(m, nn.Linear) and id(m.weight) in tables)
         flops = 6.0 * matrices
         if isinstance(model, GPT):
             context = batch[0].shape[1] if batch is not None else self.block_size

@@ -118,10 +118,13 @@ class PlainTask(Task):
         return check_model(model, "model")
 
     def epoch(self) -> Time | None:
-        """A pass over ``train_data``'s examples (a batch function: ``batches_per_epoch`` batches' examples)."""
+        """A pass over ``train_data``'s examples. A batch function has no epoch (None: lengths in epochs are refused)
+        unless the task sets ``batches_per_epoch`` (then that many batches' examples)."""
         if isinstance(self._train, DatasetBatches):
             return Time(len(self._train.dataset), "example")
-        return super().epoch()
+        if "batches_per_epoch" in vars(self) or type(self).batches_per_epoch != Task.batches_per_epoch:
+            return super().epoch()
+        return None
 
     def train_batch(self, index: int, rank: int = 0, world_size: int = 1) -> Any:
         if isinstance(self._train, DatasetBatches):

@@ -290,11 +290,15 @@ class Trainer:
             self.log({"kind": "run", "step": state.step, **resolved})
         for line in task.describe():
             self._say(line)
-        tokens = self.timeline.counts(state.step)[1]
+        tokens = f"{self.timeline.counts(state.step)[1]:,.0f} {self._counted} per step"
+        steady = self.timeline.steady_step()
+        if steady is not None and steady > state.step:  # a curriculum (sequence warmup) changes it until then
+            tokens += (f" at first, {self.timeline.counts(steady)[1]:,.0f} from step {steady:,}"
+                       if steady < self.total_steps else " at first, changing all run")
         length = "" if config.duration is None else f" ({self.total_steps:,} steps projected)"
         self._say(f"task: {config.task}; recipe: {config.recipe} ({self._recipe_summary()}); "
                   f"model: {sum(p.numel() for p in model.parameters()):,} parameters; "
-                  f"{tokens:,.0f} {self._counted} per step; run length {config.run_length}{length}; "
+                  f"{tokens}; run length {config.run_length}{length}; "
                   f"run directory: {self.run_dir}")
         self._say(self._describe_speed())
         for line in self._describe_ranks(resolved):
@@ -862,6 +866,10 @@ def train(
     (a map-style dataset of ``(input, target)`` pairs, or a function ``index -> batch``), ``val_data`` and
     ``loss_fn(outputs, targets)`` (default cross-entropy) — or else the task ``config.task`` names. Under torchrun
     every process calls it and they train data-parallel (docs/distributed.md).
+
+    An object passed in is the run's task: the run records ``task: python``, its recipe follows that task (unless
+    the config names one) and every value the config was given or assigned is kept; a config naming another task
+    (a run's config.yaml says ``task: lm``) gives way to the object, saying so in one line.
     """
     if model is not None:
         if task is not None:
@@ -872,8 +880,13 @@ def train(
         task = tasks.PlainTask(model, train_data, val_data, loss_fn)
     elif train_data is not None or val_data is not None or loss_fn is not None:
         raise KeelError("train: train_data, val_data and loss_fn go with model=; allowed: model=... too, or a task")
-    if task is not None and not config.gave("task"):  # the config names no task: it is this one
-        config = config.for_task(tasks.PYTHON_TASK)  # its recipe and blocks follow the task: baseline, not lm's fast
+    if task is not None and config.task != tasks.PYTHON_TASK:  # the object is the task: its recipe and blocks follow
+        import os
+
+        if config.gave("task") and not quiet and os.environ.get("RANK", "0") == "0":
+            print(f"train: the {'model' if model is not None else 'task'} passed in replaces the config's task "
+                  f"{config.task!r} (the run records task: python; that task's own settings are dropped)")
+        config = config.for_task(tasks.PYTHON_TASK)
     if not config.restarts:
         return Trainer(config, callbacks, run_dir=run_dir, resume=resume, quiet=quiet, task=task,
                        allow_world_size_change=allow_world_size_change).fit()
