@@ -15,14 +15,12 @@ g_t = norm_floor + 3 exp(-t / 5) (large at first, as real gradients are):
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from keel import schedules
-from keel.config import set_dotted, validate
-from keel.diagnose.active import Session, probe_settings
+from keel.diagnose.active import Session
 from keel.diagnose.probes import Display, LRRangeCallback, ProbeResult
 
 
@@ -53,13 +51,7 @@ class Synthetic:
     def probe(self, session: Session, name: str, *, steps: int, overrides: dict[str, Any], lr: float | None,
               task: Any = None, step_limit: int | None = None, callbacks: tuple = (), eval_interval: int | None = None,
               time_limit: float | None = None, done=None, keep_length: bool = False) -> ProbeResult:
-        raw = copy.deepcopy(session.raw)
-        for key, value in {**probe_settings(session.config), **overrides}.items():
-            set_dotted(raw, key, value)
-        if not keep_length:
-            raw["max_steps"] = steps
-        raw["eval_interval"] = eval_interval or max(steps, 1)
-        config = validate(raw)
+        config = session.probe_config(steps, overrides, eval_interval, keep_length)
         schedule = schedules.from_config(config.schedule, base_lr=float(config.optimizer["lr"]),
                                          total_steps=config.max_steps)
         ranged = next((c for c in callbacks if isinstance(c, LRRangeCallback)), None)

@@ -215,24 +215,31 @@ class Session:
 
     # ------------------------------------------------------------------------------------------ probes
 
-    def probe(self, name: str, *, steps: int, overrides: dict[str, Any], lr: float | None, task: ProbeTask,
-              step_limit: int | None = None, callbacks: tuple = (), eval_interval: int | None = None,
-              time_limit: float | None = None, done: Callable[[float], bool] | None = None,
-              keep_length: bool = False) -> ProbeResult:
-        """Train ``steps`` updates of the config with ``overrides`` (dotted keys) through the trainer, in
-        ``OUT/probes/NN-name``; instability ends the probe and is recorded."""
+    def probe_config(self, steps: int, overrides: dict[str, Any], eval_interval: int | None = None,
+                     keep_length: bool = False):
+        """The config a probe trains: the user's, with the probe settings and ``overrides`` (dotted keys), ``steps``
+        long (unless ``keep_length``), evaluated every ``eval_interval`` steps (default: at its end)."""
         from keel.config import validate
-        from keel.train import Trainer
 
-        self._count += 1
-        run_dir = self.out / "probes" / f"{self._count:02d}-{name}"
         raw = copy.deepcopy(self.raw)
         for key, value in {**probe_settings(self.config), **overrides}.items():
             set_dotted(raw, key, value)
         if not keep_length:
             raw["max_steps"] = steps
         raw["eval_interval"] = eval_interval or max(steps, 1)
-        config = validate(raw)
+        return validate(raw)
+
+    def probe(self, name: str, *, steps: int, overrides: dict[str, Any], lr: float | None, task: ProbeTask,
+              step_limit: int | None = None, callbacks: tuple = (), eval_interval: int | None = None,
+              time_limit: float | None = None, done: Callable[[float], bool] | None = None,
+              keep_length: bool = False) -> ProbeResult:
+        """Train ``steps`` updates of the config with ``overrides`` (dotted keys) through the trainer, in
+        ``OUT/probes/NN-name``; instability ends the probe and is recorded."""
+        from keel.train import Trainer
+
+        self._count += 1
+        run_dir = self.out / "probes" / f"{self._count:02d}-{name}"
+        config = self.probe_config(steps, overrides, eval_interval, keep_length)
         total = step_limit or steps
         if time_limit is None:
             time_limit = max(10.0, 2.0 * total * self.step_seconds) if math.isfinite(self.step_seconds) else 1e9
@@ -251,7 +258,7 @@ class Session:
         result.stopped = unstable or watch.reason
         tidy_probe_dir(run_dir)
         measured = result.step_seconds()
-        if measured is not None and task.one_batch is None and raw["eval_interval"] >= 10:
+        if measured is not None and task.one_batch is None and config.eval_interval.amount >= 10:
             # a step record's time does not include evaluations, but the gap to the next one does
             self.step_seconds = measured
             self.overhead = max(0.5, min(30.0, result.wall - len(result.steps) * measured
